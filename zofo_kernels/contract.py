@@ -1,0 +1,187 @@
+"""The noise contract, written once in plain numpy.
+
+z is a pure function of (seed, global element index i, direction k). Every backend (C++ CPU,
+CUDA, Triton) must reproduce what this module computes: bit for bit for the integer words,
+the uniforms, Rademacher signs and the stochastic-rounding decisions; within a few ulp for the
+Gaussian values (CPU and GPU math libraries differ in log/sin/cos).
+
+Philox4x32-10 (Random123), exactly as Triton's ``tl.philox``:
+    counter (c0, c1, c2, c3), key (k0, k1) = (seed mod 2**32, seed div 2**32)
+    c0 = (block mod 2**32), c1 = (block div 2**32), c2 = direction, c3 = purpose
+
+Purposes (c3): 0 = perturbation noise, 1 = stochastic-rounding bits.
+
+Rademacher: block = i div 128; word (i div 32) mod 4; bit i mod 32; z = +1 if set else -1.
+Gaussian:   block = i div 4; four words -> four uniforms (Triton's ``uint_to_uniform_float``),
+            Box-Muller on pairs (w0, w1) and (w2, w3) in float32; lane i mod 4 takes
+            cos0, sin0, cos1, sin1.
+Stochastic-rounding bits: block = i div 4, c2 = 0, c3 = 1; word i mod 4.
+
+The reference is vectorised numpy and processes bounded chunks, so it is usable (slowly) on
+tensors of any size; it is the oracle of the test-suite and the backend of last resort.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PHILOX_M0 = np.uint64(0xD2511F53)  # multiplies c0
+PHILOX_M1 = np.uint64(0xCD9E8D57)  # multiplies c2
+PHILOX_W0 = np.uint32(0x9E3779B9)  # key increment of k0
+PHILOX_W1 = np.uint32(0xBB67AE85)  # key increment of k1
+PHILOX_ROUNDS = 10
+
+PURPOSE_NOISE = 0
+PURPOSE_ROUNDING = 1
+
+RADEMACHER_BLOCK = 128  # elements served by one Philox call
+GAUSSIAN_BLOCK = 4
+ROUNDING_BLOCK = 4
+
+# float32 constants, spelled as Triton spells them, rounded once to float32.
+UNIFORM_SCALE = np.float32(4.6566127342e-10)
+TWO_PI = np.float32(6.283185307179586)
+UNIFORM_MIN = np.float32(1.0e-7)
+MINUS_TWO = np.float32(-2.0)
+
+SEED_LIMIT = 1 << 63
+INDEX_LIMIT = 1 << 63
+DIRECTION_LIMIT = 1 << 32
+
+DISTRIBUTIONS = ("gaussian", "rademacher")
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 on arrays of 32-bit counters; returns four uint32 arrays."""
+    c0 = np.asarray(c0, dtype=np.uint32)
+    c1 = np.asarray(c1, dtype=np.uint32)
+    c2 = np.asarray(c2, dtype=np.uint32)
+    c3 = np.asarray(c3, dtype=np.uint32)
+    c0, c1, c2, c3 = np.broadcast_arrays(c0, c1, c2, c3)
+    k0 = np.uint32(seed & 0xFFFFFFFF)
+    k1 = np.uint32((seed >> 32) & 0xFFFFFFFF)
+    with np.errstate(over="ignore"):
+        for _ in range(rounds):
+            p0 = c0.astype(np.uint64) * PHILOX_M0
+            p1 = c2.astype(np.uint64) * PHILOX_M1
+            n0 = (p1 >> np.uint64(32)).astype(np.uint32) ^ c1 ^ k0
+            n2 = (p0 >> np.uint64(32)).astype(np.uint32) ^ c3 ^ k1
+            c1 = (p1 & _MASK32).astype(np.uint32)
+            c3 = (p0 & _MASK32).astype(np.uint32)
+            c0, c2 = n0, n2
+            k0 = np.uint32(k0 + PHILOX_W0)
+            k1 = np.uint32(k1 + PHILOX_W1)
+    return c0, c1, c2, c3
+
+
+def _block_words(seed: int, blocks: np.ndarray, direction: int, purpose: int):
+    blocks = blocks.astype(np.uint64)
+    lo = (blocks & _MASK32).astype(np.uint32)
+    hi = (blocks >> np.uint64(32)).astype(np.uint32)
+    return philox4x32(lo, hi, np.uint32(direction), np.uint32(purpose), seed)
+
+
+def uniform_from_words(words: np.ndarray) -> np.ndarray:
+    """Triton's ``uint_to_uniform_float``: int32 view, ~x if negative, float32(x) * scale."""
+    x = words.astype(np.uint32).view(np.int32)
+    x = np.where(x < 0, ~x, x)
+    return x.astype(np.float32) * UNIFORM_SCALE
+
+
+def box_muller(u_a: np.ndarray, u_b: np.ndarray):
+    u_a = np.maximum(UNIFORM_MIN, u_a)
+    theta = TWO_PI * u_b
+    r = np.sqrt(MINUS_TWO * np.log(u_a))
+    return r * np.cos(theta), r * np.sin(theta)
+
+
+def gaussian(seed: int, start: int, numel: int, direction: int = 0) -> np.ndarray:
+    """z for global indices [start, start + numel), float32."""
+    if numel == 0:
+        return np.zeros(0, dtype=np.float32)
+    first = start // GAUSSIAN_BLOCK
+    last = (start + numel - 1) // GAUSSIAN_BLOCK
+    blocks = np.arange(first, last + 1, dtype=np.uint64)
+    w = _block_words(seed, blocks, direction, PURPOSE_NOISE)
+    u = [uniform_from_words(x) for x in w]
+    n0, n1 = box_muller(u[0], u[1])
+    n2, n3 = box_muller(u[2], u[3])
+    lanes = np.stack([n0, n1, n2, n3], axis=1).reshape(-1)
+    skip = start - first * GAUSSIAN_BLOCK
+    return np.ascontiguousarray(lanes[skip: skip + numel], dtype=np.float32)
+
+
+def rademacher(seed: int, start: int, numel: int, direction: int = 0) -> np.ndarray:
+    """z in {-1, +1} for global indices [start, start + numel), float32."""
+    if numel == 0:
+        return np.zeros(0, dtype=np.float32)
+    first = start // RADEMACHER_BLOCK
+    last = (start + numel - 1) // RADEMACHER_BLOCK
+    blocks = np.arange(first, last + 1, dtype=np.uint64)
+    w = np.stack(_block_words(seed, blocks, direction, PURPOSE_NOISE), axis=1)  # (nb, 4)
+    bits = np.unpackbits(w.reshape(-1).view(np.uint8), bitorder="little")  # 128 bits per block
+    skip = start - first * RADEMACHER_BLOCK
+    bits = bits[skip: skip + numel]
+    return np.where(bits == 1, np.float32(1.0), np.float32(-1.0)).astype(np.float32)
+
+
+def noise(seed: int, start: int, numel: int, distribution: str = "gaussian", direction: int = 0):
+    if distribution == "gaussian":
+        return gaussian(seed, start, numel, direction)
+    if distribution == "rademacher":
+        return rademacher(seed, start, numel, direction)
+    raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
+
+
+def rounding_words(seed: int, start: int, numel: int) -> np.ndarray:
+    """One uint32 of stochastic-rounding bits per element (purpose 1, direction 0)."""
+    if numel == 0:
+        return np.zeros(0, dtype=np.uint32)
+    first = start // ROUNDING_BLOCK
+    last = (start + numel - 1) // ROUNDING_BLOCK
+    blocks = np.arange(first, last + 1, dtype=np.uint64)
+    w = np.stack(_block_words(seed, blocks, 0, PURPOSE_ROUNDING), axis=1).reshape(-1)
+    skip = start - first * ROUNDING_BLOCK
+    return np.ascontiguousarray(w[skip: skip + numel])
+
+
+def stochastic_round_bits(x: np.ndarray, r: np.ndarray, kind: str) -> np.ndarray:
+    """Stochastically round float32 values to bfloat16 or float16 precision.
+
+    Returns float32 values that are exactly representable in the target type. The rule works
+    on the float32 bit pattern, so every backend can reproduce it bit for bit:
+      * the number of dropped low bits is 16 for bfloat16; for float16 it is 13 for normal
+        results and grows by one per binade below 2**-14 (float16 subnormals);
+      * ``(bits + (r & mask)) & ~mask`` on the magnitude rounds up with probability equal to
+        the dropped fraction; for |x| < 2**-24 (below float16's smallest subnormal, whose
+        pattern the mask trick cannot express) the result is 2**-24 with probability
+        |x| / 2**-24, else 0, decided by the top 24 bits of r;
+      * non-finite values are returned unchanged.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    r = np.asarray(r, dtype=np.uint32)
+    bits = x.view(np.uint32)
+    sign = bits & np.uint32(0x80000000)
+    mag = bits & np.uint32(0x7FFFFFFF)
+    exp = (mag >> np.uint32(23)).astype(np.int64)
+    if kind == "bfloat16":
+        shift = np.full(x.shape, 16, dtype=np.int64)
+    elif kind == "float16":
+        shift = 13 + np.clip(-14 - (exp - 127), 0, None)
+    else:
+        raise ValueError(kind)
+    tiny = shift > 23  # only float16: |x| < 2**-24
+    shift = np.minimum(shift, 23)
+    mask = ((np.uint64(1) << shift.astype(np.uint64)) - np.uint64(1)).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        rounded = (mag + (r & mask)) & ~mask
+    # |x| < 2**-24: 2**-24 with probability |x| * 2**24 (exact scaling by a power of two)
+    scaled = (np.abs(x) * np.float32(2.0 ** 24)).astype(np.float32)
+    uniform24 = (r >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+    tiny_val = np.where(uniform24 < scaled, np.float32(2.0 ** -24), np.float32(0.0)).view(np.uint32)
+    rounded = np.where(tiny, tiny_val, rounded)
+    finite = mag < np.uint32(0x7F800000)
+    out = np.where(finite, rounded | sign, bits).astype(np.uint32)
+    return out.view(np.float32)
