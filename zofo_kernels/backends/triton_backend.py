@@ -1,24 +1,219 @@
-"""Placeholder while the triton_backend backend is being written: registers as unavailable."""
-from .base import Backend, BackendStatus, register
+"""Triton backend: the kernels of :mod:`zofo_kernels.triton_kernels`, one launch per group.
+
+Runs on CUDA tensors (compiled kernels) or, when the environment variable TRITON_INTERPRET=1
+was set before Triton was imported, on CPU tensors through Triton's interpreter (how the
+test-suite exercises the kernels on machines without a GPU). Triton is imported lazily: a
+missing or broken Triton makes this backend unavailable, never ``import zofo_kernels`` fail.
+
+Each launch is described by two small int64/int32 tables (see the kernels module) that
+depend only on the tensors' data pointers, sizes and global offsets; they are built once and
+cached, so the repeated perturb/update calls of an optimizer step reuse them.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .base import DTYPE_CODES, Backend, BackendStatus, register
+
+DIST_CODES = {"gaussian": 0, "rademacher": 1}
 
 
-class _Pending(Backend):
+
+
+class TritonBackend(Backend):
+    """``block``: elements per program (a multiple of 128); ``num_warps`` for compiled mode."""
+
     name = "triton"
+    TABLE_CACHE_SIZE = 64
 
-    def status(self):
-        return BackendStatus(self.name, False, "not built yet")
+    def __init__(self, block: int = 1024, num_warps: int = 4):
+        if block < 128 or block % 128 or block & (block - 1):
+            raise ValueError(f"block must be a power of two >= 128, got {block}")
+        self.block = block
+        self.num_warps = num_warps
+        self._kernels = None
+        self._import_error: Optional[str] = None
+        self._tables: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+        self.table_builds = 0  # how many launch tables were built (not served from the cache)
 
-    def supports_device(self, device):
-        return False
+    # ------------------------------------------------------------------ availability
 
-    def noise(self, *a):
-        raise RuntimeError("unavailable")
+    def _load(self):
+        if self._kernels is None and self._import_error is None:
+            try:
+                from .. import triton_kernels
+            except Exception as exc:  # ImportError, or a broken Triton install
+                self._import_error = f"triton is not importable ({type(exc).__name__}: {exc})"
+            else:
+                self._kernels = triton_kernels
+        return self._kernels
 
-    def perturb(self, *a):
-        raise RuntimeError("unavailable")
+    @property
+    def interpreted(self) -> bool:
+        """True when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+        tk = self._load()
+        if tk is None:
+            return False
+        from triton.runtime.interpreter import InterpretedFunction
+        return isinstance(tk.perturb_kernel, InterpretedFunction)
 
-    def update(self, *a):
-        raise RuntimeError("unavailable")
+    def status(self) -> BackendStatus:
+        if self._load() is None:
+            return BackendStatus(self.name, False, self._import_error)
+        if self.interpreted:
+            return BackendStatus(self.name, True, "interpreter on CPU tensors")
+        if torch.cuda.is_available():
+            return BackendStatus(self.name, True, f"GPU ({torch.cuda.get_device_name()})")
+        return BackendStatus(self.name, False,
+                             "no GPU and TRITON_INTERPRET unset (set TRITON_INTERPRET=1 before "
+                             "importing triton to run the kernels on CPU tensors)")
+
+    def supports_device(self, device: torch.device) -> bool:
+        device = torch.device(device)
+        if self._load() is None:
+            return False
+        if self.interpreted:
+            # the interpreter dereferences the pointer tables on the host
+            return device.type == "cpu"
+        return device.type == "cuda" and torch.cuda.is_available()
+
+    def _require(self, device: torch.device):
+        tk = self._load()
+        if tk is None:
+            raise RuntimeError(f"triton backend unavailable: {self._import_error}")
+        if not self.supports_device(device):
+            mode = "the interpreter" if self.interpreted else "compiled mode"
+            raise ValueError(f"the triton backend in {mode} cannot run on device {device}")
+        return tk
+
+    def _launch_options(self) -> dict:
+        # no FMA contraction: the float contract asks for separately rounded operations
+        return {"num_warps": self.num_warps, "enable_fp_fusion": False}
+
+    def _precise(self) -> bool:
+        # libdevice log/sin/cos in compiled mode; the interpreter uses numpy's float32 math
+        return not self.interpreted
+
+    # ------------------------------------------------------------------ launch tables
+
+    def _table(self, tensors: List[torch.Tensor], offsets: List[int], align: int):
+        """(tensor_table, program_table, programs, aligned), cached on the tensors' layout."""
+        device = tensors[0].device
+        ptrs = tuple(t.data_ptr() for t in tensors)
+        numels = tuple(t.numel() for t in tensors)
+        key = (str(device), ptrs, numels, tuple(offsets), align, self.block)
+        hit = self._tables.get(key)
+        if hit is not None:
+            self._tables.move_to_end(key)
+            return hit
+        block = self.block
+        off = np.asarray(offsets, dtype=np.int64)
+        n = np.asarray(numels, dtype=np.int64)
+        first = off - off % align
+        count = np.where(n > 0, (off + n - first + block - 1) // block, 0)
+        first_program = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+        programs = int(count.sum())
+        if programs >= 2 ** 31:
+            raise ValueError("too many elements for one launch; split the call")
+        table = np.stack([np.asarray(ptrs, dtype=np.uint64).view(np.int64), off, n, first,
+                          first_program], axis=1)
+        program_table = np.repeat(np.arange(len(tensors), dtype=np.int32), count)
+        aligned = bool(np.all(off % align == 0)) and all(p % 16 == 0 for p in ptrs)
+        entry = (torch.from_numpy(np.ascontiguousarray(table)).to(device),
+                 torch.from_numpy(program_table).to(device), programs, aligned)
+        self._tables[key] = entry
+        self.table_builds += 1
+        while len(self._tables) > self.TABLE_CACHE_SIZE:
+            self._tables.popitem(last=False)
+        return entry
+
+    def _check_group(self, tensors: List[torch.Tensor], offsets: List[int]) -> torch.device:
+        if not tensors:
+            raise ValueError("tensors is empty")
+        if len(offsets) != len(tensors):
+            raise ValueError(f"{len(offsets)} offsets for {len(tensors)} tensors")
+        dtype, device = tensors[0].dtype, tensors[0].device
+        if dtype not in DTYPE_CODES:
+            raise TypeError(f"unsupported dtype {dtype}; expected float32, bfloat16 or float16")
+        for i, t in enumerate(tensors):
+            if t.dtype != dtype or t.device != device:
+                raise ValueError(f"tensors[{i}] is {t.dtype} on {t.device}, but tensors[0] is "
+                                 f"{dtype} on {device}: one call per (device, dtype) group")
+            if not t.is_contiguous():
+                raise ValueError(f"tensors[{i}] is not contiguous")
+        return device
+
+    @staticmethod
+    def _device_guard(device: torch.device):
+        if device.type == "cuda":
+            return torch.cuda.device(device)
+        import contextlib
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def _align(distribution: str) -> int:
+        return 4 if distribution == "gaussian" else 128
+
+    # ------------------------------------------------------------------ operations
+
+    def noise(self, seed, start, numel, distribution, direction, device):
+        device = torch.device(device)
+        tk = self._require(device)
+        out = torch.empty(numel, dtype=torch.float32, device=device)
+        if numel == 0:
+            return out
+        align = self._align(distribution)
+        programs = (start % align + numel + self.block - 1) // self.block
+        with self._device_guard(device):
+            tk.noise_kernel[(programs,)](
+                out, seed, start, numel, direction,
+                BLOCK=self.block, ALIGN=align, DIST=DIST_CODES[distribution],
+                PRECISE=self._precise(), **self._launch_options())
+        return out
+
+    def perturb(self, tensors, offsets, seed, distribution, scale, direction,
+                restore_scale, restore_direction):
+        device = self._check_group(tensors, offsets)
+        tk = self._require(device)
+        table, program_table, programs, aligned = self._table(
+            tensors, offsets, self._align(distribution))
+        if programs == 0:
+            return
+        with self._device_guard(device):
+            tk.perturb_kernel[(programs,)](
+                table, program_table, seed, float(scale), direction,
+                float(restore_scale), restore_direction,
+                STORAGE=DTYPE_CODES[tensors[0].dtype], BLOCK=self.block,
+                DIST=DIST_CODES[distribution], HAS_RESTORE=restore_scale != 0.0,
+                PRECISE=self._precise(), ALIGNED=aligned, **self._launch_options())
+
+    def update(self, tensors, offsets, seed, distribution, lr, projected_grads,
+               restore_scale, restore_direction, weight_decay, stochastic_rounding):
+        device = self._check_group(tensors, offsets)
+        tk = self._require(device)
+        grads = projected_grads.detach().reshape(-1)
+        if grads.numel() == 0:
+            raise ValueError("projected_grads is empty: give one scalar per direction (q >= 1)")
+        grads = grads.to(device=device, dtype=torch.float32).contiguous()
+        table, program_table, programs, aligned = self._table(
+            tensors, offsets, self._align(distribution))
+        if programs == 0:
+            return
+        dtype = tensors[0].dtype
+        stochastic = bool(stochastic_rounding) and dtype != torch.float32
+        with self._device_guard(device):
+            tk.update_kernel[(programs,)](
+                table, program_table, seed, float(lr), grads, grads.numel(),
+                float(restore_scale), restore_direction, float(weight_decay),
+                STORAGE=DTYPE_CODES[dtype], BLOCK=self.block,
+                DIST=DIST_CODES[distribution], HAS_RESTORE=restore_scale != 0.0,
+                STOCHASTIC=stochastic,
+                PRECISE=self._precise(), ALIGNED=aligned, **self._launch_options())
 
 
-register("triton", _Pending)
+register("triton", TritonBackend)

@@ -1,0 +1,312 @@
+"""Triton kernels of the noise contract (see :mod:`zofo_kernels.contract`).
+
+Importing this module imports Triton; :mod:`zofo_kernels.backends.triton_backend` imports it
+lazily, so ``import zofo_kernels`` works without Triton.
+
+Work layout (multi-tensor launches). One launch serves every tensor of a (device, dtype)
+group. Each program handles one *window* of ``BLOCK`` consecutive global indices
+[g0, g0 + BLOCK) of one tensor; windows of a tensor start at ``first = o - o % ALIGN`` (o is
+the tensor's global offset, ALIGN is 128 for Rademacher and 4 for Gaussian), so every window
+begins on a Philox block boundary and one Philox call serves 128 (Rademacher) or 4 (Gaussian)
+elements. Element i of the window lives at local index j = i - o of the tensor; lanes with
+j outside [0, numel) are masked. Two tables describe a launch:
+
+* ``tensor_table``: int64 [T, 5] = (data_ptr, offset o, numel, first window start,
+  first program id) per tensor;
+* ``program_table``: int32 [P] = tensor index of each program.
+
+The program's window start is ``first + (pid - first_program) * BLOCK``. A program whose
+window lies entirely inside its tensor takes an unmasked load/store path.
+
+Float math follows the contract in :mod:`zofo_kernels.backends.base` (separately rounded
+float32 operations in a fixed order); the launcher disables FMA contraction. On a GPU, log,
+sin and cos come from libdevice (accurate to a few ulp; the approximate hardware instructions
+are not), and the square root is the correctly rounded one.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+try:  # libdevice is used only in compiled (GPU) mode; the interpreter cannot call it
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - very old Triton
+    libdevice = None
+
+RADEMACHER_ALIGN = 128
+GAUSSIAN_ALIGN = 4
+
+_UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)
+_TWO_PI = tl.constexpr(6.283185307179586)
+_UNIFORM_MIN = tl.constexpr(1.0e-7)
+_TWO_POW_24 = tl.constexpr(16777216.0)
+_TWO_POW_MINUS_24 = tl.constexpr(5.9604644775390625e-08)
+_TWO_POW_MINUS_24_BITS = tl.constexpr(0x33800000)
+
+
+# --------------------------------------------------------------------------- noise helpers
+
+@triton.jit
+def _philox_words(seed, blocks, direction, PURPOSE: tl.constexpr):
+    """Philox4x32-10 of counters (blocks mod 2**32, blocks div 2**32, direction, PURPOSE)."""
+    c0 = blocks.to(tl.uint32)  # truncation: blocks mod 2**32
+    c1 = (blocks >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + tl.cast(direction, tl.uint32)
+    c3 = tl.zeros_like(c0) + PURPOSE
+    return tl.philox(seed, c0, c1, c2, c3)
+
+
+@triton.jit
+def _uniform(w):
+    """Triton's uint_to_uniform_float, spelled out: int32 view, ~x if negative, x * scale."""
+    x = w.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)
+    return x.to(tl.float32) * _UNIFORM_SCALE
+
+
+@triton.jit
+def _box_muller(u_a, u_b, PRECISE: tl.constexpr):
+    u_a = tl.maximum(u_a, _UNIFORM_MIN)
+    theta = _TWO_PI * u_b
+    if PRECISE:
+        lg = libdevice.log(u_a)
+    else:
+        lg = tl.log(u_a)
+    r = tl.sqrt_rn(-2.0 * lg)
+    if PRECISE:
+        c = libdevice.cos(theta)
+        s = libdevice.sin(theta)
+    else:
+        c = tl.cos(theta)
+        s = tl.sin(theta)
+    return r * c, r * s
+
+
+@triton.jit
+def _interleave4(a, b, c, d):
+    """[N] x 4 -> [N, 4] with columns (a, b, c, d)."""
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [a.shape[0], 4])
+
+
+@triton.jit
+def _gaussian_window(seed, g0, direction, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+    """z for global indices [g0, g0 + BLOCK), g0 a multiple of 4."""
+    NB: tl.constexpr = BLOCK // 4
+    blocks = g0 // 4 + tl.arange(0, NB).to(tl.int64)
+    w0, w1, w2, w3 = _philox_words(seed, blocks, direction, 0)
+    n0, n1 = _box_muller(_uniform(w0), _uniform(w1), PRECISE)
+    n2, n3 = _box_muller(_uniform(w2), _uniform(w3), PRECISE)
+    return tl.reshape(_interleave4(n0, n1, n2, n3), [BLOCK])
+
+
+@triton.jit
+def _rademacher_window(seed, g0, direction, BLOCK: tl.constexpr):
+    """z in {-1, +1} for global indices [g0, g0 + BLOCK), g0 a multiple of 128."""
+    NB: tl.constexpr = BLOCK // 128
+    blocks = g0 // 128 + tl.arange(0, NB).to(tl.int64)
+    w0, w1, w2, w3 = _philox_words(seed, blocks, direction, 0)
+    words = _interleave4(w0, w1, w2, w3)  # [NB, 4]: word (i div 32) mod 4 of block i div 128
+    bit = tl.arange(0, 32).to(tl.uint32)
+    bits = (words[:, :, None] >> bit[None, None, :]) & 1  # [NB, 4, 32]: bit i mod 32
+    z = tl.where(bits != 0, 1.0, -1.0)
+    return tl.reshape(z, [BLOCK])
+
+
+@triton.jit
+def _noise_window(seed, g0, direction, BLOCK: tl.constexpr, DIST: tl.constexpr,
+                  PRECISE: tl.constexpr):
+    if DIST == 0:
+        z = _gaussian_window(seed, g0, direction, BLOCK, PRECISE)
+    else:
+        z = _rademacher_window(seed, g0, direction, BLOCK)
+    return z
+
+
+@triton.jit
+def _rounding_window(seed, g0, BLOCK: tl.constexpr):
+    """Stochastic-rounding words (purpose 1, direction 0) for [g0, g0 + BLOCK), g0 % 4 == 0."""
+    NB: tl.constexpr = BLOCK // 4
+    blocks = g0 // 4 + tl.arange(0, NB).to(tl.int64)
+    w0, w1, w2, w3 = _philox_words(seed, blocks, 0, 1)
+    return tl.reshape(_interleave4(w0, w1, w2, w3), [BLOCK])
+
+
+@triton.jit
+def _stochastic_round(v, r, IS_BF16: tl.constexpr):
+    """contract.stochastic_round_bits on the float32 bit pattern; returns float32."""
+    bits = v.to(tl.uint32, bitcast=True)
+    sign = bits & 0x80000000
+    mag = bits & 0x7FFFFFFF
+    if IS_BF16:
+        mask = tl.full(v.shape, 0xFFFF, tl.uint32)
+        rounded = (mag + (r & mask)) & ~mask
+    else:
+        expo = (mag >> 23).to(tl.int32)
+        shift = 13 + tl.maximum(113 - expo, 0)  # one more dropped bit per binade below 2**-14
+        tiny = shift > 23  # |v| < 2**-24
+        shift = tl.minimum(shift, 23).to(tl.uint32)
+        mask = (tl.full(v.shape, 1, tl.uint32) << shift) - 1
+        rounded = (mag + (r & mask)) & ~mask
+        scaled = tl.abs(v) * _TWO_POW_24
+        uniform24 = (r >> 8).to(tl.float32) * _TWO_POW_MINUS_24
+        tiny_bits = tl.where(uniform24 < scaled, _TWO_POW_MINUS_24_BITS, 0).to(tl.uint32)
+        rounded = tl.where(tiny, tiny_bits, rounded)
+    finite = mag < 0x7F800000
+    out = tl.where(finite, rounded | sign, bits)
+    return out.to(tl.float32, bitcast=True)
+
+
+
+# --------------------------------------------------------------------------- storage helpers
+# Storage codes (as zofo_kernels.backends.base.DTYPE_CODES): 0 float32, 1 bfloat16, 2 float16.
+# bfloat16 is handled on its bit pattern (loaded and stored as uint16): the widening is exact
+# and the round-to-nearest-even narrowing is explicit, so compiled and interpreted kernels
+# round identically (the interpreter's own float32 -> bfloat16 cast truncates).
+
+@triton.jit
+def _rne_bf16_bits(v):
+    """float32 bit pattern of v rounded to the nearest bfloat16 (ties to even); NaN stays NaN."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(is_nan, bits | 0x00400000, rounded)
+
+
+@triton.jit
+def _widen(x, STORAGE: tl.constexpr):
+    """Loaded storage values -> float32 (exact)."""
+    if STORAGE == 1:
+        y = (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _narrow(v, STORAGE: tl.constexpr):
+    """float32 -> storage values, rounded to nearest even."""
+    if STORAGE == 1:
+        y = (_rne_bf16_bits(v) >> 16).to(tl.uint16)
+    elif STORAGE == 2:
+        y = v.to(tl.float16)
+    else:
+        y = v
+    return y
+
+
+@triton.jit
+def _round_rn(v, STORAGE: tl.constexpr):
+    """v rounded to nearest in the storage type, kept as float32."""
+    if STORAGE == 1:
+        y = _rne_bf16_bits(v).to(tl.float32, bitcast=True)
+    elif STORAGE == 2:
+        y = v.to(tl.float16).to(tl.float32)
+    else:
+        y = v
+    return y
+
+
+# --------------------------------------------------------------------------- window setup
+
+@triton.jit
+def _window(tensor_table, program_table, STORAGE: tl.constexpr, BLOCK: tl.constexpr,
+            ALIGNED: tl.constexpr):
+    """This program's (pointer, local indices j, numel, window start g0, full?)."""
+    pid = tl.program_id(0)
+    t = tl.load(program_table + pid).to(tl.int64)
+    row = tensor_table + 5 * t
+    addr = tl.load(row)
+    offset = tl.load(row + 1)
+    numel = tl.load(row + 2)
+    first = tl.load(row + 3)
+    first_program = tl.load(row + 4)
+    g0 = first + (pid - first_program) * BLOCK
+    j0 = g0 - offset
+    if ALIGNED:
+        # host checked: every offset is a multiple of ALIGN (so j0 = k * BLOCK) and every
+        # data pointer is 16-byte aligned
+        addr = tl.multiple_of(addr, 16)
+        j0 = tl.multiple_of(j0, BLOCK)
+    if STORAGE == 0:
+        ptr = addr.to(tl.pointer_type(tl.float32))
+    elif STORAGE == 1:
+        ptr = addr.to(tl.pointer_type(tl.uint16))
+    else:
+        ptr = addr.to(tl.pointer_type(tl.float16))
+    j = j0 + tl.arange(0, BLOCK).to(tl.int64)
+    full = (j0 >= 0) & (j0 + BLOCK <= numel)
+    return ptr, j, numel, g0, full
+
+
+# --------------------------------------------------------------------------- kernels
+
+@triton.jit(do_not_specialize=["seed", "start", "numel", "direction"])
+def noise_kernel(out_ptr, seed: tl.int64, start: tl.int64, numel: tl.int64, direction,
+                 BLOCK: tl.constexpr, ALIGN: tl.constexpr, DIST: tl.constexpr,
+                 PRECISE: tl.constexpr):
+    """out[j] = z(start + j) for j in [0, numel); windows start at start - start % ALIGN."""
+    pid = tl.program_id(0).to(tl.int64)
+    start = start.to(tl.int64)
+    numel = numel.to(tl.int64)
+    g0 = start - start % ALIGN + pid * BLOCK
+    z = _noise_window(seed, g0, direction, BLOCK, DIST, PRECISE)
+    j = g0 - start + tl.arange(0, BLOCK).to(tl.int64)
+    tl.store(out_ptr + j, z, mask=(j >= 0) & (j < numel))
+
+
+@triton.jit(do_not_specialize=["seed", "direction", "restore_direction"])
+def perturb_kernel(tensor_table, program_table, seed: tl.int64, scale, direction,
+                   restore_scale, restore_direction,
+                   STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
+                   HAS_RESTORE: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
+    """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; p = rn(w + scale * z)."""
+    ptr, j, numel, g0, full = _window(tensor_table, program_table, STORAGE, BLOCK, ALIGNED)
+    inside = (j >= 0) & (j < numel)
+    if full:
+        w = _widen(tl.load(ptr + j), STORAGE)
+    else:
+        w = _widen(tl.load(ptr + j, mask=inside, other=0), STORAGE)
+    if HAS_RESTORE:
+        z_r = _noise_window(seed, g0, restore_direction, BLOCK, DIST, PRECISE)
+        w = _round_rn(w + restore_scale * z_r, STORAGE)
+    z = _noise_window(seed, g0, direction, BLOCK, DIST, PRECISE)
+    p = _narrow(w + scale * z, STORAGE)
+    if full:
+        tl.store(ptr + j, p)
+    else:
+        tl.store(ptr + j, p, mask=inside)
+
+
+@triton.jit(do_not_specialize=["seed", "q", "restore_direction"])
+def update_kernel(tensor_table, program_table, seed: tl.int64, lr, grads_ptr, q,
+                  restore_scale, restore_direction, weight_decay,
+                  STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
+                  HAS_RESTORE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                  PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
+    """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; d = sum_k g_k z_k; d += wd * w;
+    v = w - lr * d; p = sr(v) if STOCHASTIC else rn(v)."""
+    ptr, j, numel, g0, full = _window(tensor_table, program_table, STORAGE, BLOCK, ALIGNED)
+    inside = (j >= 0) & (j < numel)
+    if full:
+        w = _widen(tl.load(ptr + j), STORAGE)
+    else:
+        w = _widen(tl.load(ptr + j, mask=inside, other=0), STORAGE)
+    if HAS_RESTORE:
+        z_r = _noise_window(seed, g0, restore_direction, BLOCK, DIST, PRECISE)
+        w = _round_rn(w + restore_scale * z_r, STORAGE)
+    g = tl.load(grads_ptr)
+    d = g * _noise_window(seed, g0, 0, BLOCK, DIST, PRECISE)
+    for k in range(1, q):
+        g_k = tl.load(grads_ptr + k)
+        d = d + g_k * _noise_window(seed, g0, k, BLOCK, DIST, PRECISE)
+    d = d + weight_decay * w
+    v = w - lr * d
+    if STOCHASTIC:
+        r = _rounding_window(seed, g0, BLOCK)
+        v = _stochastic_round(v, r, STORAGE == 1)
+    p = _narrow(v, STORAGE)
+    if full:
+        tl.store(ptr + j, p)
+    else:
+        tl.store(ptr + j, p, mask=inside)
