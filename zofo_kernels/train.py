@@ -1,0 +1,540 @@
+"""zofo-train: few-shot fine-tuning of a sequence classifier with ZO, FO or Bilevel-ZOFO.
+
+Methods
+  bilevel-zofo  backbone by ZO-SGD (fused kernels), PEFT block by FO (Adam), bilevel penalty
+  mezo          all weights by ZO-SGD (fused kernels)
+  mezo-lora     the PEFT block (LoRA by default) by ZO-SGD
+  fo-lora       the PEFT block (LoRA by default) by Adam
+  fo-full       all weights by Adam
+
+Example (MiniLM on SST-2, 1,000 examples, 15 minutes):
+  zofo-train --model minilm --method bilevel-zofo --peft lora \\
+      --train ../shared/data/sst2/train.tsv --eval ../shared/data/sst2/dev.tsv \\
+      --num-train 1000 --time-budget 900 --seed 0 --output runs/bzofo
+
+Outputs in --output: metrics.jsonl (one row per log/eval event), summary.json, curves.png,
+and the trained weights (``adapter/`` for PEFT methods, ``model/`` for full fine-tuning).
+Dropout is disabled for every method (the model stays in eval mode), as in MeZO's ZO passes,
+so that all methods optimise the same deterministic objective.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+
+from . import data as data_mod
+from . import models as models_mod
+
+METHODS = ("bilevel-zofo", "mezo", "mezo-lora", "fo-lora", "fo-full")
+
+# Per-method defaults for a ~20 M-parameter model; every one can be overridden on the
+# command line. The SST-2 study picks them by a sweep on held-out training examples.
+DEFAULTS = {
+    "mezo": dict(lr=1e-5, eps=1e-3),
+    "mezo-lora": dict(lr=1e-3, eps=1e-2),
+    "fo-lora": dict(lr=1e-3),
+    "fo-full": dict(lr=3e-5),
+    "bilevel-zofo": dict(lr=1e-6, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=5),
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss_bytes()
+
+
+class Counter:
+    """Wraps a loss function, counting and timing its calls (forward passes)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.calls = 0
+        self.seconds = 0.0
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- methods
+
+class Runner(abc.ABC):
+    """One method's training step over batch streams, with forward/backward counters.
+
+    ``forward_count`` counts model forward passes over a batch and ``backward_count``
+    backward passes (a forward pass and its backward are counted separately)."""
+
+    method: str
+    eval_model: torch.nn.Module
+
+    def __init__(self, loss_fn: Callable):
+        self.loss = Counter(loss_fn)
+        self.backward_count = 0
+
+    @property
+    def forward_count(self) -> int:
+        return self.loss.calls
+
+    @abc.abstractmethod
+    def step(self) -> float:
+        """One training step; returns the step's training loss."""
+
+    @abc.abstractmethod
+    def save(self, folder: Path) -> None:
+        """Write the trained weights under ``folder``."""
+
+
+def _peft_params(model) -> List[torch.nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the PEFT model has no trainable parameters")
+    return params
+
+
+class ZORunner(Runner):
+    """ZO-SGD with the fused kernels (``zofo_kernels.optim.ZOOptimizer``): MeZO (all
+    weights, groups from ``zo_param_groups`` so biases/norms skip weight decay) or ZO on a
+    PEFT block."""
+
+    def __init__(self, method, model, loss_fn, batches: Iterator[dict], device, lr, eps,
+                 weight_decay, distribution, estimator, n_directions, seed, backend, peft):
+        super().__init__(loss_fn)
+        from .optim import ZOOptimizer, zo_param_groups
+        self.method = method
+        self.model = self.eval_model = model
+        self.batches = batches
+        self.device = device
+        self.peft = peft
+        if peft:
+            params = [{"params": _peft_params(model), "weight_decay": weight_decay}]
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            params = zo_param_groups(model, weight_decay)
+        self.opt = ZOOptimizer(params, lr=lr, eps=eps, weight_decay=weight_decay,
+                               distribution=distribution, estimator=estimator,
+                               n_directions=n_directions, seed=seed, backend=backend)
+
+    def step(self) -> float:
+        batch = _to(next(self.batches), self.device)
+        losses = []
+
+        def closure():
+            value = self.loss(self.model, batch)
+            losses.append(float(value))
+            return value
+
+        with torch.no_grad():
+            self.opt.step(closure)
+        return sum(losses) / len(losses)
+
+    def save(self, folder: Path) -> None:
+        self.model.save_pretrained(str(folder / ("adapter" if self.peft else "model")))
+
+
+class FORunner(Runner):
+    """First-order fine-tuning with Adam: all weights (fo-full) or a PEFT block (fo-lora)."""
+
+    def __init__(self, method, model, loss_fn, batches, device, lr, weight_decay, peft):
+        super().__init__(loss_fn)
+        self.method = method
+        self.model = self.eval_model = model
+        self.batches = batches
+        self.device = device
+        self.peft = peft
+        if peft:
+            params = _peft_params(model)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            params = list(model.parameters())
+        self.opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+    def step(self) -> float:
+        batch = _to(next(self.batches), self.device)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss(self.model, batch)
+        loss.backward()
+        self.backward_count += 1
+        self.opt.step()
+        return float(loss.detach())
+
+    def save(self, folder: Path) -> None:
+        self.model.save_pretrained(str(folder / ("adapter" if self.peft else "model")))
+
+
+class BilevelRunner(Runner):
+    """Bilevel-ZOFO (``zofo_kernels.optim.ZOFOOptimizer``): K inner FO steps on the lower
+    copy S, one FO step on the upper copy P, one fused ZO step on the backbone."""
+
+    method = "bilevel-zofo"
+
+    def __init__(self, model, loss_fn, lower: Iterator[dict], upper: Iterator[dict], device,
+                 lr, eps, lam, inner_steps, peft_lr, estimator, weight_decay=0.0, seed=None,
+                 backend=None, distribution="gaussian"):
+        super().__init__(loss_fn)
+        from .optim import ZOFOOptimizer
+        self.model = self.eval_model = model
+        self.lower, self.upper = lower, upper
+        self.device = device
+        self.inner_steps = inner_steps
+        kwargs = dict(lr=lr, eps=eps, lam=lam, inner_steps=inner_steps,
+                      peft_optimizer=torch.optim.Adam, peft_lr=peft_lr, estimator=estimator)
+        optional = dict(weight_decay=weight_decay, seed=seed, backend=backend,
+                        distribution=distribution)
+        import inspect
+        accepted = inspect.signature(ZOFOOptimizer.from_peft).parameters
+        kwargs.update({k: v for k, v in optional.items() if k in accepted})
+        self.opt = ZOFOOptimizer.from_peft(model, self.loss, **kwargs)
+
+    @property
+    def forward_count(self) -> int:
+        return int(self.opt.forward_count)
+
+    @property
+    def backward_count(self) -> int:  # type: ignore[override]
+        return int(self.opt.backward_count)
+
+    @backward_count.setter
+    def backward_count(self, value) -> None:
+        pass  # counted by the optimizer
+
+    def step(self) -> float:
+        upper = _to(next(self.upper), self.device)
+        lowers = [_to(next(self.lower), self.device) for _ in range(self.inner_steps)]
+        out = self.opt.step(upper, lowers)
+        if isinstance(out, dict):
+            for key in ("loss", "upper_loss", "f"):
+                if key in out:
+                    return float(out[key])
+            return float(next(iter(out.values())))
+        return float(out)
+
+    def save(self, folder: Path) -> None:
+        self.model.save_pretrained(str(folder / "adapter"))
+        torch.save(self.opt.state_dict(), folder / "bilevel_state.pt")
+
+
+# --------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zofo-train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Methods: " + ", ".join(METHODS) + ". Hyperparameters not given take the "
+               "method's default (see DEFAULTS in zofo_kernels/train.py).")
+    p.add_argument("--model", default="minilm",
+                   help="minilm, opt-125m, opt-350m, opt-1.3b, tiny-bert, tiny-opt, or a local "
+                        "model folder / hub id (default: minilm)")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--peft", default="lora", choices=models_mod.PEFT_KINDS,
+                   help="PEFT block for bilevel-zofo, mezo-lora and fo-lora (default: lora)")
+    p.add_argument("--train", required=True,
+                   help="training data: .tsv/.csv/.jsonl file or a datasets name")
+    p.add_argument("--eval", default=None,
+                   help="evaluation data (same formats); optional with --holdout")
+    p.add_argument("--text-column", default="sentence")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--num-train", type=int, default=1000,
+                   help="few-shot sample size drawn from --train with --data-seed (default 1000)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="also draw this many further training examples (disjoint from the "
+                        "sample) and evaluate on them instead of --eval (model selection)")
+    p.add_argument("--upper-fraction", type=float, default=1 / 3,
+                   help="bilevel-zofo: share of the sample used as upper-level set D_f (1/3)")
+    p.add_argument("--eval-max", type=int, default=None,
+                   help="evaluate on at most this many examples (a seeded sample)")
+    p.add_argument("--steps", type=int, default=None, help="number of training steps")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="training wall-clock budget in seconds (evaluation time not counted)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the few-shot sample (default: --seed)")
+    p.add_argument("--output", required=True, help="output folder (created)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--eval-every", type=float, default=None,
+                   help="evaluate every this many training seconds (default: budget/15, or "
+                        "every steps/10 steps when only --steps is given)")
+    p.add_argument("--eval-every-steps", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=10, help="write a loss row every N steps")
+    h = p.add_argument_group("hyperparameters")
+    h.add_argument("--lr", type=float, default=None,
+                   help="learning rate (ZO: of the ZO-updated weights; FO: Adam's)")
+    h.add_argument("--eps", type=float, default=None, help="ZO perturbation scale")
+    h.add_argument("--weight-decay", type=float, default=0.0)
+    h.add_argument("--distribution", default="gaussian", choices=("gaussian", "rademacher"))
+    h.add_argument("--estimator", default="central", choices=("central", "forward"))
+    h.add_argument("--n-directions", type=int, default=1)
+    h.add_argument("--lam", type=float, default=None, help="bilevel-zofo penalty weight")
+    h.add_argument("--inner-steps", type=int, default=None, help="bilevel-zofo K")
+    h.add_argument("--peft-lr", type=float, default=None, help="bilevel-zofo Adam lr of P and S")
+    h.add_argument("--lora-r", type=int, default=8)
+    h.add_argument("--lora-alpha", type=int, default=16)
+    h.add_argument("--num-virtual-tokens", type=int, default=None)
+    p.add_argument("--backend", default=None, help="kernel backend (default: fastest available)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=tuple(models_mod.DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _hp(args, name):
+    value = getattr(args, name)
+    if value is None:
+        value = DEFAULTS[args.method].get(name)
+    return value
+
+
+def _validate(args) -> None:
+    if args.steps is None and args.time_budget is None:
+        raise SystemExit("zofo-train: give --steps and/or --time-budget")
+    if args.steps is not None and args.steps <= 0:
+        raise SystemExit("zofo-train: --steps must be positive")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise SystemExit("zofo-train: --time-budget must be positive")
+    if args.eval is None and args.holdout <= 0:
+        raise SystemExit("zofo-train: give --eval FILE or --holdout N")
+    if args.num_train <= 0 or args.batch_size <= 0 or args.max_length <= 0:
+        raise SystemExit("zofo-train: --num-train, --batch-size and --max-length must be positive")
+    if args.inner_steps is not None and args.inner_steps <= 0:
+        raise SystemExit("zofo-train: --inner-steps must be positive")
+
+
+def _make_runner(args, model, device, train_enc, lower_enc, upper_enc) -> Runner:
+    loss_fn = models_mod.classification_loss
+    seed = args.seed
+    peft_kwargs = dict(lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                       num_virtual_tokens=args.num_virtual_tokens)
+    if args.method in ("mezo-lora", "fo-lora", "bilevel-zofo"):
+        model = models_mod.add_peft(model, args.peft, **peft_kwargs)
+    model.eval()  # no dropout: see the module docstring
+    if args.method == "bilevel-zofo":
+        lower = data_mod.BatchStream(lower_enc, args.batch_size, seed + 1)
+        upper = data_mod.BatchStream(upper_enc, args.batch_size, seed + 2)
+        return BilevelRunner(model, loss_fn, lower, upper, device, lr=_hp(args, "lr"),
+                             eps=_hp(args, "eps"), lam=_hp(args, "lam"),
+                             inner_steps=_hp(args, "inner_steps"), peft_lr=_hp(args, "peft_lr"),
+                             estimator=args.estimator, weight_decay=args.weight_decay,
+                             seed=seed, backend=args.backend, distribution=args.distribution)
+    stream = data_mod.BatchStream(train_enc, args.batch_size, seed + 1)
+    if args.method in ("mezo", "mezo-lora"):
+        return ZORunner(args.method, model, loss_fn, stream, device, lr=_hp(args, "lr"),
+                        eps=_hp(args, "eps"), weight_decay=args.weight_decay,
+                        distribution=args.distribution, estimator=args.estimator,
+                        n_directions=args.n_directions, seed=seed, backend=args.backend,
+                        peft=args.method == "mezo-lora")
+    return FORunner(args.method, model, loss_fn, stream, device, lr=_hp(args, "lr"),
+                    weight_decay=args.weight_decay, peft=args.method == "fo-lora")
+
+
+def run(args) -> dict:
+    """Train as ``args`` says; returns the summary (also written to summary.json)."""
+    _validate(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("zofo-train: --device cuda but CUDA is not available")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    data_seed = args.seed if args.data_seed is None else args.data_seed
+
+    try:
+        pool = data_mod.read_examples(args.train, args.text_column, args.label_column)
+        picked = data_mod.sample(pool, args.num_train + args.holdout, data_seed)
+        train_ex, held = picked[:args.num_train], picked[args.num_train:]
+        if args.holdout > 0:
+            eval_ex, eval_name = held, f"holdout of {args.train}"
+        else:
+            eval_ex, eval_name = data_mod.read_examples(
+                args.eval, args.text_column, args.label_column), args.eval
+        if args.eval_max is not None and args.eval_max < len(eval_ex):
+            eval_ex = data_mod.sample(eval_ex, args.eval_max, data_seed + 7)
+        lower_ex, upper_ex = (data_mod.split(train_ex, args.upper_fraction)
+                              if args.method == "bilevel-zofo" else (train_ex, []))
+        n_labels = data_mod.num_labels(train_ex, eval_ex)
+        loaded = models_mod.load_model(args.model, num_labels=max(2, n_labels), dtype=args.dtype,
+                                       seed=args.seed, device=str(device))
+    except (data_mod.DataError, models_mod.ModelError) as exc:
+        raise SystemExit(f"zofo-train: {exc}") from None
+
+    tok = loaded.tokenizer
+    enc = lambda ex: data_mod.Encoded(ex, tok, args.max_length) if ex else None  # noqa: E731
+    train_enc, eval_enc = enc(train_ex), enc(eval_ex)
+    lower_enc, upper_enc = enc(lower_ex), enc(upper_ex)
+    torch.manual_seed(args.seed)
+    runner = _make_runner(args, loaded.model, device, train_enc, lower_enc, upper_enc)
+
+    def evaluate() -> float:
+        return models_mod.accuracy(runner.eval_model, _DeviceEncoded(eval_enc, device),
+                                   args.eval_batch_size)
+
+    budget = args.time_budget
+    eval_every = args.eval_every
+    if eval_every is None and args.eval_every_steps is None:
+        if budget is not None:
+            eval_every = budget / 15
+        else:
+            args.eval_every_steps = max(1, args.steps // 10)
+
+    from tqdm import tqdm
+    by_time = args.steps is None
+    bar = tqdm(total=int(math.ceil(budget)) if by_time else args.steps,
+               unit="s" if by_time else "step", disable=args.no_progress,
+               desc=f"{args.method}", dynamic_ncols=True)
+    metrics_path = out / "metrics.jsonl"
+    history: List[dict] = []
+    fh = open(metrics_path, "w")
+
+    def write(row: dict) -> None:
+        history.append(row)
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+    t_start = time.perf_counter()
+    train_time = 0.0
+    eval_time = 0.0
+    step = 0
+    best = -1.0
+    last_eval_t = 0.0
+    last_eval_step = 0
+    recent: List[float] = []
+    acc0 = evaluate()
+    eval_time += time.perf_counter() - t_start
+    write(dict(kind="eval", step=0, wall_time_s=0.0, elapsed_s=round(eval_time, 3),
+               eval_accuracy=acc0, forward_count=0, backward_count=0))
+    best = acc0
+    final_acc = acc0
+    nonfinite = False
+    while True:
+        if args.steps is not None and step >= args.steps:
+            break
+        if budget is not None and train_time >= budget:
+            break
+        t0 = time.perf_counter()
+        loss = runner.step()
+        dt = time.perf_counter() - t0
+        train_time += dt
+        step += 1
+        recent.append(loss)
+        if by_time:
+            bar.n = min(bar.total, int(train_time))
+            bar.set_postfix(step=step, loss=f"{loss:.4f}", acc=f"{final_acc:.3f}")
+            bar.refresh()
+        else:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{final_acc:.3f}")
+        if not math.isfinite(loss):
+            nonfinite = True
+        if step % args.log_every == 0 or nonfinite:
+            write(dict(kind="train", step=step, wall_time_s=round(train_time, 3),
+                       elapsed_s=round(time.perf_counter() - t_start, 3), loss=loss,
+                       loss_avg=sum(recent) / len(recent),
+                       forward_count=runner.forward_count, backward_count=runner.backward_count))
+            recent = []
+        done = ((args.steps is not None and step >= args.steps)
+                or (budget is not None and train_time >= budget) or nonfinite)
+        due = ((eval_every is not None and train_time - last_eval_t >= eval_every)
+               or (args.eval_every_steps is not None
+                   and step - last_eval_step >= args.eval_every_steps))
+        if due or done:
+            te = time.perf_counter()
+            final_acc = evaluate()
+            eval_time += time.perf_counter() - te
+            best = max(best, final_acc)
+            last_eval_t, last_eval_step = train_time, step
+            write(dict(kind="eval", step=step, wall_time_s=round(train_time, 3),
+                       elapsed_s=round(time.perf_counter() - t_start, 3),
+                       eval_accuracy=final_acc, forward_count=runner.forward_count,
+                       backward_count=runner.backward_count))
+        if nonfinite:
+            break
+    bar.close()
+    fh.close()
+
+    runner.save(out)
+    summary = dict(
+        method=args.method, model=args.model, peft=args.peft if args.method in (
+            "bilevel-zofo", "mezo-lora", "fo-lora") else None,
+        eval_accuracy=final_acc, best_eval_accuracy=best, initial_eval_accuracy=acc0,
+        eval_data=str(eval_name), eval_examples=len(eval_enc),
+        wall_time_s=round(train_time, 3), eval_time_s=round(eval_time, 3),
+        elapsed_s=round(time.perf_counter() - t_start, 3), steps=step,
+        forward_count=runner.forward_count, backward_count=runner.backward_count,
+        peak_memory_bytes=peak_memory_bytes(device),
+        peak_memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
+        model_parameters=sum(p.numel() for p in loaded.model.parameters()),
+        num_train=len(train_ex), num_lower=len(lower_ex) if upper_ex else None,
+        num_upper=len(upper_ex) or None, seed=args.seed, data_seed=data_seed,
+        stopped_on_nonfinite_loss=nonfinite,
+        hyperparameters=dict(lr=_hp(args, "lr"), eps=_hp(args, "eps"),
+                             weight_decay=args.weight_decay, batch_size=args.batch_size,
+                             max_length=args.max_length, estimator=args.estimator,
+                             distribution=args.distribution, n_directions=args.n_directions,
+                             lam=_hp(args, "lam"), inner_steps=_hp(args, "inner_steps"),
+                             peft_lr=_hp(args, "peft_lr"), lora_r=args.lora_r,
+                             lora_alpha=args.lora_alpha, dtype=args.dtype),
+        time_budget_s=budget, max_steps=args.steps,
+        threads=torch.get_num_threads(), device=str(device),
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from . import plotting
+    plotting.plot_run(history, out / "curves.png",
+                      title=f"{args.method} on {args.model} ({len(train_ex)} examples)")
+    return summary
+
+
+class _DeviceEncoded:
+    """An Encoded set whose batches are moved to ``device``."""
+
+    def __init__(self, enc, device):
+        self.enc, self.device = enc, device
+
+    def __len__(self):
+        return len(self.enc)
+
+    def batches(self, batch_size):
+        for b in self.enc.batches(batch_size):
+            yield _to(b, self.device)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    summary = run(args)
+    print(json.dumps({k: summary[k] for k in (
+        "method", "eval_accuracy", "best_eval_accuracy", "wall_time_s", "steps",
+        "peak_memory_bytes")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
