@@ -1,0 +1,452 @@
+"""ZOOptimizer: the step against its formula, safety, resume, torch.optim conventions."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call
+
+from zofo_kernels import contract, noise, perturb_
+from zofo_kernels.optim import NonFiniteLossError, ZOOptimizer, step_seed, zo_param_groups
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.fc2 = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
+
+
+def make_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = Tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x = torch.randn(16, 6, generator=g)
+    y = torch.randint(0, 3, (16,), generator=g)
+    return model, x, y
+
+
+def loss_of(model, params, x, y):
+    out = functional_call(model, params, (x,))
+    return torch.nn.functional.cross_entropy(out, y)
+
+
+def groups_of(model):
+    return [
+        {"params": [model.fc1.weight, model.fc2.weight], "lr": 0.05, "weight_decay": 0.1},
+        {"params": [model.fc1.bias, model.norm.weight, model.norm.bias, model.fc2.bias],
+         "lr": 0.02, "weight_decay": 0.0},
+    ]
+
+
+def expected_step(model, groups, x, y, seed, eps, q, estimator, distribution):
+    """The ZO-SGD step written out with materialised noise (independent of the kernels).
+
+    The weights go through the same sequence of float32 operations as the documented fused
+    sweeps (restore of direction k-1, rounded, then perturbation of direction k, rounded), so
+    the losses are reproduced exactly and the update to float32 accuracy."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    ws, zs, hyper, offset = {}, {}, {}, 0
+    for g in groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            zs[n] = [noise(seed, offset, p.numel(), distribution, k).view(p.shape)
+                     for k in range(q)]
+            ws[n] = p.detach().clone()
+            hyper[n] = (g["lr"], g["weight_decay"])
+            offset += p.numel()
+    e32 = torch.tensor(eps, dtype=torch.float32)
+
+    def move(scale, k):
+        for n in ws:
+            ws[n] = ws[n] + zs[n][k] * scale
+
+    def loss():
+        return loss_of(model, ws, x, y).item()
+
+    losses, grads = [], []
+    with torch.no_grad():
+        if estimator == "central":
+            for k in range(q):
+                if k > 0:
+                    move(e32, k - 1)
+                move(e32, k)
+                lp = loss()
+                move(-2 * e32, k)
+                lm = loss()
+                losses += [lp, lm]
+                grads.append((lp - lm) / (2 * eps))
+            move(e32, q - 1)
+        else:
+            l0 = loss()
+            losses.append(l0)
+            for k in range(q):
+                if k > 0:
+                    move(-e32, k - 1)
+                move(e32, k)
+                lp = loss()
+                losses.append(lp)
+                grads.append((lp - l0) / eps)
+            move(-e32, q - 1)
+    new = {}
+    for n, w in ws.items():
+        lr, wd = hyper[n]
+        d = sum(grads[k] / q * zs[n][k].double() for k in range(q)) + wd * w.double()
+        new[n] = w.double() - lr * d
+    return losses, grads, new
+
+
+@pytest.mark.parametrize("estimator", ["central", "forward"])
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_step_matches_formula(estimator, q, distribution):
+    model, x, y = make_problem()
+    groups = groups_of(model)
+    opt = ZOOptimizer(groups, lr=0.0, eps=1e-3, estimator=estimator, n_directions=q,
+                      distribution=distribution, seed=1234)
+    seed = opt.next_seed()
+    losses, grads, new = expected_step(model, groups, x, y, seed, 1e-3, q, estimator,
+                                       distribution)
+    ret = opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    st = opt.last_step
+    assert st["seed"] == seed and st["step"] == 0 and not st["skipped"]
+    assert len(st["projected_grads"]) == q
+    assert st["losses"] == losses  # same float32 weights, same forward: bit-identical
+    np.testing.assert_allclose(st["projected_grads"], grads, rtol=1e-12)
+    expect_ret = sum(losses) / len(losses) if estimator == "central" else losses[0]
+    assert ret == pytest.approx(expect_ret, rel=1e-6)
+    for n, p in model.named_parameters():
+        assert p.grad is None
+        torch.testing.assert_close(p.detach().double(), new[n], rtol=1e-6, atol=1e-7)
+    # the update actually moved the weights (not a vacuous comparison)
+    moved = max((new[n] - w.double()).abs().max().item()
+                for n, w in make_problem()[0].named_parameters())
+    assert moved > 1e-4
+
+
+def test_step_seed_is_documented_philox_and_no_global_rng():
+    base = 987654321
+    for t in (0, 1, 2**32 + 5):
+        w = contract.philox4x32(t & 0xFFFFFFFF, t >> 32, 0, 0x5EED5EED, base)
+        assert step_seed(base, t) == ((int(w[1]) << 32) | int(w[0])) & (2**63 - 1)
+    model, x, y = make_problem()
+    opt = ZOOptimizer(model.parameters(), lr=0.01, seed=base)
+    before = torch.get_rng_state()
+    seeds = []
+    for _ in range(3):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+        seeds.append(opt.last_step["seed"])
+    assert torch.equal(before, torch.get_rng_state())
+    assert seeds == [step_seed(base, t) for t in range(3)] and len(set(seeds)) == 3
+    a = ZOOptimizer(model.parameters(), lr=0.01)
+    b = ZOOptimizer(model.parameters(), lr=0.01)
+    assert a.base_seed != b.base_seed
+    assert a.state_dict()["zo"]["base_seed"] == a.base_seed
+
+
+def test_closure_runs_without_grad_and_counts():
+    model, x, y = make_problem()
+    seen = []
+
+    def closure():
+        seen.append(torch.is_grad_enabled())
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    for est, q, calls in (("central", 2, 4), ("forward", 3, 4)):
+        seen.clear()
+        ZOOptimizer(model.parameters(), lr=0.01, estimator=est, n_directions=q,
+                    seed=0).step(closure)
+        assert seen == [False] * calls
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_training_reduces_loss():
+    model, x, y = make_problem(3)
+    opt = ZOOptimizer(zo_param_groups(model, 0.0), lr=0.05, eps=1e-3, seed=5)
+    with torch.no_grad():
+        start = torch.nn.functional.cross_entropy(model(x), y).item()
+    for _ in range(150):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    with torch.no_grad():
+        end = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert end < 0.7 * start
+
+
+# --------------------------------------------------------------------------- safety
+
+def dyadic_model():
+    """fp32 weights that are multiples of 2**-10 with |w| < 4: with eps a power of two, every
+    w +/- eps*z (Rademacher) is exact, so a perturb/restore round trip is bit-exact."""
+    model, x, y = make_problem()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-2048, 2048, p.shape, generator=g).float() / 1024)
+    return model, x, y
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("fail_at", [1, 2, 4])
+def test_exception_restores_bit_identical_rademacher(exc, fail_at):
+    model, x, y = dyadic_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = ZOOptimizer(model.parameters(), lr=0.1, eps=2.0**-5, distribution="rademacher",
+                      n_directions=2, seed=3)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == fail_at:
+            # the weights really are perturbed at this point
+            assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+            raise exc("stop")
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    with pytest.raises(exc):
+        opt.step(closure)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert opt.step_count == 0  # the step did not complete
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("estimator", ["central", "forward"])
+def test_exception_restores_like_perturb_round_trip_gaussian(dtype, estimator):
+    model, x, y = make_problem()
+    model.to(dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    eps = 1e-2
+    opt = ZOOptimizer(model.parameters(), lr=0.1, eps=eps, estimator=estimator, seed=11)
+    seed = opt.next_seed()
+    fail_at = 2  # central: during L- (after +eps then -2eps); forward: during L+ (+eps)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise Boom()
+        return torch.nn.functional.cross_entropy(model(x.to(dtype)), y).float()
+
+    with pytest.raises(Boom):
+        opt.step(closure)
+    expect = [b.clone() for b in before]
+    scales = [eps, -2 * eps, eps] if estimator == "central" else [eps, -eps]
+    for s in scales:
+        perturb_(expect, seed, s, "gaussian", 0)
+    for p, e, b in zip(model.parameters(), expect, before):
+        assert torch.equal(p.detach(), e)
+        # and the round trip is close to the original (exact where it stays in the binade)
+        torch.testing.assert_close(p.detach().float(), b.float(), rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_raise_and_skip(bad):
+    model, x, y = dyadic_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return torch.tensor(bad) if len(calls) == 2 else torch.nn.functional.cross_entropy(
+            model(x), y)
+
+    opt = ZOOptimizer(model.parameters(), lr=0.1, eps=2.0**-5, distribution="rademacher",
+                      seed=3, nonfinite="raise")
+    with pytest.raises(NonFiniteLossError):
+        opt.step(closure)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert opt.last_step["skipped"] and opt.step_count == 1
+    calls.clear()
+    opt = ZOOptimizer(model.parameters(), lr=0.1, eps=2.0**-5, distribution="rademacher",
+                      seed=3, nonfinite="skip")
+    opt.step(closure)
+    assert opt.last_step["skipped"] and opt.step_count == 1
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # the next step with a finite loss updates normally
+    opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    assert not opt.last_step["skipped"]
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# --------------------------------------------------------------------------- resume
+
+def run(model, opt, x, y, n):
+    for _ in range(n):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_resume_bit_for_bit(dtype):
+    model, x, y = make_problem()
+    model.to(dtype)
+    xd = x.to(dtype)
+    opt = ZOOptimizer(zo_param_groups(model, 0.01), lr=0.02, n_directions=2, seed=42)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(3):
+        run(model, opt, xd, y, 1)
+        sched.step()
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = opt.state_dict()
+    saved_sched = sched.state_dict()
+    for _ in range(3):
+        run(model, opt, xd, y, 1)
+        sched.step()
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model2, _, _ = make_problem(7)
+    model2.to(dtype)
+    model2.load_state_dict(saved_model)
+    opt2 = ZOOptimizer(zo_param_groups(model2, 0.01), lr=0.02, n_directions=2, seed=999)
+    opt2.load_state_dict(saved_opt)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=2, gamma=0.5)
+    sched2.load_state_dict(saved_sched)
+    assert opt2.base_seed == 42 and opt2.step_count == 3
+    for _ in range(3):
+        run(model2, opt2, xd, y, 1)
+        sched2.step()
+    for k in final:
+        assert torch.equal(model2.state_dict()[k], final[k]), k
+    assert not torch.equal(final["fc1.weight"], saved_model["fc1.weight"])
+
+
+def test_lr_scheduler_changes_the_update():
+    model, x, y = make_problem()
+    opt = ZOOptimizer(model.parameters(), lr=0.1, seed=1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.0 if t >= 1 else 1.0)
+    run(model, opt, x, y, 1)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    run(model, opt, x, y, 1)
+    assert opt.last_step["lr"] == [0.0]
+    # lr 0: the fused restore leaves only the perturb/restore rounding (a few ulp at most)
+    for p, b in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
+
+
+def test_loss_reduce_is_applied():
+    model, x, y = make_problem()
+    seen = []
+
+    def reduce(t):
+        seen.append(t.clone())
+        return t * 2.0
+
+    opt = ZOOptimizer(model.parameters(), lr=0.0, n_directions=2, seed=4, loss_reduce=reduce)
+    run(model, opt, x, y, 1)
+    assert len(seen) == 1 and seen[0].dtype == torch.float64 and seen[0].shape == (4,)
+    raw = seen[0].tolist()
+    assert opt.last_step["losses"] == pytest.approx([2 * v for v in raw], rel=1e-12)
+    assert opt.last_step["projected_grads"][1] == pytest.approx(
+        (2 * raw[2] - 2 * raw[3]) / (2 * 1e-3), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- conventions
+
+def test_param_groups_and_zo_param_groups():
+    model, _, _ = make_problem()
+    groups = zo_param_groups(model, 0.1)
+    decay = {id(p) for p in groups[0]["params"]}
+    assert decay == {id(model.fc1.weight), id(model.fc2.weight)}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert len(groups[1]["params"]) == 4
+    by_name = zo_param_groups(model.named_parameters(), 0.1, no_decay=["fc2"])
+    assert {id(p) for p in by_name[1]["params"]} == {id(model.fc2.weight), id(model.fc2.bias)}
+    model.fc1.bias.requires_grad_(False)
+    assert all(p is not model.fc1.bias for g in zo_param_groups(model, 0.1) for p in g["params"])
+    opt = ZOOptimizer(groups, lr=0.3)
+    assert [g["lr"] for g in opt.param_groups] == [0.3, 0.3]
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 0.5})
+    assert opt.param_groups[-1]["lr"] == 0.5 and opt.param_groups[-1]["weight_decay"] == 0.0
+
+
+def test_non_contiguous_params_use_logical_row_major_order():
+    base = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 5)
+    a = torch.nn.Parameter(base.clone())  # contiguous
+    b = torch.nn.Parameter(base.t().contiguous().t())  # same values, transposed storage
+    assert not b.is_contiguous()
+    for p in (a, b):
+        opt = ZOOptimizer([p], lr=0.05, seed=8)
+        opt.step(lambda: ((x @ p.contiguous()) ** 2).mean())  # same bits for a and b
+    assert torch.equal(a.detach(), b.detach())
+    assert not torch.equal(a.detach(), base)
+
+
+@pytest.mark.parametrize("kwargs, err", [
+    (dict(lr=-1.0), ValueError), (dict(lr=float("nan")), ValueError), (dict(lr="1"), TypeError),
+    (dict(eps=0.0), ValueError), (dict(weight_decay=-0.1), ValueError),
+    (dict(distribution="uniform"), ValueError), (dict(estimator="backward"), ValueError),
+    (dict(n_directions=0), ValueError), (dict(n_directions=1.5), TypeError),
+    (dict(seed=-1), ValueError), (dict(seed=2**63), ValueError),
+    (dict(nonfinite="ignore"), ValueError), (dict(loss_reduce=3), TypeError),
+    (dict(stochastic_rounding=1), TypeError), (dict(backend="gpu9000"), ValueError),
+])
+def test_bad_hyperparameters_fail_at_construction(kwargs, err):
+    model, _, _ = make_problem()
+    args = dict(lr=0.1)
+    args.update(kwargs)
+    with pytest.raises(err):
+        ZOOptimizer(model.parameters(), **args)
+
+
+def test_bad_params_fail_at_construction():
+    with pytest.raises(TypeError):
+        ZOOptimizer([torch.zeros(3, dtype=torch.float64, requires_grad=True)], lr=0.1)
+    with pytest.raises(ValueError, match="optimizer-wide"):
+        ZOOptimizer([{"params": [torch.nn.Parameter(torch.zeros(3))], "eps": 0.1}], lr=0.1)
+    with pytest.raises(ValueError):
+        ZOOptimizer([{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": -2.0}], lr=0.1)
+    with pytest.raises(ValueError):
+        ZOOptimizer(torch.nn.Linear(2, 2).parameters(), lr=0.1).step()
+    with pytest.raises(KeyError):
+        ZOOptimizer(torch.nn.Linear(2, 2).parameters(), lr=0.1).load_state_dict(
+            torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1).state_dict())
+
+
+# --------------------------------------------------------------------------- bf16 rounding
+
+def regression(dtype, stochastic_rounding, steps=300):
+    """Least squares with weights in [4, 8), where the bf16 spacing is 2**-5. Rademacher
+    noise and eps = 2**-3 make every perturbation exact in bf16, so the only difference
+    between fp32 and bf16 is how the update is rounded. A step moves a weight by about 1e-3,
+    far below half the bf16 spacing (2**-6)."""
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    X = torch.randn(64, d, generator=g)
+    w_star = 4.0 + torch.rand(d, generator=g)
+    y = X @ w_star
+    w = torch.nn.Parameter(torch.full((d,), 4.0, dtype=dtype))
+    opt = ZOOptimizer([w], lr=1e-3, eps=2.0**-3, distribution="rademacher", seed=2,
+                      stochastic_rounding=stochastic_rounding)
+
+    def loss():
+        return ((X @ w.float() - y) ** 2).mean()
+
+    with torch.no_grad():
+        start = loss().item()
+    for _ in range(steps):
+        opt.step(loss)
+    with torch.no_grad():
+        return start, loss().item()
+
+
+def test_bf16_stochastic_rounding_makes_progress_round_to_nearest_stalls():
+    s32, e32 = regression(torch.float32, True)
+    s_sr, e_sr = regression(torch.bfloat16, True)
+    s_rn, e_rn = regression(torch.bfloat16, False)
+    assert s32 == s_sr == s_rn
+    assert e32 < 0.5 * s32                       # fp32 makes progress
+    assert (s_sr - e_sr) > 0.8 * (s32 - e32)     # bf16 + stochastic rounding: comparable
+    assert (s_rn - e_rn) < 0.05 * (s32 - e32)    # bf16 round-to-nearest: stalls

@@ -1,0 +1,14 @@
+"""Optimizers on the fused ZO kernels: ZO-SGD (MeZO-class), Bilevel-ZOFO and its meta-training
+variant."""
+
+from .layout import zo_layout, zo_numel
+from .zo import NonFiniteLossError, ZOOptimizer, step_seed, zo_param_groups
+
+__all__ = [
+    "NonFiniteLossError",
+    "ZOOptimizer",
+    "step_seed",
+    "zo_layout",
+    "zo_numel",
+    "zo_param_groups",
+]
