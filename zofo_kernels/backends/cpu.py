@@ -1,24 +1,88 @@
-"""Placeholder while the cpu backend is being written: registers as unavailable."""
-from .base import Backend, BackendStatus, register
+"""C++ CPU backend: the kernels of ``csrc/cpu_kernels.cpp`` through the native module ``_C``.
+
+One call into C++ per dtype group: the tensors' data pointers, sizes and global offsets go
+down as integers and one OpenMP parallel region processes all of them (blocks of 128
+elements, split evenly across threads). The thread count follows ``torch.get_num_threads()``.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .. import _native
+from .base import DISTRIBUTION_CODES, DTYPE_CODES, Backend, BackendStatus, register
 
 
-class _Pending(Backend):
+def _check_group(tensors: List[torch.Tensor], offsets: List[int]) -> int:
+    if len(tensors) != len(offsets):
+        raise ValueError(f"{len(tensors)} tensors but {len(offsets)} offsets")
+    if not tensors:
+        raise ValueError("the cpu backend needs at least one tensor")
+    dtype = tensors[0].dtype
+    if dtype not in DTYPE_CODES:
+        raise TypeError(f"unsupported dtype {dtype}; expected float32, bfloat16 or float16")
+    for i, t in enumerate(tensors):
+        if t.device.type != "cpu":
+            raise ValueError(f"tensors[{i}] is on {t.device}; the cpu backend takes CPU tensors")
+        if t.dtype != dtype:
+            raise TypeError(f"tensors[{i}] has dtype {t.dtype} but tensors[0] has {dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"tensors[{i}] is not contiguous")
+    return DTYPE_CODES[dtype]
+
+
+class CpuBackend(Backend):
     name = "cpu"
 
-    def status(self):
-        return BackendStatus(self.name, False, "not built yet")
+    def __init__(self):
+        self._mod, self._error = _native.cpu_module()
 
-    def supports_device(self, device):
-        return False
+    def status(self) -> BackendStatus:
+        if self._mod is None:
+            return BackendStatus(self.name, False,
+                                 f"the C++ extension zofo_kernels._C is unavailable: {self._error}")
+        threads = "OpenMP" if self._mod.openmp else "single-threaded (built without OpenMP)"
+        return BackendStatus(self.name, True,
+                             f"C++ kernels, {threads}, compiled with {self._mod.compile_flags}")
 
-    def noise(self, *a):
-        raise RuntimeError("unavailable")
+    def supports_device(self, device: torch.device) -> bool:
+        return self._mod is not None and torch.device(device).type == "cpu"
 
-    def perturb(self, *a):
-        raise RuntimeError("unavailable")
+    def _native(self):
+        if self._mod is None:
+            raise RuntimeError(self.status().reason)
+        return self._mod
 
-    def update(self, *a):
-        raise RuntimeError("unavailable")
+    def noise(self, seed, start, numel, distribution, direction, device):
+        mod = self._native()
+        out = torch.empty(numel, dtype=torch.float32)
+        mod.noise(out.data_ptr(), seed, start, numel, DISTRIBUTION_CODES[distribution], direction,
+                  torch.get_num_threads())
+        return out.to(device)
+
+    def perturb(self, tensors, offsets, seed, distribution, scale, direction,
+                restore_scale, restore_direction):
+        mod = self._native()
+        code = _check_group(tensors, offsets)
+        mod.perturb([t.data_ptr() for t in tensors], [t.numel() for t in tensors],
+                    [int(o) for o in offsets], code, seed, DISTRIBUTION_CODES[distribution],
+                    float(scale), direction, float(restore_scale), restore_direction,
+                    torch.get_num_threads())
+
+    def update(self, tensors, offsets, seed, distribution, lr, projected_grads,
+               restore_scale, restore_direction, weight_decay, stochastic_rounding):
+        mod = self._native()
+        code = _check_group(tensors, offsets)
+        grads = projected_grads.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        if grads.dim() != 1 or grads.numel() < 1:
+            raise ValueError("projected_grads must be a 1-D tensor with at least one value")
+        mod.update([t.data_ptr() for t in tensors], [t.numel() for t in tensors],
+                   [int(o) for o in offsets], code, seed, DISTRIBUTION_CODES[distribution],
+                   float(lr), grads.data_ptr(), grads.numel(), float(restore_scale),
+                   restore_direction, float(weight_decay), bool(stochastic_rounding),
+                   torch.get_num_threads())
 
 
-register("cpu", _Pending)
+register("cpu", CpuBackend)

@@ -1,0 +1,397 @@
+// C++ CPU kernels: OpenMP over blocks of 128 global indices, one parallel region per call.
+//
+// A call processes a list of tensors. Each tensor is cut at the global 128-element block
+// boundaries (the Rademacher block of the contract, and 32 Gaussian blocks); the resulting
+// units of all tensors are laid end to end and every thread takes one contiguous run of
+// units of (almost) equal count, so the split is balanced however unequal the tensors are.
+// Within a unit the noise of the whole 128-block is generated into small arrays by loops
+// over lanes that the compiler vectorises, then the weights of the unit are updated in one
+// more vectorisable loop. All indices are 64-bit.
+
+#include "cpu_kernels.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "zofo_noise.h"
+
+namespace zofo {
+namespace cpu {
+namespace {
+
+constexpr int kBlock = kRademacherBlock;                 // 128 elements per unit
+constexpr int kLanes = kBlock / kGaussianBlock;          // 32 Philox calls per unit (Gaussian)
+constexpr int kPairs = 2 * kLanes;                       // 64 Box-Muller pairs per unit
+constexpr int64_t kSerialBelow = 1 << 15;                // elements: no threads below this
+
+// Philox on the 32 consecutive 4-blocks of unit `unit` (4-block b = 32 * unit + l):
+// results in w0..w3 [l]. 32 * unit + l never carries into the high word across lanes.
+inline void philox_lanes(uint64_t seed, uint64_t unit, uint32_t direction, uint32_t purpose,
+                         uint32_t* __restrict w0, uint32_t* __restrict w1,
+                         uint32_t* __restrict w2, uint32_t* __restrict w3) {
+  const uint64_t first = unit * (uint64_t)kLanes;
+  const uint32_t lo = (uint32_t)first;
+  const uint32_t hi = (uint32_t)(first >> 32);
+  for (int l = 0; l < kLanes; ++l) {
+    w0[l] = lo + (uint32_t)l;
+    w1[l] = hi;
+    w2[l] = direction;
+    w3[l] = purpose;
+  }
+  uint32_t k0 = (uint32_t)seed;
+  uint32_t k1 = (uint32_t)(seed >> 32);
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    for (int l = 0; l < kLanes; ++l) philox_round(w0[l], w1[l], w2[l], w3[l], k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+void gaussian_unit(uint64_t seed, uint64_t unit, uint32_t direction, float* __restrict z) {
+  alignas(64) uint32_t wa[kPairs];
+  alignas(64) uint32_t wb[kPairs];
+  // pair l: words (w0, w1) of lane l; pair 32 + l: words (w2, w3) of lane l
+  philox_lanes(seed, unit, direction, kPurposeNoise, wa, wb, wa + kLanes, wb + kLanes);
+  alignas(64) float nc[kPairs];
+  alignas(64) float ns[kPairs];
+  for (int p = 0; p < kPairs; ++p) box_muller(wa[p], wb[p], &nc[p], &ns[p]);
+  for (int l = 0; l < kLanes; ++l) {
+    z[4 * l + 0] = nc[l];
+    z[4 * l + 1] = ns[l];
+    z[4 * l + 2] = nc[kLanes + l];
+    z[4 * l + 3] = ns[kLanes + l];
+  }
+}
+
+void rademacher_unit(uint64_t seed, uint64_t unit, uint32_t direction, float* __restrict z) {
+  uint32_t w[4];
+  block_words(seed, unit, direction, kPurposeNoise, w);
+  // branch-free: the sign bit of +-1.0f is the complement of the noise bit
+  for (int j = 0; j < kBlock; ++j) {
+    const uint32_t bit = (w[j >> 5] >> (j & 31)) & 1u;
+    z[j] = u2f(0x3F800000u | ((bit ^ 1u) << 31));
+  }
+}
+
+inline void noise_unit(uint64_t seed, uint64_t unit, uint32_t direction, int distribution,
+                       float* __restrict z) {
+  if (distribution == kRademacher) {
+    rademacher_unit(seed, unit, direction, z);
+  } else {
+    gaussian_unit(seed, unit, direction, z);
+  }
+}
+
+// Stochastic-rounding words of the 128 elements of a unit (purpose 1, direction 0).
+void rounding_unit(uint64_t seed, uint64_t unit, uint32_t* __restrict r) {
+  alignas(64) uint32_t w0[kLanes], w1[kLanes], w2[kLanes], w3[kLanes];
+  philox_lanes(seed, unit, 0u, kPurposeRounding, w0, w1, w2, w3);
+  for (int l = 0; l < kLanes; ++l) {
+    r[4 * l + 0] = w0[l];
+    r[4 * l + 1] = w1[l];
+    r[4 * l + 2] = w2[l];
+    r[4 * l + 3] = w3[l];
+  }
+}
+
+// ----------------------------------------------------------------------------- work split
+
+struct Plan {
+  std::vector<int64_t> prefix;  // prefix[t] = units before segment t; prefix.back() = total
+  int64_t total_elements = 0;
+};
+
+Plan make_plan(const std::vector<Segment>& segs) {
+  Plan plan;
+  plan.prefix.resize(segs.size() + 1);
+  int64_t units = 0;
+  for (size_t t = 0; t < segs.size(); ++t) {
+    plan.prefix[t] = units;
+    const Segment& s = segs[t];
+    if (s.numel < 0 || s.offset < 0) throw std::invalid_argument("negative numel or offset");
+    if (s.numel > 0) {
+      units += (s.offset + s.numel - 1) / kBlock - s.offset / kBlock + 1;
+      plan.total_elements += s.numel;
+    }
+  }
+  plan.prefix[segs.size()] = units;
+  return plan;
+}
+
+// [begin, end) units of thread `th` out of `nt`.
+inline void thread_range(int64_t total, int th, int nt, int64_t* begin, int64_t* end) {
+  *begin = (int64_t)((unsigned __int128)total * (unsigned)th / (unsigned)nt);
+  *end = (int64_t)((unsigned __int128)total * (unsigned)(th + 1) / (unsigned)nt);
+}
+
+// Calls fn(segment index, global unit number, first local index, element count, position of
+// the first element inside the 128-block) for every unit in [begin, end).
+template <typename Fn>
+void for_units(const std::vector<Segment>& segs, const Plan& plan, int64_t begin, int64_t end,
+               Fn&& fn) {
+  if (begin >= end) return;
+  size_t t = std::upper_bound(plan.prefix.begin(), plan.prefix.end(), begin) -
+             plan.prefix.begin() - 1;
+  for (int64_t u = begin; u < end; ++u) {
+    while (u >= plan.prefix[t + 1]) ++t;
+    const Segment& s = segs[t];
+    const int64_t unit = s.offset / kBlock + (u - plan.prefix[t]);
+    const int64_t g0 = std::max(s.offset, unit * kBlock);
+    const int64_t g1 = std::min(s.offset + s.numel, unit * kBlock + kBlock);
+    fn(t, (uint64_t)unit, g0 - s.offset, g1 - g0, (int)(g0 - unit * kBlock));
+  }
+}
+
+template <typename Body>
+void parallel_units(const std::vector<Segment>& segs, int num_threads, Body&& body) {
+  const Plan plan = make_plan(segs);
+  const int64_t total = plan.prefix.back();
+  if (total == 0) return;
+  const int nt = threads_for(plan.total_elements, num_threads);
+  if (nt <= 1) {
+    body(plan, (int64_t)0, total);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t begin, end;
+    thread_range(total, omp_get_thread_num(), omp_get_num_threads(), &begin, &end);
+    body(plan, begin, end);
+  }
+#else
+  body(plan, (int64_t)0, total);
+#endif
+}
+
+// ----------------------------------------------------------------------------- operations
+
+template <typename T, bool kRestore>
+inline void perturb_elems(T* __restrict p, int64_t n, const float* __restrict zd,
+                          const float* __restrict zr, float s, float rs) {
+  for (int64_t e = 0; e < n; ++e) {
+    float w = Storage<T>::load(p[e]);
+    if (kRestore) w = Storage<T>::round(w + rs * zr[e]);
+    p[e] = Storage<T>::store(w + s * zd[e]);
+  }
+}
+
+template <typename T>
+void perturb_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, float s,
+                   uint32_t dir, float rs, uint32_t rdir, int num_threads) {
+  const bool restore = rs != 0.0f;
+  parallel_units(segs, num_threads, [&](const Plan& plan, int64_t begin, int64_t end) {
+    alignas(64) float zd[kBlock];
+    alignas(64) float zr[kBlock];
+    for_units(segs, plan, begin, end, [&](size_t t, uint64_t unit, int64_t local, int64_t n,
+                                          int j0) {
+      T* p = static_cast<T*>(segs[t].ptr) + local;
+      noise_unit(seed, unit, dir, dist, zd);
+      if (restore) {
+        noise_unit(seed, unit, rdir, dist, zr);
+        perturb_elems<T, true>(p, n, zd + j0, zr + j0, s, rs);
+      } else {
+        perturb_elems<T, false>(p, n, zd + j0, zr + j0, s, rs);
+      }
+    });
+  });
+}
+
+template <typename T, bool kRestore, bool kStochastic>
+inline void update_elems(T* __restrict p, int64_t n, const float* __restrict d,
+                         const float* __restrict zr, const uint32_t* __restrict r, float rs,
+                         float lr, float wd) {
+  for (int64_t e = 0; e < n; ++e) {
+    float w = Storage<T>::load(p[e]);
+    if (kRestore) w = Storage<T>::round(w + rs * zr[e]);
+    float v = update_value(w, d[e], lr, wd);
+    if (kStochastic) v = stochastic_round(v, r[e], Storage<T>::kCode);
+    p[e] = Storage<T>::store(v);
+  }
+}
+
+template <typename T>
+void update_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, float lr,
+                  const float* grads, int64_t q, float rs, uint32_t rdir, float wd, bool sr,
+                  int num_threads) {
+  const bool restore = rs != 0.0f;
+  const bool stochastic = sr && Storage<T>::kCode != kFloat32;
+  std::vector<float> g(grads, grads + q);
+  parallel_units(segs, num_threads, [&](const Plan& plan, int64_t begin, int64_t end) {
+    alignas(64) float z[kBlock];
+    alignas(64) float zr[kBlock];
+    alignas(64) float d[kBlock];
+    alignas(64) uint32_t r[kBlock];
+    for_units(segs, plan, begin, end, [&](size_t t, uint64_t unit, int64_t local, int64_t n,
+                                          int j0) {
+      T* p = static_cast<T*>(segs[t].ptr) + local;
+      if (restore) noise_unit(seed, unit, rdir, dist, zr);
+      for (int64_t k = 0; k < q; ++k) {
+        const float* zk = z;
+        if (restore && (uint64_t)k == rdir) {
+          zk = zr;
+        } else {
+          noise_unit(seed, unit, (uint32_t)k, dist, z);
+        }
+        const float gk = g[k];
+        if (k == 0) {
+          for (int j = 0; j < kBlock; ++j) d[j] = gk * zk[j];
+        } else {
+          for (int j = 0; j < kBlock; ++j) d[j] = d[j] + gk * zk[j];
+        }
+      }
+      if (stochastic) rounding_unit(seed, unit, r);
+      if (restore) {
+        if (stochastic) {
+          update_elems<T, true, true>(p, n, d + j0, zr + j0, r + j0, rs, lr, wd);
+        } else {
+          update_elems<T, true, false>(p, n, d + j0, zr + j0, r + j0, rs, lr, wd);
+        }
+      } else {
+        if (stochastic) {
+          update_elems<T, false, true>(p, n, d + j0, zr + j0, r + j0, rs, lr, wd);
+        } else {
+          update_elems<T, false, false>(p, n, d + j0, zr + j0, r + j0, rs, lr, wd);
+        }
+      }
+    });
+  });
+}
+
+void check_dtype(int dtype) {
+  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16)
+    throw std::invalid_argument("unsupported dtype code " + std::to_string(dtype));
+}
+
+void check_distribution(int distribution) {
+  if (distribution != kGaussian && distribution != kRademacher)
+    throw std::invalid_argument("unknown distribution code " + std::to_string(distribution));
+}
+
+}  // namespace
+
+int threads_for(int64_t total, int num_threads) {
+  if (num_threads < 1) num_threads = 1;
+  if (total < kSerialBelow) return 1;
+  const int64_t useful = total / (kSerialBelow / 2);
+  return (int)std::min<int64_t>(num_threads, std::max<int64_t>(1, useful));
+}
+
+void noise(float* out, uint64_t seed, int64_t start, int64_t numel, int distribution,
+           uint32_t direction, int num_threads) {
+  check_distribution(distribution);
+  std::vector<Segment> segs{{out, numel, start}};
+  parallel_units(segs, num_threads, [&](const Plan& plan, int64_t begin, int64_t end) {
+    alignas(64) float z[kBlock];
+    for_units(segs, plan, begin, end, [&](size_t, uint64_t unit, int64_t local, int64_t n,
+                                          int j0) {
+      noise_unit(seed, unit, direction, distribution, z);
+      std::copy(z + j0, z + j0 + n, out + local);
+    });
+  });
+}
+
+void perturb(const std::vector<Segment>& segments, int dtype, uint64_t seed, int distribution,
+             float scale, uint32_t direction, float restore_scale, uint32_t restore_direction,
+             int num_threads) {
+  check_dtype(dtype);
+  check_distribution(distribution);
+  switch (dtype) {
+    case kFloat32:
+      perturb_typed<float>(segments, seed, distribution, scale, direction, restore_scale,
+                           restore_direction, num_threads);
+      break;
+    case kBFloat16:
+      perturb_typed<BF16Bits>(segments, seed, distribution, scale, direction, restore_scale,
+                              restore_direction, num_threads);
+      break;
+    default:
+      perturb_typed<F16Bits>(segments, seed, distribution, scale, direction, restore_scale,
+                             restore_direction, num_threads);
+  }
+}
+
+void update(const std::vector<Segment>& segments, int dtype, uint64_t seed, int distribution,
+            float lr, const float* grads, int64_t q, float restore_scale,
+            uint32_t restore_direction, float weight_decay, bool stochastic_rounding,
+            int num_threads) {
+  check_dtype(dtype);
+  check_distribution(distribution);
+  if (q < 1) throw std::invalid_argument("update needs at least one projected gradient");
+  switch (dtype) {
+    case kFloat32:
+      update_typed<float>(segments, seed, distribution, lr, grads, q, restore_scale,
+                          restore_direction, weight_decay, stochastic_rounding, num_threads);
+      break;
+    case kBFloat16:
+      update_typed<BF16Bits>(segments, seed, distribution, lr, grads, q, restore_scale,
+                             restore_direction, weight_decay, stochastic_rounding, num_threads);
+      break;
+    default:
+      update_typed<F16Bits>(segments, seed, distribution, lr, grads, q, restore_scale,
+                            restore_direction, weight_decay, stochastic_rounding, num_threads);
+  }
+}
+
+std::vector<int64_t> split_elements(const std::vector<Segment>& segments, int num_threads) {
+  const Plan plan = make_plan(segments);
+  const int nt = std::max(1, num_threads);
+  std::vector<int64_t> counts(nt, 0);
+  for (int th = 0; th < nt; ++th) {
+    int64_t begin, end;
+    thread_range(plan.prefix.back(), th, nt, &begin, &end);
+    for_units(segments, plan, begin, end,
+              [&](size_t, uint64_t, int64_t, int64_t n, int) { counts[th] += n; });
+  }
+  return counts;
+}
+
+void log_f32_array(const float* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = log_f32(in[i]);
+}
+
+void sincos_f32_array(const float* in, float* sin_out, float* cos_out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) sincos_f32(in[i], &sin_out[i], &cos_out[i]);
+}
+
+void round_to_storage(const float* in, void* out, int64_t n, int dtype) {
+  check_dtype(dtype);
+  for (int64_t i = 0; i < n; ++i) {
+    if (dtype == kFloat32) {
+      static_cast<float*>(out)[i] = in[i];
+    } else if (dtype == kBFloat16) {
+      static_cast<uint16_t*>(out)[i] = f32_to_bf16(in[i]);
+    } else {
+      static_cast<uint16_t*>(out)[i] = f32_to_f16(in[i]);
+    }
+  }
+}
+
+void stochastic_round_array(const float* in, const uint32_t* bits, float* out, int64_t n,
+                            int dtype) {
+  if (dtype != kBFloat16 && dtype != kFloat16)
+    throw std::invalid_argument("stochastic rounding targets bfloat16 or float16 only");
+  for (int64_t i = 0; i < n; ++i) out[i] = stochastic_round(in[i], bits[i], dtype);
+}
+
+void rounding_words(uint32_t* out, uint64_t seed, int64_t start, int64_t numel) {
+  uint32_t w[4];
+  int64_t cached = -1;
+  for (int64_t j = 0; j < numel; ++j) {
+    const int64_t i = start + j;
+    const int64_t b = i / kRoundingBlock;
+    if (b != cached) {
+      block_words(seed, (uint64_t)b, 0u, kPurposeRounding, w);
+      cached = b;
+    }
+    out[j] = w[i % kRoundingBlock];
+  }
+}
+
+}  // namespace cpu
+}  // namespace zofo

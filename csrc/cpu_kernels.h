@@ -1,0 +1,55 @@
+// C++ CPU kernels of zofo_kernels: plain functions on raw pointers (no libtorch).
+#ifndef ZOFO_CPU_KERNELS_H_
+#define ZOFO_CPU_KERNELS_H_
+
+#include <stdint.h>
+
+#include <vector>
+
+namespace zofo {
+namespace cpu {
+
+// One tensor of a multi-tensor call: contiguous storage at `ptr`, `numel` elements, the
+// first of which has global index `offset`.
+struct Segment {
+  void* ptr;
+  int64_t numel;
+  int64_t offset;
+};
+
+// z for global indices [start, start + numel) of direction `direction`, into out[numel].
+void noise(float* out, uint64_t seed, int64_t start, int64_t numel, int distribution,
+           uint32_t direction, int num_threads);
+
+// p <- rn(rn(p + restore_scale * z_restore) + scale * z), the restore only if
+// restore_scale != 0. All segments have storage dtype `dtype` (DType code).
+void perturb(const std::vector<Segment>& segments, int dtype, uint64_t seed, int distribution,
+             float scale, uint32_t direction, float restore_scale, uint32_t restore_direction,
+             int num_threads);
+
+// w = rn(p + restore_scale * z_r) (if restore_scale != 0); d = sum_k g_k z_k (k < q);
+// v = w - lr * (d + weight_decay * w); p = sr(v) for 16-bit storage when
+// stochastic_rounding, else rn(v). `grads` holds q float32 values.
+void update(const std::vector<Segment>& segments, int dtype, uint64_t seed, int distribution,
+            float lr, const float* grads, int64_t q, float restore_scale,
+            uint32_t restore_direction, float weight_decay, bool stochastic_rounding,
+            int num_threads);
+
+// Elements each thread processes under the work split of a multi-tensor call (for tests).
+std::vector<int64_t> split_elements(const std::vector<Segment>& segments, int num_threads);
+
+// Threads a call with `total` elements uses when `num_threads` are allowed.
+int threads_for(int64_t total, int num_threads);
+
+// Element-wise helpers, exposed for the tests of the shared math.
+void log_f32_array(const float* in, float* out, int64_t n);
+void sincos_f32_array(const float* in, float* sin_out, float* cos_out, int64_t n);
+void round_to_storage(const float* in, void* out, int64_t n, int dtype);
+void stochastic_round_array(const float* in, const uint32_t* bits, float* out, int64_t n,
+                            int dtype);
+void rounding_words(uint32_t* out, uint64_t seed, int64_t start, int64_t numel);
+
+}  // namespace cpu
+}  // namespace zofo
+
+#endif  // ZOFO_CPU_KERNELS_H_

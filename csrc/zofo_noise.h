@@ -1,0 +1,370 @@
+// Noise contract and per-element math shared by the C++ CPU kernels and the CUDA kernels.
+//
+// Everything here is a pure function of its arguments and is compiled both by the host
+// compiler (ZOFO_HD is then just `inline`) and by nvcc (`__host__ __device__`). The CPU
+// build calls these functions inside loops over arrays of lanes, which the compiler
+// vectorises; the CUDA build calls them per thread. The rules implemented here are the ones
+// of zofo_kernels/contract.py and the float-math contract of zofo_kernels/backends/base.py:
+//
+//   * Philox4x32-10, counter (c0, c1, c2, c3) = (block lo, block hi, direction, purpose),
+//     key (seed lo, seed hi);
+//   * Rademacher: block = i / 128, bit (i % 128) of the four words (word-major, LSB first);
+//   * Gaussian: block = i / 4, Triton's uint->uniform mapping, clamp at 1e-7, Box-Muller in
+//     float32 on (w0, w1) and (w2, w3), lanes cos0, sin0, cos1, sin1;
+//   * stochastic rounding: the bit rule of contract.stochastic_round_bits, word i % 4 of the
+//     purpose-1 stream at block i / 4, direction 0.
+//
+// Floating point: every sum and product is a separate float32 operation. The build passes
+// -ffp-contract=off (host) and --fmad=false (nvcc) so no multiply-add is fused; nothing here
+// may be compiled with fast-math.
+//
+// log, sin and cos are our own (no libm call, so the CPU loops vectorise): the argument is
+// reduced exactly in double precision and a short polynomial is evaluated in double, then
+// the result is rounded once to float32. Their error is below 1 ulp of the float32 result
+// (checked against float64 math in python_tests/test_native_build.py).
+
+#ifndef ZOFO_NOISE_H_
+#define ZOFO_NOISE_H_
+
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+
+#if defined(__CUDACC__)
+#define ZOFO_HD __host__ __device__ __forceinline__
+#else
+#define ZOFO_HD inline
+#endif
+
+namespace zofo {
+
+// ----------------------------------------------------------------------------- constants
+
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum Distribution : int { kGaussian = 0, kRademacher = 1 };
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;  // multiplies c0
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;  // multiplies c2
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;  // key increment of k0
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;  // key increment of k1
+constexpr int kPhiloxRounds = 10;
+
+constexpr uint32_t kPurposeNoise = 0;
+constexpr uint32_t kPurposeRounding = 1;
+
+constexpr int kRademacherBlock = 128;
+constexpr int kGaussianBlock = 4;
+constexpr int kRoundingBlock = 4;
+
+constexpr float kUniformScale = 4.6566127342e-10f;
+constexpr float kTwoPi = 6.283185307179586f;
+constexpr float kUniformMin = 1.0e-7f;
+constexpr float kMinusTwo = -2.0f;
+
+// ----------------------------------------------------------------------------- bit casts
+
+ZOFO_HD uint32_t f2u(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+ZOFO_HD float u2f(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+ZOFO_HD uint64_t d2u(double x) {
+#if defined(__CUDA_ARCH__)
+  return (uint64_t)__double_as_longlong(x);
+#else
+  uint64_t u;
+  memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+ZOFO_HD double u2d(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double((long long)u);
+#else
+  double x;
+  memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+// ----------------------------------------------------------------------------- Philox
+
+// One Philox round on a counter held in four variables (so that array-of-lanes loops on the
+// CPU vectorise); mulhilo through a 64-bit product.
+ZOFO_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
+                          uint32_t k0, uint32_t k1) {
+  const uint64_t p0 = (uint64_t)c0 * (uint64_t)kPhiloxM0;
+  const uint64_t p1 = (uint64_t)c2 * (uint64_t)kPhiloxM1;
+  const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
+  const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+  c1 = (uint32_t)p1;
+  c3 = (uint32_t)p0;
+  c0 = n0;
+  c2 = n2;
+}
+
+// Philox4x32-10 of counter (c0..c3) under key = seed; results overwrite the counter.
+ZOFO_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
+                           uint64_t seed) {
+  uint32_t k0 = (uint32_t)seed;
+  uint32_t k1 = (uint32_t)(seed >> 32);
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    philox_round(c0, c1, c2, c3, k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+// The four words of block `block` of stream (direction, purpose).
+ZOFO_HD void block_words(uint64_t seed, uint64_t block, uint32_t direction, uint32_t purpose,
+                         uint32_t w[4]) {
+  uint32_t c0 = (uint32_t)block, c1 = (uint32_t)(block >> 32), c2 = direction, c3 = purpose;
+  philox4x32_10(c0, c1, c2, c3, seed);
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
+}
+
+// ----------------------------------------------------------------------------- uniforms
+
+// Triton's uint_to_uniform_float: int32 view, ~x if negative, float32(x) * 2**-31 (approx).
+ZOFO_HD float uniform_from_word(uint32_t w) {
+  int32_t x = (int32_t)w;
+  x = x < 0 ? ~x : x;
+  return (float)x * kUniformScale;
+}
+
+// ----------------------------------------------------------------------------- log, sin, cos
+
+// Natural log of a positive, finite, normal float32 (the Box-Muller argument lies in
+// [1e-7, 1]). x = 2**e * m with m in [sqrt(1/2), sqrt(2)); f = m - 1 is exact (Sterbenz);
+// log(1 + f) = 2 atanh(s), s = f / (2 + f), |s| <= 0.1716, through the series
+// 2 s (1 + s^2/3 + ... + s^12/13) in double (truncation error < 1e-12 relative), plus e ln 2.
+ZOFO_HD float log_f32(float x) {
+  const uint32_t b = f2u(x);
+  int32_t e = (int32_t)(b >> 23) - 127;
+  const uint32_t mant = b & 0x007FFFFFu;
+  const bool big = mant > 0x003504F3u;  // m > sqrt(2)
+  const uint32_t mb = mant | (big ? 0x3F000000u : 0x3F800000u);
+  e += big ? 1 : 0;
+  const double f = (double)(u2f(mb) - 1.0f);
+  const double s = f / (2.0 + f);
+  const double s2 = s * s;
+  double p = 1.0 / 13.0;
+  p = p * s2 + 1.0 / 11.0;
+  p = p * s2 + 1.0 / 9.0;
+  p = p * s2 + 1.0 / 7.0;
+  p = p * s2 + 1.0 / 5.0;
+  p = p * s2 + 1.0 / 3.0;
+  p = p * s2 + 1.0;
+  const double lnm = 2.0 * s * p;
+  const double ln2 = 0.6931471805599453094;
+  return (float)((double)e * ln2 + lnm);
+}
+
+// sin and cos of a float32 angle t in [0, 2*pi] (the Box-Muller angle; accurate for
+// |t| < 1e5). Reduction t = j*pi/2 + r in double with a two-part pi/2 (the high part has
+// 33 significant bits, so j*hi is exact for |j| < 2**20), then Taylor series to r^13 / r^14
+// on |r| <= pi/4 (truncation error < 1e-11 relative).
+ZOFO_HD void sincos_f32(float t, float* sin_out, float* cos_out) {
+  const double td = (double)t;
+  const double kRound = 6755399441055744.0;  // 1.5 * 2**52: adding it rounds to an integer
+  const double jd = (td * 0.63661977236758134308 + kRound) - kRound;
+  const int32_t q = (int32_t)(d2u(jd + kRound) & 3u);
+  const double pio2_hi = 1.57079632673412561417;    // pi/2 to 33 bits
+  const double pio2_lo = 6.07710050650619224932e-11;  // pi/2 - pio2_hi
+  const double r = (td - jd * pio2_hi) - jd * pio2_lo;
+  const double z = r * r;
+  double sp = -1.0 / 6227020800.0;  // -1/13!
+  sp = sp * z + 1.0 / 39916800.0;
+  sp = sp * z - 1.0 / 362880.0;
+  sp = sp * z + 1.0 / 5040.0;
+  sp = sp * z - 1.0 / 120.0;
+  sp = sp * z + 1.0 / 6.0;
+  const double sr = r - r * z * sp;
+  double cp = 1.0 / 87178291200.0;  // 1/14!
+  cp = cp * z - 1.0 / 479001600.0;
+  cp = cp * z + 1.0 / 3628800.0;
+  cp = cp * z - 1.0 / 40320.0;
+  cp = cp * z + 1.0 / 720.0;
+  cp = cp * z - 1.0 / 24.0;
+  cp = cp * z + 0.5;
+  const double cr = 1.0 - z * cp;
+  // quadrant q: (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s)
+  const double s_ = (q & 1) ? cr : sr;
+  const double c_ = (q & 1) ? sr : cr;
+  const double sv = (q & 2) ? -s_ : s_;
+  const double cv = ((q + 1) & 2) ? -c_ : c_;
+  *sin_out = (float)sv;
+  *cos_out = (float)cv;
+}
+
+// Box-Muller on one pair of words: (r cos t, r sin t) in float32 as the contract orders it.
+ZOFO_HD void box_muller(uint32_t wa, uint32_t wb, float* n_cos, float* n_sin) {
+  float ua = uniform_from_word(wa);
+  ua = ua > kUniformMin ? ua : kUniformMin;  // max(1e-7, u)
+  const float ub = uniform_from_word(wb);
+  const float t = kTwoPi * ub;
+  const float r = sqrtf(kMinusTwo * log_f32(ua));
+  float s, c;
+  sincos_f32(t, &s, &c);
+  *n_cos = r * c;
+  *n_sin = r * s;
+}
+
+// Four Gaussian values of block i / 4 (lanes cos0, sin0, cos1, sin1).
+ZOFO_HD void gaussian4(uint64_t seed, uint64_t block, uint32_t direction, float z[4]) {
+  uint32_t w[4];
+  block_words(seed, block, direction, kPurposeNoise, w);
+  box_muller(w[0], w[1], &z[0], &z[1]);
+  box_muller(w[2], w[3], &z[2], &z[3]);
+}
+
+// Rademacher sign of element `bit` (0..127) of a block whose words are w.
+ZOFO_HD float rademacher_from_words(const uint32_t w[4], int bit) {
+  return ((w[bit >> 5] >> (bit & 31)) & 1u) ? 1.0f : -1.0f;
+}
+
+// ----------------------------------------------------------------------------- 16-bit storage
+
+ZOFO_HD float bf16_to_f32(uint16_t h) { return u2f((uint32_t)h << 16); }
+
+// Round to nearest even; NaN becomes the quiet NaN 0x7FC0 (as c10::BFloat16 does).
+ZOFO_HD uint16_t f32_to_bf16(float x) {
+  const uint32_t b = f2u(x);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)0x7FC0u;
+  return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+// Exact. Normal halves: shift the bits into float32 position and rebias the exponent by
+// 127 - 15; subnormal halves: mag * 2**-24 (an exact int->float conversion and a power-of-two
+// scaling, no denormal arithmetic); infinities and NaNs get the float32 all-ones exponent.
+ZOFO_HD float f16_to_f32(uint16_t h) {
+  const uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
+  const uint32_t mag = (uint32_t)h & 0x7FFFu;
+  uint32_t v;
+  if (mag >= 0x7C00u) {
+    v = 0x7F800000u | (mag << 13);
+  } else if (mag >= 0x0400u) {
+    v = (mag << 13) + 0x38000000u;
+  } else {
+    v = f2u((float)(int32_t)mag * 5.9604644775390625e-08f);  // 2**-24
+  }
+  return u2f(v | sign);
+}
+
+// Round to nearest even, IEEE binary16: overflow to infinity, subnormals, NaN -> 0x7E00.
+ZOFO_HD uint16_t f32_to_f16(float x) {
+  const uint32_t b = f2u(x);
+  const uint32_t sign = (b >> 16) & 0x8000u;
+  const uint32_t mag = b & 0x7FFFFFFFu;
+  uint32_t h;
+  if (mag > 0x7F800000u) {
+    h = 0x7E00u;
+  } else if (mag >= 0x477FF000u) {  // >= 65520 (and inf): rounds to infinity
+    h = 0x7C00u;
+  } else if (mag >= 0x38800000u) {  // >= 2**-14: normal half; rebias and round on bit 13
+    h = (mag - 0x38000000u + 0x0FFFu + ((mag >> 13) & 1u)) >> 13;
+  } else {  // subnormal half or zero: let the FPU round in the binade [0.5, 1)
+    h = f2u(u2f(mag) + 0.5f) - 0x3F000000u;
+  }
+  return (uint16_t)(h | sign);
+}
+
+// Storage conversions selected by a type. float32 is the identity.
+template <typename T>
+struct Storage;
+
+template <>
+struct Storage<float> {
+  static constexpr int kCode = kFloat32;
+  ZOFO_HD static float load(float v) { return v; }
+  ZOFO_HD static float store(float v) { return v; }
+  ZOFO_HD static float round(float v) { return v; }
+};
+
+struct BF16Bits {
+  uint16_t x;
+};
+struct F16Bits {
+  uint16_t x;
+};
+
+template <>
+struct Storage<BF16Bits> {
+  static constexpr int kCode = kBFloat16;
+  ZOFO_HD static float load(BF16Bits v) { return bf16_to_f32(v.x); }
+  ZOFO_HD static BF16Bits store(float v) { return BF16Bits{f32_to_bf16(v)}; }
+  ZOFO_HD static float round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+};
+
+template <>
+struct Storage<F16Bits> {
+  static constexpr int kCode = kFloat16;
+  ZOFO_HD static float load(F16Bits v) { return f16_to_f32(v.x); }
+  ZOFO_HD static F16Bits store(float v) { return F16Bits{f32_to_f16(v)}; }
+  ZOFO_HD static float round(float v) { return f16_to_f32(f32_to_f16(v)); }
+};
+
+// ----------------------------------------------------------------------------- stochastic rounding
+
+// contract.stochastic_round_bits for one element: a float32 exactly representable in the
+// target type (bfloat16 when kind == kBFloat16, float16 when kind == kFloat16).
+ZOFO_HD float stochastic_round(float x, uint32_t r, int kind) {
+  const uint32_t bits = f2u(x);
+  const uint32_t sign = bits & 0x80000000u;
+  const uint32_t mag = bits & 0x7FFFFFFFu;
+  if (mag >= 0x7F800000u) return x;  // non-finite: unchanged
+  int32_t shift = 16;
+  if (kind == kFloat16) {
+    const int32_t exp = (int32_t)(mag >> 23);
+    const int32_t extra = -14 - (exp - 127);
+    shift = 13 + (extra > 0 ? extra : 0);
+  }
+  uint32_t out;
+  if (shift > 23) {  // float16 only, |x| < 2**-24: 2**-24 with probability |x| * 2**24
+    const float scaled = u2f(mag) * 16777216.0f;
+    const float uniform24 = (float)(r >> 8) * 5.9604644775390625e-08f;
+    out = uniform24 < scaled ? 0x33800000u : 0u;
+  } else {
+    const uint32_t mask = (1u << shift) - 1u;
+    out = (mag + (r & mask)) & ~mask;
+  }
+  return u2f(out | sign);
+}
+
+// ----------------------------------------------------------------------------- element formulas
+
+// perturb: w = rn(p + rs * z_r) (only if rs != 0); p = rn(w + s * z_d). Returns float32 of
+// the value to store (already representable in the storage type only after Storage::store).
+template <typename T>
+ZOFO_HD float restore_value(float p, float rs, float zr) {
+  return Storage<T>::round(p + rs * zr);
+}
+
+// update tail: d includes sum_k g_k z_k; v = w - lr * (d + wd * w).
+ZOFO_HD float update_value(float w, float d, float lr, float wd) {
+  const float dd = d + wd * w;
+  return w - lr * dd;
+}
+
+}  // namespace zofo
+
+#endif  // ZOFO_NOISE_H_
