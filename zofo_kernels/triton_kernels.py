@@ -34,6 +34,14 @@ try:  # libdevice is used only in compiled (GPU) mode; the interpreter cannot ca
 except ImportError:  # pragma: no cover - very old Triton
     libdevice = None
 
+def _is_interpreted(fn) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - Triton without an interpreter
+        return False
+    return isinstance(fn, InterpretedFunction)
+
+
 RADEMACHER_ALIGN = 128
 GAUSSIAN_ALIGN = 4
 
@@ -310,3 +318,7 @@ def update_kernel(tensor_table, program_table, seed: tl.int64, lr, grads_ptr, q,
         tl.store(ptr + j, p)
     else:
         tl.store(ptr + j, p, mask=inside)
+
+
+# True when TRITON_INTERPRET was set as the kernels were defined: they then run on CPU tensors.
+INTERPRETED = _is_interpreted(_uniform)

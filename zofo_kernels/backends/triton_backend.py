@@ -57,10 +57,7 @@ class TritonBackend(Backend):
     def interpreted(self) -> bool:
         """True when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 at import)."""
         tk = self._load()
-        if tk is None:
-            return False
-        from triton.runtime.interpreter import InterpretedFunction
-        return isinstance(tk.perturb_kernel, InterpretedFunction)
+        return tk is not None and tk.INTERPRETED
 
     def status(self) -> BackendStatus:
         if self._load() is None:
@@ -167,7 +164,7 @@ class TritonBackend(Backend):
         out = torch.empty(numel, dtype=torch.float32, device=device)
         if numel == 0:
             return out
-        align = self._align(distribution)
+        align = self._align(distribution)  # windows start on a Philox block boundary
         programs = (start % align + numel + self.block - 1) // self.block
         with self._device_guard(device):
             tk.noise_kernel[(programs,)](

@@ -1,0 +1,482 @@
+"""Triton-specific checks of the triton backend, against zofo_kernels.contract / the reference.
+
+The generic contract checks (known answers, statistics, round trip, bad input through the
+public API) live in test_kernels.py and run on every backend; this file covers what only the
+Triton backend has: multi-tensor pointer tables over many tensors of odd sizes and offsets,
+global indices beyond 2**32, one launch per (device, dtype) group, the launch-table cache,
+invariance to the block size, and how the backend reports itself.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported,
+as CI does); on a CUDA machine the same tests run compiled (marker ``gpu``).
+
+Tolerances (weights after a call, compared with the reference backend):
+* Rademacher: bit for bit everywhere (z = +-1, every product exact, one rounding rule).
+* Gaussian, interpreter: bit for bit (the interpreter's log/sin/cos are numpy's, as the
+  reference's).
+* Gaussian, compiled: libdevice log/sin/cos differ from numpy by a few ulp, which moves
+  scale * z by a few float32 ulp and can move a rounding boundary: at most one ulp of the
+  storage dtype, plus the z difference itself for float32 storage (table below).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import zofo_kernels as zk
+from zofo_kernels import contract
+from zofo_kernels.backends import base
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DISTRIBUTIONS = ["gaussian", "rademacher"]
+
+# Compiled-mode Gaussian tolerance per rounding step, in ulps of the storage dtype at the
+# result: a z a few float32 ulp away can move the value across one rounding boundary (nearest
+# or stochastic), whatever the dtype. On top of that comes the z difference itself:
+# <= 4 float32 ulp of the pair radius r (test_kernels.py derives it), r <= sqrt(-2 ln 1e-7)
+# < 8, so <= 4 * 2**-21 per unit of |scale| applied to z.
+GAUSS_STORAGE_ULPS = {torch.float32: 1.0, torch.bfloat16: 1.0, torch.float16: 1.0}
+_RADIUS_ULP = 2.0 ** -21
+MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+MIN_NORMAL_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14}
+
+_RNG_SEED = int.from_bytes(os.urandom(4), "little")
+RNG = np.random.default_rng(_RNG_SEED)
+
+BACKEND = base.get("triton")
+STATUS = BACKEND.status()
+
+
+def _devices():
+    out = []
+    if STATUS.available and BACKEND.supports_device(torch.device("cpu")):
+        out.append(pytest.param("cpu", id="interpreter-cpu"))
+    out.append(pytest.param("cuda", id="compiled-cuda", marks=pytest.mark.gpu))
+    return out
+
+
+DEVICES = _devices()
+
+
+def _need(device: str):
+    if not STATUS.available:
+        pytest.skip(f"triton backend unavailable: {STATUS.reason}")
+    if not BACKEND.supports_device(torch.device(device)):
+        pytest.skip(f"triton backend ({STATUS.reason}) does not run on {device}")
+
+
+def _exact(distribution: str) -> bool:
+    return distribution == "rademacher" or BACKEND.interpreted
+
+
+def _note(**kw) -> str:
+    return f"(test rng seed {_RNG_SEED}; " + ", ".join(f"{k}={v}" for k, v in kw.items()) + ")"
+
+
+def _storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    x = x.double().abs()
+    e = torch.floor(torch.log2(torch.clamp(x, min=2.0 ** -149)))
+    e = torch.clamp(e, min=MIN_NORMAL_EXP[dtype])
+    return torch.pow(2.0, e - MANTISSA_BITS[dtype])
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor, distribution: str, what: str,
+                 coef: float = 1.0, steps: int = 1):
+    """Equal, or (compiled Gaussian) within ``steps`` storage roundings plus ``coef`` (the sum
+    of |scale| multiplying z in the calls so far) times 4 float32 ulp of the largest radius."""
+    got = got.detach().cpu().reshape(-1)
+    want = want.detach().cpu().reshape(-1)
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    nan_g, nan_w = torch.isnan(got.float()), torch.isnan(want.float())
+    assert torch.equal(nan_g, nan_w), f"NaN positions differ {what}"
+    g, w = got.float()[~nan_g], want.float()[~nan_w]
+    if _exact(distribution):
+        bad = (g != w).nonzero().reshape(-1)
+        assert bad.numel() == 0, (
+            f"{bad.numel()} elements differ, first at {bad[0].item()}: "
+            f"{g[bad[0]].item()!r} vs {w[bad[0]].item()!r} {what}")
+    else:
+        big = torch.maximum(g.double().abs(), w.double().abs())
+        tol = (steps * GAUSS_STORAGE_ULPS[got.dtype] * _storage_ulp(big, got.dtype)
+               + coef * 4 * _RADIUS_ULP)
+        same_inf = torch.isinf(g) & (g == w)
+        err = torch.where(same_inf, torch.zeros_like(big), (g.double() - w.double()).abs())
+        assert torch.all(err <= tol), f"max error {err.max().item()} over tolerance {what}"
+
+
+def _weights(shape, dtype, specials=False) -> torch.Tensor:
+    """Weights spanning many binades (exercises rounding, float16 subnormals, tiny values)."""
+    n = int(np.prod(shape)) if shape else 1
+    mag = 10.0 ** RNG.uniform(-9, 1, size=n)
+    w = RNG.standard_normal(n) * mag
+    if specials and n >= 6:
+        big = {torch.float32: 3.0e38, torch.bfloat16: 3.38e38, torch.float16: 65500.0}[dtype]
+        w[:6] = [np.inf, -np.inf, np.nan, big, -big, 0.0]
+    return torch.from_numpy(w).to(torch.float32).to(dtype).reshape(shape)
+
+
+def _layout(count: int):
+    """Odd shapes and offsets: unaligned, 128-aligned, beyond 2**32 and 2**40, with gaps."""
+    shapes, offsets, pos = [], [], int(RNG.integers(0, 300))
+    for k in range(count):
+        kind = k % 5
+        if kind == 0:
+            shape = (int(RNG.integers(1, 60)),)
+        elif kind == 1:
+            shape = (int(RNG.integers(1, 9)), int(RNG.integers(1, 40)))
+        elif kind == 2:
+            shape = (int(RNG.integers(1, 4)), 3, int(RNG.integers(1, 30)))
+        elif kind == 3:
+            shape = (128 * int(RNG.integers(1, 3)),)
+        else:
+            shape = (0,) if k % 10 == 4 else (int(RNG.integers(100, 400)),)
+        if k == count // 2:
+            pos = 2 ** 32 - 70  # a tensor straddling the c0 -> c1 carry of the block counter
+        if k == 3 * count // 4:
+            pos = 2 ** 40 + 128 * 3
+        if k % 3 == 0:
+            pos += int(RNG.integers(0, 200))  # a gap
+        if k % 4 == 3:
+            pos += (-pos) % 128  # some tensors start on a Rademacher block boundary
+        shapes.append(shape)
+        offsets.append(pos)
+        pos += int(np.prod(shape))
+    return shapes, offsets
+
+
+def _pair(shapes, dtype, device, specials=False):
+    ref = [_weights(s, dtype, specials=specials and i == 1) for i, s in enumerate(shapes)]
+    return [t.clone().to(device) for t in ref], ref
+
+
+# --------------------------------------------------------------------------- status
+
+def test_status_reports_mode():
+    if STATUS.available:
+        if BACKEND.interpreted:
+            assert STATUS.reason == "interpreter on CPU tensors"
+            assert BACKEND.supports_device(torch.device("cpu"))
+            assert not BACKEND.supports_device(torch.device("cuda"))
+        else:
+            assert STATUS.reason.startswith("GPU")
+            assert not BACKEND.supports_device(torch.device("cpu"))
+    else:
+        assert STATUS.reason, "an unavailable backend must say why"
+        assert not BACKEND.supports_device(torch.device("cpu"))
+
+
+def _run_python(code: str, env_update: dict) -> str:
+    env = dict(os.environ)
+    env.update(env_update)
+    env = {k: v for k, v in env.items() if v is not None}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_status_without_interpreter_and_gpu():
+    code = ("import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+            "import zofo_kernels as zk, torch\n"
+            "st = zk.available_backends()['triton']\n"
+            "print(st.available, torch.cuda.is_available(), '|', st.reason)")
+    out = _run_python(code, {"CUDA_VISIBLE_DEVICES": ""})
+    flag, cuda, reason = out.split(" ", 2)
+    assert cuda == "False"
+    assert flag == "False" and "TRITON_INTERPRET" in reason, out
+
+
+def test_import_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import zofo_kernels as zk\n"
+            "st = zk.available_backends()['triton']\n"
+            "print(st.available, '|', st.reason)\n"
+            "x = zk.noise(3, 0, 5, backend='reference')\n"
+            "print(x.numel())")
+    out = _run_python(code, {"TRITON_INTERPRET": "1"})
+    first, second = out.splitlines()
+    assert first.startswith("False |") and "not importable" in first, out
+    assert second == "5"
+
+
+def test_block_must_be_power_of_two_multiple_of_128():
+    from zofo_kernels.backends.triton_backend import TritonBackend
+    for bad in (0, 64, 200, 384):
+        with pytest.raises(ValueError, match="block"):
+            TritonBackend(block=bad)
+
+
+# --------------------------------------------------------------------------- noise
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_noise_beyond_2_pow_32(device, distribution):
+    _need(device)
+    seed = int(RNG.integers(0, 2 ** 63 - 1))
+    starts = [2 ** 32 - 301, 2 ** 33 + 5, 2 ** 40 - 3, 2 ** 63 - 777,
+              int(RNG.integers(2 ** 32, 2 ** 62))]
+    for start in starts:
+        n = int(RNG.integers(1, 700))
+        direction = int(RNG.integers(0, 2 ** 32))
+        got = BACKEND.noise(seed, start, n, distribution, direction, torch.device(device))
+        want = torch.from_numpy(contract.noise(seed, start, n, distribution, direction))
+        assert got.dtype == torch.float32 and got.device.type == device
+        if _exact(distribution):
+            assert torch.equal(got.cpu(), want), _note(start=start, n=n, seed=seed)
+        else:  # a few float32 ulp of the Box-Muller radius (< 8)
+            err = (got.cpu().double() - want.double()).abs()
+            assert torch.all(err <= 4 * _RADIUS_ULP), _note(start=start, n=n, seed=seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_empty_and_tiny(device):
+    _need(device)
+    for distribution in DISTRIBUTIONS:
+        out = BACKEND.noise(5, 2 ** 35, 0, distribution, 0, torch.device(device))
+        assert out.numel() == 0 and out.dtype == torch.float32
+        one = BACKEND.noise(5, 2 ** 35 + 127, 1, distribution, 7, torch.device(device))
+        want = contract.noise(5, 2 ** 35 + 127, 1, distribution, 7)
+        if _exact(distribution):
+            assert one.item() == float(want[0])
+        else:
+            assert abs(one.item() - float(want[0])) <= 4 * _RADIUS_ULP
+
+
+# --------------------------------------------------------------------------- multi-tensor
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf - inf in the special values
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_many_tensors_perturb_and_update(device, dtype, distribution):
+    _need(device)
+    shapes, offsets = _layout(23)
+    got, want = _pair(shapes, dtype, device, specials=True)
+    seed = int(RNG.integers(0, 2 ** 63 - 1))
+    eps = float(10.0 ** RNG.uniform(-4, -1))
+    note = _note(dtype=dtype, distribution=distribution, seed=seed, eps=eps, offsets=offsets)
+
+    for name, tensors in (("triton", got), ("reference", want)):
+        zk.perturb_(tensors, seed, eps, distribution, direction=0, offsets=offsets, backend=name)
+    for a, b in zip(got, want):
+        _assert_same(a, b, distribution, "after perturb " + note, coef=eps, steps=1)
+
+    # switch direction 0 -> 1 in one pass, then the fused restore + update (q = 2)
+    for name, tensors in (("triton", got), ("reference", want)):
+        zk.perturb_(tensors, seed, eps, distribution, direction=1, offsets=offsets, backend=name,
+                    restore_scale=-eps, restore_direction=0)
+    grads = [float(RNG.standard_normal()), float(RNG.standard_normal())]
+    for sr in (True, False):
+        for name, tensors in (("triton", got), ("reference", want)):
+            g = torch.tensor(grads, device=tensors[0].device)
+            zk.zo_update_(tensors, seed, lr=1e-3, projected_grads=g,
+                          restore_scale=-eps if sr else 0.0, weight_decay=0.05,
+                          distribution=distribution, offsets=offsets, backend=name,
+                          stochastic_rounding=sr)
+        for a, b in zip(got, want):
+            coef = 4 * eps + 1e-3 * sum(abs(x) for x in grads) * (1 if sr else 2)
+            _assert_same(a, b, distribution, f"after update (sr={sr}) " + note, coef=coef,
+                         steps=5 if sr else 7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_update_many_directions_mixed_dtypes_non_contiguous(device, distribution):
+    _need(device)
+    seed = int(RNG.integers(0, 2 ** 63 - 1))
+    q = 5
+    storage = [
+        _weights((11, 7), torch.bfloat16),
+        _weights((33,), torch.float16),
+        _weights((0, 4), torch.float32),  # empty
+        _weights((5, 9), torch.float32),
+        _weights((130,), torch.bfloat16),
+        _weights((3, 3, 3), torch.float16),
+    ]
+
+    def views(ts):  # two non-contiguous views: a transpose and a strided slice
+        return [t.t() if i == 0 else (t[:, ::2] if i == 3 else t) for i, t in enumerate(ts)]
+
+    got = views([t.clone().to(device) for t in storage])
+    want = views([t.clone() for t in storage])
+    assert not got[0].is_contiguous() and not got[3].is_contiguous()
+    offsets = [2 ** 32 - 40, 5, 10 ** 6, 2 ** 34 + 1, 999, 2 ** 41 + 17]
+    grads = RNG.standard_normal(q).astype(np.float32).tolist()
+    for name, tensors in (("triton", got), ("reference", want)):
+        zk.zo_update_(tensors, seed, lr=3e-3, projected_grads=torch.tensor(grads).to(
+            tensors[1].device), restore_scale=1e-3, restore_direction=q - 1, weight_decay=0.1,
+            distribution=distribution, offsets=offsets, backend=name)
+    for a, b in zip(got, want):
+        coef = 1e-3 + 3e-3 * sum(abs(x) for x in grads)
+        _assert_same(a, b, distribution, _note(seed=seed, distribution=distribution), coef=coef,
+                     steps=2)
+    for a, b, s in zip(views(storage), want, storage):  # untouched storage outside the views
+        if s.dim() == 2 and s.shape == (5, 9):
+            assert torch.equal(got[3].cpu(), b)
+
+
+class _CountingLauncher:
+    """Stands in for a @triton.jit kernel: counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.grids = []
+
+    def __getitem__(self, grid):
+        launcher = self.kernel[grid]
+
+        def launch(*args, **kwargs):
+            self.grids.append(grid)
+            return launcher(*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_launch_per_dtype_group(device, monkeypatch):
+    _need(device)
+    from zofo_kernels import triton_kernels as tk
+    counters = {name: _CountingLauncher(getattr(tk, name))
+                for name in ("perturb_kernel", "update_kernel", "noise_kernel")}
+    for name, counter in counters.items():
+        monkeypatch.setattr(tk, name, counter)
+
+    dtypes = [DTYPES[k % 3] for k in range(30)]
+    tensors = [_weights((int(RNG.integers(1, 50)),), dt).to(device) for dt in dtypes]
+    tensors.append(torch.empty(0, dtype=torch.float16, device=device))
+    seed = 12345
+    zk.perturb_(tensors, seed, 1e-3, "rademacher", backend="triton")
+    assert len(counters["perturb_kernel"].grids) == 3
+    zk.perturb_(tensors, seed, -2e-3, "gaussian", backend="triton")
+    assert len(counters["perturb_kernel"].grids) == 6
+    zk.zo_update_(tensors, seed, lr=1e-3, projected_grads=[0.5, -0.25, 2.0], backend="triton")
+    assert len(counters["update_kernel"].grids) == 3
+    only_fp32 = [t for t in tensors if t.dtype == torch.float32]
+    zk.perturb_(only_fp32, seed, 1e-3, backend="triton")
+    assert len(counters["perturb_kernel"].grids) == 7
+    zk.noise(seed, 2 ** 33, 5000, backend="triton", device=device)
+    assert len(counters["noise_kernel"].grids) == 1
+    # only empty tensors: nothing to launch
+    zk.perturb_([torch.empty(0, device=device)], seed, 1e-3, backend="triton")
+    assert len(counters["perturb_kernel"].grids) == 7
+    # every program enumerates one window of one tensor: the grid covers all tensors
+    grid = counters["update_kernel"].grids[0]
+    assert grid[0] >= sum(1 for t in tensors if t.dtype == dtypes[0] and t.numel())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_launch_tables_are_cached(device):
+    _need(device)
+    from zofo_kernels.backends.triton_backend import TritonBackend
+    backend = TritonBackend(block=256)
+    tensors = [_weights((int(RNG.integers(1, 300)),), torch.float32).to(device)
+               for _ in range(9)]
+    offsets = zk.canonical_offsets(tensors)
+    want = [t.clone().cpu() for t in tensors]
+    ref = base.get("reference")
+    g = torch.tensor([0.75], device=device)
+    for step in range(3):  # an optimizer step: perturb +eps, -2eps, restore + update
+        backend.perturb(tensors, offsets, 100 + step, "rademacher", 1e-3, 0, 0.0, 0)
+        backend.perturb(tensors, offsets, 100 + step, "rademacher", -2e-3, 0, 0.0, 0)
+        backend.update(tensors, offsets, 100 + step, "rademacher", 1e-2, g, 1e-3, 0, 0.0, True)
+        ref.perturb(want, offsets, 100 + step, "rademacher", 1e-3, 0, 0.0, 0)
+        ref.perturb(want, offsets, 100 + step, "rademacher", -2e-3, 0, 0.0, 0)
+        ref.update(want, offsets, 100 + step, "rademacher", 1e-2, g.cpu(), 1e-3, 0, 0.0, True)
+    assert backend.table_builds == 1, "repeated calls on the same tensors rebuilt the tables"
+    for a, b in zip(tensors, want):
+        assert torch.equal(a.cpu(), b)
+    # Gaussian windows align differently: one more table; new offsets: one more
+    backend.perturb(tensors, offsets, 1, "gaussian", 1e-3, 0, 0.0, 0)
+    shifted = [o + 2 ** 33 for o in offsets]
+    backend.perturb(tensors, shifted, 1, "rademacher", 1e-3, 0, 0.0, 0)
+    backend.perturb(tensors, shifted, 2, "rademacher", 1e-3, 0, 0.0, 0)
+    assert backend.table_builds == 3
+    # a new tensor in the list changes the key
+    extra = tensors + [torch.zeros(5, device=device)]
+    backend.perturb(extra, zk.canonical_offsets(extra), 1, "rademacher", 1e-3, 0, 0.0, 0)
+    assert backend.table_builds == 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_block_size_invariance(device, distribution):
+    """Results depend on (seed, index, direction) only, not on the launch shape."""
+    _need(device)
+    from zofo_kernels.backends.triton_backend import TritonBackend
+    shapes, offsets = _layout(9)
+    seed = int(RNG.integers(0, 2 ** 63 - 1))
+    results = []
+    for block in (128, 512, 2048):
+        backend = TritonBackend(block=block)
+        tensors = [_weights(s, torch.bfloat16) for s in shapes]
+        if not results:
+            start = [t.clone() for t in tensors]
+        else:
+            tensors = [t.clone() for t in start]
+        tensors = [t.to(device) for t in tensors]
+        live = [(t, o) for t, o in zip(tensors, offsets) if t.numel()]
+        ts, os_ = [t for t, _ in live], [o for _, o in live]
+        backend.perturb(ts, os_, seed, distribution, 1e-2, 3, -1e-2, 2)
+        backend.update(ts, os_, seed, distribution, 1e-3,
+                       torch.tensor([1.5, -0.5], device=device), 1e-2, 1, 0.01, True)
+        results.append([t.cpu() for t in tensors])
+        noise = backend.noise(seed, 2 ** 36 + 77, 1000, distribution, 5, torch.device(device))
+        results[-1].append(noise.cpu())
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b), _note(seed=seed, distribution=distribution)
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backend_rejects_bad_groups(device):
+    _need(device)
+    a = torch.zeros(10, device=device)
+    b = torch.zeros(10, dtype=torch.float16, device=device)
+    with pytest.raises(ValueError, match="group"):
+        BACKEND.perturb([a, b], [0, 10], 1, "gaussian", 1e-3, 0, 0.0, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        BACKEND.perturb([torch.zeros(4, 4, device=device).t()], [0], 1, "gaussian", 1e-3, 0,
+                        0.0, 0)
+    with pytest.raises(ValueError, match="offsets"):
+        BACKEND.perturb([a], [0, 1], 1, "gaussian", 1e-3, 0, 0.0, 0)
+    with pytest.raises(TypeError, match="dtype"):
+        BACKEND.perturb([torch.zeros(3, dtype=torch.float64, device=device)], [0], 1,
+                        "gaussian", 1e-3, 0, 0.0, 0)
+    with pytest.raises(ValueError, match="projected_grads"):
+        BACKEND.update([a], [0], 1, "gaussian", 1e-3, torch.zeros(0, device=device), 0.0, 0,
+                       0.0, True)
+    assert torch.equal(a, torch.zeros(10, device=device))
+    if BACKEND.interpreted and torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cannot run"):
+            BACKEND.perturb([a.cuda()], [0], 1, "gaussian", 1e-3, 0, 0.0, 0)
+
+
+# --------------------------------------------------------------------------- compiled only
+
+@pytest.mark.gpu
+def test_hyperparameters_do_not_recompile():
+    _need("cuda")
+    from zofo_kernels import triton_kernels as tk
+    tensors = [_weights((1000,), torch.bfloat16).cuda(), _weights((77,), torch.bfloat16).cuda()]
+    device = torch.cuda.current_device()
+
+    def compiled(kernel):
+        return len(kernel.device_caches[device][0])
+
+    zk.perturb_(tensors, 1, 1e-3, backend="triton")
+    zk.zo_update_(tensors, 1, lr=1e-3, projected_grads=[1.0], backend="triton")
+    before = (compiled(tk.perturb_kernel), compiled(tk.update_kernel))
+    for k, seed in enumerate([2, 2 ** 40 + 1, 2 ** 63 - 1, 16, 1]):
+        zk.perturb_(tensors, seed, 10.0 ** -k, direction=k * 1000 + 1, backend="triton")
+        zk.zo_update_(tensors, seed, lr=10.0 ** -k, projected_grads=[0.5] * (k + 1),
+                      weight_decay=0.1 * k, backend="triton")
+    torch.cuda.synchronize()
+    assert (compiled(tk.perturb_kernel), compiled(tk.update_kernel)) == before
