@@ -17,6 +17,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "zofo_noise.h"
 
@@ -29,6 +32,17 @@ constexpr int kLanes = kBlock / kGaussianBlock;          // 32 Philox calls per 
 constexpr int kPairs = 2 * kLanes;                       // 64 Box-Muller pairs per unit
 constexpr int64_t kSerialBelow = 1 << 15;                // elements: no threads below this
 
+#if defined(__AVX512F__)
+// 16 Philox lanes per register: the 32x32->64 products of the even and of the odd 32-bit
+// lanes (vpmuludq), recombined into the high and low words with two blends.
+inline void mulhilo16(__m512i a, __m512i m, __m512i* hi, __m512i* lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  *lo = _mm512_mask_blend_epi32((__mmask16)0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  *hi = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+#endif
+
 // Philox on the 32 consecutive 4-blocks of unit `unit` (4-block b = 32 * unit + l):
 // results in w0..w3 [l]. 32 * unit + l never carries into the high word across lanes.
 inline void philox_lanes(uint64_t seed, uint64_t unit, uint32_t direction, uint32_t purpose,
@@ -37,19 +51,47 @@ inline void philox_lanes(uint64_t seed, uint64_t unit, uint32_t direction, uint3
   const uint64_t first = unit * (uint64_t)kLanes;
   const uint32_t lo = (uint32_t)first;
   const uint32_t hi = (uint32_t)(first >> 32);
+  uint32_t k0 = (uint32_t)seed;
+  uint32_t k1 = (uint32_t)(seed >> 32);
+#if defined(__AVX512F__)
+  const __m512i m0 = _mm512_set1_epi32((int)kPhiloxM0);
+  const __m512i m1 = _mm512_set1_epi32((int)kPhiloxM1);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int v = 0; v < kLanes / 16; ++v) {
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32((int)(lo + 16u * v)), iota);
+    __m512i c1 = _mm512_set1_epi32((int)hi);
+    __m512i c2 = _mm512_set1_epi32((int)direction);
+    __m512i c3 = _mm512_set1_epi32((int)purpose);
+    uint32_t a0 = k0, a1 = k1;
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0, m0, &hi0, &lo0);
+      mulhilo16(c2, m1, &hi1, &lo1);
+      c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32((int)a0), 0x96);  // 3-way xor
+      c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32((int)a1), 0x96);
+      c1 = lo1;
+      c3 = lo0;
+      a0 += kPhiloxW0;
+      a1 += kPhiloxW1;
+    }
+    _mm512_storeu_si512((void*)(w0 + 16 * v), c0);
+    _mm512_storeu_si512((void*)(w1 + 16 * v), c1);
+    _mm512_storeu_si512((void*)(w2 + 16 * v), c2);
+    _mm512_storeu_si512((void*)(w3 + 16 * v), c3);
+  }
+#else
   for (int l = 0; l < kLanes; ++l) {
     w0[l] = lo + (uint32_t)l;
     w1[l] = hi;
     w2[l] = direction;
     w3[l] = purpose;
   }
-  uint32_t k0 = (uint32_t)seed;
-  uint32_t k1 = (uint32_t)(seed >> 32);
   for (int r = 0; r < kPhiloxRounds; ++r) {
     for (int l = 0; l < kLanes; ++l) philox_round(w0[l], w1[l], w2[l], w3[l], k0, k1);
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
+#endif
 }
 
 void gaussian_unit(uint64_t seed, uint64_t unit, uint32_t direction, float* __restrict z) {
@@ -72,9 +114,9 @@ void rademacher_unit(uint64_t seed, uint64_t unit, uint32_t direction, float* __
   uint32_t w[4];
   block_words(seed, unit, direction, kPurposeNoise, w);
   // branch-free: the sign bit of +-1.0f is the complement of the noise bit
-  for (int j = 0; j < kBlock; ++j) {
-    const uint32_t bit = (w[j >> 5] >> (j & 31)) & 1u;
-    z[j] = u2f(0x3F800000u | ((bit ^ 1u) << 31));
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t word = w[k];
+    for (int b = 0; b < 32; ++b) z[32 * k + b] = u2f(0x3F800000u | ((~(word >> b) & 1u) << 31));
   }
 }
 
