@@ -1,5 +1,6 @@
 """ZOOptimizer: the step against its formula, safety, resume, torch.optim conventions."""
 
+import copy
 import math
 
 import numpy as np
@@ -297,7 +298,7 @@ def test_state_dict_resume_bit_for_bit(dtype):
         run(model, opt, xd, y, 1)
         sched.step()
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
-    saved_opt = opt.state_dict()
+    saved_opt = copy.deepcopy(opt.state_dict())
     saved_sched = sched.state_dict()
     for _ in range(3):
         run(model, opt, xd, y, 1)

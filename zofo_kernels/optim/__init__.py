@@ -3,9 +3,12 @@ variant."""
 
 from .layout import zo_layout, zo_numel
 from .zo import NonFiniteLossError, ZOOptimizer, step_seed, zo_param_groups
+from .zofo import ZOFOOptimizer, ZOFOStepResult
 
 __all__ = [
     "NonFiniteLossError",
+    "ZOFOOptimizer",
+    "ZOFOStepResult",
     "ZOOptimizer",
     "step_seed",
     "zo_layout",

