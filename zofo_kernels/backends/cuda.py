@@ -1,24 +1,167 @@
-"""Placeholder while the cuda backend is being written: registers as unavailable."""
-from .base import Backend, BackendStatus, register
+"""CUDA backend: the kernels of ``csrc/cuda_kernels.cu`` through the native module ``_C_cuda``.
+
+One kernel launch per dtype group, on torch's current stream of the tensors' device. The
+tensors of a call are described to the kernel by a small device table (pointer, numel,
+global offset, first work group per tensor) that is built once per distinct list of tensors
+and cached, and uploaded from pinned memory without blocking; the projected gradients are
+read from device memory. So a training step never synchronises with the host here.
+
+When the package was built without CUDA, or no GPU/driver is usable, ``status()`` says why.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import List, Tuple
+
+import torch
+
+from .. import _native
+from .base import DISTRIBUTION_CODES, DTYPE_CODES, Backend, BackendStatus, register
+
+_TABLE_CACHE_SIZE = 64
+GROUP = 4  # global indices per work item (one Gaussian Philox block)
 
 
-class _Pending(Backend):
+def _groups(offset: int, numel: int) -> int:
+    return (offset + numel - 1) // GROUP - offset // GROUP + 1
+
+
+class CudaBackend(Backend):
     name = "cuda"
 
-    def status(self):
-        return BackendStatus(self.name, False, "not built yet")
+    def __init__(self):
+        self._mod, self._error = _native.cuda_module()
+        self._status = None
+        self._tables: "OrderedDict[Tuple, Tuple[torch.Tensor, int]]" = OrderedDict()
 
-    def supports_device(self, device):
-        return False
+    # ------------------------------------------------------------------ availability
 
-    def noise(self, *a):
-        raise RuntimeError("unavailable")
+    def _compute_status(self) -> BackendStatus:
+        if self._mod is None:
+            if "was not built" in (self._error or ""):
+                return BackendStatus(self.name, False,
+                                     "built without CUDA (zofo_kernels._C_cuda is absent; "
+                                     "reinstall with ZOFO_BUILD_CUDA=1 and a CUDA toolkit)")
+            return BackendStatus(self.name, False, f"CUDA extension unavailable: {self._error}")
+        if not torch.cuda.is_available():
+            return BackendStatus(self.name, False, "no CUDA device visible to torch")
+        count, err = self._mod.device_count()
+        if err:
+            return BackendStatus(self.name, False, err)
+        if count == 0:
+            return BackendStatus(self.name, False, "the CUDA runtime sees no device")
+        archs = [int(a) for a in str(self._mod.cuda_archs).split(",") if a.strip()]
+        major, minor = torch.cuda.get_device_capability()
+        cc = 10 * major + minor
+        if archs and cc < min(archs):
+            return BackendStatus(
+                self.name, False,
+                f"device compute capability {major}.{minor} is older than the built "
+                f"architectures {archs} (rebuild with ZOFO_CUDA_ARCHS={cc})")
+        return BackendStatus(self.name, True,
+                             f"CUDA kernels for sm_{archs}, {count} device(s), runtime "
+                             f"{self._mod.runtime_version()}")
 
-    def perturb(self, *a):
-        raise RuntimeError("unavailable")
+    def status(self) -> BackendStatus:
+        if self._status is None:
+            self._status = self._compute_status()
+        return self._status
 
-    def update(self, *a):
-        raise RuntimeError("unavailable")
+    def supports_device(self, device: torch.device) -> bool:
+        return torch.device(device).type == "cuda" and self.status().available
+
+    def _native(self):
+        st = self.status()
+        if not st.available:
+            raise RuntimeError(f"cuda backend unavailable: {st.reason}")
+        return self._mod
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _device_index(device: torch.device) -> int:
+        device = torch.device(device)
+        return device.index if device.index is not None else torch.cuda.current_device()
+
+    def _table(self, tensors: List[torch.Tensor], offsets: List[int]) -> Tuple[torch.Tensor, int]:
+        device = tensors[0].device
+        key = (device.index,) + tuple((t.data_ptr(), t.numel(), int(o))
+                                      for t, o in zip(tensors, offsets))
+        hit = self._tables.get(key)
+        if hit is not None:
+            self._tables.move_to_end(key)
+            return hit
+        rows, first = [], 0
+        for t, o in zip(tensors, offsets):
+            rows.append((t.data_ptr(), t.numel(), int(o), first))
+            first += _groups(int(o), t.numel())
+        host = torch.tensor(rows, dtype=torch.int64)
+        if torch.cuda.is_available():
+            host = host.pin_memory()
+        table = host.to(device, non_blocking=True)
+        self._tables[key] = (table, first)
+        if len(self._tables) > _TABLE_CACHE_SIZE:
+            self._tables.popitem(last=False)
+        return table, first
+
+    @staticmethod
+    def _check_group(tensors: List[torch.Tensor], offsets: List[int]) -> int:
+        if not tensors or len(tensors) != len(offsets):
+            raise ValueError("need one offset per tensor and at least one tensor")
+        dtype, device = tensors[0].dtype, tensors[0].device
+        if dtype not in DTYPE_CODES:
+            raise TypeError(f"unsupported dtype {dtype}; expected float32, bfloat16 or float16")
+        for i, t in enumerate(tensors):
+            if t.device != device or device.type != "cuda":
+                raise ValueError(f"tensors[{i}] is on {t.device}; all must be on one CUDA device")
+            if t.dtype != dtype:
+                raise TypeError(f"tensors[{i}] has dtype {t.dtype} but tensors[0] has {dtype}")
+            if not t.is_contiguous():
+                raise ValueError(f"tensors[{i}] is not contiguous")
+            if t.numel() == 0:
+                raise ValueError(f"tensors[{i}] is empty; leave empty tensors out")
+        return DTYPE_CODES[dtype]
+
+    # ------------------------------------------------------------------ operations
+
+    def noise(self, seed, start, numel, distribution, direction, device):
+        mod = self._native()
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"the cuda backend makes noise on CUDA devices, not {device}")
+        out = torch.empty(numel, dtype=torch.float32, device=device)
+        if numel:
+            idx = self._device_index(device)
+            mod.noise(out.data_ptr(), seed, start, numel, DISTRIBUTION_CODES[distribution],
+                      direction, idx, torch.cuda.current_stream(idx).cuda_stream)
+        return out
+
+    def perturb(self, tensors, offsets, seed, distribution, scale, direction,
+                restore_scale, restore_direction):
+        mod = self._native()
+        code = self._check_group(tensors, offsets)
+        idx = self._device_index(tensors[0].device)
+        table, total = self._table(tensors, offsets)
+        mod.perturb(table.data_ptr(), len(tensors), total, code, seed,
+                    DISTRIBUTION_CODES[distribution], float(scale), direction,
+                    float(restore_scale), restore_direction, idx,
+                    torch.cuda.current_stream(idx).cuda_stream)
+
+    def update(self, tensors, offsets, seed, distribution, lr, projected_grads,
+               restore_scale, restore_direction, weight_decay, stochastic_rounding):
+        mod = self._native()
+        code = self._check_group(tensors, offsets)
+        idx = self._device_index(tensors[0].device)
+        grads = projected_grads.detach().to(device=tensors[0].device,
+                                            dtype=torch.float32).contiguous()
+        if grads.dim() != 1 or grads.numel() < 1:
+            raise ValueError("projected_grads must be a 1-D tensor with at least one value")
+        table, total = self._table(tensors, offsets)
+        mod.update(table.data_ptr(), len(tensors), total, code, seed,
+                   DISTRIBUTION_CODES[distribution], float(lr), grads.data_ptr(), grads.numel(),
+                   float(restore_scale), restore_direction, float(weight_decay),
+                   bool(stochastic_rounding), idx, torch.cuda.current_stream(idx).cuda_stream)
 
 
-register("cuda", _Pending)
+register("cuda", CudaBackend)

@@ -1,0 +1,130 @@
+// pybind11 module zofo_kernels._C_cuda: the CUDA kernels through the C entry points of
+// cuda_api.h. Device pointers, the device index and the cudaStream_t come in as Python ints;
+// this file includes no CUDA header and the module does not link libtorch. cudart is linked
+// statically, so importing the module needs no CUDA library; without a driver or a device the
+// calls raise RuntimeError with the CUDA error.
+
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "cuda_api.h"
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr size_t kErrLen = 512;
+
+void check(int rc, const char* err) {
+  if (rc != 0) throw std::runtime_error(err);
+}
+
+uint32_t direction32(int64_t d, const char* name) {
+  if (d < 0 || d > 0xFFFFFFFFLL)
+    throw std::invalid_argument(std::string(name) + " must be in [0, 2**32)");
+  return (uint32_t)d;
+}
+
+uint64_t seed64(uint64_t seed) {
+  if (seed >> 63) throw std::invalid_argument("seed must be in [0, 2**63)");
+  return seed;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "zofo_kernels CUDA kernels (raw device pointers and streams; no libtorch)";
+#ifdef ZOFO_CUDA_ARCHS_STR
+  m.attr("cuda_archs") = ZOFO_CUDA_ARCHS_STR;
+#else
+  m.attr("cuda_archs") = "";
+#endif
+
+  m.def(
+      "device_count",
+      []() {
+        char err[kErrLen] = {0};
+        int count = 0;
+        const int rc = zofo_cuda_device_count(&count, err, kErrLen);
+        return std::make_pair(count, rc == 0 ? std::string() : std::string(err));
+      },
+      "(number of devices, \"\") or (0, CUDA error message).");
+
+  m.def("runtime_version", []() {
+    char err[kErrLen] = {0};
+    int v = 0;
+    check(zofo_cuda_runtime_version(&v, err, kErrLen), err);
+    return v;
+  });
+
+  m.def(
+      "noise",
+      [](uintptr_t out, uint64_t seed, int64_t start, int64_t numel, int distribution,
+         int64_t direction, int device, uintptr_t stream) {
+        if (start < 0 || numel < 0 || numel > INT64_MAX - start)
+          throw std::invalid_argument("start and numel must be non-negative, sum < 2**63");
+        char err[kErrLen] = {0};
+        const uint32_t dir = direction32(direction, "direction");
+        int rc;
+        {
+          py::gil_scoped_release release;
+          rc = zofo_cuda_noise(reinterpret_cast<float*>(out), seed64(seed), start, numel,
+                               distribution, dir, device, reinterpret_cast<void*>(stream), err,
+                               kErrLen);
+        }
+        check(rc, err);
+      },
+      py::arg("out"), py::arg("seed"), py::arg("start"), py::arg("numel"),
+      py::arg("distribution"), py::arg("direction"), py::arg("device"), py::arg("stream"));
+
+  m.def(
+      "perturb",
+      [](uintptr_t rows, int64_t num_rows, int64_t total_groups, int dtype, uint64_t seed,
+         int distribution, double scale, int64_t direction, double restore_scale,
+         int64_t restore_direction, int device, uintptr_t stream) {
+        char err[kErrLen] = {0};
+        const uint32_t dir = direction32(direction, "direction");
+        const uint32_t rdir = direction32(restore_direction, "restore_direction");
+        int rc;
+        {
+          py::gil_scoped_release release;
+          rc = zofo_cuda_perturb(reinterpret_cast<const ZofoSegmentRow*>(rows), num_rows,
+                                 total_groups, dtype, seed64(seed), distribution, (float)scale,
+                                 dir, (float)restore_scale, rdir, device,
+                                 reinterpret_cast<void*>(stream), err, kErrLen);
+        }
+        check(rc, err);
+      },
+      py::arg("rows"), py::arg("num_rows"), py::arg("total_groups"), py::arg("dtype"),
+      py::arg("seed"), py::arg("distribution"), py::arg("scale"), py::arg("direction"),
+      py::arg("restore_scale"), py::arg("restore_direction"), py::arg("device"),
+      py::arg("stream"));
+
+  m.def(
+      "update",
+      [](uintptr_t rows, int64_t num_rows, int64_t total_groups, int dtype, uint64_t seed,
+         int distribution, double lr, uintptr_t grads, int64_t q, double restore_scale,
+         int64_t restore_direction, double weight_decay, bool stochastic_rounding, int device,
+         uintptr_t stream) {
+        if (q < 1 || q > 0xFFFFFFFFLL) throw std::invalid_argument("q must be in [1, 2**32)");
+        char err[kErrLen] = {0};
+        const uint32_t rdir = direction32(restore_direction, "restore_direction");
+        int rc;
+        {
+          py::gil_scoped_release release;
+          rc = zofo_cuda_update(reinterpret_cast<const ZofoSegmentRow*>(rows), num_rows,
+                                total_groups, dtype, seed64(seed), distribution, (float)lr,
+                                reinterpret_cast<const float*>(grads), q, (float)restore_scale,
+                                rdir, (float)weight_decay, stochastic_rounding ? 1 : 0, device,
+                                reinterpret_cast<void*>(stream), err, kErrLen);
+        }
+        check(rc, err);
+      },
+      py::arg("rows"), py::arg("num_rows"), py::arg("total_groups"), py::arg("dtype"),
+      py::arg("seed"), py::arg("distribution"), py::arg("lr"), py::arg("grads"), py::arg("q"),
+      py::arg("restore_scale"), py::arg("restore_direction"), py::arg("weight_decay"),
+      py::arg("stochastic_rounding"), py::arg("device"), py::arg("stream"));
+}

@@ -1,0 +1,48 @@
+// Plain C entry points of the CUDA kernels (csrc/cuda_kernels.cu), so that the pybind11 glue
+// (csrc/bindings_cuda.cpp) is compiled by the host compiler without any CUDA header.
+//
+// Every function returns 0 on success, or a non-zero code and a message in err[errlen].
+// Pointers are device pointers; `stream` is a cudaStream_t (e.g. torch's current stream);
+// `device` is the CUDA device index the tensors live on.
+#ifndef ZOFO_CUDA_API_H_
+#define ZOFO_CUDA_API_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// One row of the device table of a multi-tensor call (four int64 values, as the Python side
+// builds it): data pointer, numel, global offset of element 0, and first_group = number of
+// 4-element work groups of the rows before this one (groups: global indices 4G .. 4G + 3).
+typedef struct {
+  int64_t ptr;
+  int64_t numel;
+  int64_t offset;
+  int64_t first_group;
+} ZofoSegmentRow;
+
+int zofo_cuda_device_count(int* count, char* err, size_t errlen);
+int zofo_cuda_runtime_version(int* version, char* err, size_t errlen);
+
+int zofo_cuda_noise(float* out, uint64_t seed, int64_t start, int64_t numel, int distribution,
+                    uint32_t direction, int device, void* stream, char* err, size_t errlen);
+
+int zofo_cuda_perturb(const ZofoSegmentRow* rows, int64_t num_rows, int64_t total_groups,
+                      int dtype, uint64_t seed, int distribution, float scale,
+                      uint32_t direction, float restore_scale, uint32_t restore_direction,
+                      int device, void* stream, char* err, size_t errlen);
+
+int zofo_cuda_update(const ZofoSegmentRow* rows, int64_t num_rows, int64_t total_groups,
+                     int dtype, uint64_t seed, int distribution, float lr, const float* grads,
+                     int64_t q, float restore_scale, uint32_t restore_direction,
+                     float weight_decay, int stochastic_rounding, int device, void* stream,
+                     char* err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif  // ZOFO_CUDA_API_H_

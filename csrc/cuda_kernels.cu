@@ -1,0 +1,347 @@
+// CUDA kernels of zofo_kernels: the same operations as the CPU kernels, on the same
+// per-element math (zofo_noise.h), one launch per call (= per dtype group).
+//
+// Work item: a "group" of 4 consecutive global indices 4G .. 4G + 3 (one Gaussian Philox
+// block). A call's tensors are described by a device table of rows (pointer, numel, global
+// offset, first group); thread t of a grid-stride loop takes group number g, finds its row by
+// binary search on first_group, and processes the 1-4 elements of that row inside the group:
+// one 16-byte (float32) or 8-byte (16-bit) vector load and store when the group is complete
+// and aligned, element by element otherwise. All indices are 64-bit. The projected gradients
+// are read from device memory, so nothing waits for the host. Compiled with --fmad=false:
+// no multiply-add contraction, as the float-math contract requires.
+
+#include <cuda_runtime.h>
+#include <stdio.h>
+
+#include "cuda_api.h"
+#include "zofo_noise.h"
+
+namespace zofo {
+namespace cudak {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ int64_t find_row(const ZofoSegmentRow* rows, int64_t n, int64_t g) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (rows[mid].first_group <= g) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// z of the four global indices 4G .. 4G + 3 for one direction.
+__device__ __forceinline__ void noise4(uint64_t seed, uint64_t group, uint32_t direction,
+                                       int distribution, float z[4]) {
+  if (distribution == kRademacher) {
+    uint32_t w[4];
+    block_words(seed, group >> 5, direction, kPurposeNoise, w);
+    const int base = (int)(group & 31u) * 4;
+#pragma unroll
+    for (int m = 0; m < 4; ++m) z[m] = rademacher_from_words(w, base + m);
+  } else {
+    gaussian4(seed, group, direction, z);
+  }
+}
+
+// Raw 16-bit storage is handled as uint16_t; float32 as float.
+template <typename T>
+struct Raw {
+  using type = uint16_t;
+  using vec4 = uint2;  // 8 bytes
+};
+template <>
+struct Raw<float> {
+  using type = float;
+  using vec4 = float4;  // 16 bytes
+};
+
+template <typename T>
+__device__ __forceinline__ float load_one(const typename Raw<T>::type* p, int64_t i) {
+  return Storage<T>::load(reinterpret_cast<const T*>(p)[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_one(typename Raw<T>::type* p, int64_t i, float v) {
+  reinterpret_cast<T*>(p)[i] = Storage<T>::store(v);
+}
+
+// Loads the elements of one group into w[4]; `mask` bit m set when element m is in the row.
+template <typename T>
+__device__ __forceinline__ bool load_group(const typename Raw<T>::type* p, int64_t local0,
+                                           int64_t numel, float w[4], int* mask) {
+  using V = typename Raw<T>::vec4;
+  const bool full = local0 >= 0 && local0 + 4 <= numel;
+  const bool aligned = full && (reinterpret_cast<uintptr_t>(p + local0) % sizeof(V) == 0);
+  if (aligned) {
+    const V v = *reinterpret_cast<const V*>(p + local0);
+    const typename Raw<T>::type* e = reinterpret_cast<const typename Raw<T>::type*>(&v);
+#pragma unroll
+    for (int m = 0; m < 4; ++m) w[m] = Storage<T>::load(reinterpret_cast<const T*>(e)[m]);
+    *mask = 0xF;
+    return true;
+  }
+  *mask = 0;
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const int64_t i = local0 + m;
+    if (i >= 0 && i < numel) {
+      w[m] = load_one<T>(p, i);
+      *mask |= 1 << m;
+    } else {
+      w[m] = 0.0f;
+    }
+  }
+  return false;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_group(typename Raw<T>::type* p, int64_t local0,
+                                            bool vector, int mask, const float v[4]) {
+  using V = typename Raw<T>::vec4;
+  if (vector) {
+    V out;
+    T* e = reinterpret_cast<T*>(&out);
+#pragma unroll
+    for (int m = 0; m < 4; ++m) e[m] = Storage<T>::store(v[m]);
+    *reinterpret_cast<V*>(p + local0) = out;
+    return;
+  }
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+    if (mask & (1 << m)) store_one<T>(p, local0 + m, v[m]);
+}
+
+template <typename T>
+__global__ void perturb_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t num_rows,
+                               int64_t total, uint64_t seed, int distribution, float scale,
+                               uint32_t direction, float restore_scale,
+                               uint32_t restore_direction) {
+  using R = typename Raw<T>::type;
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < total; g += stride) {
+    const ZofoSegmentRow row = rows[find_row(rows, num_rows, g)];
+    const uint64_t group = (uint64_t)(row.offset >> 2) + (uint64_t)(g - row.first_group);
+    const int64_t local0 = (int64_t)(group * 4) - row.offset;
+    R* p = reinterpret_cast<R*>(row.ptr);
+    float w[4], zd[4], zr[4];
+    int mask;
+    const bool vec = load_group<T>(p, local0, row.numel, w, &mask);
+    noise4(seed, group, direction, distribution, zd);
+    if (restore_scale != 0.0f) {
+      noise4(seed, group, restore_direction, distribution, zr);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) w[m] = restore_value<T>(w[m], restore_scale, zr[m]);
+    }
+#pragma unroll
+    for (int m = 0; m < 4; ++m) w[m] = w[m] + scale * zd[m];
+    store_group<T>(p, local0, vec, mask, w);
+  }
+}
+
+template <typename T>
+__global__ void update_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t num_rows,
+                              int64_t total, uint64_t seed, int distribution, float lr,
+                              const float* __restrict__ grads, int64_t q, float restore_scale,
+                              uint32_t restore_direction, float weight_decay,
+                              bool stochastic) {
+  using R = typename Raw<T>::type;
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < total; g += stride) {
+    const ZofoSegmentRow row = rows[find_row(rows, num_rows, g)];
+    const uint64_t group = (uint64_t)(row.offset >> 2) + (uint64_t)(g - row.first_group);
+    const int64_t local0 = (int64_t)(group * 4) - row.offset;
+    R* p = reinterpret_cast<R*>(row.ptr);
+    float w[4], z[4], d[4];
+    int mask;
+    const bool vec = load_group<T>(p, local0, row.numel, w, &mask);
+    if (restore_scale != 0.0f) {
+      noise4(seed, group, restore_direction, distribution, z);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) w[m] = restore_value<T>(w[m], restore_scale, z[m]);
+    }
+    for (int64_t k = 0; k < q; ++k) {
+      const float gk = grads[k];
+      noise4(seed, group, (uint32_t)k, distribution, z);
+      if (k == 0) {
+#pragma unroll
+        for (int m = 0; m < 4; ++m) d[m] = gk * z[m];
+      } else {
+#pragma unroll
+        for (int m = 0; m < 4; ++m) d[m] = d[m] + gk * z[m];
+      }
+    }
+    float v[4];
+#pragma unroll
+    for (int m = 0; m < 4; ++m) v[m] = update_value(w[m], d[m], lr, weight_decay);
+    if (stochastic) {
+      uint32_t r[4];
+      block_words(seed, group, 0u, kPurposeRounding, r);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) v[m] = stochastic_round(v[m], r[m], Storage<T>::kCode);
+    }
+    store_group<T>(p, local0, vec, mask, v);
+  }
+}
+
+__global__ void noise_kernel(float* __restrict__ out, int64_t start, int64_t numel,
+                             int64_t total, uint64_t seed, int distribution,
+                             uint32_t direction) {
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < total; g += stride) {
+    const uint64_t group = (uint64_t)(start >> 2) + (uint64_t)g;
+    const int64_t local0 = (int64_t)(group * 4) - start;
+    float z[4];
+    noise4(seed, group, direction, distribution, z);
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int64_t i = local0 + m;
+      if (i >= 0 && i < numel) out[i] = z[m];
+    }
+  }
+}
+
+int fail(cudaError_t e, const char* what, char* err, size_t errlen) {
+  snprintf(err, errlen, "CUDA runtime error in %s: %s (%s)", what, cudaGetErrorString(e),
+           cudaGetErrorName(e));
+  return (int)e == 0 ? -1 : (int)e;
+}
+
+// Grid for `total` work items on `device` (grid-stride loops cover the rest).
+int grid_for(int64_t total, int device, int* blocks, char* err, size_t errlen) {
+  int sms = 0;
+  cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e != cudaSuccess) return fail(e, "cudaDeviceGetAttribute", err, errlen);
+  const int64_t needed = (total + kThreads - 1) / kThreads;
+  const int64_t cap = (int64_t)(sms > 0 ? sms : 1) * 16;
+  *blocks = (int)(needed < cap ? needed : cap);
+  return 0;
+}
+
+int prepare(int device, char* err, size_t errlen) {
+  cudaError_t e = cudaSetDevice(device);
+  if (e != cudaSuccess) return fail(e, "cudaSetDevice", err, errlen);
+  return 0;
+}
+
+int check_launch(const char* what, char* err, size_t errlen) {
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return fail(e, what, err, errlen);
+  return 0;
+}
+
+}  // namespace cudak
+}  // namespace zofo
+
+using namespace zofo;
+using namespace zofo::cudak;
+
+extern "C" int zofo_cuda_device_count(int* count, char* err, size_t errlen) {
+  *count = 0;
+  cudaError_t e = cudaGetDeviceCount(count);
+  if (e != cudaSuccess) {
+    *count = 0;
+    return fail(e, "cudaGetDeviceCount", err, errlen);
+  }
+  return 0;
+}
+
+extern "C" int zofo_cuda_runtime_version(int* version, char* err, size_t errlen) {
+  cudaError_t e = cudaRuntimeGetVersion(version);
+  if (e != cudaSuccess) return fail(e, "cudaRuntimeGetVersion", err, errlen);
+  return 0;
+}
+
+extern "C" int zofo_cuda_noise(float* out, uint64_t seed, int64_t start, int64_t numel,
+                               int distribution, uint32_t direction, int device, void* stream,
+                               char* err, size_t errlen) {
+  if (numel <= 0) return 0;
+  int rc = prepare(device, err, errlen);
+  if (rc) return rc;
+  const int64_t total = (start + numel - 1) / 4 - start / 4 + 1;
+  int blocks = 0;
+  rc = grid_for(total, device, &blocks, err, errlen);
+  if (rc) return rc;
+  noise_kernel<<<blocks, kThreads, 0, (cudaStream_t)stream>>>(out, start, numel, total, seed,
+                                                              distribution, direction);
+  return check_launch("noise kernel launch", err, errlen);
+}
+
+extern "C" int zofo_cuda_perturb(const ZofoSegmentRow* rows, int64_t num_rows,
+                                 int64_t total_groups, int dtype, uint64_t seed,
+                                 int distribution, float scale, uint32_t direction,
+                                 float restore_scale, uint32_t restore_direction, int device,
+                                 void* stream, char* err, size_t errlen) {
+  if (num_rows <= 0 || total_groups <= 0) return 0;
+  int rc = prepare(device, err, errlen);
+  if (rc) return rc;
+  int blocks = 0;
+  rc = grid_for(total_groups, device, &blocks, err, errlen);
+  if (rc) return rc;
+  cudaStream_t s = (cudaStream_t)stream;
+  switch (dtype) {
+    case kFloat32:
+      perturb_kernel<float><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
+                                                        distribution, scale, direction,
+                                                        restore_scale, restore_direction);
+      break;
+    case kBFloat16:
+      perturb_kernel<BF16Bits><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
+                                                           distribution, scale, direction,
+                                                           restore_scale, restore_direction);
+      break;
+    case kFloat16:
+      perturb_kernel<F16Bits><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
+                                                          distribution, scale, direction,
+                                                          restore_scale, restore_direction);
+      break;
+    default:
+      snprintf(err, errlen, "unsupported dtype code %d", dtype);
+      return -1;
+  }
+  return check_launch("perturb kernel launch", err, errlen);
+}
+
+extern "C" int zofo_cuda_update(const ZofoSegmentRow* rows, int64_t num_rows,
+                                int64_t total_groups, int dtype, uint64_t seed,
+                                int distribution, float lr, const float* grads, int64_t q,
+                                float restore_scale, uint32_t restore_direction,
+                                float weight_decay, int stochastic_rounding, int device,
+                                void* stream, char* err, size_t errlen) {
+  if (num_rows <= 0 || total_groups <= 0) return 0;
+  int rc = prepare(device, err, errlen);
+  if (rc) return rc;
+  int blocks = 0;
+  rc = grid_for(total_groups, device, &blocks, err, errlen);
+  if (rc) return rc;
+  cudaStream_t s = (cudaStream_t)stream;
+  const bool sr = stochastic_rounding != 0 && dtype != kFloat32;
+  switch (dtype) {
+    case kFloat32:
+      update_kernel<float><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
+                                                       distribution, lr, grads, q,
+                                                       restore_scale, restore_direction,
+                                                       weight_decay, false);
+      break;
+    case kBFloat16:
+      update_kernel<BF16Bits><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
+                                                          distribution, lr, grads, q,
+                                                          restore_scale, restore_direction,
+                                                          weight_decay, sr);
+      break;
+    case kFloat16:
+      update_kernel<F16Bits><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
+                                                         distribution, lr, grads, q,
+                                                         restore_scale, restore_direction,
+                                                         weight_decay, sr);
+      break;
+    default:
+      snprintf(err, errlen, "unsupported dtype code %d", dtype);
+      return -1;
+  }
+  return check_launch("update kernel launch", err, errlen);
+}
