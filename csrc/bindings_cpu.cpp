@@ -27,8 +27,8 @@ std::vector<Segment> segments(const std::vector<uintptr_t>& ptrs,
     if (numels[i] < 0 || offsets[i] < 0)
       throw std::invalid_argument("numel and offset must be non-negative");
     if (numels[i] > 0 && ptrs[i] == 0) throw std::invalid_argument("null data pointer");
-    if (numels[i] > INT64_MAX - offsets[i])
-      throw std::invalid_argument("offset + numel overflows the 64-bit index space");
+    if (numels[i] > 0 && numels[i] - 1 > INT64_MAX - offsets[i])
+      throw std::invalid_argument("offset + numel overflows the 2**63 global index space");
     out.push_back(Segment{reinterpret_cast<void*>(ptrs[i]), numels[i], offsets[i]});
   }
   return out;
@@ -69,8 +69,8 @@ PYBIND11_MODULE(_C, m) {
       "noise",
       [](uintptr_t out, uint64_t seed, int64_t start, int64_t numel, int distribution,
          int64_t direction, int num_threads) {
-        if (start < 0 || numel < 0 || numel > INT64_MAX - start)
-          throw std::invalid_argument("start and numel must be non-negative, sum < 2**63");
+        if (start < 0 || numel < 0 || (numel > 0 && numel - 1 > INT64_MAX - start))
+          throw std::invalid_argument("start and numel must be non-negative, sum <= 2**63");
         if (numel > 0 && out == 0) throw std::invalid_argument("null output pointer");
         const uint32_t dir = direction32(direction, "direction");
         py::gil_scoped_release release;

@@ -64,8 +64,8 @@ PYBIND11_MODULE(_C_cuda, m) {
       "noise",
       [](uintptr_t out, uint64_t seed, int64_t start, int64_t numel, int distribution,
          int64_t direction, int device, uintptr_t stream) {
-        if (start < 0 || numel < 0 || numel > INT64_MAX - start)
-          throw std::invalid_argument("start and numel must be non-negative, sum < 2**63");
+        if (start < 0 || numel < 0 || (numel > 0 && numel - 1 > INT64_MAX - start))
+          throw std::invalid_argument("start and numel must be non-negative, sum <= 2**63");
         char err[kErrLen] = {0};
         const uint32_t dir = direction32(direction, "direction");
         int rc;

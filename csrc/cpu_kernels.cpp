@@ -157,7 +157,7 @@ Plan make_plan(const std::vector<Segment>& segs) {
     const Segment& s = segs[t];
     if (s.numel < 0 || s.offset < 0) throw std::invalid_argument("negative numel or offset");
     if (s.numel > 0) {
-      units += (s.offset + s.numel - 1) / kBlock - s.offset / kBlock + 1;
+      units += (s.offset + (s.numel - 1)) / kBlock - s.offset / kBlock + 1;  // no overflow at 2**63
       plan.total_elements += s.numel;
     }
   }
@@ -183,9 +183,10 @@ void for_units(const std::vector<Segment>& segs, const Plan& plan, int64_t begin
     while (u >= plan.prefix[t + 1]) ++t;
     const Segment& s = segs[t];
     const int64_t unit = s.offset / kBlock + (u - plan.prefix[t]);
+    // inclusive ends, so that a segment ending exactly at index 2**63 does not overflow
     const int64_t g0 = std::max(s.offset, unit * kBlock);
-    const int64_t g1 = std::min(s.offset + s.numel, unit * kBlock + kBlock);
-    fn(t, (uint64_t)unit, g0 - s.offset, g1 - g0, (int)(g0 - unit * kBlock));
+    const int64_t last = std::min(s.offset + (s.numel - 1), unit * kBlock + (kBlock - 1));
+    fn(t, (uint64_t)unit, g0 - s.offset, last - g0 + 1, (int)(g0 - unit * kBlock));
   }
 }
 

@@ -262,7 +262,7 @@ extern "C" int zofo_cuda_noise(float* out, uint64_t seed, int64_t start, int64_t
   if (numel <= 0) return 0;
   int rc = prepare(device, err, errlen);
   if (rc) return rc;
-  const int64_t total = (start + numel - 1) / 4 - start / 4 + 1;
+  const int64_t total = (start + (numel - 1)) / 4 - start / 4 + 1;  // no overflow at 2**63
   int blocks = 0;
   rc = grid_for(total, device, &blocks, err, errlen);
   if (rc) return rc;

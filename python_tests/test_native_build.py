@@ -1,0 +1,464 @@
+"""The native build: modules import, backends report their state, and what is specific to the
+C++/CUDA kernels (many tensors in one call, 128-element block boundaries, the balanced thread
+split, the shared header's log/sin/cos and 16-bit conversions) matches the reference.
+
+The exhaustive comparison of every backend with the reference is python_tests/test_kernels.py;
+this file tests the native machinery behind it, on fresh random inputs of odd sizes.
+
+Tolerances (per quantity):
+* Rademacher noise, uniforms, 16-bit conversions, stochastic-rounding decisions: bit-exact
+  (integer math, or a single correctly rounded float32 operation, on every backend).
+* own log/sin/cos vs float64 math: 0.6 ulp of the float32 result: they are evaluated in double
+  and rounded once (0.5 ulp) plus a truncation error below 0.05 ulp.
+* Gaussian z vs the reference: GAUSS_ULPS = 4 ulp of the pair's radius r = sqrt(-2 log u):
+  the reference's numpy log (up to ~3.6 ulp) and sin/cos (~1.4 ulp) differ from ours; r >= |z|.
+* Weights after a Gaussian perturb/update: one storage ulp plus |scale| times that z bound.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import zofo_kernels as zk
+from zofo_kernels import _native, contract
+from zofo_kernels.backends import base
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DISTS = ["gaussian", "rademacher"]
+GAUSS_ULPS = 4.0
+OWN_MATH_ULPS = 0.6
+
+C, C_ERROR = _native.cpu_module()
+needs_cpu = pytest.mark.skipif(C is None, reason=f"native CPU module unavailable: {C_ERROR}")
+
+
+def _ulp32(x: np.ndarray) -> np.ndarray:
+    return np.spacing(np.abs(x.astype(np.float32))).astype(np.float64)
+
+
+def _mant_bits(dtype):
+    return {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
+
+
+def storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    info = torch.finfo(dtype)
+    a = x.double().abs()
+    e = torch.floor(torch.log2(torch.clamp(a, min=info.tiny)))
+    return torch.pow(2.0, e - _mant_bits(dtype))
+
+
+def radius(seed, start, numel, direction) -> np.ndarray:
+    """r = sqrt(-2 log u_a) (float64) of the pair each element belongs to."""
+    if numel == 0:
+        return np.zeros(0)
+    first, last = start // 4, (start + numel - 1) // 4
+    blocks = np.arange(first, last + 1, dtype=np.uint64)
+    w = contract._block_words(seed, blocks, direction, contract.PURPOSE_NOISE)
+    ua = [np.maximum(contract.UNIFORM_MIN, contract.uniform_from_words(w[i])).astype(np.float64)
+          for i in (0, 2)]
+    r = [np.sqrt(-2.0 * np.log(u)) for u in ua]
+    lanes = np.stack([r[0], r[0], r[1], r[1]], axis=1).reshape(-1)
+    skip = start - first * 4
+    return lanes[skip: skip + numel]
+
+
+def z_bound(seed, start, numel, direction, distribution) -> np.ndarray:
+    if distribution == "rademacher":
+        return np.zeros(numel)
+    return GAUSS_ULPS * _ulp32(radius(seed, start, numel, direction))
+
+
+def rand_weights(n, dtype, gen, std=0.02):
+    return (torch.randn(n, generator=gen) * std).to(dtype)
+
+
+# ----------------------------------------------------------------------------- build / status
+
+def test_cpu_extension_imports_and_is_available():
+    assert C is not None, f"zofo_kernels._C did not import: {C_ERROR}"
+    st = zk.available_backends()["cpu"]
+    assert st.available, st.reason
+    assert "-ffp-contract=off" in C.compile_flags
+    assert "fast-math" not in C.compile_flags.replace("-fno-fast-math", "")
+    assert isinstance(C.openmp, bool)
+
+
+def test_cpu_status_reports_import_error(monkeypatch):
+    from zofo_kernels.backends import cpu as cpu_mod
+
+    monkeypatch.setattr(_native, "cpu_module", lambda: (None, "ImportError: boom"))
+    st = cpu_mod.CpuBackend().status()
+    assert not st.available
+    assert "boom" in st.reason and "_C" in st.reason
+    assert not cpu_mod.CpuBackend().supports_device(torch.device("cpu"))
+
+
+def test_cuda_backend_reports_reason_when_unavailable():
+    st = zk.available_backends()["cuda"]
+    if torch.cuda.is_available() and st.available:
+        assert "CUDA kernels" in st.reason
+        return
+    assert not st.available
+    assert st.reason, "an unavailable backend must say why"
+    mod, err = _native.cuda_module()
+    if mod is None:
+        assert "built without CUDA" in st.reason or "CUDA extension" in st.reason
+    elif not torch.cuda.is_available():
+        assert st.reason == "no CUDA device visible to torch"
+    with pytest.raises(zk.BackendUnavailableError, match="cuda"):
+        zk.perturb_(torch.zeros(4), 0, 1e-3, backend="cuda")
+
+
+def test_cuda_module_imports_without_a_device_when_built():
+    mod, err = _native.cuda_module()
+    if mod is None:
+        assert "was not built" in err or "failed" in err
+        pytest.skip(f"CUDA module not built here: {err}")
+    count, msg = mod.device_count()
+    assert isinstance(count, int) and isinstance(msg, str)
+    if not torch.cuda.is_available():
+        assert count == 0 and msg, "without a device the CUDA runtime must report an error"
+    assert mod.cuda_archs and all(a.strip().isdigit() for a in mod.cuda_archs.split(","))
+
+
+def test_cuda_status_with_missing_module(monkeypatch):
+    from zofo_kernels.backends import cuda as cuda_mod
+
+    monkeypatch.setattr(_native, "cuda_module", lambda: (None, "module zofo_kernels._C_cuda was not built"))
+    st = cuda_mod.CudaBackend().status()
+    assert not st.available and "built without CUDA" in st.reason
+    monkeypatch.setattr(_native, "cuda_module", lambda: (None, "importing failed: OSError: x"))
+    st = cuda_mod.CudaBackend().status()
+    assert not st.available and "OSError" in st.reason
+
+
+# ----------------------------------------------------------------------------- shared header math
+
+@needs_cpu
+def test_own_log_sin_cos_against_float64():
+    rng = np.random.default_rng(11)
+    words = rng.integers(0, 2 ** 32, size=200_003, dtype=np.uint64).astype(np.uint32)
+    u = np.maximum(contract.UNIFORM_MIN, contract.uniform_from_words(words)).astype(np.float32)
+    u = np.concatenate([u, np.float32([1e-7, 1.0, 0.5, 0.70710677, 0.70710683, 2.0 ** -23]),
+                        np.float32(1.0) - np.arange(1, 300, dtype=np.float32) * np.float32(2 ** -24)])
+    u = np.ascontiguousarray(u, dtype=np.float32)
+    out = np.empty_like(u)
+    C.log_f32(u.ctypes.data, out.ctypes.data, u.size)
+    exact = np.log(u.astype(np.float64))
+    err = np.abs(out - exact) / _ulp32(exact)
+    assert np.all(out[u == 1.0] == 0.0)
+    assert err.max() <= OWN_MATH_ULPS, f"log: {err.max():.3f} ulp"
+
+    t = (contract.uniform_from_words(words) * contract.TWO_PI).astype(np.float32)
+    near = [np.float32(k * np.pi / 2) for k in range(5)]
+    t = np.concatenate([t] + [c + np.arange(-64, 65, dtype=np.float32) * np.spacing(c) for c in near])
+    t = np.ascontiguousarray(np.clip(t, 0, contract.TWO_PI), dtype=np.float32)
+    s, c = np.empty_like(t), np.empty_like(t)
+    C.sincos_f32(t.ctypes.data, s.ctypes.data, c.ctypes.data, t.size)
+    td = t.astype(np.float64)
+    for got, exact, name in ((s, np.sin(td), "sin"), (c, np.cos(td), "cos")):
+        err = np.abs(got - exact) / _ulp32(exact)
+        assert err.max() <= OWN_MATH_ULPS, f"{name}: {err.max():.3f} ulp"
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_to_storage_matches_torch(dtype):
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2 ** 32, size=100_001, dtype=np.uint64).astype(np.uint32)
+    # plus every exponent near the 16-bit ranges, ties, overflow edges and infinities
+    x = np.concatenate([bits.view(np.float32),
+                        np.float32([0.0, -0.0, 65504.0, 65519.99, 65520.0, 65536.0, 6.1e-5, 5.96e-8,
+                                    2.98e-8, 2.9802322e-08, 1e-10, 3.4e38, np.inf, -np.inf]),
+                        (rng.standard_normal(50_000) * np.exp2(rng.integers(-30, 17, 50_000)))
+                        .astype(np.float32)])
+    x = np.ascontiguousarray(x[np.isfinite(x) | np.isinf(x)], dtype=np.float32)
+    out = np.empty(x.size, dtype=np.uint16)
+    code = base.DTYPE_CODES[dtype]
+    C.round_to_storage(x.ctypes.data, out.ctypes.data, x.size, code)
+    want = torch.from_numpy(x).to(dtype).view(torch.int16).numpy().view(np.uint16)
+    bad = np.nonzero(out != want)[0]
+    assert bad.size == 0, f"{bad.size} mismatches, first x={x[bad[:5]]} got={out[bad[:5]]} want={want[bad[:5]]}"
+    nan = np.float32([np.nan])
+    C.round_to_storage(nan.ctypes.data, out.ctypes.data, 1, code)
+    assert torch.from_numpy(out[:1].view(np.int16)).view(dtype).float().isnan().all()
+
+
+@needs_cpu
+@pytest.mark.parametrize("kind", ["bfloat16", "float16"])
+def test_stochastic_round_bit_exact(kind):
+    rng = np.random.default_rng(5)
+    n = 60_001
+    x = (rng.standard_normal(n) * np.exp2(rng.integers(-40, 20, n))).astype(np.float32)
+    x[:7] = np.float32([0.0, -0.0, np.inf, -np.inf, 1e-30, -3e-8, 65504.0])
+    r = rng.integers(0, 2 ** 32, size=n, dtype=np.uint64).astype(np.uint32)
+    out = np.empty_like(x)
+    code = base.DTYPE_CODES[getattr(torch, kind)]
+    C.stochastic_round(x.ctypes.data, r.ctypes.data, out.ctypes.data, n, code)
+    want = contract.stochastic_round_bits(x, r, kind)
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+    with pytest.raises(ValueError):
+        C.stochastic_round(x.ctypes.data, r.ctypes.data, out.ctypes.data, 1, 0)
+
+
+@needs_cpu
+@pytest.mark.parametrize("start", [0, 3, 4 * 2 ** 32 - 6, 2 ** 62 + 1])
+def test_rounding_words_bit_exact(start):
+    seed = 2 ** 40 + 9
+    out = np.empty(37, dtype=np.uint32)
+    C.rounding_words(out.ctypes.data, seed, start, out.size)
+    assert np.array_equal(out, contract.rounding_words(seed, start, out.size))
+
+
+# ----------------------------------------------------------------------------- noise
+
+@needs_cpu
+@pytest.mark.parametrize("distribution", DISTS)
+@pytest.mark.parametrize("start,numel", [(0, 1), (127, 2), (128, 129), (5, 1000),
+                                         (128 * 2 ** 32 - 70, 333),  # block word c1 carries
+                                         (4 * 2 ** 32 - 6, 19), (2 ** 63 - 50, 50), (9, 0)])
+def test_noise_matches_reference_at_block_and_word_boundaries(distribution, start, numel):
+    seed, direction = 987654321012, 2 ** 32 - 1
+    got = zk.noise(seed, start, numel, distribution, direction, backend="cpu").numpy()
+    want = contract.noise(seed, start, numel, distribution, direction)
+    assert got.dtype == np.float32 and got.shape == (numel,)
+    if distribution == "rademacher":
+        assert np.array_equal(got, want)
+    else:
+        err = np.abs(got.astype(np.float64) - want)
+        assert np.all(err <= z_bound(seed, start, numel, direction, distribution))
+
+
+@needs_cpu
+def test_noise_thread_count_invariant():
+    n = 300_007
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            outs.append(zk.noise(77, 13, n, "gaussian", 1, backend="cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+# ----------------------------------------------------------------------------- work split
+
+@needs_cpu
+def test_balanced_split_across_unequal_tensors():
+    numels = [1, 10 ** 6, 3, 127, 129, 250_000, 5]
+    offsets = [5, 100, 2_000_000, 2_000_010, 3_000_000, 3_000_200, 9_999_999]
+    total = sum(numels)
+    for nt in (1, 2, 3, 8):
+        counts = C.split_elements(numels, offsets, nt)
+        assert len(counts) == nt and sum(counts) == total
+        # each thread gets the same number of 128-blocks (+-1); partial blocks at tensor ends
+        # (two per tensor) are the only other source of imbalance
+        slack = 128 * (1 + 2 * len(numels))
+        assert max(counts) - min(counts) <= slack, counts
+    # a single huge tensor is split evenly too (no per-tensor granularity)
+    counts = C.split_elements([10 ** 7], [3], 2)
+    assert abs(counts[0] - counts[1]) <= 256
+
+
+@needs_cpu
+def test_threads_for_small_and_large_calls():
+    assert C.threads_for(100, 8) == 1
+    assert C.threads_for(10 ** 8, 2) == 2
+    assert C.threads_for(10 ** 8, 0) == 1
+
+
+# ----------------------------------------------------------------------------- multi-tensor calls
+
+def _odd_tensors(gen, dtype, count, max_numel=700):
+    sizes = torch.randint(0, max_numel, (count,), generator=gen).tolist()
+    sizes[:5] = [1, 127, 128, 129, 0]
+    return [rand_weights(n, dtype, gen) for n in sizes]
+
+
+def _scattered_offsets(tensors, gen):
+    """Non-canonical, non-overlapping offsets: random gaps, some beyond 2**32 blocks."""
+    offs, pos = [], 2 ** 39 + 61
+    for t in tensors:
+        pos += int(torch.randint(0, 300, (1,), generator=gen))
+        offs.append(pos)
+        pos += t.numel()
+    return offs
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distribution", DISTS)
+def test_many_tensors_one_call_perturb(dtype, distribution):
+    gen = torch.Generator().manual_seed(hash((str(dtype), distribution)) % 2 ** 31)
+    ts = _odd_tensors(gen, dtype, 150)
+    offs = _scattered_offsets(ts, gen)
+    ref = [t.clone() for t in ts]
+    seed, scale = 4242, 1e-2
+    zk.perturb_(ts, seed, scale, distribution, 3, offsets=offs, backend="cpu",
+                restore_scale=-scale, restore_direction=2)
+    zk.perturb_(ref, seed, scale, distribution, 3, offsets=offs, backend="reference",
+                restore_scale=-scale, restore_direction=2)
+    for j, (a, b, off) in enumerate(zip(ts, ref, offs)):
+        if distribution == "rademacher":
+            assert torch.equal(a.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               b.view(torch.int16 if dtype != torch.float32 else torch.int32)), j
+        else:
+            zb = torch.from_numpy(z_bound(seed, off, a.numel(), 3, distribution)
+                                  + z_bound(seed, off, a.numel(), 2, distribution))
+            tol = 2 * storage_ulp(b, dtype) + scale * zb
+            assert bool(((a.double() - b.double()).abs() <= tol).all()), j
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_tensors_one_call_update_rademacher_bit_exact(dtype):
+    """Rademacher z is exact, so the whole fused update (restore, q=3 directions with the
+    restore direction among them, weight decay, stochastic rounding) must be bit-exact."""
+    gen = torch.Generator().manual_seed(17 + DTYPES.index(dtype))
+    ts = _odd_tensors(gen, dtype, 120)
+    offs = _scattered_offsets(ts, gen)
+    ref = [t.clone() for t in ts]
+    kw = dict(lr=3e-3, projected_grads=[0.7, -1.3, 2.1], restore_scale=-1e-3, restore_direction=1,
+              weight_decay=0.01, distribution="rademacher", offsets=offs)
+    zk.zo_update_(ts, 99, backend="cpu", **kw)
+    zk.zo_update_(ref, 99, backend="reference", **kw)
+    for j, (a, b) in enumerate(zip(ts, ref)):
+        assert torch.equal(a, b) or (a.isnan().any() and torch.equal(a.isnan(), b.isnan())), j
+
+
+@needs_cpu
+def test_large_call_uses_threads_and_matches_reference_slices():
+    """A call big enough to be split across threads: spot-check slices of it against the
+    reference (the whole tensor through the reference would be slow)."""
+    n = 3 * 2 ** 16 + 77
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            w = torch.linspace(-1, 1, n, dtype=torch.float32).to(torch.bfloat16)
+            zk.zo_update_([w[: n // 3], w[n // 3:]], 5, lr=1e-2, projected_grads=[0.5],
+                          distribution="rademacher", offsets=[1000, 1000 + n // 3], backend="cpu")
+            outs.append(w)
+    finally:
+        torch.set_num_threads(before)
+    assert C.threads_for(n, 2) == 2
+    assert torch.equal(outs[0], outs[1])
+    for lo in (0, n // 3 - 70, n - 200):
+        w = torch.linspace(-1, 1, n, dtype=torch.float32).to(torch.bfloat16)[lo: lo + 140].clone()
+        zk.zo_update_(w, 5, lr=1e-2, projected_grads=[0.5], distribution="rademacher",
+                      offsets=[1000 + lo], backend="reference")
+        assert torch.equal(outs[0][lo: lo + 140], w)
+
+
+@needs_cpu
+def test_non_contiguous_and_empty_tensors_through_cpu_backend():
+    gen = torch.Generator().manual_seed(8)
+    base_t = rand_weights(9 * 13, torch.float16, gen).reshape(9, 13)
+    view = base_t.t()  # non-contiguous
+    empty = torch.empty(0, dtype=torch.float16)
+    other = rand_weights(31, torch.float16, gen)
+    ref_view, ref_other = view.clone(), other.clone()
+    zk.perturb_([view, empty, other], 3, 1e-2, "rademacher", backend="cpu")
+    zk.perturb_([ref_view, empty.clone(), ref_other], 3, 1e-2, "rademacher", backend="reference")
+    assert torch.equal(view, ref_view) and torch.equal(other, ref_other)
+
+
+# ----------------------------------------------------------------------------- bad input (native layer)
+
+@needs_cpu
+def test_native_rejects_bad_arguments():
+    t = torch.zeros(8)
+    p = t.data_ptr()
+    with pytest.raises(ValueError, match="same length"):
+        C.perturb([p], [8, 8], [0], 0, 1, 0, 1.0, 0, 0.0, 0, 1)
+    with pytest.raises(ValueError, match="dtype"):
+        C.perturb([p], [8], [0], 7, 1, 0, 1.0, 0, 0.0, 0, 1)
+    with pytest.raises(ValueError, match="distribution"):
+        C.perturb([p], [8], [0], 0, 1, 5, 1.0, 0, 0.0, 0, 1)
+    with pytest.raises(ValueError, match="seed"):
+        C.perturb([p], [8], [0], 0, 2 ** 63, 0, 1.0, 0, 0.0, 0, 1)
+    with pytest.raises(ValueError, match="direction"):
+        C.perturb([p], [8], [0], 0, 1, 0, 1.0, 2 ** 32, 0.0, 0, 1)
+    with pytest.raises(ValueError, match="overflows"):
+        C.perturb([p], [8], [2 ** 63 - 4], 0, 1, 0, 1.0, 0, 0.0, 0, 1)
+    with pytest.raises(ValueError, match="null"):
+        C.perturb([0], [8], [0], 0, 1, 0, 1.0, 0, 0.0, 0, 1)
+    g = torch.ones(1)
+    with pytest.raises(ValueError, match="q must be"):
+        C.update([p], [8], [0], 0, 1, 0, 1.0, g.data_ptr(), 0, 0.0, 0, 0.0, True, 1)
+    assert torch.equal(t, torch.zeros(8)), "a rejected call must not touch the weights"
+    from zofo_kernels.backends.cpu import CpuBackend
+    with pytest.raises(ValueError, match="contiguous"):
+        CpuBackend().perturb([torch.zeros(4, 4).t()], [0], 1, "gaussian", 1.0, 0, 0.0, 0)
+    with pytest.raises(TypeError, match="dtype"):
+        CpuBackend().perturb([torch.zeros(4), torch.zeros(4, dtype=torch.float16)], [0, 4], 1,
+                             "gaussian", 1.0, 0, 0.0, 0)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+def _cuda_ready():
+    return torch.cuda.is_available() and zk.available_backends()["cuda"].available
+
+
+@pytest.mark.gpu
+def test_cuda_backend_available_on_gpu_machine():
+    st = zk.available_backends()["cuda"]
+    assert st.available, st.reason
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distribution", DISTS)
+def test_cuda_multi_tensor_matches_reference(dtype, distribution):
+    if not _cuda_ready():
+        pytest.skip(zk.available_backends()["cuda"].reason)
+    gen = torch.Generator().manual_seed(23)
+    ts = _odd_tensors(gen, dtype, 90)
+    offs = _scattered_offsets(ts, gen)
+    # a tensor viewed at an odd element offset exercises the unaligned (scalar) path
+    big = rand_weights(4099, dtype, gen)
+    ts.append(big[1:])
+    offs.append(offs[-1] + ts[-2].numel() + 5)
+    dev = [t.cuda() for t in ts]
+    seed = 31337
+    kw = dict(lr=2e-3, projected_grads=[0.4, -0.9], restore_scale=-1e-3, restore_direction=1,
+              weight_decay=0.1, distribution=distribution, offsets=offs)
+    zk.perturb_(dev, seed, 1e-3, distribution, 1, offsets=offs, backend="cuda")
+    zk.zo_update_(dev, seed, backend="cuda", **kw)
+    zk.perturb_(ts, seed, 1e-3, distribution, 1, offsets=offs, backend="reference")
+    zk.zo_update_(ts, seed, backend="reference", **kw)
+    torch.cuda.synchronize()
+    for j, (a, b, off) in enumerate(zip(dev, ts, offs)):
+        a = a.cpu()
+        if distribution == "rademacher":
+            assert torch.equal(a, b), j
+        else:
+            zb = sum(torch.from_numpy(z_bound(seed, off, b.numel(), k, distribution))
+                     for k in (0, 1, 1))
+            tol = 2 * storage_ulp(b, dtype) + 2e-3 * zb + 1e-3 * zb
+            assert bool(((a.double() - b.double()).abs() <= tol).all()), j
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", DISTS)
+def test_cuda_noise_matches_cpu(distribution):
+    if not _cuda_ready():
+        pytest.skip(zk.available_backends()["cuda"].reason)
+    for start, numel in [(0, 1000), (3, 517), (4 * 2 ** 32 - 6, 64), (2 ** 62, 9)]:
+        a = zk.noise(5, start, numel, distribution, 7, backend="cuda", device="cuda").cpu()
+        b = zk.noise(5, start, numel, distribution, 7, backend="cpu")
+        if distribution == "rademacher":
+            assert torch.equal(a, b)
+        else:
+            # same header math on both sides; only the compilers' double rounding may differ
+            tol = torch.from_numpy(_ulp32(radius(5, start, numel, 7)))
+            assert bool(((a.double() - b.double()).abs() <= tol).all())
