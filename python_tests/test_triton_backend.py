@@ -53,9 +53,7 @@ STATUS = BACKEND.status()
 
 
 def _devices():
-    out = []
-    if STATUS.available and BACKEND.supports_device(torch.device("cpu")):
-        out.append(pytest.param("cpu", id="interpreter-cpu"))
+    out = [pytest.param("cpu", id="interpreter-cpu")]  # skipped with the reason when absent
     out.append(pytest.param("cuda", id="compiled-cuda", marks=pytest.mark.gpu))
     return out
 
@@ -257,7 +255,7 @@ def test_noise_empty_and_tiny(device):
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_many_tensors_perturb_and_update(device, dtype, distribution):
     _need(device)
-    shapes, offsets = _layout(23)
+    shapes, offsets = _layout(14)
     got, want = _pair(shapes, dtype, device, specials=True)
     seed = int(RNG.integers(0, 2 ** 63 - 1))
     eps = float(10.0 ** RNG.uniform(-4, -1))
@@ -304,7 +302,8 @@ def test_update_many_directions_mixed_dtypes_non_contiguous(device, distribution
     def views(ts):  # two non-contiguous views: a transpose and a strided slice
         return [t.t() if i == 0 else (t[:, ::2] if i == 3 else t) for i, t in enumerate(ts)]
 
-    got = views([t.clone().to(device) for t in storage])
+    got_storage = [t.clone().to(device) for t in storage]
+    got = views(got_storage)
     want = views([t.clone() for t in storage])
     assert not got[0].is_contiguous() and not got[3].is_contiguous()
     offsets = [2 ** 32 - 40, 5, 10 ** 6, 2 ** 34 + 1, 999, 2 ** 41 + 17]
@@ -317,9 +316,8 @@ def test_update_many_directions_mixed_dtypes_non_contiguous(device, distribution
         coef = 1e-3 + 3e-3 * sum(abs(x) for x in grads)
         _assert_same(a, b, distribution, _note(seed=seed, distribution=distribution), coef=coef,
                      steps=2)
-    for a, b, s in zip(views(storage), want, storage):  # untouched storage outside the views
-        if s.dim() == 2 and s.shape == (5, 9):
-            assert torch.equal(got[3].cpu(), b)
+    # the columns the strided view skips are untouched
+    assert torch.equal(got_storage[3][:, 1::2].cpu(), storage[3][:, 1::2])
 
 
 class _CountingLauncher:
@@ -347,7 +345,7 @@ def test_one_launch_per_dtype_group(device, monkeypatch):
     for name, counter in counters.items():
         monkeypatch.setattr(tk, name, counter)
 
-    dtypes = [DTYPES[k % 3] for k in range(30)]
+    dtypes = [DTYPES[k % 3] for k in range(15)]
     tensors = [_weights((int(RNG.integers(1, 50)),), dt).to(device) for dt in dtypes]
     tensors.append(torch.empty(0, dtype=torch.float16, device=device))
     seed = 12345
@@ -360,7 +358,7 @@ def test_one_launch_per_dtype_group(device, monkeypatch):
     only_fp32 = [t for t in tensors if t.dtype == torch.float32]
     zk.perturb_(only_fp32, seed, 1e-3, backend="triton")
     assert len(counters["perturb_kernel"].grids) == 7
-    zk.noise(seed, 2 ** 33, 5000, backend="triton", device=device)
+    zk.noise(seed, 2 ** 33, 3000, backend="triton", device=device)
     assert len(counters["noise_kernel"].grids) == 1
     # only empty tensors: nothing to launch
     zk.perturb_([torch.empty(0, device=device)], seed, 1e-3, backend="triton")
@@ -391,16 +389,17 @@ def test_launch_tables_are_cached(device):
     assert backend.table_builds == 1, "repeated calls on the same tensors rebuilt the tables"
     for a, b in zip(tensors, want):
         assert torch.equal(a.cpu(), b)
-    # Gaussian windows align differently: one more table; new offsets: one more
+    # the tables do not depend on the distribution; new offsets: one more table
     backend.perturb(tensors, offsets, 1, "gaussian", 1e-3, 0, 0.0, 0)
+    assert backend.table_builds == 1
     shifted = [o + 2 ** 33 for o in offsets]
     backend.perturb(tensors, shifted, 1, "rademacher", 1e-3, 0, 0.0, 0)
     backend.perturb(tensors, shifted, 2, "rademacher", 1e-3, 0, 0.0, 0)
-    assert backend.table_builds == 3
+    assert backend.table_builds == 2
     # a new tensor in the list changes the key
     extra = tensors + [torch.zeros(5, device=device)]
     backend.perturb(extra, zk.canonical_offsets(extra), 1, "rademacher", 1e-3, 0, 0.0, 0)
-    assert backend.table_builds == 4
+    assert backend.table_builds == 3
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -409,7 +408,7 @@ def test_block_size_invariance(device, distribution):
     """Results depend on (seed, index, direction) only, not on the launch shape."""
     _need(device)
     from zofo_kernels.backends.triton_backend import TritonBackend
-    shapes, offsets = _layout(9)
+    shapes, offsets = _layout(7)
     seed = int(RNG.integers(0, 2 ** 63 - 1))
     results = []
     for block in (128, 512, 2048):
@@ -480,3 +479,35 @@ def test_hyperparameters_do_not_recompile():
                       weight_decay=0.1 * k, backend="triton")
     torch.cuda.synchronize()
     assert (compiled(tk.perturb_kernel), compiled(tk.update_kernel)) == before
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_aligned_vector_path(device, dtype):
+    """Sizes that keep every window 16-byte aligned select the ALIGNED (vector) variant; it
+    computes the same values as the masked one, including partial last windows."""
+    _need(device)
+    from zofo_kernels.backends.triton_backend import TritonBackend
+    backend = TritonBackend(block=256)
+    sizes = [256, 8 * int(RNG.integers(1, 40)), 8 * int(RNG.integers(1, 40)) + 256]
+    tensors = [_weights((n,), dtype).to(device) for n in sizes]
+    offsets = zk.canonical_offsets(tensors)
+    *_, aligned = backend._table(tensors, offsets, 128)
+    assert aligned
+    odd = [_weights((n,), dtype).to(device) for n in sizes]
+    odd_offsets = [o + 3 for o in offsets]
+    assert not backend._table(odd, odd_offsets, 128)[3]
+    seed = int(RNG.integers(0, 2 ** 63 - 1))
+    for ts, offs in ((tensors, offsets), (odd, odd_offsets)):
+        want = [t.cpu().clone() for t in ts]
+        for distribution in DISTRIBUTIONS:
+            backend.perturb(ts, offs, seed, distribution, 1e-2, 1, 0.0, 0)
+            backend.update(ts, offs, seed, distribution, 1e-3,
+                           torch.tensor([0.5, 2.0], device=device), -1e-2, 1, 0.0, True)
+            ref = base.get("reference")
+            ref.perturb(want, offs, seed, distribution, 1e-2, 1, 0.0, 0)
+            ref.update(want, offs, seed, distribution, 1e-3, torch.tensor([0.5, 2.0]), -1e-2,
+                       1, 0.0, True)
+            for a, b in zip(ts, want):
+                _assert_same(a, b, distribution, _note(seed=seed, distribution=distribution),
+                             coef=2e-2 + 2.5e-3, steps=3)

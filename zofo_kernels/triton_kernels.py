@@ -5,10 +5,9 @@ lazily, so ``import zofo_kernels`` works without Triton.
 
 Work layout (multi-tensor launches). One launch serves every tensor of a (device, dtype)
 group. Each program handles one *window* of ``BLOCK`` consecutive global indices
-[g0, g0 + BLOCK) of one tensor; windows of a tensor start at ``first = o - o % ALIGN`` (o is
-the tensor's global offset, ALIGN is 128 for Rademacher and 4 for Gaussian), so every window
-begins on a Philox block boundary and one Philox call serves 128 (Rademacher) or 4 (Gaussian)
-elements. Element i of the window lives at local index j = i - o of the tensor; lanes with
+[g0, g0 + BLOCK) of one tensor; windows of a tensor start at ``first = o - o % 128`` (o is
+the tensor's global offset), so every window begins on a Philox block boundary and one Philox
+call serves 128 (Rademacher) or 4 (Gaussian) elements. Element i of the window lives at local index j = i - o of the tensor; lanes with
 j outside [0, numel) are masked. Two tables describe a launch:
 
 * ``tensor_table``: int64 [T, 5] = (data_ptr, offset o, numel, first window start,
@@ -16,7 +15,10 @@ j outside [0, numel) are masked. Two tables describe a launch:
 * ``program_table``: int32 [P] = tensor index of each program.
 
 The program's window start is ``first + (pid - first_program) * BLOCK``. A program whose
-window lies entirely inside its tensor takes an unmasked load/store path.
+window lies entirely inside its tensor takes an unmasked load/store path; when every tensor
+of the launch satisfies (data_ptr - o * itemsize) % 16 == 0 (the host checks; true for
+16-byte aligned storage and offsets that are multiples of 8), the kernel is told so
+(ALIGNED) and that path uses 16-byte vector loads and stores.
 
 Float math follows the contract in :mod:`zofo_kernels.backends.base` (separately rounded
 float32 operations in a fixed order); the launcher disables FMA contraction. On a GPU, log,
@@ -42,8 +44,7 @@ def _is_interpreted(fn) -> bool:
     return isinstance(fn, InterpretedFunction)
 
 
-RADEMACHER_ALIGN = 128
-GAUSSIAN_ALIGN = 4
+WINDOW_ALIGN = 128  # window starts are multiples of this (a Rademacher block)
 
 _UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)
 _TWO_PI = tl.constexpr(6.283185307179586)
@@ -220,7 +221,7 @@ def _round_rn(v, STORAGE: tl.constexpr):
 @triton.jit
 def _window(tensor_table, program_table, STORAGE: tl.constexpr, BLOCK: tl.constexpr,
             ALIGNED: tl.constexpr):
-    """This program's (pointer, local indices j, numel, window start g0, full?)."""
+    """This program's (pointers, local indices j, numel, window start g0, full?)."""
     pid = tl.program_id(0)
     t = tl.load(program_table + pid).to(tl.int64)
     row = tensor_table + 5 * t
@@ -231,26 +232,28 @@ def _window(tensor_table, program_table, STORAGE: tl.constexpr, BLOCK: tl.conste
     first_program = tl.load(row + 4)
     g0 = first + (pid - first_program) * BLOCK
     j0 = g0 - offset
-    if ALIGNED:
-        # host checked: every offset is a multiple of ALIGN (so j0 = k * BLOCK) and every
-        # data pointer is 16-byte aligned
-        addr = tl.multiple_of(addr, 16)
-        j0 = tl.multiple_of(j0, BLOCK)
     if STORAGE == 0:
         ptr = addr.to(tl.pointer_type(tl.float32))
     elif STORAGE == 1:
         ptr = addr.to(tl.pointer_type(tl.uint16))
     else:
         ptr = addr.to(tl.pointer_type(tl.float16))
-    j = j0 + tl.arange(0, BLOCK).to(tl.int64)
+    base = ptr + j0  # element j0 of the tensor, the window's first element
+    if ALIGNED:
+        # the host checked (data_ptr - offset * itemsize) % 16 == 0 for every tensor; with
+        # g0 a multiple of 128 this makes every window start 16-byte aligned (vector access)
+        base = tl.multiple_of(base, 16)
+    lanes = tl.arange(0, BLOCK)
+    j = j0 + lanes.to(tl.int64)
     full = (j0 >= 0) & (j0 + BLOCK <= numel)
-    return ptr, j, numel, g0, full
+    return base + lanes, j, numel, g0, full
 
 
 # --------------------------------------------------------------------------- kernels
 
 @triton.jit(do_not_specialize=["seed", "start", "numel", "direction"])
-def noise_kernel(out_ptr, seed: tl.int64, start: tl.int64, numel: tl.int64, direction,
+def noise_kernel(out_ptr, seed: tl.int64, start: tl.int64, numel: tl.int64,
+                 direction: tl.uint32,
                  BLOCK: tl.constexpr, ALIGN: tl.constexpr, DIST: tl.constexpr,
                  PRECISE: tl.constexpr):
     """out[j] = z(start + j) for j in [0, numel); windows start at start - start % ALIGN."""
@@ -264,42 +267,43 @@ def noise_kernel(out_ptr, seed: tl.int64, start: tl.int64, numel: tl.int64, dire
 
 
 @triton.jit(do_not_specialize=["seed", "direction", "restore_direction"])
-def perturb_kernel(tensor_table, program_table, seed: tl.int64, scale, direction,
-                   restore_scale, restore_direction,
+def perturb_kernel(tensor_table, program_table, seed: tl.int64, scale: tl.float32,
+                   direction: tl.uint32, restore_scale: tl.float32, restore_direction: tl.uint32,
                    STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                    HAS_RESTORE: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
     """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; p = rn(w + scale * z)."""
-    ptr, j, numel, g0, full = _window(tensor_table, program_table, STORAGE, BLOCK, ALIGNED)
+    ptrs, j, numel, g0, full = _window(tensor_table, program_table, STORAGE, BLOCK, ALIGNED)
     inside = (j >= 0) & (j < numel)
     if full:
-        w = _widen(tl.load(ptr + j), STORAGE)
+        w = _widen(tl.load(ptrs), STORAGE)
     else:
-        w = _widen(tl.load(ptr + j, mask=inside, other=0), STORAGE)
+        w = _widen(tl.load(ptrs, mask=inside, other=0), STORAGE)
     if HAS_RESTORE:
         z_r = _noise_window(seed, g0, restore_direction, BLOCK, DIST, PRECISE)
         w = _round_rn(w + restore_scale * z_r, STORAGE)
     z = _noise_window(seed, g0, direction, BLOCK, DIST, PRECISE)
     p = _narrow(w + scale * z, STORAGE)
     if full:
-        tl.store(ptr + j, p)
+        tl.store(ptrs, p)
     else:
-        tl.store(ptr + j, p, mask=inside)
+        tl.store(ptrs, p, mask=inside)
 
 
 @triton.jit(do_not_specialize=["seed", "q", "restore_direction"])
-def update_kernel(tensor_table, program_table, seed: tl.int64, lr, grads_ptr, q,
-                  restore_scale, restore_direction, weight_decay,
+def update_kernel(tensor_table, program_table, seed: tl.int64, lr: tl.float32, grads_ptr,
+                  q: tl.int32, restore_scale: tl.float32, restore_direction: tl.uint32,
+                  weight_decay: tl.float32,
                   STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                   HAS_RESTORE: tl.constexpr, STOCHASTIC: tl.constexpr,
                   PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
     """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; d = sum_k g_k z_k; d += wd * w;
     v = w - lr * d; p = sr(v) if STOCHASTIC else rn(v)."""
-    ptr, j, numel, g0, full = _window(tensor_table, program_table, STORAGE, BLOCK, ALIGNED)
+    ptrs, j, numel, g0, full = _window(tensor_table, program_table, STORAGE, BLOCK, ALIGNED)
     inside = (j >= 0) & (j < numel)
     if full:
-        w = _widen(tl.load(ptr + j), STORAGE)
+        w = _widen(tl.load(ptrs), STORAGE)
     else:
-        w = _widen(tl.load(ptr + j, mask=inside, other=0), STORAGE)
+        w = _widen(tl.load(ptrs, mask=inside, other=0), STORAGE)
     if HAS_RESTORE:
         z_r = _noise_window(seed, g0, restore_direction, BLOCK, DIST, PRECISE)
         w = _round_rn(w + restore_scale * z_r, STORAGE)
@@ -315,9 +319,9 @@ def update_kernel(tensor_table, program_table, seed: tl.int64, lr, grads_ptr, q,
         v = _stochastic_round(v, r, STORAGE == 1)
     p = _narrow(v, STORAGE)
     if full:
-        tl.store(ptr + j, p)
+        tl.store(ptrs, p)
     else:
-        tl.store(ptr + j, p, mask=inside)
+        tl.store(ptrs, p, mask=inside)
 
 
 # True when TRITON_INTERPRET was set as the kernels were defined: they then run on CPU tensors.

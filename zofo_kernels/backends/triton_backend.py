@@ -120,7 +120,8 @@ class TritonBackend(Backend):
         table = np.stack([np.asarray(ptrs, dtype=np.uint64).view(np.int64), off, n, first,
                           first_program], axis=1)
         program_table = np.repeat(np.arange(len(tensors), dtype=np.int32), count)
-        aligned = bool(np.all(off % align == 0)) and all(p % 16 == 0 for p in ptrs)
+        itemsize = tensors[0].element_size()
+        aligned = all((p - o * itemsize) % 16 == 0 for p, o in zip(ptrs, offsets))
         entry = (torch.from_numpy(np.ascontiguousarray(table)).to(device),
                  torch.from_numpy(program_table).to(device), programs, aligned)
         self._tables[key] = entry
@@ -152,10 +153,6 @@ class TritonBackend(Backend):
         import contextlib
         return contextlib.nullcontext()
 
-    @staticmethod
-    def _align(distribution: str) -> int:
-        return 4 if distribution == "gaussian" else 128
-
     # ------------------------------------------------------------------ operations
 
     def noise(self, seed, start, numel, distribution, direction, device):
@@ -164,7 +161,7 @@ class TritonBackend(Backend):
         out = torch.empty(numel, dtype=torch.float32, device=device)
         if numel == 0:
             return out
-        align = self._align(distribution)  # windows start on a Philox block boundary
+        align = tk.WINDOW_ALIGN  # windows start on a Philox block boundary
         programs = (start % align + numel + self.block - 1) // self.block
         with self._device_guard(device):
             tk.noise_kernel[(programs,)](
@@ -178,7 +175,7 @@ class TritonBackend(Backend):
         device = self._check_group(tensors, offsets)
         tk = self._require(device)
         table, program_table, programs, aligned = self._table(
-            tensors, offsets, self._align(distribution))
+            tensors, offsets, tk.WINDOW_ALIGN)
         if programs == 0:
             return
         with self._device_guard(device):
@@ -198,7 +195,7 @@ class TritonBackend(Backend):
             raise ValueError("projected_grads is empty: give one scalar per direction (q >= 1)")
         grads = grads.to(device=device, dtype=torch.float32).contiguous()
         table, program_table, programs, aligned = self._table(
-            tensors, offsets, self._align(distribution))
+            tensors, offsets, tk.WINDOW_ALIGN)
         if programs == 0:
             return
         dtype = tensors[0].dtype
