@@ -404,7 +404,7 @@ def _fsdp_modules(model: Optional[torch.nn.Module]) -> List[torch.nn.Module]:
 
 
 class DataParallelZO:
-    """Data-parallel (and FSDP2-sharded) driver around a ``ZOOptimizer``.
+    """Data-parallel (and FSDP2-sharded) driver around a ``ZOOptimizer`` or ``ZOFOOptimizer``.
 
     ::
 
@@ -415,54 +415,75 @@ class DataParallelZO:
             dp.step(lambda: loss_fn(model, batch))      # mean loss over all ranks
         shutdown(ctx)
 
-    At construction: all ranks agree on the optimizer's base seed (rank 0's wins), rank 0's
-    parameters are broadcast (so differently initialised heads cannot make replicas differ),
-    and the optimizer's ``loss_reduce`` is set to an all-reduce mean of the step's losses.
-    Each :meth:`step` then costs one all-reduce of ``2q`` (central) or ``q + 1`` (forward)
-    float64 scalars. Every ``check_every`` steps (0 disables) a checksum of every replicated
+    At construction: all ranks agree on the ZO base seed (rank 0's wins), rank 0's parameters
+    are broadcast (so differently initialised heads cannot make replicas differ), and the ZO
+    optimizer's ``loss_reduce`` is set to an all-reduce mean of the step's losses. Each ZO step
+    then costs one all-reduce of ``2q`` (central) or ``q + 1`` (forward) float64 scalars.
+    Every ``check_every`` calls of :meth:`step` (0 disables) a checksum of every replicated
     parameter is compared across ranks and :class:`DivergenceError` is raised on divergence.
+
+    Bilevel-ZOFO (an optimizer with ``zo`` and ``pairs``, e.g. ``ZOFOOptimizer``): the backbone
+    step is handled as above; the first-order optimizers of the PEFT copies P and S get a
+    step pre-hook that averages their gradients across ranks (one flattened all-reduce per
+    FO step, like DDP without buckets), so P and S stay identical too. :meth:`step` forwards
+    its arguments to the optimizer's ``step`` (``step(upper_batch, lower_batches)``); direct
+    calls of ``lower_step``/``upper_step`` are synchronised the same way.
 
     With ``model`` sharded by FSDP2 (``fully_shard``), each rank perturbs and updates only its
     local shards (their global offsets come from :func:`zofo_kernels.optim.layout.zo_layout`);
-    the modules are resharded around every loss evaluation, because FSDP2 keeps the root
-    module's parameters gathered after a forward, and a perturbation written to the shards
-    would otherwise not reach the next forward.
+    the modules are resharded around every loss evaluation of a ZO step, because FSDP2 keeps
+    the root module's parameters gathered after a forward, and a perturbation written to the
+    shards would otherwise not reach the next forward.
 
-    ``fo_params``: first-order parameters (e.g. PEFT adapters trained with Adam alongside);
-    :meth:`allreduce_fo_gradients` averages their gradients across ranks in one flattened
-    all-reduce (call it between ``backward()`` and the first-order optimizer's ``step()``).
+    ``fo_params``: further first-order parameters trained alongside (their gradients are
+    averaged by :meth:`allreduce_fo_gradients`; they are broadcast and checked like the rest).
     """
 
     def __init__(self, optimizer, model: Optional[torch.nn.Module] = None,
                  context: Optional[DistContext] = None, check_every: int = 100,
                  sync_initial_parameters: bool = True,
                  fo_params: Optional[Iterable[torch.Tensor]] = None):
-        if not hasattr(optimizer, "loss_reduce") or not hasattr(optimizer, "base_seed"):
-            raise TypeError("DataParallelZO wraps a zofo_kernels.optim.ZOOptimizer (an object "
-                            f"with loss_reduce and base_seed), got {type(optimizer).__name__}")
+        if hasattr(optimizer, "zo") and hasattr(optimizer, "pairs"):
+            zo = optimizer.zo
+            fo_opts = [o for pair in optimizer.pairs.values()
+                       for o in (pair.opt_upper, pair.opt_lower)]
+        else:
+            zo, fo_opts = optimizer, []
+        if not hasattr(zo, "loss_reduce") or not hasattr(zo, "base_seed"):
+            raise TypeError("DataParallelZO wraps a zofo_kernels.optim.ZOOptimizer or "
+                            f"ZOFOOptimizer, got {type(optimizer).__name__}")
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
             raise ValueError(f"check_every must be an integer >= 0, got {check_every!r}")
-        if optimizer.loss_reduce is not None:
+        if zo.loss_reduce is not None:
             raise ValueError("the optimizer already has a loss_reduce; DataParallelZO installs "
                              "its own all-reduce there")
         self.optimizer = optimizer
+        self.zo = zo
         self.model = model
         self.context = context or setup_from_env()
         self.check_every = check_every
         self.stats = CommStats()
         self.fo_params = list(fo_params) if fo_params is not None else []
+        self._fo_optimizers = fo_opts
+        for o in fo_opts:
+            self.fo_params.extend(p for g in o.param_groups for p in g["params"])
         self._fsdp = _fsdp_modules(model)
         self._steps = 0
         self._last_step_bytes = 0
 
-        seed = broadcast_seed(optimizer.base_seed, self.context, self.stats)
-        if seed != optimizer.base_seed:
-            sd = optimizer.state_dict()
+        seed = broadcast_seed(zo.base_seed, self.context, self.stats)
+        if seed != zo.base_seed:
+            sd = zo.state_dict()
             sd["zo"]["base_seed"] = seed
-            optimizer.load_state_dict(sd)
+            zo.load_state_dict(sd)
         if sync_initial_parameters:
             broadcast_parameters(self._replicated_tensors(), self.context, self.stats)
-        optimizer.loss_reduce = self._reduce_losses
+        zo.loss_reduce = self._reduce_losses
+        if self.context.distributed:
+            for o in fo_opts:
+                o.register_step_pre_hook(self._fo_pre_step)
+        if self._fsdp:
+            self._install_reshard(zo)
 
     # -- internals ------------------------------------------------------------------------
     def _replicated_tensors(self) -> List[torch.Tensor]:
@@ -471,7 +492,7 @@ class DataParallelZO:
         if self.model is not None:
             sources.append(self.model.parameters())
             sources.append(self.model.buffers())
-        sources.append(p for g in self.optimizer.param_groups for p in g["params"])
+        sources.append(p for g in self.zo.param_groups for p in g["params"])
         sources.append(iter(self.fo_params))
         for src in sources:
             for t in src:
@@ -481,25 +502,44 @@ class DataParallelZO:
         return out
 
     def _named_for_check(self) -> List[tuple]:
-        if self.model is not None:
-            named = list(self.model.named_parameters())
-            known = {id(p) for _, p in named}
-            extra = [p for g in self.optimizer.param_groups for p in g["params"]
-                     if id(p) not in known]
-            return named + [(f"optimizer_param_{i}", p) for i, p in enumerate(extra)]
-        return [(f"group{gi}.param{pi}", p) for gi, g in enumerate(self.optimizer.param_groups)
-                for pi, p in enumerate(g["params"])]
+        named = list(self.model.named_parameters()) if self.model is not None else []
+        known = {id(p) for _, p in named}
+        extra = [p for g in self.zo.param_groups for p in g["params"]] + self.fo_params
+        for i, p in enumerate(extra):
+            if id(p) not in known:
+                known.add(id(p))
+                named.append((f"optimizer_param_{i}", p))
+        return named
 
     def _reduce_losses(self, losses: torch.Tensor) -> torch.Tensor:
-        before = self.stats.total_bytes(["loss"])
-        out = allreduce_mean(losses, self.context, self.stats, kind="loss",
-                             what=f"all-reduce of the losses of ZO step {self.optimizer.step_count}")
-        self._last_step_bytes += self.stats.total_bytes(["loss"]) - before
-        return out
+        return allreduce_mean(losses, self.context, self.stats, kind="loss",
+                              what=f"all-reduce of the losses of ZO step {self.zo.step_count}")
+
+    def _fo_pre_step(self, opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        allreduce_gradients(params, self.context, self.stats, kind="grad")
+        return None
 
     def _reshard(self) -> None:
         for m in self._fsdp:
             m.reshard()
+
+    def _install_reshard(self, zo) -> None:
+        inner_step = zo.step
+        reshard = self._reshard
+
+        def step(closure=None):
+            if closure is None or not callable(closure):
+                return inner_step(closure)
+
+            def resharding_closure():
+                try:
+                    return closure()
+                finally:
+                    reshard()
+            reshard()
+            return inner_step(resharding_closure)
+        zo.step = step
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -512,36 +552,31 @@ class DataParallelZO:
 
     @property
     def last_step_bytes(self) -> int:
-        """Payload bytes all-reduced by the last :meth:`step` (losses only)."""
+        """Payload bytes all-reduced during the last :meth:`step` (losses and first-order
+        gradients; checksums and set-up broadcasts are counted apart in :attr:`stats`)."""
         return self._last_step_bytes
 
-    def step(self, closure: Callable[[], torch.Tensor]) -> float:
-        """One ZO step; ``closure()`` returns this rank's mean loss on its micro-batch. Returns
-        the loss averaged over ranks (as :meth:`ZOOptimizer.step` defines it)."""
-        if closure is None or not callable(closure):
-            raise ValueError("DataParallelZO.step needs a closure that returns the loss")
-        self._last_step_bytes = 0
-        if self._fsdp:
-            self._reshard()
-            inner = closure
-
-            def closure():
-                try:
-                    return inner()
-                finally:
-                    self._reshard()
-        loss = self.optimizer.step(closure)
+    def step(self, *args, **kwargs):
+        """One optimizer step. ``ZOOptimizer``: ``step(closure)``, ``closure()`` returning
+        this rank's mean loss on its micro-batch; returns the loss averaged over ranks.
+        ``ZOFOOptimizer``: ``step(upper_batch, lower_batches)`` with this rank's batches."""
+        if self.optimizer is self.zo:
+            closure = args[0] if args else kwargs.get("closure")
+            if closure is None or not callable(closure):
+                raise ValueError("DataParallelZO.step needs a closure that returns the loss")
+        before = self.stats.total_bytes(("loss", "grad"))
+        result = self.optimizer.step(*args, **kwargs)
+        self._last_step_bytes = self.stats.total_bytes(("loss", "grad")) - before
         self._steps += 1
         if self.check_every and self._steps % self.check_every == 0:
             self.check_replicas()
-        return loss
+        return result
 
     def check_replicas(self) -> None:
         """Compare checksums of all replicated parameters across ranks now; raises
         :class:`DivergenceError` (on every rank) if any differs."""
-        check_replicas(self._named_for_check() + [
-            (f"fo_param_{i}", p) for i, p in enumerate(self.fo_params)], self.context,
-            self.stats, step=self.optimizer.step_count)
+        check_replicas(self._named_for_check(), self.context, self.stats,
+                       step=self.zo.step_count)
 
     def allreduce_fo_gradients(self, params: Optional[Iterable[torch.Tensor]] = None) -> int:
         """Average the gradients of ``params`` (default: ``fo_params``) over ranks; returns
