@@ -7,8 +7,9 @@ Work layout (multi-tensor launches). One launch serves every tensor of a (device
 group. Each program handles one *window* of ``BLOCK`` consecutive global indices
 [g0, g0 + BLOCK) of one tensor; windows of a tensor start at ``first = o - o % 128`` (o is
 the tensor's global offset), so every window begins on a Philox block boundary and one Philox
-call serves 128 (Rademacher) or 4 (Gaussian) elements. Element i of the window lives at local index j = i - o of the tensor; lanes with
-j outside [0, numel) are masked. Two tables describe a launch:
+call serves 128 (Rademacher) or 4 (Gaussian) elements. Element i of the window lives at local
+index j = i - o of the tensor; lanes with j outside [0, numel) are masked. Two tables describe
+a launch:
 
 * ``tensor_table``: int64 [T, 5] = (data_ptr, offset o, numel, first window start,
   first program id) per tensor;
@@ -35,6 +36,7 @@ try:  # libdevice is used only in compiled (GPU) mode; the interpreter cannot ca
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - very old Triton
     libdevice = None
+
 
 def _is_interpreted(fn) -> bool:
     try:

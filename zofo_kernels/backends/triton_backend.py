@@ -13,7 +13,7 @@ cached, so the repeated perturb/update calls of an optimizer step reuse them.
 from __future__ import annotations
 
 import collections
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 import torch
