@@ -511,3 +511,24 @@ def test_aligned_vector_path(device, dtype):
             for a, b in zip(ts, want):
                 _assert_same(a, b, distribution, _note(seed=seed, distribution=distribution),
                              coef=2e-2 + 2.5e-3, steps=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_tiny_updates(device, dtype):
+    """Updates far below an ulp (float16 subnormals and below 2**-24, bfloat16 normals): the
+    stochastic-rounding decisions match the reference bit for bit (Rademacher: z exact)."""
+    _need(device)
+    n = 1500
+    w = torch.zeros(n)
+    w[n // 3: 2 * n // 3] = 2.0 ** -20  # float16 subnormal
+    w[2 * n // 3:] = torch.linspace(-1.0, 1.0, n - 2 * n // 3)
+    got, want = w.to(dtype).to(device), w.to(dtype)
+    seed = int(RNG.integers(0, 2 ** 63 - 1))
+    for lr in (3e-9, 1e-7, 1e-4):
+        for name, t in (("triton", got), ("reference", want)):
+            zk.zo_update_(t, seed + int(lr * 1e9), lr=lr,
+                          projected_grads=torch.tensor([0.7, -0.3], device=t.device),
+                          distribution="rademacher", offsets=[2 ** 32 + 1], backend=name)
+        _assert_same(got, want, "rademacher", _note(seed=seed, lr=lr, dtype=dtype))
+    assert torch.count_nonzero(got[: n // 3]) > 0, "tiny updates all rounded away"

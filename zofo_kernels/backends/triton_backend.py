@@ -18,9 +18,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .base import DTYPE_CODES, Backend, BackendStatus, register
+from .base import DISTRIBUTION_CODES, DTYPE_CODES, Backend, BackendStatus, register
 
-DIST_CODES = {"gaussian": 0, "rademacher": 1}
+DIST_CODES = DISTRIBUTION_CODES
 
 
 
