@@ -124,6 +124,12 @@ def test_data_parallel_equals_single_process_on_concatenated_batch(tmp_path):
         # only the 2 losses of a central-difference step travel: 2 float64 = 16 bytes
         assert r["step_bytes"] == [16, 16, 16] and r["loss_bytes"] == 48
         assert r["fo_grad_diff"] < 1e-6 and r["fo_grad_bytes"] == (12 * 3 + 3) * 4
+    # Bilevel-ZOFO: P and S gradients averaged (3 FO steps x 1024 floats), 2 losses (forward
+    # estimator) per outer step; replicas identical; close to one process on whole batches
+    z0, z1 = r0["zofo"], r1["zofo"]
+    assert z0["checksums"] == z1["checksums"]
+    assert z0["step_bytes"] == [3 * (z0["peft_numel"] // 2) * 4 + 16] * 2
+    assert z0["peft_change"] > 1e-3 and z0["max_diff_vs_single"] < 1e-4
     # a one-ulp change on rank 1 is reported on both ranks, naming the tensor
     for r in (r0, r1):
         assert r["divergence"] is not None

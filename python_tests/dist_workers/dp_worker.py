@@ -44,6 +44,54 @@ def loss_of(model, ids, labels):
     return model(input_ids=ids, labels=labels).loss
 
 
+def zofo_check(ctx, lo, hi):
+    """Bilevel-ZOFO with LoRA on 2 ranks (P and S gradients all-reduced, theta by seed)
+    against one process on the whole batches."""
+    from peft import LoraConfig, get_peft_model
+    from zofo_kernels.optim import ZOFOOptimizer
+
+    def build():
+        base = make_model()
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                         lora_dropout=0.0, init_lora_weights="gaussian")
+        torch.manual_seed(1)
+        return get_peft_model(base, cfg)
+
+    g = torch.Generator().manual_seed(21)
+    steps = [[(torch.randint(0, 64, (BATCH, 10), generator=g),
+               torch.randint(0, 2, (BATCH,), generator=g)) for _ in range(3)] for _ in range(2)]
+    runs = {}
+    for name, rows in (("dp", slice(lo, hi)), ("ref", slice(0, BATCH))):
+        model = build()
+        model.eval()
+
+        def loss_fn(batch, model=model):
+            ids, labels = batch
+            return model(input_ids=ids, labels=labels).loss
+        opt = ZOFOOptimizer.from_peft(model, loss_fn, lr=1e-2, eps=1e-3, lam=10.0,
+                                      inner_steps=2, peft_lr=0.5, seed=77,
+                                      peft_optimizer=torch.optim.SGD)
+        driver = DataParallelZO(opt, model=model, context=ctx, check_every=1) \
+            if name == "dp" else opt
+        step_bytes = []
+        for upper, low1, low2 in steps:
+            cut = [(b[0][rows], b[1][rows]) for b in (upper, low1, low2)]
+            driver.step(cut[0], cut[1:])
+            if name == "dp":
+                step_bytes.append(driver.last_step_bytes)
+        runs[name] = (model, step_bytes,
+                      sum(p.numel() for p in opt.upper_params + opt.lower_params))
+    (m, step_bytes, n_peft), (ref, _, _) = runs["dp"], runs["ref"]
+    diff = max(float((p.detach() - q.detach()).abs().max())
+               for p, q in zip(m.parameters(), ref.parameters()))
+    fresh = dict(build().named_parameters())
+    peft_change = max(float((p.detach() - fresh[n].detach()).abs().max())
+                      for n, p in m.named_parameters() if "lora_" in n and n in fresh)
+    return {"max_diff_vs_single": diff, "step_bytes": step_bytes, "peft_numel": n_peft,
+            "peft_change": peft_change,
+            "checksums": [tensor_checksum(p) for p in m.parameters()]}
+
+
 def main():
     out_dir = sys.argv[1]
     ctx = setup_from_env(timeout_s=60)
@@ -108,6 +156,8 @@ def main():
     head(x).pow(2).mean().backward()
     result["fo_grad_diff"] = float((dp_grad - head.weight.grad).abs().max())
     result["fo_grad_bytes"] = nbytes
+
+    result["zofo"] = zofo_check(ctx, lo, hi)
 
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
