@@ -56,7 +56,7 @@ _TWO_POW_MINUS_24 = tl.constexpr(5.9604644775390625e-08)
 _TWO_POW_MINUS_24_BITS = tl.constexpr(0x33800000)
 
 
-# --------------------------------------------------------------------------- noise helpers
+# --------------------------------------------------------------------------- noise functions
 
 @triton.jit
 def _philox_words(seed, blocks, direction, PURPOSE: tl.constexpr):
@@ -169,7 +169,7 @@ def _stochastic_round(v, r, IS_BF16: tl.constexpr):
 
 
 
-# --------------------------------------------------------------------------- storage helpers
+# --------------------------------------------------------------------------- storage conversion
 # Storage codes (as zofo_kernels.backends.base.DTYPE_CODES): 0 float32, 1 bfloat16, 2 float16.
 # bfloat16 is handled on its bit pattern (loaded and stored as uint16): the widening is exact
 # and the round-to-nearest-even narrowing is explicit, so compiled and interpreted kernels
