@@ -1,0 +1,230 @@
+"""Kernel benchmark: fused perturb and restore+update against a plain copy and MeZO's way.
+
+For every size, storage dtype, backend and noise distribution it times
+  * ``perturb``: p <- p + eps*z in place (zofo_kernels.perturb_);
+  * ``update``:  the fused restore + ZO-SGD update (zofo_kernels.zo_update_, q = 1);
+and in the same run the two anchors on a tensor of the same dtype and size:
+  * ``copy``: dst.copy_(src), which reads and writes the same bytes: the bandwidth ceiling;
+  * ``mezo``: p.add_(torch.normal(0, 1, size=p.shape), alpha=eps), how MeZO perturbs.
+Effective bandwidth counts the weight bytes read plus written (2 * numel * element size).
+All candidates of one (size, dtype) are timed round-robin (one run of each in turn) after a
+warm-up, and the median of the repetitions is reported, so load from other processes hits
+all of them alike; on GPU each run is bracketed by torch.cuda.synchronize().
+
+    python benchmarks/bench_kernels.py --quick          # small sizes, a minute on 2 cores
+    python benchmarks/bench_kernels.py                  # up to 1e8 elements (CPU)
+    python benchmarks/bench_kernels.py --device cuda    # on a GPU (cuda and triton backends)
+
+Writes CSV rows (op, backend, dtype, distribution, numel, metric, value, device_name, date) to
+benchmarks/results/kernels_<device>.csv and prints a table of ratios (op / copy, op / MeZO).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+# Idle OpenMP threads sleep instead of spinning (set before torch loads its runtime): torch's
+# runtime and the one of the native module are distinct, and on a small or shared machine
+# spinning threads of one make the other wait for a scheduler time slice (~10 ms) per call.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import zofo_kernels as zk  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EPS = 1e-3
+LR = 1e-6
+REFERENCE_MAX_NUMEL = 1_000_000  # the numpy reference is slow; time it on small sizes only
+FIELDS = ["op", "backend", "dtype", "distribution", "numel", "metric", "value", "device_name",
+          "date"]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    return f"{name} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_round_robin(fns: Dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                     repeats: int) -> Dict[str, float]:
+    """Median seconds of each function, run in turn so that background load is shared."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def backends_for(device: torch.device, wanted: List[str]) -> List[str]:
+    out = []
+    for name, st in zk.available_backends().items():
+        if wanted and name not in wanted:
+            continue
+        if not st.available:
+            print(f"# backend {name}: unavailable ({st.reason})")
+            continue
+        if device.type == "cpu" and name == "triton":
+            continue  # the Triton interpreter on CPU is a test vehicle, not a fast path
+        if zk.backends.base.get(name).supports_device(device):
+            out.append(name)
+    return out
+
+
+def run(args) -> List[dict]:
+    device = torch.device(args.device)
+    dev_name = device_name(device)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    backends = backends_for(device, args.backends)
+    print(f"# device: {dev_name}; backends: {backends}; sizes: {args.sizes}")
+    rows: List[dict] = []
+
+    def add(op, backend, dtype, dist, numel, metric, value):
+        rows.append(dict(op=op, backend=backend, dtype=dtype, distribution=dist, numel=numel,
+                         metric=metric, value=f"{value:.6g}", device_name=dev_name, date=date))
+
+    table: List[Tuple] = []
+    for numel in args.sizes:
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            gen = torch.Generator(device="cpu").manual_seed(numel)
+            p = (torch.randn(numel, generator=gen) * 0.02).to(dtype).to(device)
+            src = p.clone()
+            dst = torch.empty_like(p)
+            grads = torch.tensor([0.5], dtype=torch.float32, device=device)
+            nbytes = 2 * numel * p.element_size()
+            fns: Dict[str, Callable[[], None]] = {
+                "copy|torch|-": lambda: dst.copy_(src),
+                "mezo|torch|gaussian": lambda: p.add_(
+                    torch.normal(0.0, 1.0, size=p.shape, dtype=dtype, device=device), alpha=EPS),
+            }
+            for backend in backends:
+                if backend == "reference" and numel > REFERENCE_MAX_NUMEL:
+                    continue
+                for dist in args.dists:
+                    fns[f"perturb|{backend}|{dist}"] = (
+                        lambda b=backend, d=dist: zk.perturb_(p, 1234, EPS, d, 0, backend=b))
+                    fns[f"update|{backend}|{dist}"] = (
+                        lambda b=backend, d=dist: zk.zo_update_(
+                            p, 1234, lr=LR, projected_grads=grads, restore_scale=-EPS,
+                            restore_direction=0, distribution=d, backend=b))
+            repeats = args.repeats if numel >= 10 ** 7 or args.quick else max(args.repeats, 9)
+            secs = time_round_robin(fns, device, args.warmup, repeats)
+            t_copy = secs["copy|torch|-"]
+            t_mezo = secs["mezo|torch|gaussian"]
+            for key, t in secs.items():
+                op, backend, dist = key.split("|")
+                add(op, backend, dname, dist, numel, "time_ms", 1e3 * t)
+                add(op, backend, dname, dist, numel, "gbps", nbytes / t / 1e9)
+                if op not in ("copy", "mezo"):
+                    add(op, backend, dname, dist, numel, "ratio_copy", t_copy / t)
+                    add(op, backend, dname, dist, numel, "ratio_mezo", t_mezo / t)
+                table.append((numel, dname, op, backend, dist, 1e3 * t, nbytes / t / 1e9,
+                              t_copy / t, t_mezo / t))
+            del p, src, dst
+    print_table(table)
+    return rows
+
+
+def print_table(table) -> None:
+    head = f"{'numel':>11} {'dtype':5} {'op':8} {'backend':9} {'dist':10} {'ms':>9} {'GB/s':>7} " \
+           f"{'/copy':>6} {'/mezo':>6}"
+    print(head)
+    print("-" * len(head))
+    for numel, dname, op, backend, dist, ms, gbps, rc, rm in table:
+        print(f"{numel:>11} {dname:5} {op:8} {backend:9} {dist:10} {ms:9.3f} {gbps:7.2f} "
+              f"{rc:6.2f} {rm:6.2f}")
+
+
+def write_csv(rows: List[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"# wrote {len(rows)} rows to {path}")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small sizes only (1e4 .. 1e6)")
+    ap.add_argument("--sizes", type=float, nargs="+", help="element counts (default by device)")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    ap.add_argument("--dists", nargs="+", default=["rademacher", "gaussian"],
+                    choices=["rademacher", "gaussian"])
+    ap.add_argument("--backends", nargs="+", default=[],
+                    help="backends to time (default: every available one for the device)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--out", help="CSV path (default benchmarks/results/kernels_<device>.csv)")
+    args = ap.parse_args(argv)
+    if args.sizes is None:
+        if args.quick:
+            args.sizes = [1e4, 1e5, 1e6]
+        elif args.device.startswith("cuda"):
+            args.sizes = [1e5, 1e6, 1e7, 1e8, 5e8]
+        else:
+            args.sizes = [1e4, 1e5, 1e6, 1e7, 1e8]
+    args.sizes = [int(s) for s in args.sizes]
+    if any(s <= 0 for s in args.sizes):
+        ap.error("sizes must be positive")
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.out is None:
+        dev = torch.device(args.device)
+        tag = "cpu" if dev.type == "cpu" else f"cuda_{slug(torch.cuda.get_device_name(dev))}"
+        args.out = os.path.join(HERE, "results", f"kernels_{tag}.csv")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = run(args)
+    write_csv(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
