@@ -7,6 +7,7 @@
 * ``opt-125m``, ``opt-350m``, ``opt-1.3b``: OPT-shaped models with **random** weights built
   from a ``transformers`` config (memory and throughput at LLM shapes; nothing is
   downloaded);
+* ``minilm-random``: MiniLM-L6's shape with random weights (the benchmark's quick default);
 * ``tiny-bert``, ``tiny-opt``: very small random-init models for tests;
 * a local folder with a ``config.json`` (``from_pretrained``), or a hub id, which is only
   tried when the hub is reachable and ``HF_HUB_OFFLINE`` is not set.
@@ -36,6 +37,9 @@ PRESETS = {
     "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
                              ffn_dim=8192, word_embed_proj_dim=2048, vocab_size=50272,
                              max_position_embeddings=2048)),
+    "minilm-random": ("bert", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                   intermediate_size=1536, vocab_size=30522,
+                                   max_position_embeddings=512)),
     "tiny-opt": ("opt", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                              ffn_dim=64, word_embed_proj_dim=32, vocab_size=30522,
                              max_position_embeddings=128)),

@@ -41,11 +41,12 @@ METHODS = ("bilevel-zofo", "mezo", "mezo-lora", "fo-lora", "fo-full")
 # Per-method defaults for a ~20 M-parameter model; every one can be overridden on the
 # command line. The SST-2 study picks them by a sweep on held-out training examples.
 DEFAULTS = {
-    "mezo": dict(lr=1e-5, eps=1e-3),
-    "mezo-lora": dict(lr=1e-3, eps=1e-2),
+    "mezo": dict(lr=1e-5, eps=1e-3, estimator="central"),
+    "mezo-lora": dict(lr=1e-3, eps=1e-2, estimator="central"),
     "fo-lora": dict(lr=1e-3),
     "fo-full": dict(lr=3e-5),
-    "bilevel-zofo": dict(lr=1e-6, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=5),
+    "bilevel-zofo": dict(lr=1e-6, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=5,
+                         estimator="forward"),
 }
 
 
@@ -204,14 +205,11 @@ class BilevelRunner(Runner):
         self.lower, self.upper = lower, upper
         self.device = device
         self.inner_steps = inner_steps
-        kwargs = dict(lr=lr, eps=eps, lam=lam, inner_steps=inner_steps,
-                      peft_optimizer=torch.optim.Adam, peft_lr=peft_lr, estimator=estimator)
-        optional = dict(weight_decay=weight_decay, seed=seed, backend=backend,
-                        distribution=distribution)
-        import inspect
-        accepted = inspect.signature(ZOFOOptimizer.from_peft).parameters
-        kwargs.update({k: v for k, v in optional.items() if k in accepted})
-        self.opt = ZOFOOptimizer.from_peft(model, self.loss, **kwargs)
+        self.opt = ZOFOOptimizer.from_peft(
+            model, lambda batch: self.loss(model, batch), lr=lr, eps=eps, lam=lam,
+            inner_steps=inner_steps, peft_optimizer=torch.optim.Adam, peft_lr=peft_lr,
+            estimator=estimator, weight_decay=weight_decay, seed=seed, backend=backend,
+            distribution=distribution)
 
     @property
     def forward_count(self) -> int:
@@ -227,14 +225,9 @@ class BilevelRunner(Runner):
 
     def step(self) -> float:
         upper = _to(next(self.upper), self.device)
-        lowers = [_to(next(self.lower), self.device) for _ in range(self.inner_steps)]
-        out = self.opt.step(upper, lowers)
-        if isinstance(out, dict):
-            for key in ("loss", "upper_loss", "f"):
-                if key in out:
-                    return float(out[key])
-            return float(next(iter(out.values())))
-        return float(out)
+        lowers = [_to(next(self.lower), self.device) for _ in range(max(1, self.inner_steps))]
+        result = self.opt.step(upper, lowers)
+        return float(result.upper_loss)
 
     def save(self, folder: Path) -> None:
         self.model.save_pretrained(str(folder / "adapter"))
@@ -291,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--eps", type=float, default=None, help="ZO perturbation scale")
     h.add_argument("--weight-decay", type=float, default=0.0)
     h.add_argument("--distribution", default="gaussian", choices=("gaussian", "rademacher"))
-    h.add_argument("--estimator", default="central", choices=("central", "forward"))
+    h.add_argument("--estimator", default=None, choices=("central", "forward"),
+                   help="ZO estimator (default: central for mezo/mezo-lora as in MeZO, "
+                        "forward for bilevel-zofo as in the Bilevel-ZOFO code)")
     h.add_argument("--n-directions", type=int, default=1)
     h.add_argument("--lam", type=float, default=None, help="bilevel-zofo penalty weight")
     h.add_argument("--inner-steps", type=int, default=None, help="bilevel-zofo K")
@@ -343,13 +338,13 @@ def _make_runner(args, model, device, train_enc, lower_enc, upper_enc) -> Runner
         return BilevelRunner(model, loss_fn, lower, upper, device, lr=_hp(args, "lr"),
                              eps=_hp(args, "eps"), lam=_hp(args, "lam"),
                              inner_steps=_hp(args, "inner_steps"), peft_lr=_hp(args, "peft_lr"),
-                             estimator=args.estimator, weight_decay=args.weight_decay,
+                             estimator=_hp(args, "estimator"), weight_decay=args.weight_decay,
                              seed=seed, backend=args.backend, distribution=args.distribution)
     stream = data_mod.BatchStream(train_enc, args.batch_size, seed + 1)
     if args.method in ("mezo", "mezo-lora"):
         return ZORunner(args.method, model, loss_fn, stream, device, lr=_hp(args, "lr"),
                         eps=_hp(args, "eps"), weight_decay=args.weight_decay,
-                        distribution=args.distribution, estimator=args.estimator,
+                        distribution=args.distribution, estimator=_hp(args, "estimator"),
                         n_directions=args.n_directions, seed=seed, backend=args.backend,
                         peft=args.method == "mezo-lora")
     return FORunner(args.method, model, loss_fn, stream, device, lr=_hp(args, "lr"),
@@ -498,7 +493,7 @@ def run(args) -> dict:
         stopped_on_nonfinite_loss=nonfinite,
         hyperparameters=dict(lr=_hp(args, "lr"), eps=_hp(args, "eps"),
                              weight_decay=args.weight_decay, batch_size=args.batch_size,
-                             max_length=args.max_length, estimator=args.estimator,
+                             max_length=args.max_length, estimator=_hp(args, "estimator"),
                              distribution=args.distribution, n_directions=args.n_directions,
                              lam=_hp(args, "lam"), inner_steps=_hp(args, "inner_steps"),
                              peft_lr=_hp(args, "peft_lr"), lora_r=args.lora_r,

@@ -1,0 +1,84 @@
+"""zofo-bench: step split, memory subprocesses, report files, target checks."""
+
+import csv
+import json
+
+import pytest
+
+from zofo_kernels import bench
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_bench_end_to_end_on_a_tiny_model(tmp_path):
+    assert bench.main(["--model", "tiny-bert", "--batch-size", "2", "--seq-len", "8",
+                       "--repeats", "2", "--warmup", "1", "--memory-steps", "1",
+                       "--output", str(tmp_path), "--tag", "t", "--no-progress"]) == 0
+    steps = {r["method"]: r for r in _rows(tmp_path / "steps_t.csv")}
+    assert set(steps) == set(bench.METHODS)
+    per_step = {m: (int(r["forwards_per_step"]), int(r["backwards_per_step"]))
+                for m, r in steps.items()}
+    assert per_step == {"forward": (1, 0), "zo": (2, 0), "zo-rademacher": (2, 0),
+                        "mezo-ref": (2, 0), "fo-full": (1, 1), "fo-lora": (1, 1),
+                        # K=1 lower step, FO upper step (f and g), forward-difference ZO on
+                        # the three-forward objective
+                        "bilevel-zofo": (1 + 2 + 6, 1 + 2)}
+    for r in steps.values():
+        step, fwd, other = float(r["step_s"]), float(r["forward_s"]), float(r["other_s"])
+        assert step > 0 and 0 < fwd <= step * 1.0001
+        assert abs(step - fwd - other) < 0.5 * step + 1e-4
+        assert int(r["repeats"]) == 2
+    assert steps["forward"]["step_over_2fwd"] == ""
+    assert float(steps["zo"]["step_over_2fwd"]) > 0
+    assert float(steps["zo"]["mezo_ref_over_step"]) > 0
+
+    mem = {r["method"]: r for r in _rows(tmp_path / "memory_t.csv")}
+    assert set(mem) == set(bench.MEMORY_METHODS)
+    model_bytes = int(mem["inference"]["model_bytes"])
+    # Adam on every weight keeps a gradient and two moments: at least 2 extra copies.
+    assert (int(mem["fo-full"]["extra_peak_bytes"])
+            >= int(mem["inference"]["extra_peak_bytes"]) + 2 * model_bytes)
+    assert float(mem["inference"]["extra_over_inference_pct_of_model"]) == 0.0
+    md = (tmp_path / "bench_t.md").read_text()
+    assert "| tiny-bert | zo |" in md and "extra peak" in md
+    for name in ("steps_t.png", "memory_t.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    checks = _rows(tmp_path / "checks_t.csv")
+    assert {c["check"] for c in checks} >= {"ZO step (Gaussian) / two forward passes",
+                                            "MeZO reference step / ZO step (Gaussian)"}
+
+
+def test_checks_apply_the_targets():
+    step_rows = [dict(model="m", method="zo", step_over_2fwd=1.05, mezo_ref_over_step=2.5),
+                 dict(model="m", method="zo-rademacher", step_over_2fwd=1.2,
+                      mezo_ref_over_step=1.5)]
+    mem_rows = [dict(model="m", method="zo", extra_over_inference_pct_of_model=0.2,
+                     total_peak_bytes=100),
+                dict(model="m", method="bilevel-zofo", total_peak_bytes=120),
+                dict(model="m", method="fo-lora", total_peak_bytes=100)]
+    got = {c["check"]: c["passed"] for c in bench.checks(step_rows, mem_rows)}
+    assert got == {"ZO step (Gaussian) / two forward passes": True,
+                   "MeZO reference step / ZO step (Gaussian)": True,
+                   "ZO step (Rademacher) / two forward passes": False,
+                   "MeZO reference step / ZO step (Rademacher)": False,
+                   "ZO extra peak over inference, % of weights": True,
+                   "Bilevel-ZOFO / FO-LoRA peak (weights + extra)": False}
+
+
+def test_memory_worker_reports_fo_state(tmp_path):
+    spec = dict(model="tiny-opt", method="fo-full", device="cpu", dtype="float32",
+                backend=None, inner_steps=1, memory_steps=1, batch_size=2, seq_len=8,
+                threads=1)
+    r = bench.memory_worker(spec)
+    assert r["kind"] == "peak RSS" and r["extra_peak_bytes"] > 0
+    json.dumps(r)
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit, match="unknown model"):
+        bench.main(["--model", "gpt-9", "--no-memory"])
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "sgd"])

