@@ -484,8 +484,8 @@ def test_prefix_and_prompt_tuning_training_loss_decreases(kind):
     def loss_fn(batch):
         return pm(**batch).loss
 
-    opt = ZOFOOptimizer.from_peft(pm, loss_fn, lr=1e-3, eps=1e-3, lam=1.0, inner_steps=2,
-                                  peft_lr=5e-2, seed=0)
+    opt = ZOFOOptimizer.from_peft(pm, loss_fn, lr=5e-3, eps=1e-3, lam=1.0, inner_steps=2,
+                                  peft_lr=0.2, seed=0)
     assert all("prompt_encoder" in n for n, p in pm.named_parameters()
                if any(p is q for q in opt.upper_params))
     lower, upper = lm_batches(1, 4), lm_batches(2, 2)

@@ -3,9 +3,12 @@ variant."""
 
 from .layout import zo_layout, zo_numel
 from .zo import NonFiniteLossError, ZOOptimizer, step_seed, zo_param_groups
+from .meta import MetaStepResult, MetaZOFOOptimizer
 from .zofo import ZOFOOptimizer, ZOFOStepResult
 
 __all__ = [
+    "MetaStepResult",
+    "MetaZOFOOptimizer",
     "NonFiniteLossError",
     "ZOFOOptimizer",
     "ZOFOStepResult",

@@ -1,0 +1,173 @@
+"""MetaZOFOOptimizer: shared backbone, one PEFT pair per task, one ZO update on the sum."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zofo_kernels.optim import MetaZOFOOptimizer
+
+TASKS = ("a", "b", "c")
+
+
+class MultiNet(torch.nn.Module):
+    """Shared backbone (body, head) and two residual adapters per task."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.body = torch.nn.Linear(6, 8)
+        self.head = torch.nn.Linear(8, 2)
+        self.adapters = torch.nn.ModuleDict(
+            {f"{t}_{lv}": torch.nn.Linear(8, 8, bias=False) for t in TASKS
+             for lv in ("upper", "lower")})
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            for t in TASKS:
+                self.adapters[f"{t}_lower"].weight.copy_(self.adapters[f"{t}_upper"].weight)
+        self.active = "a_upper"
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.head(h + self.adapters[self.active](h))
+
+    def backbone(self):
+        return [self.body.weight, self.body.bias, self.head.weight, self.head.bias]
+
+
+def task_data(task_index, seed, size=16):
+    """Task t: binary labels from its own random linear teacher."""
+    teacher = torch.randn(6, generator=torch.Generator().manual_seed(100 + task_index))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, 6, generator=g)
+    return x, (x @ teacher > 0).long()
+
+
+def make(net, calls=None, **kw):
+    specs = {}
+    for t in TASKS:
+        def select(level, t=t):
+            net.active = f"{t}_{level}"
+
+        def loss_fn(batch, t=t):
+            if calls is not None:
+                calls.append(net.active)
+            assert net.active.startswith(t + "_")
+            x, y = batch
+            return F.cross_entropy(net(x), y)
+
+        specs[t] = dict(upper_params=[net.adapters[f"{t}_upper"].weight],
+                        lower_params=[net.adapters[f"{t}_lower"].weight],
+                        select_adapter=select, loss_fn=loss_fn)
+    args = dict(lr=0.05, eps=1e-3, lam=1.0, inner_steps=2, peft_lr=1e-2, seed=0)
+    args.update(kw)
+    return MetaZOFOOptimizer(net.backbone(), specs, **args)
+
+
+def objective(net, task_index, x_up, x_low):
+    """f_t at P_t on the task's upper data (what evaluation measures)."""
+    t = TASKS[task_index]
+    net.active = f"{t}_upper"
+    with torch.no_grad():
+        return F.cross_entropy(net(x_up[0]), x_up[1]).item()
+
+
+def test_every_task_improves():
+    net = MultiNet()
+    opt = make(net)
+    data = {t: (task_data(i, 1), [task_data(i, 2), task_data(i, 3)]) for i, t in enumerate(TASKS)}
+    start = [objective(net, i, data[t][0], data[t][1]) for i, t in enumerate(TASKS)]
+    for step in range(60):
+        sampled = [TASKS[step % 3], TASKS[(step + 1) % 3]]  # two of the three tasks per step
+        res = opt.step({t: data[t] for t in sampled})
+        assert set(res.tasks) == set(sampled)
+    end = [objective(net, i, data[t][0], data[t][1]) for i, t in enumerate(TASKS)]
+    for s, e in zip(start, end):
+        assert e < 0.8 * s, (start, end)
+
+
+def test_one_zo_update_on_the_sum_of_task_objectives():
+    """With lr = 0 for theta and an exact (dyadic, Rademacher) perturbation round trip, the
+    unperturbed ZO loss (forward estimator) must equal sum_t L_t evaluated afterwards."""
+    net = MultiNet()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in net.backbone():
+            p.copy_(torch.randint(-512, 512, p.shape, generator=g).float() / 1024)
+    calls = []
+    opt = make(net, calls=calls, lr=0.0, eps=2.0**-6, distribution="rademacher", lam=0.5)
+    theta0 = [p.detach().clone() for p in net.backbone()]
+    batches = {t: (task_data(i, 10), [task_data(i, 11), task_data(i, 12)])
+               for i, t in enumerate(TASKS[:2])}
+    res = opt.step(batches)
+    assert all(torch.equal(p, q) for p, q in zip(net.backbone(), theta0))
+    total = 0.0
+    with torch.no_grad():
+        for t, (ub, lbs) in batches.items():
+            net.active = f"{t}_upper"
+            f = F.cross_entropy(net(ub[0]), ub[1]).double()
+            gp = F.cross_entropy(net(lbs[-1][0]), lbs[-1][1]).double()
+            net.active = f"{t}_lower"
+            gs = F.cross_entropy(net(lbs[-1][0]), lbs[-1][1]).double()
+            total += (f + 0.5 * (gp - gs)).item()
+    assert opt.zo.last_step["losses"][0] == pytest.approx(total, rel=1e-12)
+    assert res.objective == opt.zo.last_step["losses"][0]
+    assert len(opt.zo.last_step["losses"]) == 2  # one ZO step (forward: L0 and L+) in all
+    # task c was not sampled: its adapters were never selected
+    assert not any(c.startswith("c_") for c in calls)
+    # K lower + 2 upper per task, then 3 forwards per task per ZO evaluation
+    assert opt.forward_count == 2 * (2 + 2) + 2 * 2 * 3 == len(calls)
+
+
+def test_bad_input():
+    net = MultiNet()
+    with pytest.raises(ValueError):
+        MetaZOFOOptimizer(net.backbone(), {}, lr=0.1)
+    with pytest.raises(ValueError):
+        MetaZOFOOptimizer(net.backbone(), {"a": {"upper_params": []}}, lr=0.1)
+    opt = make(net)
+    with pytest.raises(KeyError):
+        opt.step({"zzz": (task_data(0, 1), [task_data(0, 2), task_data(0, 3)])})
+    with pytest.raises(ValueError):
+        opt.step({"a": (task_data(0, 1), [task_data(0, 2)])})  # inner_steps = 2
+
+
+def test_from_peft_meta_lora():
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32, num_labels=2)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    pm = peft.get_peft_model(model, peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=2,
+                                                    target_modules=["query", "value"]))
+
+    def loss_fn(batch):
+        return pm(input_ids=batch[0], labels=batch[1]).loss
+
+    opt = MetaZOFOOptimizer.from_peft(pm, ["t0", "t1", "t2"], loss_fn, lr=1e-3, inner_steps=1,
+                                      peft_lr=1e-2, seed=0)
+    assert set(pm.peft_config) == {"default"} | {f"t{i}_{lv}" for i in range(3)
+                                                 for lv in ("upper", "lower")}
+    names = {id(p): n for n, p in pm.named_parameters()}
+    backbone = [names[id(p)] for g in opt.zo.param_groups for p in g["params"]]
+    assert not any("lora_" in n or "modules_to_save" in n for n in backbone)
+
+    def data(seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 40, (6, 5), generator=g)
+        return x, (x[:, 0] % 2)
+
+    before = {i: [p.detach().clone() for p in opt.pairs[f"t{i}"].upper] for i in range(3)}
+    theta0 = [p.detach().clone() for g in opt.zo.param_groups for p in g["params"]]
+    res = opt.step({"t0": (data(1), [data(2)]), "t2": (data(3), [data(4)])})
+    assert set(res.tasks) == {"t0", "t2"}
+    changed = {i: any(not torch.equal(p, b) for p, b in zip(opt.pairs[f"t{i}"].upper, before[i]))
+               for i in range(3)}
+    assert changed == {0: True, 1: False, 2: True}
+    assert any(not torch.equal(p, q) for p, q in
+               zip([p for g in opt.zo.param_groups for p in g["params"]], theta0))
+    opt.eval_mode("t1")
+    assert pm.active_adapter == "t1_upper"
+    with pytest.raises(ValueError):
+        MetaZOFOOptimizer.from_peft(pm, ["t0"], loss_fn, lr=1e-3)  # adapters exist already
