@@ -215,7 +215,7 @@ void parallel_units(const std::vector<Segment>& segs, int num_threads, Body&& bo
 // ----------------------------------------------------------------------------- operations
 
 template <typename T, bool kRestore>
-inline void perturb_elems(T* __restrict p, int64_t n, const float* __restrict zd,
+inline void perturb_elems(typename Storage<T>::raw_t* __restrict p, int64_t n, const float* __restrict zd,
                           const float* __restrict zr, float s, float rs) {
   for (int64_t e = 0; e < n; ++e) {
     float w = Storage<T>::load(p[e]);
@@ -233,7 +233,7 @@ void perturb_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, fl
     alignas(64) float zr[kBlock];
     for_units(segs, plan, begin, end, [&](size_t t, uint64_t unit, int64_t local, int64_t n,
                                           int j0) {
-      T* p = static_cast<T*>(segs[t].ptr) + local;
+      auto* p = static_cast<typename Storage<T>::raw_t*>(segs[t].ptr) + local;
       noise_unit(seed, unit, dir, dist, zd);
       if (restore) {
         noise_unit(seed, unit, rdir, dist, zr);
@@ -246,7 +246,7 @@ void perturb_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, fl
 }
 
 template <typename T, bool kRestore, bool kStochastic>
-inline void update_elems(T* __restrict p, int64_t n, const float* __restrict d,
+inline void update_elems(typename Storage<T>::raw_t* __restrict p, int64_t n, const float* __restrict d,
                          const float* __restrict zr, const uint32_t* __restrict r, float rs,
                          float lr, float wd) {
   for (int64_t e = 0; e < n; ++e) {
@@ -272,7 +272,7 @@ void update_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, flo
     alignas(64) uint32_t r[kBlock];
     for_units(segs, plan, begin, end, [&](size_t t, uint64_t unit, int64_t local, int64_t n,
                                           int j0) {
-      T* p = static_cast<T*>(segs[t].ptr) + local;
+      auto* p = static_cast<typename Storage<T>::raw_t*>(segs[t].ptr) + local;
       if (restore) noise_unit(seed, unit, rdir, dist, zr);
       for (int64_t k = 0; k < q; ++k) {
         const float* zk = z;

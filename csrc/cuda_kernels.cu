@@ -48,40 +48,29 @@ __device__ __forceinline__ void noise4(uint64_t seed, uint64_t group, uint32_t d
   }
 }
 
-// Raw 16-bit storage is handled as uint16_t; float32 as float.
+// Four stored elements as one vector: 16 bytes of float32, 8 bytes of 16-bit values.
 template <typename T>
-struct Raw {
-  using type = uint16_t;
-  using vec4 = uint2;  // 8 bytes
+struct Vec4 {
+  using type = uint2;
 };
 template <>
-struct Raw<float> {
-  using type = float;
-  using vec4 = float4;  // 16 bytes
+struct Vec4<float> {
+  using type = float4;
 };
-
-template <typename T>
-__device__ __forceinline__ float load_one(const typename Raw<T>::type* p, int64_t i) {
-  return Storage<T>::load(reinterpret_cast<const T*>(p)[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store_one(typename Raw<T>::type* p, int64_t i, float v) {
-  reinterpret_cast<T*>(p)[i] = Storage<T>::store(v);
-}
 
 // Loads the elements of one group into w[4]; `mask` bit m set when element m is in the row.
 template <typename T>
-__device__ __forceinline__ bool load_group(const typename Raw<T>::type* p, int64_t local0,
+__device__ __forceinline__ bool load_group(const typename Storage<T>::raw_t* p, int64_t local0,
                                            int64_t numel, float w[4], int* mask) {
-  using V = typename Raw<T>::vec4;
+  using R = typename Storage<T>::raw_t;
+  using V = typename Vec4<T>::type;
   const bool full = local0 >= 0 && local0 + 4 <= numel;
   const bool aligned = full && (reinterpret_cast<uintptr_t>(p + local0) % sizeof(V) == 0);
   if (aligned) {
     const V v = *reinterpret_cast<const V*>(p + local0);
-    const typename Raw<T>::type* e = reinterpret_cast<const typename Raw<T>::type*>(&v);
+    const R* e = reinterpret_cast<const R*>(&v);
 #pragma unroll
-    for (int m = 0; m < 4; ++m) w[m] = Storage<T>::load(reinterpret_cast<const T*>(e)[m]);
+    for (int m = 0; m < 4; ++m) w[m] = Storage<T>::load(e[m]);
     *mask = 0xF;
     return true;
   }
@@ -90,7 +79,7 @@ __device__ __forceinline__ bool load_group(const typename Raw<T>::type* p, int64
   for (int m = 0; m < 4; ++m) {
     const int64_t i = local0 + m;
     if (i >= 0 && i < numel) {
-      w[m] = load_one<T>(p, i);
+      w[m] = Storage<T>::load(p[i]);
       *mask |= 1 << m;
     } else {
       w[m] = 0.0f;
@@ -100,12 +89,13 @@ __device__ __forceinline__ bool load_group(const typename Raw<T>::type* p, int64
 }
 
 template <typename T>
-__device__ __forceinline__ void store_group(typename Raw<T>::type* p, int64_t local0,
+__device__ __forceinline__ void store_group(typename Storage<T>::raw_t* p, int64_t local0,
                                             bool vector, int mask, const float v[4]) {
-  using V = typename Raw<T>::vec4;
+  using R = typename Storage<T>::raw_t;
+  using V = typename Vec4<T>::type;
   if (vector) {
     V out;
-    T* e = reinterpret_cast<T*>(&out);
+    R* e = reinterpret_cast<R*>(&out);
 #pragma unroll
     for (int m = 0; m < 4; ++m) e[m] = Storage<T>::store(v[m]);
     *reinterpret_cast<V*>(p + local0) = out;
@@ -113,7 +103,7 @@ __device__ __forceinline__ void store_group(typename Raw<T>::type* p, int64_t lo
   }
 #pragma unroll
   for (int m = 0; m < 4; ++m)
-    if (mask & (1 << m)) store_one<T>(p, local0 + m, v[m]);
+    if (mask & (1 << m)) p[local0 + m] = Storage<T>::store(v[m]);
 }
 
 template <typename T>
@@ -121,7 +111,7 @@ __global__ void perturb_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t 
                                int64_t total, uint64_t seed, int distribution, float scale,
                                uint32_t direction, float restore_scale,
                                uint32_t restore_direction) {
-  using R = typename Raw<T>::type;
+  using R = typename Storage<T>::raw_t;
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < total; g += stride) {
     const ZofoSegmentRow row = rows[find_row(rows, num_rows, g)];
@@ -149,7 +139,7 @@ __global__ void update_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t n
                               const float* __restrict__ grads, int64_t q, float restore_scale,
                               uint32_t restore_direction, float weight_decay,
                               bool stochastic) {
-  using R = typename Raw<T>::type;
+  using R = typename Storage<T>::raw_t;
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < total; g += stride) {
     const ZofoSegmentRow row = rows[find_row(rows, num_rows, g)];

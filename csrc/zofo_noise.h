@@ -241,11 +241,14 @@ ZOFO_HD float rademacher_from_words(const uint32_t w[4], int bit) {
 
 ZOFO_HD float bf16_to_f32(uint16_t h) { return u2f((uint32_t)h << 16); }
 
+// The conversions below compute every case and select, without branches, so that the CPU
+// loops over arrays of them vectorise.
+
 // Round to nearest even; NaN becomes the quiet NaN 0x7FC0 (as c10::BFloat16 does).
 ZOFO_HD uint16_t f32_to_bf16(float x) {
   const uint32_t b = f2u(x);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)0x7FC0u;
-  return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  return (uint16_t)((b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
 
 // Exact. Normal halves: shift the bits into float32 position and rebias the exponent by
@@ -254,67 +257,65 @@ ZOFO_HD uint16_t f32_to_bf16(float x) {
 ZOFO_HD float f16_to_f32(uint16_t h) {
   const uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
   const uint32_t mag = (uint32_t)h & 0x7FFFu;
-  uint32_t v;
-  if (mag >= 0x7C00u) {
-    v = 0x7F800000u | (mag << 13);
-  } else if (mag >= 0x0400u) {
-    v = (mag << 13) + 0x38000000u;
-  } else {
-    v = f2u((float)(int32_t)mag * 5.9604644775390625e-08f);  // 2**-24
-  }
+  const uint32_t special = 0x7F800000u | (mag << 13);
+  const uint32_t normal = (mag << 13) + 0x38000000u;
+  const uint32_t subnormal = f2u((float)(int32_t)mag * 5.9604644775390625e-08f);  // 2**-24
+  uint32_t v = mag >= 0x0400u ? normal : subnormal;
+  v = mag >= 0x7C00u ? special : v;
   return u2f(v | sign);
 }
 
-// Round to nearest even, IEEE binary16: overflow to infinity, subnormals, NaN -> 0x7E00.
+// Round to nearest even, IEEE binary16: overflow to infinity, subnormals, NaN -> 0x7E00
+// (as c10::Half does).
 ZOFO_HD uint16_t f32_to_f16(float x) {
   const uint32_t b = f2u(x);
   const uint32_t sign = (b >> 16) & 0x8000u;
   const uint32_t mag = b & 0x7FFFFFFFu;
-  uint32_t h;
-  if (mag > 0x7F800000u) {
-    h = 0x7E00u;
-  } else if (mag >= 0x477FF000u) {  // >= 65520 (and inf): rounds to infinity
-    h = 0x7C00u;
-  } else if (mag >= 0x38800000u) {  // >= 2**-14: normal half; rebias and round on bit 13
-    h = (mag - 0x38000000u + 0x0FFFu + ((mag >> 13) & 1u)) >> 13;
-  } else {  // subnormal half or zero: let the FPU round in the binade [0.5, 1)
-    h = f2u(u2f(mag) + 0.5f) - 0x3F000000u;
-  }
+  // >= 2**-14: normal half; rebias the exponent and round on bit 13
+  const uint32_t normal = (mag - 0x38000000u + 0x0FFFu + ((mag >> 13) & 1u)) >> 13;
+  // below: subnormal half or zero; the FPU rounds in the binade [0.5, 1), whose spacing is
+  // the subnormal half spacing 2**-24
+  const uint32_t subnormal = f2u(u2f(mag < 0x38800000u ? mag : 0u) + 0.5f) - 0x3F000000u;
+  uint32_t h = mag >= 0x38800000u ? normal : subnormal;
+  h = mag >= 0x477FF000u ? 0x7C00u : h;  // >= 65520 (and inf): rounds to infinity
+  h = mag > 0x7F800000u ? 0x7E00u : h;   // NaN
   return (uint16_t)(h | sign);
 }
 
-// Storage conversions selected by a type. float32 is the identity.
+// Storage conversions selected by a tag type. raw_t is the type of one stored element
+// (float, or the uint16_t bit pattern of a bfloat16/float16); load/store convert between it and
+// float32, round() is store-then-load (round to nearest even in the storage type). Plain
+// scalar types let the CPU loops vectorise.
+struct BF16Bits {};
+struct F16Bits {};
+
 template <typename T>
 struct Storage;
 
 template <>
 struct Storage<float> {
+  using raw_t = float;
   static constexpr int kCode = kFloat32;
   ZOFO_HD static float load(float v) { return v; }
   ZOFO_HD static float store(float v) { return v; }
   ZOFO_HD static float round(float v) { return v; }
 };
 
-struct BF16Bits {
-  uint16_t x;
-};
-struct F16Bits {
-  uint16_t x;
-};
-
 template <>
 struct Storage<BF16Bits> {
+  using raw_t = uint16_t;
   static constexpr int kCode = kBFloat16;
-  ZOFO_HD static float load(BF16Bits v) { return bf16_to_f32(v.x); }
-  ZOFO_HD static BF16Bits store(float v) { return BF16Bits{f32_to_bf16(v)}; }
+  ZOFO_HD static float load(uint16_t v) { return bf16_to_f32(v); }
+  ZOFO_HD static uint16_t store(float v) { return f32_to_bf16(v); }
   ZOFO_HD static float round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 };
 
 template <>
 struct Storage<F16Bits> {
+  using raw_t = uint16_t;
   static constexpr int kCode = kFloat16;
-  ZOFO_HD static float load(F16Bits v) { return f16_to_f32(v.x); }
-  ZOFO_HD static F16Bits store(float v) { return F16Bits{f32_to_f16(v)}; }
+  ZOFO_HD static float load(uint16_t v) { return f16_to_f32(v); }
+  ZOFO_HD static uint16_t store(float v) { return f32_to_f16(v); }
   ZOFO_HD static float round(float v) { return f16_to_f32(f32_to_f16(v)); }
 };
 
@@ -326,23 +327,19 @@ ZOFO_HD float stochastic_round(float x, uint32_t r, int kind) {
   const uint32_t bits = f2u(x);
   const uint32_t sign = bits & 0x80000000u;
   const uint32_t mag = bits & 0x7FFFFFFFu;
-  if (mag >= 0x7F800000u) return x;  // non-finite: unchanged
-  int32_t shift = 16;
-  if (kind == kFloat16) {
-    const int32_t exp = (int32_t)(mag >> 23);
-    const int32_t extra = -14 - (exp - 127);
-    shift = 13 + (extra > 0 ? extra : 0);
-  }
-  uint32_t out;
-  if (shift > 23) {  // float16 only, |x| < 2**-24: 2**-24 with probability |x| * 2**24
-    const float scaled = u2f(mag) * 16777216.0f;
-    const float uniform24 = (float)(r >> 8) * 5.9604644775390625e-08f;
-    out = uniform24 < scaled ? 0x33800000u : 0u;
-  } else {
-    const uint32_t mask = (1u << shift) - 1u;
-    out = (mag + (r & mask)) & ~mask;
-  }
-  return u2f(out | sign);
+  // dropped low bits: 16 for bfloat16; for float16 13, plus one per binade below 2**-14
+  const int32_t extra = 113 - (int32_t)(mag >> 23);  // -14 - (exponent - 127)
+  const int32_t shift16 = 13 + (extra > 0 ? extra : 0);
+  const int32_t shift_raw = kind == kFloat16 ? shift16 : 16;
+  const int32_t shift = shift_raw > 23 ? 23 : shift_raw;
+  const uint32_t mask = (1u << shift) - 1u;
+  const uint32_t rounded = (mag + (r & mask)) & ~mask;
+  // float16 only, |x| < 2**-24: 2**-24 with probability |x| * 2**24 (top 24 bits of r)
+  const float scaled = u2f(mag) * 16777216.0f;
+  const float uniform24 = (float)(int32_t)(r >> 8) * 5.9604644775390625e-08f;
+  const uint32_t tiny = uniform24 < scaled ? 0x33800000u : 0u;
+  const uint32_t out = (shift_raw > 23 ? tiny : rounded) | sign;
+  return mag >= 0x7F800000u ? x : u2f(out);  // non-finite: unchanged
 }
 
 // ----------------------------------------------------------------------------- element formulas
