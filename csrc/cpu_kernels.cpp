@@ -54,30 +54,39 @@ inline void philox_lanes(uint64_t seed, uint64_t unit, uint32_t direction, uint3
   uint32_t k0 = (uint32_t)seed;
   uint32_t k1 = (uint32_t)(seed >> 32);
 #if defined(__AVX512F__)
+  // kV registers of 16 lanes, advanced round by round together so that their independent
+  // multiply chains overlap (one chain alone is latency-bound).
+  constexpr int kV = kLanes / 16;
   const __m512i m0 = _mm512_set1_epi32((int)kPhiloxM0);
   const __m512i m1 = _mm512_set1_epi32((int)kPhiloxM1);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int v = 0; v < kLanes / 16; ++v) {
-    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32((int)(lo + 16u * v)), iota);
-    __m512i c1 = _mm512_set1_epi32((int)hi);
-    __m512i c2 = _mm512_set1_epi32((int)direction);
-    __m512i c3 = _mm512_set1_epi32((int)purpose);
-    uint32_t a0 = k0, a1 = k1;
-    for (int r = 0; r < kPhiloxRounds; ++r) {
+  __m512i c0[kV], c1[kV], c2[kV], c3[kV];
+  for (int v = 0; v < kV; ++v) {
+    c0[v] = _mm512_add_epi32(_mm512_set1_epi32((int)(lo + 16u * v)), iota);
+    c1[v] = _mm512_set1_epi32((int)hi);
+    c2[v] = _mm512_set1_epi32((int)direction);
+    c3[v] = _mm512_set1_epi32((int)purpose);
+  }
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    const __m512i key0 = _mm512_set1_epi32((int)k0);
+    const __m512i key1 = _mm512_set1_epi32((int)k1);
+    for (int v = 0; v < kV; ++v) {
       __m512i hi0, lo0, hi1, lo1;
-      mulhilo16(c0, m0, &hi0, &lo0);
-      mulhilo16(c2, m1, &hi1, &lo1);
-      c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32((int)a0), 0x96);  // 3-way xor
-      c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32((int)a1), 0x96);
-      c1 = lo1;
-      c3 = lo0;
-      a0 += kPhiloxW0;
-      a1 += kPhiloxW1;
+      mulhilo16(c0[v], m0, &hi0, &lo0);
+      mulhilo16(c2[v], m1, &hi1, &lo1);
+      c0[v] = _mm512_ternarylogic_epi32(hi1, c1[v], key0, 0x96);  // 3-way xor
+      c2[v] = _mm512_ternarylogic_epi32(hi0, c3[v], key1, 0x96);
+      c1[v] = lo1;
+      c3[v] = lo0;
     }
-    _mm512_storeu_si512((void*)(w0 + 16 * v), c0);
-    _mm512_storeu_si512((void*)(w1 + 16 * v), c1);
-    _mm512_storeu_si512((void*)(w2 + 16 * v), c2);
-    _mm512_storeu_si512((void*)(w3 + 16 * v), c3);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  for (int v = 0; v < kV; ++v) {
+    _mm512_storeu_si512((void*)(w0 + 16 * v), c0[v]);
+    _mm512_storeu_si512((void*)(w1 + 16 * v), c1[v]);
+    _mm512_storeu_si512((void*)(w2 + 16 * v), c2[v]);
+    _mm512_storeu_si512((void*)(w3 + 16 * v), c3[v]);
   }
 #else
   for (int l = 0; l < kLanes; ++l) {
