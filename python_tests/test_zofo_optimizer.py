@@ -421,7 +421,17 @@ def mean_loss(loss_fn, batch_list):
         return sum(loss_fn(b).item() for b in batch_list) / len(batch_list)
 
 
-def test_minilm_lora_sst2_training_loss_decreases(sst2_dir):
+@pytest.fixture
+def one_thread():
+    """The HF-model tests run small ops; on a machine whose cores are shared, one intra-op
+    thread avoids oversubscription (several times faster here). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_minilm_lora_sst2_training_loss_decreases(sst2_dir, one_thread):
     from peft import LoraConfig, TaskType, get_peft_model
 
     torch.manual_seed(0)
@@ -434,7 +444,7 @@ def test_minilm_lora_sst2_training_loss_decreases(sst2_dir):
     texts, labels = read_sst2(sst2_dir, 48, seed=1)
 
     def encode(lo, hi):
-        enc = tok(texts[lo:hi], padding="max_length", truncation=True, max_length=32,
+        enc = tok(texts[lo:hi], padding=True, truncation=True, max_length=32,
                   return_tensors="pt")
         return dict(enc, labels=torch.tensor(labels[lo:hi]))
 
@@ -444,14 +454,16 @@ def test_minilm_lora_sst2_training_loss_decreases(sst2_dir):
     def loss_fn(batch):
         return pm(**batch).loss
 
-    opt = ZOFOOptimizer.from_peft(pm, loss_fn, lr=1e-5, eps=1e-3, lam=1.0, inner_steps=2,
-                                  peft_lr=2e-3, estimator="forward", seed=0)
+    # Rademacher: one Philox call per 128 weights keeps the 22.7M-weight sweeps cheap
+    opt = ZOFOOptimizer.from_peft(pm, loss_fn, lr=1e-5, eps=1e-3, lam=1.0, inner_steps=1,
+                                  peft_lr=2e-3, estimator="forward", distribution="rademacher",
+                                  seed=0)
     start = mean_loss(loss_fn, lower + upper)
     for t in range(100):
-        opt.step(upper[t % 2], [lower[(2 * t) % 4], lower[(2 * t + 1) % 4]])
+        opt.step(upper[t % 2], [lower[t % 4]])
     opt.eval_mode()
     end = mean_loss(loss_fn, lower + upper)
-    assert opt.forward_count == 100 * (2 + 2 + 6) and opt.backward_count == 100 * 4
+    assert opt.forward_count == 100 * (1 + 2 + 6) and opt.backward_count == 100 * 3
     assert end < 0.8 * start, (start, end)
 
 
@@ -475,7 +487,7 @@ def lm_batches(seed, n):
 
 
 @pytest.mark.parametrize("kind", ["prefix", "prompt"])
-def test_prefix_and_prompt_tuning_training_loss_decreases(kind):
+def test_prefix_and_prompt_tuning_training_loss_decreases(kind, one_thread):
     from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 
     cls = PrefixTuningConfig if kind == "prefix" else PromptTuningConfig
