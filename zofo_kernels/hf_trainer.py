@@ -154,6 +154,7 @@ class ZOFOTrainer(Trainer):
         self._window_stepped = False
         self._upper_drawn = 0
         self._upper_iter = None
+        self._comm_mark = 0
         self.zo_last_step: Dict[str, Any] = {}
         if self.zo_config.method == "zofo":
             self._prepare_zofo_data(upper_dataset)
@@ -244,7 +245,7 @@ class ZOFOTrainer(Trainer):
             driver = self.zo_dp if self.zo_dp is not None else self.zo_optimizer
             value = driver.step(closure)
             self.zo_last_step = dict(self._zo.last_step)
-            self._window_stepped = True
+            self._end_window()
             return torch.tensor(value, dtype=torch.float32, device=self.args.device)
         # Bilevel-ZOFO: every micro-batch is one lower step; the last one closes the window
         zofo = self.zo_optimizer
@@ -259,8 +260,15 @@ class ZOFOTrainer(Trainer):
             up = zofo.upper_step(upper, inputs)
         lower_losses, self._window = self._window, []
         self.zo_last_step = dict(up.as_dict(), lower_losses=lower_losses)
-        self._window_stepped = True
+        self._end_window()
         return torch.tensor(up.loss, dtype=torch.float32, device=self.args.device)
+
+    def _end_window(self) -> None:
+        self._window_stepped = True
+        if self.zo_dp is not None:  # bytes of the whole window, inner steps included
+            total = self.zo_dp.stats.total_bytes(("loss", "grad"))
+            self.zo_last_step["comm_bytes"] = total - self._comm_mark
+            self._comm_mark = total
 
     def _upper_loader(self):
         ds = self.upper_dataset
@@ -340,8 +348,8 @@ class ZOFOTrainer(Trainer):
                 logs["lower_loss"] = float(st["lower_losses"][-1])
             if st.get("penalty_loss") is not None:
                 logs["penalty_loss"] = float(st["penalty_loss"])
-            if self.zo_dp is not None:
-                logs["comm_bytes_per_step"] = float(self.zo_dp.last_step_bytes)
+            if "comm_bytes" in st:
+                logs["comm_bytes_per_step"] = float(st["comm_bytes"])
         super().log(logs, start_time)
 
 
