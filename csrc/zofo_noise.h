@@ -18,10 +18,11 @@
 // -ffp-contract=off (host) and --fmad=false (nvcc) so no multiply-add is fused; nothing here
 // may be compiled with fast-math.
 //
-// log, sin and cos are our own (no libm call, so the CPU loops vectorise): the argument is
-// reduced exactly in double precision and a short polynomial is evaluated in double, then
-// the result is rounded once to float32. Their error is below 1 ulp of the float32 result
-// (checked against float64 math in python_tests/test_native_build.py).
+// log, sin and cos are our own, in float32 arithmetic without libm calls or branches, so
+// that the CPU loops vectorise (16 lanes with AVX-512): range reduction plus a short series.
+// Measured against float64 math (python_tests/test_native_build.py): log < 1 ulp; sin and
+// cos < 2 ulp of max(|value|, 1/2), i.e. an absolute error below 2**-23 (what matters for
+// r*cos t, whose error the contract bounds relative to r).
 
 #ifndef ZOFO_NOISE_H_
 #define ZOFO_NOISE_H_
@@ -154,10 +155,11 @@ ZOFO_HD float uniform_from_word(uint32_t w) {
 // ----------------------------------------------------------------------------- log, sin, cos
 
 // Natural log of a positive, finite, normal float32 (the Box-Muller argument lies in
-// [1e-7, 1]). x = 2**e * m with m in [sqrt(1/2), sqrt(2)); f = m - 1 is exact (Sterbenz);
-// log(1 + f) = 2 atanh(s), s = f / (2 + f), |s| <= 0.1716, through the series
-// 2 s (1 + s^2/3 + ... + s^8/9) in double (truncation error < 3e-9 relative, 0.05 float32
-// ulp), plus e ln 2; rounded once to float32.
+// [1e-7, 1]), in float32 arithmetic. x = 2**e * m with m in [sqrt(1/2), sqrt(2));
+// f = m - 1 is exact (Sterbenz). With s = f / (2 + f), log(1 + f) = 2 atanh(s) rearranged as
+// f - (hf - s (hf + R)), hf = f^2/2, R = 2 s^2/3 + 2 s^4/5 + 2 s^6/7 + 2 s^8/9 (series
+// truncation < 1e-9 relative): the exact f dominates and the rounding errors of the small
+// terms are damped. e ln2 is added as e*hi (exact: hi has 12 significant bits) + e*lo.
 ZOFO_HD float log_f32(float x) {
   const uint32_t b = f2u(x);
   int32_t e = (int32_t)(b >> 23) - 127;
@@ -165,50 +167,47 @@ ZOFO_HD float log_f32(float x) {
   const bool big = mant > 0x003504F3u;  // m > sqrt(2)
   const uint32_t mb = mant | (big ? 0x3F000000u : 0x3F800000u);
   e += big ? 1 : 0;
-  const double f = (double)(u2f(mb) - 1.0f);
-  const double s = f / (2.0 + f);
-  const double s2 = s * s;
-  double p = 1.0 / 9.0;
-  p = p * s2 + 1.0 / 7.0;
-  p = p * s2 + 1.0 / 5.0;
-  p = p * s2 + 1.0 / 3.0;
-  p = p * s2 + 1.0;
-  const double lnm = 2.0 * s * p;
-  const double ln2 = 0.6931471805599453094;
-  return (float)((double)e * ln2 + lnm);
+  const float f = u2f(mb) - 1.0f;
+  const float s = f / (2.0f + f);
+  const float z = s * s;
+  float R = 2.0f / 9.0f;
+  R = R * z + 2.0f / 7.0f;
+  R = R * z + 2.0f / 5.0f;
+  R = R * z + 2.0f / 3.0f;
+  R = R * z;
+  const float hf = 0.5f * f * f;
+  const float ef = (float)e;
+  const float lnm_lo = ef * 3.194618329871446e-05f - (hf - s * (hf + R));  // ln2 - hi
+  return ef * 0.693115234375f + (f + lnm_lo);
 }
 
-// sin and cos of a float32 angle t in [0, 2*pi] (the Box-Muller angle; accurate for
-// |t| < 1e5). Reduction t = j*pi/2 + r in double with a two-part pi/2 (the high part has
-// 33 significant bits, so j*hi is exact for |j| < 2**20), then Taylor series to r^9 / r^10
-// on |r| <= pi/4 (truncation error < 3e-9 relative, 0.05 float32 ulp); rounded once to float32.
+// sin and cos of a float32 angle t in [0, 2*pi] (the Box-Muller angle), in float32
+// arithmetic. Cody-Waite reduction t = j*pi/2 + r with pi/2 = A + B + C, A and B short enough
+// that j*A and j*B are exact for j <= 4 and t - j*A exact (Sterbenz); the absolute error of r
+// is below 1e-13. Taylor series to r^9 / r^10 on |r| <= pi/4.
 ZOFO_HD void sincos_f32(float t, float* sin_out, float* cos_out) {
-  const double td = (double)t;
-  const double kRound = 6755399441055744.0;  // 1.5 * 2**52: adding it rounds to an integer
-  const double jd = (td * 0.63661977236758134308 + kRound) - kRound;
-  const int32_t q = (int32_t)(d2u(jd + kRound) & 3u);
-  const double pio2_hi = 1.57079632673412561417;    // pi/2 to 33 bits
-  const double pio2_lo = 6.07710050650619224932e-11;  // pi/2 - pio2_hi
-  const double r = (td - jd * pio2_hi) - jd * pio2_lo;
-  const double z = r * r;
-  double sp = 1.0 / 362880.0;  // 1/9!
-  sp = sp * z - 1.0 / 5040.0;
-  sp = sp * z + 1.0 / 120.0;
-  sp = sp * z - 1.0 / 6.0;
-  const double sr = r + r * z * sp;
-  double cp = -1.0 / 3628800.0;  // -1/10!
-  cp = cp * z + 1.0 / 40320.0;
-  cp = cp * z - 1.0 / 720.0;
-  cp = cp * z + 1.0 / 24.0;
-  cp = cp * z - 0.5;
-  const double cr = 1.0 + z * cp;
+  const float kRound = 12582912.0f;  // 1.5 * 2**23: adding it rounds to an integer
+  const float jf = (t * 0.636619772f + kRound) - kRound;
+  const int32_t q = (int32_t)(f2u(jf + kRound) & 3u);
+  float r = t - jf * 1.5703125f;
+  r = r - jf * 4.837512969970703125e-04f;
+  r = r - jf * 7.549790126404332e-08f;
+  const float z = r * r;
+  float sp = 1.0f / 362880.0f;  // 1/9!
+  sp = sp * z - 1.0f / 5040.0f;
+  sp = sp * z + 1.0f / 120.0f;
+  sp = sp * z - 1.0f / 6.0f;
+  const float sr = r + r * z * sp;
+  float cp = -1.0f / 3628800.0f;  // -1/10!
+  cp = cp * z + 1.0f / 40320.0f;
+  cp = cp * z - 1.0f / 720.0f;
+  cp = cp * z + 1.0f / 24.0f;
+  const float cr = (1.0f - 0.5f * z) + z * z * cp;
   // quadrant q: (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s)
-  const double s_ = (q & 1) ? cr : sr;
-  const double c_ = (q & 1) ? sr : cr;
-  const double sv = (q & 2) ? -s_ : s_;
-  const double cv = ((q + 1) & 2) ? -c_ : c_;
-  *sin_out = (float)sv;
-  *cos_out = (float)cv;
+  const float s_ = (q & 1) ? cr : sr;
+  const float c_ = (q & 1) ? sr : cr;
+  *sin_out = (q & 2) ? -s_ : s_;
+  *cos_out = ((q + 1) & 2) ? -c_ : c_;
 }
 
 // Box-Muller on one pair of words: (r cos t, r sin t) in float32 as the contract orders it.

@@ -8,8 +8,10 @@ this file tests the native machinery behind it, on fresh random inputs of odd si
 Tolerances (per quantity):
 * Rademacher noise, uniforms, 16-bit conversions, stochastic-rounding decisions: bit-exact
   (integer math, or a single correctly rounded float32 operation, on every backend).
-* own log/sin/cos vs float64 math: 0.6 ulp of the float32 result: they are evaluated in double
-  and rounded once (0.5 ulp) plus a truncation error below 0.05 ulp.
+* own log/sin/cos (float32 arithmetic) vs float64 math: log 1 ulp (exact f = m - 1 carries the
+  result; the small terms' roundings and the final one add < 1 ulp); sin/cos 2 ulp of
+  max(|value|, 1/2), i.e. absolute 2**-23: the reduced angle is rounded once (0.5 ulp of r),
+  the series and the final sum add about 1 ulp; the contract needs them within 2 ulp of 1.
 * Gaussian z vs the reference: GAUSS_ULPS = 4 ulp of the pair's radius r = sqrt(-2 log u):
   the reference's numpy log (up to ~3.6 ulp) and sin/cos (~1.4 ulp) differ from ours; r >= |z|.
 * Weights after a Gaussian perturb/update: one storage ulp plus |scale| times that z bound.
@@ -31,7 +33,8 @@ from zofo_kernels.backends import base
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DISTS = ["gaussian", "rademacher"]
 GAUSS_ULPS = 4.0
-OWN_MATH_ULPS = 0.6
+LOG_ULPS = 1.0
+SINCOS_ULPS = 2.0
 
 C, C_ERROR = _native.cpu_module()
 needs_cpu = pytest.mark.skipif(C is None, reason=f"native CPU module unavailable: {C_ERROR}")
@@ -152,7 +155,7 @@ def test_own_log_sin_cos_against_float64():
     exact = np.log(u.astype(np.float64))
     err = np.abs(out - exact) / _ulp32(exact)
     assert np.all(out[u == 1.0] == 0.0)
-    assert err.max() <= OWN_MATH_ULPS, f"log: {err.max():.3f} ulp"
+    assert err.max() <= LOG_ULPS, f"log: {err.max():.3f} ulp"
 
     t = (contract.uniform_from_words(words) * contract.TWO_PI).astype(np.float32)
     near = [np.float32(k * np.pi / 2) for k in range(5)]
@@ -162,8 +165,9 @@ def test_own_log_sin_cos_against_float64():
     C.sincos_f32(t.ctypes.data, s.ctypes.data, c.ctypes.data, t.size)
     td = t.astype(np.float64)
     for got, exact, name in ((s, np.sin(td), "sin"), (c, np.cos(td), "cos")):
-        err = np.abs(got - exact) / _ulp32(exact)
-        assert err.max() <= OWN_MATH_ULPS, f"{name}: {err.max():.3f} ulp"
+        err = np.abs(got - exact) / _ulp32(np.maximum(np.abs(exact), 0.5))
+        assert err.max() <= SINCOS_ULPS, f"{name}: {err.max():.3f} ulp"
+        assert np.all(np.abs(got) <= 1.0)
 
 
 @needs_cpu
@@ -369,6 +373,44 @@ def test_non_contiguous_and_empty_tensors_through_cpu_backend():
     zk.perturb_([view, empty, other], 3, 1e-2, "rademacher", backend="cpu")
     zk.perturb_([ref_view, empty.clone(), ref_other], 3, 1e-2, "rademacher", backend="reference")
     assert torch.equal(view, ref_view) and torch.equal(other, ref_other)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gaussian_arithmetic_is_contract_exact_given_own_noise(dtype):
+    """The Gaussian z may differ from the reference by a few ulp (log/sin/cos); everything
+    after it must follow the float-math contract exactly. Emulate the contract in torch
+    float32 (separately rounded ops) with the cpu backend's own z and require equality."""
+    gen = torch.Generator().manual_seed(29 + DTYPES.index(dtype))
+    sizes, offs = [1, 130, 517, 1000], [3, 200, 1000, 5000]
+    ts = [rand_weights(n, dtype, gen) for n in sizes]
+    seed, eps, lr, wd, grads = 2 ** 45 + 3, 1e-3, 3e-3, 0.1, [0.9, -2.3]
+    kind = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype)
+
+    def z(off, n, k):
+        return zk.noise(seed, off, n, "gaussian", k, backend="cpu")
+
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    want = []
+    for t, off in zip(ts, offs):
+        n = t.numel()
+        w = (t.float() + z(off, n, 0) * f32(-eps)).to(dtype).float()       # restore k = 0
+        w = (w + z(off, n, 1) * f32(eps)).to(dtype).float()                 # perturb k = 1
+        w = (w + z(off, n, 1) * f32(-eps)).to(dtype).float()                # update: restore
+        d = f32(grads[0]) * z(off, n, 0)
+        d = d + f32(grads[1]) * z(off, n, 1)
+        d = d + f32(wd) * w
+        v = w - f32(lr) * d
+        if kind is not None:
+            bits = contract.rounding_words(seed, off, n)
+            v = torch.from_numpy(contract.stochastic_round_bits(v.numpy(), bits, kind).copy())
+        want.append(v.to(dtype))
+    zk.perturb_(ts, seed, eps, "gaussian", 1, offsets=offs, backend="cpu", restore_scale=-eps,
+                restore_direction=0)
+    zk.zo_update_(ts, seed, lr=lr, projected_grads=grads, restore_scale=-eps, restore_direction=1,
+                  weight_decay=wd, distribution="gaussian", offsets=offs, backend="cpu")
+    for j, (a, b) in enumerate(zip(ts, want)):
+        assert torch.equal(a, b), j
 
 
 # ----------------------------------------------------------------------------- bad input (native layer)
