@@ -84,26 +84,6 @@ ZOFO_HD float u2f(uint32_t u) {
 #endif
 }
 
-ZOFO_HD uint64_t d2u(double x) {
-#if defined(__CUDA_ARCH__)
-  return (uint64_t)__double_as_longlong(x);
-#else
-  uint64_t u;
-  memcpy(&u, &x, sizeof(u));
-  return u;
-#endif
-}
-
-ZOFO_HD double u2d(uint64_t u) {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double((long long)u);
-#else
-  double x;
-  memcpy(&x, &u, sizeof(x));
-  return x;
-#endif
-}
-
 // ----------------------------------------------------------------------------- Philox
 
 // One Philox round on a counter held in four variables (so that array-of-lanes loops on the
