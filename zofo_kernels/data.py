@@ -32,7 +32,7 @@ def repo_root() -> Path:
 
 def sst2_dir() -> Path:
     """The SST-2 folder (``../shared/data/sst2`` next to the repository); may not exist."""
-    return (repo_root() / SST2_RELATIVE).resolve()
+    return Path(os.path.normpath(repo_root() / SST2_RELATIVE))
 
 
 @dataclasses.dataclass

@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=tuple(models_mod.DTYPES))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-save", action="store_true",
+                   help="do not write the trained weights (sweeps and studies)")
     return p
 
 
@@ -476,7 +478,8 @@ def run(args) -> dict:
     bar.close()
     fh.close()
 
-    runner.save(out)
+    if not args.no_save:
+        runner.save(out)
     summary = dict(
         method=args.method, model=args.model, peft=args.peft if args.method in (
             "bilevel-zofo", "mezo-lora", "fo-lora") else None,
