@@ -82,3 +82,42 @@ def test_bad_arguments():
         bench.main(["--model", "gpt-9", "--no-memory"])
     with pytest.raises(SystemExit):
         bench.main(["--methods", "sgd"])
+
+
+def _study_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study_sst2.py"
+    spec = importlib.util.spec_from_file_location("study_sst2", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _curve(points):
+    return [dict(wall_time_s=t, eval_accuracy=a) for t, a in points]
+
+
+def test_study_analysis_speedup_and_fo_lora_comparison():
+    study = _study_module()
+    curves = {"mezo": [_curve([(0, 0.5), (100, 0.6), (200, 0.7), (300, 0.7)])],
+              "bilevel-zofo": [_curve([(0, 0.5), (50, 0.72), (300, 0.8)])],
+              "fo-lora": [_curve([(0, 0.5), (300, 0.85)])]}
+    summaries = {m: [dict(eval_accuracy=c[0][-1]["eval_accuracy"],
+                          best_eval_accuracy=max(r["eval_accuracy"] for r in c[0]))]
+                 for m, c in curves.items()}
+    a = study.analyse(curves, summaries)
+    assert a["mezo_best_mean_accuracy"] == 0.7
+    assert abs(a["mezo_time_to_best_s"] - 200) < 300 / 199 + 1e-9  # on the mean-curve grid
+    assert 50 <= a["bilevel_time_to_mezo_best_s"] < 52
+    assert 3.5 < a["speedup_to_mezo_best"] < 4.1
+    assert a["bilevel_ends_above_fo_lora"] is False
+    words = study.outcome_words(a, 1)
+    assert "faster" in words and "ends below FO-LoRA" in words
+    # never reaching MeZO's best is said plainly
+    curves["bilevel-zofo"] = [_curve([(0, 0.5), (300, 0.6)])]
+    summaries["bilevel-zofo"] = [dict(eval_accuracy=0.6, best_eval_accuracy=0.6)]
+    words = study.outcome_words(study.analyse(curves, summaries), 1)
+    assert "did **not** reach" in words
+    assert study.time_to_reach(curves["mezo"][0], 0.6) == 100
+    assert study.time_to_reach(curves["mezo"][0], 0.9) is None

@@ -128,6 +128,15 @@ def test_peft_kinds_train_only_the_block():
     assert names and all("lora_" in n or "classifier" in n for n in names)
     with pytest.raises(ValueError, match="unknown PEFT kind"):
         models.add_peft(models.build_random("tiny-bert"), "adapterdrop")
+    pm = models.add_peft(models.build_random("tiny-opt"), "prompt")
+    names = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert any("prompt_encoder" in n for n in names)
+    batch = {"input_ids": torch.randint(5, 100, (2, 6)), "attention_mask": torch.ones(2, 6),
+             "labels": torch.tensor([0, 1])}
+    models.classification_loss(pm, batch).backward()
+    if not models._accepts_past_key_values(models.build_random("tiny-bert")):
+        with pytest.raises(models.ModelError, match="--peft lora or --peft prompt"):
+            models.add_peft(models.build_random("tiny-bert"), "prefix")
 
 
 # --------------------------------------------------------------------------- MeZO reference

@@ -176,6 +176,11 @@ def add_peft(model: torch.nn.Module, kind: str, lora_r: int = 8, lora_alpha: int
         cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha,
                          lora_dropout=0.0, target_modules=list(target_modules))
     elif kind == "prefix":
+        if not _accepts_past_key_values(model):
+            raise ModelError(
+                f"prefix tuning needs a model whose forward takes past_key_values; this "
+                f"{type(model).__name__} (transformers {_transformers_version()}) does not, so "
+                "peft cannot inject the prefix. Use --peft lora or --peft prompt.")
         cfg = PrefixTuningConfig(task_type=TaskType.SEQ_CLS,
                                  num_virtual_tokens=num_virtual_tokens or 5)
     elif kind == "prompt":
@@ -184,6 +189,25 @@ def add_peft(model: torch.nn.Module, kind: str, lora_r: int = 8, lora_alpha: int
     else:
         raise ValueError(f"unknown PEFT kind {kind!r}; expected one of {', '.join(PEFT_KINDS)}")
     return get_peft_model(model, cfg)
+
+
+def _accepts_past_key_values(model: torch.nn.Module) -> bool:
+    """What peft checks before a prefix-tuning forward: the model, or its transformer
+    backbone, takes ``past_key_values``."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    def accepts(m):
+        return "past_key_values" in inspect.signature(m.forward).parameters
+
+    return accepts(model) or any(accepts(c) for c in model.children()
+                                 if isinstance(c, PreTrainedModel))
+
+
+def _transformers_version() -> str:
+    import transformers
+    return transformers.__version__
 
 
 def classification_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:

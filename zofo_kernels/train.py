@@ -389,7 +389,10 @@ def run(args) -> dict:
     train_enc, eval_enc = enc(train_ex), enc(eval_ex)
     lower_enc, upper_enc = enc(lower_ex), enc(upper_ex)
     torch.manual_seed(args.seed)
-    runner = _make_runner(args, loaded.model, device, train_enc, lower_enc, upper_enc)
+    try:
+        runner = _make_runner(args, loaded.model, device, train_enc, lower_enc, upper_enc)
+    except models_mod.ModelError as exc:
+        raise SystemExit(f"zofo-train: {exc}") from None
 
     def evaluate() -> float:
         return models_mod.accuracy(runner.eval_model, _DeviceEncoded(eval_enc, device),
