@@ -82,6 +82,7 @@ def test_every_task_improves():
         res = opt.step({t: data[t] for t in sampled})
         assert set(res.tasks) == set(sampled)
     end = [objective(net, i, data[t][0], data[t][1]) for i, t in enumerate(TASKS)]
+    print("meta-training, per-task objective:", [f"{s:.3f} -> {e:.3f}" for s, e in zip(start, end)])
     for s, e in zip(start, end):
         assert e < 0.8 * s, (start, end)
 
