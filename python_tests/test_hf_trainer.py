@@ -41,6 +41,16 @@ class _Encoded(torch.utils.data.Dataset):
         return self.rows[i]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, a second spinning thread makes MiniLM's
+    forward up to 20x slower when another process competes for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(MODEL_DIR)
@@ -90,10 +100,10 @@ def _params(trainer):
 def test_mezo_accumulation_equals_one_step_on_the_concatenated_batch(tmp_path, data, tokenizer):
     zo = ZOConfig(method="mezo", eps=1e-3, seed=11)
     acc = _trainer(tmp_path / "a", data, tokenizer, zo, gradient_accumulation_steps=2)
+    start = _params(acc)
     acc.train()
     big = _trainer(tmp_path / "b", data, tokenizer, zo, per_device_train_batch_size=8)
     big.train()
-    start = {n: p.detach() for n, p in _model().named_parameters()}
     pa, pb = _params(acc), _params(big)
     moved = max(float((pa[n] - start[n]).abs().max()) for n in pa)
     diff = max(float((pa[n] - pb[n]).abs().max()) for n in pa)
@@ -108,13 +118,13 @@ def test_mezo_accumulation_equals_one_step_on_the_concatenated_batch(tmp_path, d
 
 def test_mezo_logs_evaluates_checkpoints_and_resumes_exactly(tmp_path, data, tokenizer):
     zo = ZOConfig(method="mezo", eps=1e-3, seed=5)
-    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps",
+    kw = dict(max_steps=3, save_strategy="steps", save_steps=2, eval_strategy="steps",
               eval_steps=2, lr_scheduler_type="linear")
     full = _trainer(tmp_path / "run", data, tokenizer, zo, **kw)
     full.train()
     logs = full.state.log_history
-    assert sum("loss" in h for h in logs) == 4
-    assert sum("eval_loss" in h for h in logs) == 2
+    assert sum("loss" in h for h in logs) == 3
+    assert any("eval_loss" in h and h["step"] == 2 for h in logs)
     assert all("zo_projected_grad" in h for h in logs if "loss" in h)
     ckpt = tmp_path / "run" / "checkpoint-2"
     assert (ckpt / "optimizer.pt").is_file() and (ckpt / "scheduler.pt").is_file()
@@ -123,19 +133,20 @@ def test_mezo_logs_evaluates_checkpoints_and_resumes_exactly(tmp_path, data, tok
     resumed.train(resume_from_checkpoint=str(ckpt))
     pf, pr = _params(full), _params(resumed)
     assert all(torch.equal(pf[n], pr[n]) for n in pf)
-    assert resumed.zo_optimizer.step_count == full.zo_optimizer.step_count == 4
+    assert resumed.zo_optimizer.step_count == full.zo_optimizer.step_count == 3
     # the learning rate schedule continued too
     assert resumed.optimizer.param_groups[0]["lr"] == full.optimizer.param_groups[0]["lr"]
 
 
 def test_bilevel_zofo_trainer_with_lora_resumes_exactly(tmp_path, data, tokenizer):
     zo = ZOConfig(method="zofo", eps=1e-3, seed=8, lam=10.0, peft_lr=1e-2)
-    kw = dict(max_steps=3, gradient_accumulation_steps=2, save_strategy="steps", save_steps=2,
-              eval_strategy="steps", eval_steps=3, learning_rate=1e-3)
+    kw = dict(max_steps=2, gradient_accumulation_steps=2, save_strategy="steps", save_steps=1,
+              eval_strategy="steps", eval_steps=2, learning_rate=1e-3)
     full = _trainer(tmp_path / "z", data, tokenizer, zo, lora=True, **kw)
     # the training set was split 2 : 1 into lower (D_g) and upper (D_f) data
     assert len(full.train_dataset) + len(full.upper_dataset) == 16
     assert len(full.upper_dataset) == 5
+    start = _params(full)
     full.train()
     logs = full.state.log_history
     assert all("lower_loss" in h and "penalty_loss" in h for h in logs if "loss" in h)
@@ -143,10 +154,9 @@ def test_bilevel_zofo_trainer_with_lora_resumes_exactly(tmp_path, data, tokenize
     zofo = full.zo_optimizer
     # K = gradient_accumulation_steps lower steps per outer step: 11 lower examples make
     # 3 micro-batches per epoch, i.e. windows of 2 and 1 (the epoch's remainder)
-    assert zofo.outer_steps == 3 and zofo.backward_count == (2 + 1 + 2) + 3 * 2
+    assert zofo.outer_steps == 2 and zofo.backward_count == (2 + 1) + 2 * 2
 
     # theta (ZO), P and S (FO) all moved; P and S are different copies
-    start = dict(_model(lora=True).named_parameters())
     params = dict(full.model.named_parameters())
     q = "base_model.model.bert.encoder.layer.0.attention.self.query"
     assert not torch.equal(params[f"{q}.base_layer.weight"], start[f"{q}.base_layer.weight"])
@@ -155,7 +165,7 @@ def test_bilevel_zofo_trainer_with_lora_resumes_exactly(tmp_path, data, tokenize
     assert not torch.equal(params[f"{q}.lora_A.default.weight"],
                            params[f"{q}.lora_A.default_lower.weight"])
 
-    ckpt = tmp_path / "z" / "checkpoint-2"
+    ckpt = tmp_path / "z" / "checkpoint-1"
     assert (ckpt / FULL_STATE_NAME).is_file()
     resumed = _trainer(tmp_path / "z", data, tokenizer, zo, lora=True, **kw)
     resumed.train(resume_from_checkpoint=str(ckpt))

@@ -36,7 +36,9 @@ def main():
             torch.save(params, os.path.join(out, f"{method}.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    # barrier, then tear the process group down before exiting (gloo can abort otherwise)
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
