@@ -152,6 +152,11 @@ def load_model(name: str, num_labels: int = 2, dtype: str = "float32", seed: int
                 f"{', '.join(MODEL_CHOICES)}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
+        # from_pretrained may leave the weights memory-mapped from the safetensors file, so
+        # the first write to each page (any training step) would copy it then; own them now.
+        with torch.no_grad():
+            for param in model.parameters():  # tied weights are one Parameter: still tied
+                param.data = param.data.clone()
         if tok is not None and model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
         loaded = Loaded(model, tok, name, model.config.model_type, True)
