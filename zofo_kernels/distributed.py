@@ -135,11 +135,10 @@ def setup_from_env(backend: Optional[str] = None, timeout_s: Optional[float] = N
     if restart > 0:
         # After a torchrun restart the rendezvous store can still hold the previous attempt's
         # gloo/NCCL addresses under the same keys, and the new workers would try to connect
-        # to dead ports. A per-attempt key prefix keeps the attempts apart.
-        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        # to dead ports. A per-attempt key prefix keeps the attempts apart. (Restarts only
+        # happen under torchrun, whose launcher process hosts the store at MASTER_PORT.)
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                              world, is_master=(not agent_store and rank == 0),
-                              timeout=timeout, multi_tenant=not agent_store)
+                              world, is_master=False, timeout=timeout)
         store = dist.PrefixStore(f"zofo/attempt_{restart}", store)
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
                                 timeout=timeout, **kwargs)
@@ -477,6 +476,7 @@ class DataParallelZO:
             sd["zo"]["base_seed"] = seed
             zo.load_state_dict(sd)
         if sync_initial_parameters:
+            self._reshard()  # FSDP2 root parameters may still be gathered from a forward
             broadcast_parameters(self._replicated_tensors(), self.context, self.stats)
         zo.loss_reduce = self._reduce_losses
         if self.context.distributed:
