@@ -132,7 +132,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("threads_for", &zofo::cpu::threads_for, py::arg("total"), py::arg("num_threads"),
         "Threads a call over `total` elements uses when num_threads are allowed.");
 
-  // Element-wise helpers of the shared header, for tests.
+  // Element-wise functions of the shared header, for tests.
   m.def(
       "log_f32",
       [](uintptr_t in, uintptr_t out, int64_t n) {

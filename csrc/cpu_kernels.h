@@ -41,7 +41,7 @@ std::vector<int64_t> split_elements(const std::vector<Segment>& segments, int nu
 // Threads a call with `total` elements uses when `num_threads` are allowed.
 int threads_for(int64_t total, int num_threads);
 
-// Element-wise helpers, exposed for the tests of the shared math.
+// Element-wise functions of the shared math, exposed for the tests.
 void log_f32_array(const float* in, float* out, int64_t n);
 void sincos_f32_array(const float* in, float* sin_out, float* cos_out, int64_t n);
 void round_to_storage(const float* in, void* out, int64_t n, int dtype);

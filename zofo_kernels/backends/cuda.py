@@ -77,7 +77,7 @@ class CudaBackend(Backend):
             raise RuntimeError(f"cuda backend unavailable: {st.reason}")
         return self._mod
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ internals
 
     @staticmethod
     def _device_index(device: torch.device) -> int:
