@@ -456,10 +456,16 @@ class DataParallelZO:
         if zo.loss_reduce is not None:
             raise ValueError("the optimizer already has a loss_reduce; DataParallelZO installs "
                              "its own all-reduce there")
+        self.context = context or setup_from_env()
+        if fo_opts and self.context.distributed and getattr(optimizer, "nonfinite",
+                                                            "raise") == "skip":
+            raise ValueError(
+                "nonfinite='skip' cannot be used data-parallel with first-order PEFT steps: a "
+                "rank that skips a step on its own non-finite loss would leave its peers' "
+                "gradient all-reduce unmatched; use nonfinite='raise'")
         self.optimizer = optimizer
         self.zo = zo
         self.model = model
-        self.context = context or setup_from_env()
         self.check_every = check_every
         self.stats = CommStats()
         self.fo_params = list(fo_params) if fo_params is not None else []

@@ -81,6 +81,15 @@ def zofo_check(ctx, lo, hi):
                 step_bytes.append(driver.last_step_bytes)
         runs[name] = (model, step_bytes,
                       sum(p.numel() for p in opt.upper_params + opt.lower_params))
+    # skipping non-finite FO steps per rank would unpair the gradient all-reduces: refused
+    model = build()
+    opt = ZOFOOptimizer.from_peft(model, lambda b: model(input_ids=b[0], labels=b[1]).loss,
+                                  lr=1e-2, nonfinite="skip", seed=77)
+    try:
+        DataParallelZO(opt, model=model, context=ctx)
+        skip_error = None
+    except ValueError as exc:
+        skip_error = str(exc)
     (m, step_bytes, n_peft), (ref, _, _) = runs["dp"], runs["ref"]
     diff = max(float((p.detach() - q.detach()).abs().max())
                for p, q in zip(m.parameters(), ref.parameters()))
@@ -88,7 +97,7 @@ def zofo_check(ctx, lo, hi):
     peft_change = max(float((p.detach() - fresh[n].detach()).abs().max())
                       for n, p in m.named_parameters() if "lora_" in n and n in fresh)
     return {"max_diff_vs_single": diff, "step_bytes": step_bytes, "peft_numel": n_peft,
-            "peft_change": peft_change,
+            "peft_change": peft_change, "skip_error": skip_error,
             "checksums": [tensor_checksum(p) for p in m.parameters()]}
 
 
