@@ -201,6 +201,8 @@ def test_trainer_under_torchrun_matches_one_process_with_accumulation(tmp_path):
         assert r0[method]["world"] == 2
         assert r0[method]["checksums"] == r1[method]["checksums"]  # identical replicas
         assert r0[method]["losses"] == r1[method]["losses"]
+        # checkpoint/resume under torchrun: bit-identical to the uninterrupted run
+        assert r0[method]["resume_bit_identical"] and r1[method]["resume_bit_identical"]
     assert r0["mezo"]["comm"] == [16.0] * 3  # two float64 losses per central step
     # Bilevel-ZOFO, K = 1: one S step and one P step all-reduce the LoRA block + head
     # (1,090 floats each), plus two losses

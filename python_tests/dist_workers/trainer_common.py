@@ -35,11 +35,13 @@ def make_model(method):
     return model
 
 
-def make_trainer(out_dir, method, per_device, accumulation):
+def make_trainer(out_dir, method, per_device, accumulation, save_steps=None):
+    save = dict(save_strategy="steps", save_steps=save_steps) if save_steps else dict(
+        save_strategy="no")
     args = TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation, learning_rate=1e-2, max_steps=3,
-        logging_steps=1, save_strategy="no", report_to=[], seed=4, use_cpu=True,
+        logging_steps=1, report_to=[], seed=4, use_cpu=True, **save,
         disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant")
     zo = ZOConfig(method=method, eps=1e-3, seed=6, lam=5.0, peft_lr=1e-2, check_every=1)
     upper = Synthetic(12, seed=9) if method == "zofo" else None

@@ -1,4 +1,5 @@
-"""ZOFOTrainer under torchrun (2 gloo processes): MeZO and Bilevel-ZOFO on a tiny random BERT.
+"""ZOFOTrainer under torchrun (2 gloo processes): MeZO and Bilevel-ZOFO on a tiny random BERT,
+each trained for 3 steps and then resumed from its step-2 checkpoint by a second trainer.
 Rank 0 writes ``<out>/<method>.pt`` (final parameters) and ``<out>/<method>.json``; every rank
 writes its parameter checksums.
 
@@ -19,7 +20,8 @@ def main():
     out = sys.argv[1]
     results = {}
     for method in ("mezo", "zofo"):
-        trainer = make_trainer(os.path.join(out, method), method, per_device=4, accumulation=1)
+        run_dir = os.path.join(out, method)
+        trainer = make_trainer(run_dir, method, per_device=4, accumulation=1, save_steps=2)
         assert trainer.zo_dp is not None, "the trainer did not detect the distributed run"
         rank = trainer.zo_context.rank
         trainer.train()
@@ -32,6 +34,11 @@ def main():
                      if "loss" in h],
             "world": trainer.zo_context.world_size,
         }
+        # a second job in the same processes resumes from the step-2 checkpoint
+        resumed = make_trainer(run_dir, method, per_device=4, accumulation=1, save_steps=2)
+        resumed.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-2"))
+        results[method]["resume_bit_identical"] = all(
+            torch.equal(params[n], p) for n, p in resumed.model.named_parameters())
         if rank == 0:
             torch.save(params, os.path.join(out, f"{method}.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
