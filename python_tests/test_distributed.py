@@ -150,11 +150,11 @@ def test_crashed_rank_fails_the_job_quickly(tmp_path):
 
 def test_hung_rank_times_out_with_a_clear_error(tmp_path):
     res = torchrun(worker("fault_worker.py"), [str(tmp_path), "hang"], timeout=120,
-                   env={"ZOFO_DIST_TIMEOUT": "3"})
+                   env={"ZOFO_DIST_TIMEOUT": "5"})
     assert res.returncode != 0
     assert "RankFailureError" in res.stdout
     assert "all-reduce of the losses of ZO step 2 failed" in res.stdout
-    assert "3 s collective timeout" in res.stdout
+    assert "5 s collective timeout" in res.stdout
 
 
 def test_restarted_job_resumes_from_checkpoint_exactly(tmp_path):
