@@ -183,40 +183,57 @@ class _BilevelBase:
             raise TypeError("loss_fn must return a scalar loss tensor")
         return loss.reshape(())
 
-    def _fo_step(self, opt: torch.optim.Optimizer, params, loss: torch.Tensor, what: str,
-                 n_backward: int) -> bool:
-        """Backward + optimizer step; returns False when skipped for a non-finite loss."""
-        value = loss_value(loss)
-        if not math.isfinite(value):
+    def _fo_step(self, opt: torch.optim.Optimizer, losses, what: str):
+        """First-order step on the sum of ``losses`` (thunks returning scalar losses with their
+        weights). Each term is backpropagated as soon as it is computed, so only one forward
+        graph is alive at a time (the activation peak of a single FO-PEFT step); gradients
+        accumulate. Returns the unweighted loss values, or None when the step was skipped for a
+        non-finite loss (no update is made then)."""
+        opt.zero_grad(set_to_none=True)
+        values = []
+        try:
+            for weight, thunk in losses:
+                loss = thunk()
+                value = loss_value(loss)
+                values.append(value)
+                if not math.isfinite(value):
+                    break
+                (loss * weight if weight != 1.0 else loss).backward()
+                self.backward_count += 1
+                del loss
+            bad = [v for v in values if not math.isfinite(v)]
+            if bad:
+                if self.nonfinite == "raise":
+                    raise NonFiniteLossError(
+                        f"non-finite {what} loss ({bad[0]}); no update made "
+                        "(pass nonfinite='skip' to skip such steps)")
+                return None
+            opt.step()
+            return values
+        finally:
             opt.zero_grad(set_to_none=True)
-            if self.nonfinite == "raise":
-                raise NonFiniteLossError(f"non-finite {what} loss ({value}); no update made "
-                                         "(pass nonfinite='skip' to skip such steps)")
-            return False
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.backward_count += n_backward
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return True
 
     def _lower(self, pair: _Pair, lower_batch) -> float:
         try:
             pair.select_adapter("lower")
             with self._only_trainable(pair.lower), torch.enable_grad():
-                loss = self._loss(pair, lower_batch)
-                self._fo_step(pair.opt_lower, pair.lower, loss, "lower-level", 1)
-            return loss_value(loss)
+                values = self._fo_step(pair.opt_lower,
+                                       [(1.0, lambda: self._loss(pair, lower_batch))],
+                                       "lower-level")
+            return values[0] if values else float("nan")
         finally:
             pair.select_adapter("upper")
 
     def _upper_fo(self, pair: _Pair, upper_batch, lower_batch):
         pair.select_adapter("upper")
         with self._only_trainable(pair.upper), torch.enable_grad():
-            f = self._loss(pair, upper_batch)
-            g = self._loss(pair, lower_batch)
-            self._fo_step(pair.opt_upper, pair.upper, f + self.lam * g, "upper-level", 2)
-        return loss_value(f), loss_value(g)
+            values = self._fo_step(pair.opt_upper,
+                                   [(1.0, lambda: self._loss(pair, upper_batch)),
+                                    (self.lam, lambda: self._loss(pair, lower_batch))],
+                                   "upper-level")
+        if values is None:
+            return float("nan"), float("nan")
+        return values[0], values[1]
 
     def _objective(self, pair: _Pair, upper_batch, lower_batch) -> torch.Tensor:
         """L = f(theta, P; B_f) + lam * [g(theta, P; B_g) - g(theta, S; B_g)] (no grad)."""
