@@ -1,4 +1,4 @@
-"""zofo-train, the data helpers, the offline models and the MeZO reference step."""
+"""zofo-train, the data functions, the offline models and the MeZO reference step."""
 
 import csv
 import importlib.util

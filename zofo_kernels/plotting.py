@@ -67,7 +67,9 @@ def plot_study(curves: Dict[str, List[Sequence[dict]]], path, title: str = "",
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     if title:
-        ax.set_title(title, fontsize=10)
+        import textwrap
+        ax.set_title("\n".join(textwrap.fill(part, 95) for part in title.split("\n")),
+                     fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
