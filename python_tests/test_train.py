@@ -271,3 +271,33 @@ def test_bad_command_lines(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         train.main(["--method", "mezo", "--train", str(tmp_path / "x.tsv"), "--eval", "y.tsv",
                     "--steps", "1", "--output", str(tmp_path / "o")])
+
+
+# --------------------------------------------------------------------------- under torchrun
+
+@needs_tokenizer
+@pytest.mark.parametrize("method,extra", [
+    ("mezo", ["--time-budget", "4"]),            # time budget: the ranks must stop together
+    ("bilevel-zofo", ["--steps", "2", "--inner-steps", "2"]),
+    ("fo-lora", ["--steps", "2"]),
+])
+def test_zofo_train_runs_data_parallel_under_torchrun(tmp_path, method, extra):
+    import sys
+    sys.path.insert(0, str(ROOT / "python_tests"))
+    from dist_workers.launch import torchrun, worker
+
+    rows = _toy_rows(72)
+    tr = _write_tsv(tmp_path / "train.tsv", rows[:48])
+    ev = _write_tsv(tmp_path / "eval.tsv", rows[48:])
+    out = tmp_path / "dp"
+    res = torchrun(worker("train_worker.py"), [
+        "--model", "tiny-bert", "--method", method, "--train", str(tr), "--eval", str(ev),
+        "--num-train", "32", "--batch-size", "4", "--max-length", "16", "--seed", "1",
+        "--output", str(out), "--no-progress", "--eval-every-steps", "1", *extra], timeout=180)
+    assert res.returncode == 0, res.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["method"] == method
+    assert summary["steps"] >= 1
+    # one summary line printed (rank 0 only), one metrics file
+    assert res.stdout.count('"best_eval_accuracy"') == 1
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".jsonl") == ["metrics.jsonl"]

@@ -289,6 +289,16 @@ def broadcast_parameters(tensors: Sequence[torch.Tensor], context: DistContext,
                 pos += n
 
 
+def agree_on_max(value: float, context: DistContext) -> float:
+    """The maximum of ``value`` over all ranks (e.g. elapsed training time, so that every rank
+    stops a time-budgeted run at the same step)."""
+    if not context.distributed:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=context.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=context.group)
+    return float(t.item())
+
+
 def allreduce_gradients(params: Iterable[torch.Tensor], context: DistContext,
                         stats: Optional[CommStats] = None, kind: str = "grad") -> int:
     """Average ``.grad`` of ``params`` over ranks in place: one flattened all-reduce per

@@ -97,6 +97,13 @@ class Runner(abc.ABC):
     def __init__(self, loss_fn: Callable):
         self.loss = Counter(loss_fn)
         self.backward_count = 0
+        # under torchrun: the data-parallel driver of a ZO optimizer (DataParallelZO), or the
+        # context whose gradient all-reduce a first-order runner uses
+        self.data_parallel = None
+        self.dist_context = None
+
+    def _optimizer_step(self, *args):
+        return (self.data_parallel or self.opt).step(*args)
 
     @property
     def forward_count(self) -> int:
@@ -152,7 +159,7 @@ class ZORunner(Runner):
             return value
 
         with torch.no_grad():
-            self.opt.step(closure)
+            self._optimizer_step(closure)
         return sum(losses) / len(losses)
 
     def save(self, folder: Path) -> None:
@@ -175,6 +182,7 @@ class FORunner(Runner):
             for p in model.parameters():
                 p.requires_grad_(True)
             params = list(model.parameters())
+        self.params = params
         self.opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
     def step(self) -> float:
@@ -183,6 +191,9 @@ class FORunner(Runner):
         loss = self.loss(self.model, batch)
         loss.backward()
         self.backward_count += 1
+        if self.dist_context is not None:
+            from .distributed import allreduce_gradients
+            allreduce_gradients(self.params, self.dist_context)
         self.opt.step()
         return float(loss.detach())
 
@@ -226,7 +237,7 @@ class BilevelRunner(Runner):
     def step(self) -> float:
         upper = _to(next(self.upper), self.device)
         lowers = [_to(next(self.lower), self.device) for _ in range(max(1, self.inner_steps))]
-        result = self.opt.step(upper, lowers)
+        result = self._optimizer_step(upper, lowers)
         return float(result.upper_loss)
 
     def save(self, folder: Path) -> None:
@@ -326,23 +337,24 @@ def _validate(args) -> None:
         raise SystemExit("zofo-train: --inner-steps must be positive")
 
 
-def _make_runner(args, model, device, train_enc, lower_enc, upper_enc) -> Runner:
+def _make_runner(args, model, device, train_enc, lower_enc, upper_enc, rank=0) -> Runner:
     loss_fn = models_mod.classification_loss
     seed = args.seed
+    stream_seed = seed + 1000 * rank  # each data-parallel rank draws its own batches
     peft_kwargs = dict(lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                        num_virtual_tokens=args.num_virtual_tokens)
     if args.method in ("mezo-lora", "fo-lora", "bilevel-zofo"):
         model = models_mod.add_peft(model, args.peft, **peft_kwargs)
     model.eval()  # no dropout: see the module docstring
     if args.method == "bilevel-zofo":
-        lower = data_mod.BatchStream(lower_enc, args.batch_size, seed + 1)
-        upper = data_mod.BatchStream(upper_enc, args.batch_size, seed + 2)
+        lower = data_mod.BatchStream(lower_enc, args.batch_size, stream_seed + 1)
+        upper = data_mod.BatchStream(upper_enc, args.batch_size, stream_seed + 2)
         return BilevelRunner(model, loss_fn, lower, upper, device, lr=_hp(args, "lr"),
                              eps=_hp(args, "eps"), lam=_hp(args, "lam"),
                              inner_steps=_hp(args, "inner_steps"), peft_lr=_hp(args, "peft_lr"),
                              estimator=_hp(args, "estimator"), weight_decay=args.weight_decay,
                              seed=seed, backend=args.backend, distribution=args.distribution)
-    stream = data_mod.BatchStream(train_enc, args.batch_size, seed + 1)
+    stream = data_mod.BatchStream(train_enc, args.batch_size, stream_seed + 1)
     if args.method in ("mezo", "mezo-lora"):
         return ZORunner(args.method, model, loss_fn, stream, device, lr=_hp(args, "lr"),
                         eps=_hp(args, "eps"), weight_decay=args.weight_decay,
@@ -354,13 +366,29 @@ def _make_runner(args, model, device, train_enc, lower_enc, upper_enc) -> Runner
 
 
 def run(args) -> dict:
-    """Train as ``args`` says; returns the summary (also written to summary.json)."""
+    """Train as ``args`` says; returns the summary (also written to summary.json).
+
+    Under ``torchrun`` (``WORLD_SIZE`` set) the run is data parallel: every rank draws its own
+    batches, ZO methods all-reduce only their losses (``DataParallelZO``), first-order methods
+    their gradients, and rank 0 alone writes the outputs."""
     _validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("zofo-train: --device cuda but CUDA is not available")
+    from . import distributed as dist_mod
+    ctx = dist_mod.setup_from_env()
+    try:
+        if ctx.distributed and device.type == "cuda":
+            device = ctx.device
+        return _run(args, device, ctx)
+    finally:
+        dist_mod.shutdown(ctx)
+
+
+def _run(args, device, ctx) -> dict:
+    from . import distributed as dist_mod
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     data_seed = args.seed if args.data_seed is None else args.data_seed
@@ -390,9 +418,16 @@ def run(args) -> dict:
     lower_enc, upper_enc = enc(lower_ex), enc(upper_ex)
     torch.manual_seed(args.seed)
     try:
-        runner = _make_runner(args, loaded.model, device, train_enc, lower_enc, upper_enc)
+        runner = _make_runner(args, loaded.model, device, train_enc, lower_enc, upper_enc,
+                              rank=ctx.rank)
     except models_mod.ModelError as exc:
         raise SystemExit(f"zofo-train: {exc}") from None
+    if ctx.distributed:
+        if isinstance(runner, FORunner):
+            runner.dist_context = ctx
+        else:
+            runner.data_parallel = dist_mod.DataParallelZO(runner.opt, model=runner.model,
+                                                           context=ctx)
 
     def evaluate() -> float:
         return models_mod.accuracy(runner.eval_model, _DeviceEncoded(eval_enc, device),
@@ -409,11 +444,11 @@ def run(args) -> dict:
     from tqdm import tqdm
     by_time = args.steps is None
     bar = tqdm(total=int(math.ceil(budget)) if by_time else args.steps,
-               unit="s" if by_time else "step", disable=args.no_progress,
+               unit="s" if by_time else "step", disable=args.no_progress or not ctx.is_main,
                desc=f"{args.method}", dynamic_ncols=True)
     metrics_path = out / "metrics.jsonl"
     history: List[dict] = []
-    fh = open(metrics_path, "w")
+    fh = open(metrics_path if ctx.is_main else os.devnull, "w")
 
     def write(row: dict) -> None:
         history.append(row)
@@ -444,6 +479,8 @@ def run(args) -> dict:
         loss = runner.step()
         dt = time.perf_counter() - t0
         train_time += dt
+        if ctx.distributed and budget is not None:
+            train_time = dist_mod.agree_on_max(train_time, ctx)  # all ranks stop together
         step += 1
         recent.append(loss)
         if by_time:
@@ -481,6 +518,8 @@ def run(args) -> dict:
     bar.close()
     fh.close()
 
+    if not ctx.is_main:
+        return {}
     if not args.no_save:
         runner.save(out)
     summary = dict(
@@ -505,7 +544,7 @@ def run(args) -> dict:
                              peft_lr=_hp(args, "peft_lr"), lora_r=args.lora_r,
                              lora_alpha=args.lora_alpha, dtype=args.dtype),
         time_budget_s=budget, max_steps=args.steps,
-        threads=torch.get_num_threads(), device=str(device),
+        threads=torch.get_num_threads(), device=str(device), world_size=ctx.world_size,
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     from . import plotting
@@ -531,6 +570,8 @@ class _DeviceEncoded:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     summary = run(args)
+    if not summary:  # a data-parallel rank other than 0: rank 0 reports
+        return 0
     print(json.dumps({k: summary[k] for k in (
         "method", "eval_accuracy", "best_eval_accuracy", "wall_time_s", "steps",
         "peak_memory_bytes")}))
