@@ -125,26 +125,42 @@ def _peft_params(model) -> List[torch.nn.Parameter]:
     return params
 
 
-class ZORunner(Runner):
+class _OneStreamRunner(Runner):
+    """A method that trains one set of weights from one batch stream: all weights, or the
+    PEFT block when ``peft`` (ZO-SGD and Adam runners share this)."""
+
+    def __init__(self, method, model, loss_fn, batches: Iterator[dict], device, peft):
+        super().__init__(loss_fn)
+        self.method = method
+        self.model = self.eval_model = model
+        self.batches = batches
+        self.device = device
+        self.peft = peft
+
+    def _trained_params(self) -> List[torch.nn.Parameter]:
+        if self.peft:
+            return _peft_params(self.model)
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        return list(self.model.parameters())
+
+    def save(self, folder: Path) -> None:
+        self.model.save_pretrained(str(folder / ("adapter" if self.peft else "model")))
+
+
+class ZORunner(_OneStreamRunner):
     """ZO-SGD with the fused kernels (``zofo_kernels.optim.ZOOptimizer``): MeZO (all
     weights, groups from ``zo_param_groups`` so biases/norms skip weight decay) or ZO on a
     PEFT block."""
 
     def __init__(self, method, model, loss_fn, batches: Iterator[dict], device, lr, eps,
                  weight_decay, distribution, estimator, n_directions, seed, backend, peft):
-        super().__init__(loss_fn)
+        super().__init__(method, model, loss_fn, batches, device, peft)
         from .optim import ZOOptimizer, zo_param_groups
-        self.method = method
-        self.model = self.eval_model = model
-        self.batches = batches
-        self.device = device
-        self.peft = peft
-        if peft:
-            params = [{"params": _peft_params(model), "weight_decay": weight_decay}]
-        else:
-            for p in model.parameters():
-                p.requires_grad_(True)
-            params = zo_param_groups(model, weight_decay)
+        trained = self._trained_params()
+        # full ZO: biases and norms in a group without weight decay
+        params = ([{"params": trained, "weight_decay": weight_decay}] if peft
+                  else zo_param_groups(model, weight_decay))
         self.opt = ZOOptimizer(params, lr=lr, eps=eps, weight_decay=weight_decay,
                                distribution=distribution, estimator=estimator,
                                n_directions=n_directions, seed=seed, backend=backend)
@@ -162,28 +178,14 @@ class ZORunner(Runner):
             self._optimizer_step(closure)
         return sum(losses) / len(losses)
 
-    def save(self, folder: Path) -> None:
-        self.model.save_pretrained(str(folder / ("adapter" if self.peft else "model")))
 
-
-class FORunner(Runner):
+class FORunner(_OneStreamRunner):
     """First-order fine-tuning with Adam: all weights (fo-full) or a PEFT block (fo-lora)."""
 
     def __init__(self, method, model, loss_fn, batches, device, lr, weight_decay, peft):
-        super().__init__(loss_fn)
-        self.method = method
-        self.model = self.eval_model = model
-        self.batches = batches
-        self.device = device
-        self.peft = peft
-        if peft:
-            params = _peft_params(model)
-        else:
-            for p in model.parameters():
-                p.requires_grad_(True)
-            params = list(model.parameters())
-        self.params = params
-        self.opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        super().__init__(method, model, loss_fn, batches, device, peft)
+        self.params = self._trained_params()
+        self.opt = torch.optim.Adam(self.params, lr=lr, weight_decay=weight_decay)
 
     def step(self) -> float:
         batch = _to(next(self.batches), self.device)
@@ -196,9 +198,6 @@ class FORunner(Runner):
             allreduce_gradients(self.params, self.dist_context)
         self.opt.step()
         return float(loss.detach())
-
-    def save(self, folder: Path) -> None:
-        self.model.save_pretrained(str(folder / ("adapter" if self.peft else "model")))
 
 
 class BilevelRunner(Runner):
