@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,14 +41,19 @@ from zofo_kernels import plotting  # noqa: E402
 METHODS = ("mezo", "mezo-lora", "fo-lora", "fo-full", "bilevel-zofo")
 
 # The sweep grid: a few settings per method around the values the papers use, scaled for a
-# 22.7 M-parameter model (see docs/evidence.md). Keys are zofo-train flags.
+# 22.7 M-parameter model. Keys are zofo-train flags. Grids have an even length so that with
+# --sweep-parallel 2 the two settings running side by side belong to the same method and
+# share the machine on equal terms.
 SWEEP = {
-    "mezo": [dict(lr=1e-5, eps=1e-3), dict(lr=1e-4, eps=1e-3)],
+    "mezo": [dict(lr=3e-5, eps=1e-3), dict(lr=1e-4, eps=1e-3),
+             dict(lr=3e-4, eps=1e-3), dict(lr=1e-3, eps=1e-3)],
     "mezo-lora": [dict(lr=1e-3, eps=1e-2), dict(lr=1e-2, eps=1e-2)],
     "fo-lora": [dict(lr=5e-4), dict(lr=2e-3)],
     "fo-full": [dict(lr=2e-5), dict(lr=5e-5)],
-    "bilevel-zofo": [dict(lr=1e-6, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=5),
-                     dict(lr=1e-5, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=5)],
+    "bilevel-zofo": [dict(lr=1e-5, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=5),
+                     dict(lr=1e-4, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=5),
+                     dict(lr=1e-5, eps=1e-3, peft_lr=3e-3, lam=10.0, inner_steps=5),
+                     dict(lr=1e-4, eps=1e-3, peft_lr=3e-3, lam=10.0, inner_steps=5)],
 }
 
 
@@ -58,7 +64,7 @@ def _flags(hp: dict) -> list:
     return out
 
 
-def run_one(args, method, hp, seed, budget_s, out: Path, extra) -> dict:
+def run_one(args, method, hp, seed, budget_s, out: Path, extra, threads=None) -> dict:
     """One zofo-train run in its own process (fresh memory); skipped if already done."""
     summary = out / "summary.json"
     if args.resume and summary.is_file():
@@ -68,7 +74,7 @@ def run_one(args, method, hp, seed, budget_s, out: Path, extra) -> dict:
            "--num-train", str(args.num_train), "--seed", str(seed), "--data-seed", str(seed),
            "--time-budget", str(budget_s), "--output", str(out), "--no-save",
            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-           "--threads", str(args.threads), *extra, *_flags(hp)]
+           "--threads", str(threads or args.threads), *extra, *_flags(hp)]
     print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed} {hp} ({budget_s:.0f} s)",
           flush=True)
     for attempt in range(2):
@@ -184,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--num-train", type=int, default=1000)
     p.add_argument("--sweep-minutes", type=float, default=5.0)
+    p.add_argument("--sweep-parallel", type=int, default=1,
+                   help="sweep settings run at once (each gets threads / this many threads)")
     p.add_argument("--sweep-holdout", type=int, default=200,
                    help="examples of the seed-0 training sample held out for the sweep")
     p.add_argument("--skip-sweep", action="store_true",
@@ -202,6 +210,8 @@ def main(argv=None) -> int:
         if not (args.data / f).is_file():
             raise SystemExit(f"study_sst2: {args.data / f} not found (SST-2 is expected at "
                              "../shared/data/sst2 next to the repository)")
+    if args.sweep_parallel < 1:
+        raise SystemExit("study_sst2: --sweep-parallel must be at least 1")
     if args.num_train <= args.sweep_holdout:
         raise SystemExit("study_sst2: --sweep-holdout must be smaller than --num-train")
     tag = args.tag or (f"{args.budget_minutes:g}min_{len(args.seeds)}seed")
@@ -210,29 +220,34 @@ def main(argv=None) -> int:
     protocol_full = args.budget_minutes >= 15 and len(args.seeds) >= 3
     t0 = time.time()
 
-    # 1. the sweep, on a held-out part of the seed-0 training sample
-    sweep_rows, chosen = [], {}
+    # 1. the sweep, on a held-out part of the seed-0 training sample. Settings run
+    #    --sweep-parallel at a time, each with threads / sweep-parallel threads: a selection
+    #    only compares settings of one method, and those run side by side on equal terms.
+    jobs = [] if args.skip_sweep else [(m, i, hp) for m in args.methods
+                                       for i, hp in enumerate(SWEEP[m])]
+    sweep_threads = max(1, args.threads // args.sweep_parallel)
+
+    def sweep_one(job):
+        m, i, hp = job
+        rd = out / "runs" / f"sweep_{m}_{i}"
+        s = run_one(args, m, hp, 0, args.sweep_minutes * 60, rd,
+                    ["--num-train", str(args.num_train - args.sweep_holdout),
+                     "--holdout", str(args.sweep_holdout),
+                     "--eval-every", str(args.sweep_minutes * 60 / 5)], threads=sweep_threads)
+        return dict(method=m, config=i, **hp, holdout_final_accuracy=s["eval_accuracy"],
+                    holdout_best_accuracy=s["best_eval_accuracy"], steps=s["steps"],
+                    wall_time_s=s["wall_time_s"], threads=sweep_threads)
+
+    with ThreadPoolExecutor(max_workers=args.sweep_parallel) as pool:
+        sweep_rows = list(pool.map(sweep_one, jobs))
+    if sweep_rows:
+        _write_csv(out / "sweep.csv", sweep_rows)
+    chosen = {}
     for m in args.methods:
-        grid = SWEEP[m][:1] if args.skip_sweep else SWEEP[m]
-        best = None
-        for i, hp in enumerate(grid):
-            if args.skip_sweep:
-                break
-            rd = out / "runs" / f"sweep_{m}_{i}"
-            s = run_one(args, m, hp, 0, args.sweep_minutes * 60, rd,
-                        ["--num-train", str(args.num_train - args.sweep_holdout),
-                         "--holdout", str(args.sweep_holdout),
-                         "--eval-every", str(args.sweep_minutes * 60 / 5)])
-            row = dict(method=m, config=i, **hp, holdout_final_accuracy=s["eval_accuracy"],
-                       holdout_best_accuracy=s["best_eval_accuracy"], steps=s["steps"],
-                       wall_time_s=s["wall_time_s"])
-            sweep_rows.append(row)
-            key = (s["eval_accuracy"], s["best_eval_accuracy"])
-            if best is None or key > best[0]:
-                best = (key, hp)
-        chosen[m] = grid[0] if best is None else best[1]
-        if sweep_rows:
-            _write_csv(out / "sweep.csv", sweep_rows)
+        rows = [r for r in sweep_rows if r["method"] == m]
+        best = max(rows, key=lambda r: (r["holdout_final_accuracy"], r["holdout_best_accuracy"]),
+                   default=None)
+        chosen[m] = SWEEP[m][best["config"] if best else 0]
     (out / "chosen_hyperparameters.json").write_text(json.dumps(chosen, indent=2) + "\n")
 
     # 2. the equal-budget runs on dev.tsv (round-robin over methods within each seed)
@@ -258,12 +273,17 @@ def main(argv=None) -> int:
 
     # 3. analysis, figure, words
     a = analyse(curves, summaries)
-    label = ("full protocol" if protocol_full else "SHORTENED run, not the full protocol")
+    label = ("full protocol" if protocol_full else
+             f"{args.budget_minutes:g}-minute budget, {len(args.seeds)} seed(s) of the 3 the "
+             "protocol asks for" if args.budget_minutes >= 15 else
+             "SHORTENED run, not the full protocol")
     desc = (f"{label}: {args.budget_minutes:g} min training budget per method, seeds "
             f"{' '.join(map(str, args.seeds))}, {args.num_train} training examples, sweep "
             + ("skipped" if args.skip_sweep else
                f"{args.sweep_minutes:g} min per setting on {args.sweep_holdout} held-out "
-               "training examples"))
+               "training examples" + (f", {args.sweep_parallel} settings at a time with "
+                                      f"{sweep_threads} thread(s) each"
+                                      if args.sweep_parallel > 1 else "")))
     plotting.plot_study(curves, out / "study.png",
                         title=f"MiniLM-L6 on SST-2 dev, equal wall-clock budget\n({desc})",
                         reference=a.get("mezo_best_mean_accuracy"),
