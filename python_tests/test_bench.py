@@ -114,6 +114,12 @@ def test_study_analysis_speedup_and_fo_lora_comparison():
     assert a["bilevel_ends_above_fo_lora"] is False
     words = study.outcome_words(a, 1)
     assert "faster" in words and "ends below FO-LoRA" in words
+    assert "fell late" not in words
+    # a run that ends far below its best is reported as a late drop
+    curves["bilevel-zofo"] = [_curve([(0, 0.5), (50, 0.72), (200, 0.79), (300, 0.51)])]
+    summaries["bilevel-zofo"] = [dict(eval_accuracy=0.51, best_eval_accuracy=0.79)]
+    words = study.outcome_words(study.analyse(curves, summaries), 1)
+    assert "bilevel-zofo ended at 0.510, 0.280 below its best (0.790)" in words
     # never reaching MeZO's best is said plainly
     curves["bilevel-zofo"] = [_curve([(0, 0.5), (300, 0.6)])]
     summaries["bilevel-zofo"] = [dict(eval_accuracy=0.6, best_eval_accuracy=0.6)]
