@@ -127,3 +127,13 @@ def test_study_analysis_speedup_and_fo_lora_comparison():
     assert "did **not** reach" in words
     assert study.time_to_reach(curves["mezo"][0], 0.6) == 100
     assert study.time_to_reach(curves["mezo"][0], 0.9) is None
+
+
+def test_study_figure_is_written(tmp_path):
+    from zofo_kernels import plotting
+    curves = {"mezo": [_curve([(0, 0.5), (60, 0.55), (120, 0.56)])],
+              "bilevel-zofo": [_curve([(0, 0.5), (60, 0.78), (120, 0.51)])]}
+    out = tmp_path / "study.png"
+    plotting.plot_study(curves, out, title="a long title " * 20, reference=0.56,
+                        reference_label="MeZO's best")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -65,9 +66,9 @@ def plot_study(curves: Dict[str, List[Sequence[dict]]], path, title: str = "",
     ax.set_xlabel("training wall time (minutes)")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    # outside the axes: inside, it hid the late part of curves that end low
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
-        import textwrap
         ax.set_title("\n".join(textwrap.fill(part, 95) for part in title.split("\n")),
                      fontsize=9)
     fig.tight_layout()
