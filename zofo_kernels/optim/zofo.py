@@ -46,8 +46,11 @@ class ZOFOStepResult:
     lower_losses: List[float] = dataclasses.field(default_factory=list)
     upper_loss: Optional[float] = None
     penalty_loss: Optional[float] = None
+    lower_penalty_loss: Optional[float] = None
+    gap: Optional[float] = None
     objective: Optional[float] = None
     projected_grads: List[float] = dataclasses.field(default_factory=list)
+    theta_step_rms: Optional[float] = None
     skipped: bool = False
 
     @property
