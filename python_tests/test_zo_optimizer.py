@@ -453,3 +453,106 @@ def test_bf16_stochastic_rounding_makes_progress_round_to_nearest_stalls():
     assert e32 < 0.5 * s32                       # fp32 makes progress
     assert (s_sr - e_sr) > 0.8 * (s32 - e32)     # bf16 + stochastic rounding: comparable
     assert (s_rn - e_rn) < 0.05 * (s32 - e32)    # bf16 round-to-nearest: stalls
+
+
+# --------------------------------------------------------------------------- normalize="rms"
+
+def _run_steps(model, x, y, n, scale=1.0, **kwargs):
+    opt = ZOOptimizer(model.parameters(), lr=1e-2, eps=1e-3, seed=11, **kwargs)
+    for _ in range(n):
+        opt.step(lambda: scale * torch.nn.functional.cross_entropy(model(x), y))
+    return opt
+
+
+def test_rms_normalisation_makes_the_trajectory_invariant_to_the_loss_scale():
+    """Scaling the objective by a power of two scales every projected gradient and the
+    running RMS by exactly that factor, so normalised coefficients and weights are
+    bit-identical; plain ZO-SGD's trajectory changes."""
+    runs = {}
+    for normalize in ("rms", "none"):
+        for scale in (1.0, 1024.0):
+            model, x, y = make_problem(3)
+            _run_steps(model, x, y, 6, scale, normalize=normalize, estimator="forward")
+            runs[normalize, scale] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(runs["rms", 1.0], runs["rms", 1024.0]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs["none", 1.0], runs["none", 1024.0]))
+
+
+def test_rms_coefficients_follow_the_bias_corrected_running_mean():
+    model, x, y = make_problem(4)
+    beta = 0.9
+    opt = ZOOptimizer(model.parameters(), lr=1e-2, eps=1e-3, seed=5, normalize="rms",
+                      rms_beta=beta, n_directions=2, estimator="central")
+    v = 0.0
+    for t in range(1, 5):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+        g = opt.last_step["projected_grads"]
+        v = beta * v + (1 - beta) * (g[0] ** 2 + g[1] ** 2) / 2
+        rms = math.sqrt(v / (1 - beta ** t))
+        assert opt.last_step["grad_rms"] == pytest.approx(rms, rel=1e-12)
+        assert opt.last_step["update_coefficients"] == pytest.approx(
+            [g[0] / 2 / rms, g[1] / 2 / rms], rel=1e-12)
+    # first step: |c| = 1/q per direction pair in RMS, so the weights move by about lr
+    state = opt.state_dict()["zo"]
+    assert state["sq_count"] == 4 and state["sq_avg"] == pytest.approx(v, rel=1e-12)
+
+
+def test_rms_state_resumes_bit_for_bit():
+    model, x, y = make_problem(5)
+    opt = _run_steps(model, x, y, 3, normalize="rms")
+    saved = copy.deepcopy(opt.state_dict())
+    snap = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    after = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), snap):
+            p.copy_(s)
+    opt2 = ZOOptimizer(model.parameters(), lr=1e-2, eps=1e-3, seed=999, normalize="rms")
+    opt2.load_state_dict(saved)
+    for _ in range(3):
+        opt2.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    assert all(torch.equal(a, p) for a, p in zip(after, model.parameters()))
+
+
+def test_update_rms_matches_the_measured_change_per_weight():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(200_000) * 0.02)
+    target = torch.randn(200_000) * 0.02
+    opt = ZOOptimizer([w], lr=1e-3, eps=1e-3, seed=1, estimator="forward")
+    before = w.detach().clone()
+    opt.step(lambda: ((w - target) ** 2).sum())
+    measured = float((w.detach() - before).pow(2).mean().sqrt())
+    assert opt.last_step["update_rms"] == pytest.approx(measured, rel=0.02)
+    assert opt.last_step["update_rms"] > 0
+
+
+def test_initial_loss_skips_the_unperturbed_forward_and_gives_the_same_step():
+    results = []
+    for given in (False, True):
+        model, x, y = make_problem(6)
+        opt = ZOOptimizer(model.parameters(), lr=1e-2, eps=1e-3, seed=2, estimator="forward",
+                          n_directions=2)
+        calls = []
+
+        def closure():
+            calls.append(1)
+            return torch.nn.functional.cross_entropy(model(x), y)
+
+        with torch.no_grad():
+            l0 = float(torch.nn.functional.cross_entropy(model(x), y))
+        opt.step(closure, initial_loss=l0 if given else None)
+        results.append(([p.detach().clone() for p in model.parameters()], len(calls)))
+    assert results[0][1] == 3 and results[1][1] == 2
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
+
+
+def test_initial_loss_is_refused_by_the_central_estimator_and_bad_rms_settings():
+    model, x, y = make_problem(7)
+    opt = ZOOptimizer(model.parameters(), lr=1e-2, estimator="central")
+    with pytest.raises(ValueError, match="forward estimator"):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y), initial_loss=1.0)
+    with pytest.raises(ValueError, match="normalize"):
+        ZOOptimizer(model.parameters(), lr=1e-2, normalize="adam")
+    with pytest.raises(ValueError, match="rms_beta"):
+        ZOOptimizer(model.parameters(), lr=1e-2, normalize="rms", rms_beta=1.0)

@@ -13,6 +13,14 @@ One two-point step with q directions (central difference)::
 Forward difference: L0 = closure() on the unperturbed weights, then L+_k as above, with
 g_k = (L+_k - L0) / eps. z_k is the contract noise of (seed, global index, direction k); the
 global index of a parameter element is given by :func:`zofo_kernels.optim.layout.zo_layout`.
+
+Step normalisation (``normalize="rms"``): the update uses g_k / r instead of g_k, where
+r = sqrt(v_hat) and v_hat is a bias-corrected running mean of g^2 (one scalar of state,
+v <- beta*v + (1 - beta)*mean_k g_k^2, updated before use, as Adam's second moment). Each
+weight then moves by about lr*|z| per step whatever the scale of the loss: multiplying the
+objective by c (e.g. a penalty weight lambda) leaves the trajectory unchanged. This is Adam's
+scale invariance at O(1) memory (Adam on theta.grad = g*z would need three backbone-sized
+buffers); it keeps no momentum.
 """
 
 from __future__ import annotations
@@ -31,13 +39,15 @@ from ..ops import perturb_, zo_update_
 from .layout import split_by_device, zo_layout, zo_numel
 
 ESTIMATORS = ("central", "forward")
+NORMALIZATIONS = ("none", "rms")
 NONFINITE_POLICIES = ("raise", "skip")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Philox counter word c3 that tags "derive a step seed" (the noise stream uses 0 and 1).
 _SEED_PURPOSE = 0x5EED5EED
 _GLOBAL_KEYS = ("eps", "distribution", "estimator", "n_directions", "seed",
-                "stochastic_rounding", "nonfinite", "loss_reduce", "backend")
+                "stochastic_rounding", "nonfinite", "loss_reduce", "backend", "normalize",
+                "rms_beta")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -195,7 +205,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     ``n_directions`` (q), ``seed`` (base seed; None draws one from os.urandom),
     ``stochastic_rounding`` (16-bit weights), ``nonfinite`` ("raise" | "skip"),
     ``loss_reduce`` (callable applied to the float64 tensor of the step's losses, e.g. an
-    all-reduce mean across data-parallel ranks), ``backend`` (kernel backend name or None).
+    all-reduce mean across data-parallel ranks), ``backend`` (kernel backend name or None),
+    ``normalize`` ("none": plain ZO-SGD, MeZO's update; "rms": the projected gradient divided
+    by its running RMS, see the module docstring) and ``rms_beta`` (that running mean's decay).
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0,
@@ -203,7 +215,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                  n_directions: int = 1, seed: Optional[int] = None,
                  stochastic_rounding: bool = True, nonfinite: str = "raise",
                  loss_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, normalize: str = "none",
+                 rms_beta: float = 0.999):
         lr = _real(lr, "lr", nonneg=True)
         weight_decay = _real(weight_decay, "weight_decay", nonneg=True)
         self.eps = _real(eps, "eps", positive=True)
@@ -218,9 +231,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise TypeError("loss_reduce must be None or a callable")
         self.loss_reduce = loss_reduce
         self.backend = check_backend(backend)
+        self.normalize = _choice(normalize, "normalize", NORMALIZATIONS)
+        self.rms_beta = _real(rms_beta, "rms_beta", nonneg=True)
+        if not self.rms_beta < 1.0:
+            raise ValueError(f"rms_beta must be in [0, 1), got {rms_beta!r}")
         base_seed = fresh_base_seed() if seed is None else _int(seed, "seed", 0,
                                                                  contract.SEED_LIMIT)
-        self._zo_state = {"base_seed": base_seed, "step": 0}
+        # sq_avg / sq_count: the running mean of g^2 and its number of updates (normalize="rms")
+        self._zo_state = {"base_seed": base_seed, "step": 0, "sq_avg": 0.0, "sq_count": 0}
         self.last_step: Optional[Dict] = None
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
 
@@ -255,7 +273,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         sd = super().state_dict()
         sd["zo"] = dict(self._zo_state, eps=self.eps, distribution=self.distribution,
-                        estimator=self.estimator, n_directions=self.n_directions)
+                        estimator=self.estimator, n_directions=self.n_directions,
+                        normalize=self.normalize, rms_beta=self.rms_beta)
         return sd
 
     def load_state_dict(self, state_dict) -> None:
@@ -265,8 +284,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         zo = sd.pop("zo")
         base = _int(zo["base_seed"], "base_seed", 0, contract.SEED_LIMIT)
         step = _int(zo["step"], "step", 0)
+        sq_avg = _real(zo.get("sq_avg", 0.0), "sq_avg", nonneg=True)
+        sq_count = _int(zo.get("sq_count", 0), "sq_count", 0)
         super().load_state_dict(sd)
-        self._zo_state = {"base_seed": base, "step": step}
+        self._zo_state = {"base_seed": base, "step": step, "sq_avg": sq_avg,
+                          "sq_count": sq_count}
 
     # -- kernel sweeps -------------------------------------------------------------------
     def _perturb(self, layout, seed, scale, direction, restore_scale=0.0, restore_direction=None):
@@ -295,14 +317,50 @@ class ZOOptimizer(torch.optim.Optimizer):
                                  f"({len(values)})")
         return [float(v) for v in t.detach().cpu().to(torch.float64)]
 
+    def _coefficients(self, grads: List[float]):
+        """(update coefficients c_k, the RMS that divided them or None, the new
+        (sq_avg, sq_count)) for the projected gradients of one step; theta moves by
+        -lr * sum_k c_k z_k."""
+        q = len(grads)
+        if self.normalize == "none":
+            return [g / q for g in grads], None, None
+        beta = self.rms_beta
+        sq_avg = beta * self._zo_state["sq_avg"] + (1.0 - beta) * sum(g * g for g in grads) / q
+        count = self._zo_state["sq_count"] + 1
+        rms = math.sqrt(sq_avg / (1.0 - beta ** count))
+        # all-zero slopes so far: no information about the scale, no step
+        coeffs = [g / q / rms if rms > 0.0 else 0.0 for g in grads]
+        return coeffs, rms, (sq_avg, count)
+
+    def _update_rms(self, coeffs: List[float]) -> float:
+        """Expected RMS change per weight of the update lr * sum_k c_k z_k (E z^2 = 1 for both
+        distributions, directions independent; weight decay not included), averaged over the
+        groups by their number of elements."""
+        sizes = [sum(p.numel() for p in g["params"]) for g in self.param_groups]
+        total = sum(sizes)
+        if total == 0:
+            return 0.0
+        mean_lr2 = sum(n * g["lr"] ** 2 for n, g in zip(sizes, self.param_groups)) / total
+        return math.sqrt(mean_lr2 * sum(c * c for c in coeffs))
+
     # -- the step --------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Union[torch.Tensor, float]] = None) -> float:  # type: ignore[override]
+    def step(self, closure: Callable[[], Union[torch.Tensor, float]] = None, *,  # type: ignore[override]
+             initial_loss: Optional[float] = None) -> float:
         """One ZO step. ``closure()`` returns the loss of the current batch; it is called under
         ``torch.no_grad()``, 2q times (central) or q + 1 times (forward). Returns the mean of
-        all losses (central) or the unperturbed loss (forward)."""
+        all losses (central) or the unperturbed loss (forward).
+
+        ``initial_loss`` (forward estimator only): the loss at the unperturbed weights, when
+        the caller has it already (e.g. from a first-order pass on the same batch); the
+        closure is then called q times, at the perturbed points only. It goes through
+        ``loss_reduce`` like every other loss."""
         if closure is None or not callable(closure):
             raise ValueError("ZOOptimizer.step needs a closure that returns the loss")
+        if initial_loss is not None:
+            if self.estimator != "forward":
+                raise ValueError("initial_loss is only used by the forward estimator")
+            initial_loss = loss_value(initial_loss)
         t = self._zo_state["step"]
         seed = step_seed(self._zo_state["base_seed"], t)
         layout = zo_layout(self.param_groups)
@@ -327,7 +385,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                     applied = (-eps, k)
                     raw.append(call())
             else:
-                raw.append(call())
+                raw.append(call() if initial_loss is None else initial_loss)
                 for k in range(q):
                     if applied is None:
                         self._perturb(layout, seed, eps, k)
@@ -346,8 +404,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                 loss = losses[0]
             finite = finite and all(math.isfinite(g) for g in grads)
             scale, last = applied
+            coeffs, grad_rms, sq_state = None, None, None
             if finite:
-                coeffs = [g / q for g in grads]
+                coeffs, grad_rms, sq_state = self._coefficients(grads)
                 self._update(layout, seed, coeffs, -scale)
                 applied = None
             else:
@@ -357,9 +416,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             if applied is not None:  # the closure or a kernel call raised: undo the perturbation
                 self._perturb(layout, seed, -applied[0], applied[1])
         self._zo_state["step"] = t + 1
+        if sq_state is not None:
+            self._zo_state["sq_avg"], self._zo_state["sq_count"] = sq_state
         self.last_step = dict(
             step=t, seed=seed, projected_grads=grads, losses=losses, loss=loss,
-            update_coefficients=[g / q for g in grads] if finite else None,
+            update_coefficients=coeffs, grad_rms=grad_rms,
+            update_rms=self._update_rms(coeffs) if coeffs is not None else 0.0,
             skipped=not finite, estimator=self.estimator, distribution=self.distribution,
             eps=eps, n_directions=q, numel=zo_numel(self.param_groups),
             lr=[g["lr"] for g in self.param_groups],
