@@ -1,9 +1,13 @@
 """Build of zofo_kernels: Python package plus native modules compiled by CMake.
 
-    pip install .            # or: pip install -e .
+    pip install .            # or: pip install -e .;  pip wheel .;  python -m build
 
 Native modules (see CMakeLists.txt):
-  zofo_kernels._C       C++ CPU kernels (OpenMP); always built.
+  zofo_kernels._C_generic, _C_avx2, _C_avx512
+                        C++ CPU kernels (OpenMP), one module per CPU variant (x86-64
+                        baseline, x86-64-v3, x86-64-v4; only _C_generic on other CPUs);
+                        always built. The package imports the best one the CPU runs, at
+                        load (zofo_kernels/_native.py), so one wheel runs on any x86-64.
   zofo_kernels._C_cuda  CUDA kernels; built when ZOFO_BUILD_CUDA says so.
 
 Environment variables:
@@ -11,15 +15,26 @@ Environment variables:
                      unset: build it when nvcc is found AND an NVIDIA GPU is visible
                      (/dev/nvidiactl or `nvidia-smi -L`), so CPU-only machines build fast.
   ZOFO_CUDA_ARCHS    CUDA architectures, default "80;90" (sm_80, sm_90), e.g. "90" or "80;86".
-  ZOFO_NATIVE_ARCH   "generic" compiles the CPU kernels without -march=native (portable
-                     binaries); default "native". Results are identical either way.
+  ZOFO_CPU_VARIANTS  CPU variants to build, comma-separated, default "auto" (= generic,avx2,
+                     avx512 on x86-64, generic elsewhere); add "native" (e.g. "auto,native")
+                     for a -march=native module that is used only when forced with
+                     ZOFO_CPU_VARIANT=native (benchmarks). Results are identical in all.
   CMAKE_BUILD_PARALLEL_LEVEL  parallel compile jobs (default: number of CPUs).
+
+Build folders: CMake configures in <build_temp>/cmake. The folder remembers the tools it was
+configured with (cmake, ninja, pybind11, Python); when they differ (each isolated `pip
+install .` / `pip wheel .` / `python -m build` has its own temporary build environment) the
+folder is wiped and configured afresh, so repeated builds from one checkout work. Modules of
+variants not built this time are removed from the output folder, so no stale module ships.
 
 The build needs only the packages of [build-system] in pyproject.toml (setuptools, wheel,
 cmake, ninja, pybind11) and a C++17 compiler; it does not import or link torch.
 """
 
+import importlib.machinery
+import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -108,32 +123,106 @@ def _tool(name: str, module: str, attr: str):
     return None
 
 
+X86_64 = platform.machine().lower() in ("x86_64", "amd64", "x64")
+KNOWN_VARIANTS = ("generic", "avx2", "avx512", "native")
+
+
+def cpu_variants():
+    """The CPU variants to build, from ZOFO_CPU_VARIANTS (default "auto")."""
+    if os.environ.get("ZOFO_NATIVE_ARCH"):
+        print("zofo_kernels: ZOFO_NATIVE_ARCH is no longer used: the CPU kernels are built for "
+              "several instruction sets and chosen at load (see ZOFO_CPU_VARIANTS)", flush=True)
+    raw = os.environ.get("ZOFO_CPU_VARIANTS", "auto").replace(";", ",")
+    auto = ["generic", "avx2", "avx512"] if X86_64 else ["generic"]
+    out = []
+    for item in (x.strip().lower() for x in raw.split(",")):
+        names = auto if item in ("", "auto") else [item]
+        for n in names:
+            if n not in KNOWN_VARIANTS:
+                raise RuntimeError(f"ZOFO_CPU_VARIANTS: unknown variant {n!r}; expected auto or "
+                                   f"some of {', '.join(KNOWN_VARIANTS)}")
+            if n in ("avx2", "avx512") and not X86_64:
+                raise RuntimeError(f"ZOFO_CPU_VARIANTS: {n} needs an x86-64 machine")
+            if n not in out:
+                out.append(n)
+    if "generic" not in out:
+        # the loader asks the generic module for the CPU's features; it runs everywhere
+        out.insert(0, "generic")
+    return out
+
+
 BUILD_CUDA, NVCC, CUDA_WHY = cuda_build_decision()
+CPU_VARIANTS = cpu_variants()
+
+
+def _prepare_build_dir(build_dir: str, stamp: dict) -> None:
+    """Wipe ``build_dir`` when it was configured with other tools or options than ``stamp``
+    (a CMake cache names absolute paths of cmake, ninja and pybind11, which live in a
+    temporary environment under build isolation and are gone at the next build)."""
+    path = os.path.join(build_dir, "zofo_build_stamp.json")
+    old = None
+    if os.path.isfile(path):
+        try:
+            with open(path) as fh:
+                old = json.load(fh)
+        except (OSError, ValueError):
+            old = None
+    if old != stamp and os.path.isdir(build_dir) and os.listdir(build_dir):
+        why = "no record of its tools" if old is None else "other tools or options"
+        print(f"zofo_kernels: {build_dir} was configured with {why}; configuring afresh",
+              flush=True)
+        shutil.rmtree(build_dir)
+    os.makedirs(build_dir, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(stamp, fh, indent=1, sort_keys=True)
+
+
+def _remove_stale_modules(extdir: str, keep) -> None:
+    """Remove native modules of this package in ``extdir`` that this build does not make
+    (another variant set, a former CUDA build, the old single ``_C`` module)."""
+    if not os.path.isdir(extdir):
+        return
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    for fname in os.listdir(extdir):
+        suffix = next((x for x in suffixes if fname.endswith(x)), None)
+        if suffix is None:
+            continue
+        mod = fname[: -len(suffix)]
+        if (mod == "_C" or mod.startswith("_C_")) and mod not in keep:
+            print(f"zofo_kernels: removing stale module {os.path.join(extdir, fname)}",
+                  flush=True)
+            os.remove(os.path.join(extdir, fname))
 
 
 class CMakeBuild(build_ext):
-    """Configures CMake once per build folder and builds one target per extension."""
+    """Configures CMake once per build and builds the targets of all extensions in one go."""
 
-    def build_extension(self, ext):
-        if not isinstance(ext, CMakeExtension):
-            return super().build_extension(ext)
+    def run(self):
+        inplace = bool(self.inplace)
+        super().run()  # builds into build_lib, then copies into the source tree if inplace
+        if inplace:  # editable install: the package folder of the checkout is the output
+            _remove_stale_modules(os.path.join(ROOT, "zofo_kernels"),
+                                  {e.name.rsplit(".", 1)[-1] for e in self.extensions})
+
+    def build_extensions(self):
+        exts = [e for e in self.extensions if isinstance(e, CMakeExtension)]
+        for ext in self.extensions:
+            if not isinstance(ext, CMakeExtension):
+                super().build_extension(ext)
+        if not exts:
+            return
         cmake = _tool("cmake", "cmake", "CMAKE_BIN_DIR")
         if cmake is None:
             raise RuntimeError("cmake is required to build zofo_kernels (pip install cmake)")
         import pybind11
 
-        extdir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        extdir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(exts[0].name)))
         build_dir = os.path.join(os.path.abspath(self.build_temp), "cmake")
-        os.makedirs(build_dir, exist_ok=True)
-        native = os.environ.get("ZOFO_NATIVE_ARCH", "native").strip().lower()
-        if native not in ("native", "generic"):
-            raise RuntimeError(f"ZOFO_NATIVE_ARCH must be 'native' or 'generic', got {native!r}")
         args = [
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DZOFO_OUTPUT_DIR={extdir}",
             "-DCMAKE_BUILD_TYPE=Release",
-            f"-DZOFO_NATIVE_ARCH={'ON' if native == 'native' else 'OFF'}",
+            f"-DZOFO_CPU_VARIANTS={';'.join(CPU_VARIANTS)}",
             f"-DZOFO_BUILD_CUDA={'ON' if BUILD_CUDA else 'OFF'}",
         ]
         if BUILD_CUDA:
@@ -141,19 +230,26 @@ class CMakeBuild(build_ext):
             args += [f"-DCMAKE_CUDA_COMPILER={NVCC}", f"-DZOFO_CUDA_ARCHS={archs}",
                      f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
         ninja = _tool("ninja", "ninja", "BIN_DIR")
-        if ninja and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
+        if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-        print(f"zofo_kernels: building {ext.name} (CUDA module: "
-              f"{'yes' if BUILD_CUDA else 'no'}, {CUDA_WHY})", flush=True)
-        subprocess.check_call([cmake, "-S", ROOT, "-B", build_dir] + args)
+        _prepare_build_dir(build_dir, {"cmake": os.path.realpath(cmake), "args": args,
+                                       "cxx": os.environ.get("CXX", "")})
+        _remove_stale_modules(extdir, {e.name.rsplit(".", 1)[-1] for e in exts})
+        print(f"zofo_kernels: building {', '.join(e.name for e in exts)} (CPU variants: "
+              f"{', '.join(CPU_VARIANTS)}; CUDA module: {'yes' if BUILD_CUDA else 'no'}, "
+              f"{CUDA_WHY})", flush=True)
+        subprocess.check_call([cmake, "-S", ROOT, "-B", build_dir, f"-DZOFO_OUTPUT_DIR={extdir}"]
+                              + args)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
-        subprocess.check_call([cmake, "--build", build_dir, "--target", ext.target, "-j", jobs])
-        built = self.get_ext_fullpath(ext.name)
-        if not os.path.isfile(built):
-            raise RuntimeError(f"CMake target {ext.target} did not produce {built}")
+        subprocess.check_call([cmake, "--build", build_dir, "-j", jobs, "--target"]
+                              + [e.target for e in exts])
+        for ext in exts:
+            built = self.get_ext_fullpath(ext.name)
+            if not os.path.isfile(built):
+                raise RuntimeError(f"CMake target {ext.target} did not produce {built}")
 
 
-ext_modules = [CMakeExtension("zofo_kernels._C", "_C")]
+ext_modules = [CMakeExtension(f"zofo_kernels._C_{v}", f"_C_{v}") for v in CPU_VARIANTS]
 if BUILD_CUDA:
     ext_modules.append(CMakeExtension("zofo_kernels._C_cuda", "_C_cuda"))
 

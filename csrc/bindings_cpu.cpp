@@ -1,5 +1,9 @@
-// pybind11 module zofo_kernels._C: the C++ CPU kernels on raw pointers (Python ints).
-// Tensors stay on the Python side; this module never sees torch and does not link libtorch.
+// pybind11 module zofo_kernels._C_<variant>: the C++ CPU kernels on raw pointers (Python
+// ints). Tensors stay on the Python side; this module never sees torch and does not link
+// libtorch. CMakeLists.txt compiles this file once per CPU variant (generic, avx2, avx512,
+// optionally native) with that variant's instruction set; ZOFO_MODULE_NAME names the module.
+// cpu_features() reports what the running CPU and OS support, so that zofo_kernels/_native.py
+// can pick the variant to import (it asks the generic module, which runs everywhere).
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -8,8 +12,19 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
 #include "cpu_kernels.h"
 #include "zofo_noise.h"
+
+#ifndef ZOFO_MODULE_NAME
+#define ZOFO_MODULE_NAME _C_generic
+#endif
+#ifndef ZOFO_CPU_VARIANT
+#define ZOFO_CPU_VARIANT "generic"
+#endif
 
 namespace py = pybind11;
 using zofo::cpu::Segment;
@@ -45,9 +60,61 @@ uint64_t seed64(uint64_t seed) {
   return seed;
 }
 
+// CPUID and XGETBV: the instruction-set extensions the variants use, each true only if the
+// CPU has it and (for the AVX and AVX-512 register state) the OS saves it.
+py::dict cpu_features() {
+  py::dict f;
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  unsigned max_leaf = __get_cpuid_max(0, nullptr);
+  unsigned c1 = 0, b7 = 0, cx = 0;
+  if (max_leaf >= 1 && __get_cpuid(1, &a, &b, &c, &d)) c1 = c;
+  if (max_leaf >= 7) {
+    __cpuid_count(7, 0, a, b, c, d);
+    b7 = b;
+  }
+  if (__get_cpuid_max(0x80000000u, nullptr) >= 0x80000001u &&
+      __get_cpuid(0x80000001u, &a, &b, &c, &d))
+    cx = c;
+  uint64_t xcr0 = 0;
+  if (c1 & (1u << 27)) {  // OSXSAVE: XGETBV is usable
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    xcr0 = ((uint64_t)hi << 32) | lo;
+  }
+  auto bit = [](unsigned reg, int i) { return ((reg >> i) & 1u) != 0; };
+  f["x86_64"] = true;
+  f["sse3"] = bit(c1, 0);
+  f["ssse3"] = bit(c1, 9);
+  f["fma"] = bit(c1, 12);
+  f["cx16"] = bit(c1, 13);
+  f["sse4_1"] = bit(c1, 19);
+  f["sse4_2"] = bit(c1, 20);
+  f["movbe"] = bit(c1, 22);
+  f["popcnt"] = bit(c1, 23);
+  f["avx"] = bit(c1, 28);
+  f["f16c"] = bit(c1, 29);
+  f["bmi1"] = bit(b7, 3);
+  f["avx2"] = bit(b7, 5);
+  f["bmi2"] = bit(b7, 8);
+  f["avx512f"] = bit(b7, 16);
+  f["avx512dq"] = bit(b7, 17);
+  f["avx512cd"] = bit(b7, 28);
+  f["avx512bw"] = bit(b7, 30);
+  f["avx512vl"] = bit(b7, 31);
+  f["lahf_lm"] = bit(cx, 0);
+  f["lzcnt"] = bit(cx, 5);
+  f["os_avx"] = (xcr0 & 0x6) == 0x6;       // XMM and YMM state
+  f["os_avx512"] = (xcr0 & 0xE6) == 0xE6;  // plus opmask and ZMM state
+#else
+  f["x86_64"] = false;
+#endif
+  return f;
+}
+
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(ZOFO_MODULE_NAME, m) {
   m.doc() = "zofo_kernels C++ CPU kernels (raw pointers; no libtorch)";
 #ifdef _OPENMP
   m.attr("openmp") = true;
@@ -59,6 +126,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("dtype_float16") = (int)zofo::kFloat16;
   m.attr("gaussian") = (int)zofo::kGaussian;
   m.attr("rademacher") = (int)zofo::kRademacher;
+  m.attr("variant") = ZOFO_CPU_VARIANT;
+  m.def("cpu_features", &cpu_features,
+        "Instruction-set extensions of the running CPU (CPUID) that the OS enables (XGETBV).");
 #ifdef ZOFO_COMPILE_FLAGS
   m.attr("compile_flags") = ZOFO_COMPILE_FLAGS;
 #else

@@ -3,7 +3,10 @@ C++/CUDA kernels (many tensors in one call, 128-element block boundaries, the ba
 split, the shared header's log/sin/cos and 16-bit conversions) matches the reference.
 
 The exhaustive comparison of every backend with the reference is python_tests/test_kernels.py;
-this file tests the native machinery behind it, on fresh random inputs of odd sizes.
+this file tests the native machinery behind it, on fresh random inputs of odd sizes. The CPU
+kernels are built in several variants (generic x86-64, AVX2, AVX-512; one is chosen at load):
+the kernel tests run once per variant this machine can run (fixture ``cpu_mod``), and the
+variants must agree with each other bit for bit, Gaussian noise included.
 
 Tolerances (per quantity):
 * Rademacher noise, uniforms, 16-bit conversions, stochastic-rounding decisions: bit-exact
@@ -19,6 +22,10 @@ Tolerances (per quantity):
 
 from __future__ import annotations
 
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -36,6 +43,22 @@ SINCOS_ULPS = 2.0
 
 C, C_ERROR = _native.cpu_module()
 needs_cpu = pytest.mark.skipif(C is None, reason=f"native CPU module unavailable: {C_ERROR}")
+RUNNABLE = _native.runnable_cpu_variants()
+
+
+@pytest.fixture(params=RUNNABLE or [None])
+def cpu_mod(request, monkeypatch):
+    """Each CPU variant this machine can run, as the module and as the "cpu" backend that
+    zofo_kernels' ops use during the test."""
+    from zofo_kernels.backends.cpu import CpuBackend
+
+    if request.param is None:
+        pytest.skip(f"native CPU module unavailable: {C_ERROR}")
+    backend = CpuBackend(variant=request.param)
+    assert backend.status().available, backend.status().reason
+    assert backend.variant == request.param
+    monkeypatch.setitem(base._INSTANCES, "cpu", backend)
+    return backend._mod
 
 
 def _ulp32(x: np.ndarray) -> np.ndarray:
@@ -89,10 +112,138 @@ def test_cpu_extension_imports_and_is_available():
     assert isinstance(C.openmp, bool)
 
 
+EXPECTED_MARCH = {"generic": "-march=x86-64 ", "avx2": "-march=x86-64-v3", "avx512": "-march=x86-64-v4",
+                  "native": "-march=native"}
+
+
+def test_cpu_variants_built_and_chosen_by_cpu_features():
+    built = _native.built_cpu_variants()
+    feats = _native.cpu_features()
+    assert "generic" in built, built
+    if feats.get("x86_64"):
+        # a wheel for x86-64 carries all three; the best one this CPU runs is chosen
+        assert {"generic", "avx2", "avx512"} <= set(built), built
+        want = ("avx512" if all(feats[f] for f in _native.REQUIRED_FEATURES["avx512"])
+                else "avx2" if all(feats[f] for f in _native.REQUIRED_FEATURES["avx2"])
+                else "generic")
+    else:
+        want = "generic"
+    # every built variant the CPU can run imports (none is silently left untested)
+    runnable = [v for v in built if _native.cpu_variant_support(v)[0]]
+    assert RUNNABLE == runnable and want in RUNNABLE
+    for v in RUNNABLE:
+        mod, err = _native.cpu_module(v)
+        assert mod is not None and mod.variant == v, err
+        flags = mod.compile_flags + " "
+        assert "-ffp-contract=off" in flags, (v, flags)
+        assert "fast-math" not in flags.replace("-fno-fast-math", ""), (v, flags)
+        if feats.get("x86_64"):
+            assert EXPECTED_MARCH[v] in flags, (v, flags)
+    if os.environ.get(_native.VARIANT_ENV, "auto").strip().lower() in ("", "auto"):
+        assert _native.cpu_choice()[0] == want
+        assert C.variant == want
+        reason = zk.available_backends()["cpu"].reason
+        assert f"{want} build (chosen at load for this CPU" in reason, reason
+
+
+def test_cpu_variant_choice_follows_features_and_env(monkeypatch):
+    """The choice logic on made-up CPUs: a missing feature rules a variant out (it is never
+    imported), the env variable forces one, and a bad value makes the backend unavailable."""
+    from zofo_kernels.backends.cpu import CpuBackend
+
+    full = {f: True for v in _native.REQUIRED_FEATURES.values() for f in v}
+    full["x86_64"] = True
+    monkeypatch.setattr(_native, "built_cpu_variants", lambda: ["generic", "avx2", "avx512"])
+    monkeypatch.delenv(_native.VARIANT_ENV, raising=False)
+    cases = [({}, "avx512"), ({"avx512bw": False}, "avx2"), ({"os_avx512": False}, "avx2"),
+             ({"avx512f": False, "fma": False}, "generic"), ({"os_avx": False}, "generic")]
+    for off, want in cases:
+        monkeypatch.setattr(_native, "cpu_features", lambda off=off: dict(full, **off))
+        assert _native._choose()[0] == want, off
+    monkeypatch.setattr(_native, "cpu_features", lambda: dict(full, avx512vl=False))
+    ok, why = _native.cpu_variant_support("avx512")
+    assert not ok and "avx512vl" in why
+    mod, err = _native.cpu_module("avx512")
+    assert mod is None and "avx512vl" in err
+    monkeypatch.setenv(_native.VARIANT_ENV, "avx512")
+    variant, why = _native._choose()
+    assert variant is None and "ZOFO_CPU_VARIANT=avx512" in why and "avx512vl" in why
+    monkeypatch.setenv(_native.VARIANT_ENV, "generic")
+    assert _native._choose() == ("generic", "forced by ZOFO_CPU_VARIANT=generic")
+    monkeypatch.setenv(_native.VARIANT_ENV, "native")
+    variant, why = _native._choose()
+    assert variant is None and "was not built" in why
+    monkeypatch.setenv(_native.VARIANT_ENV, "sse9")
+    variant, why = _native._choose()
+    assert variant is None and "not a CPU variant" in why
+    monkeypatch.setattr(_native, "_choice", (None, why))
+    st = CpuBackend().status()
+    assert not st.available and "sse9" in st.reason
+
+
+def test_forced_cpu_variant_in_a_fresh_process():
+    code = ("import zofo_kernels as z, torch\n"
+            "st = z.available_backends()['cpu']\n"
+            "print(st.available, '|', st.reason)\n"
+            "try:\n"
+            "    z.perturb_(torch.zeros(4), 0, 1e-3, backend='cpu'); print('ran')\n"
+            "except z.BackendUnavailableError as e:\n"
+            "    print('raised', e)\n")
+    for value in RUNNABLE + ["nonsense"]:
+        env = dict(os.environ, ZOFO_CPU_VARIANT=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        if value == "nonsense":
+            assert out.stdout.startswith("False |") and "nonsense" in out.stdout, out.stdout
+            assert "raised" in out.stdout
+        else:
+            assert out.stdout.startswith("True |"), out.stdout
+            assert f"{value} build (forced by ZOFO_CPU_VARIANT={value})" in out.stdout
+            assert "ran" in out.stdout
+
+
+@pytest.mark.skipif(len(RUNNABLE) < 2, reason="only one CPU variant runs on this machine")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distribution", DISTS)
+def test_cpu_variants_agree_bit_for_bit(dtype, distribution, monkeypatch):
+    """Every variant this machine runs computes the same bits as the generic one: noise
+    (Gaussian too: same IEEE float32 operations, no FMA contraction, no fast-math), the fused
+    perturb and update (stochastic rounding included) and the element-wise header math."""
+    from zofo_kernels.backends.cpu import CpuBackend
+
+    gen = torch.Generator().manual_seed(41 + DTYPES.index(dtype))
+    ts0 = _odd_tensors(gen, dtype, 60, max_numel=3000)
+    offs = _scattered_offsets(ts0, gen)
+    big = rand_weights(70_001, dtype, gen)  # long enough for the threaded, vectorised path
+    ts0.append(big)
+    offs.append(offs[-1] + ts0[-2].numel() + 3)
+    results = {}
+    for v in RUNNABLE:
+        monkeypatch.setitem(base._INSTANCES, "cpu", CpuBackend(variant=v))
+        mod = base._INSTANCES["cpu"]._mod
+        ts = [t.clone() for t in ts0]
+        zk.perturb_(ts, 77, 1e-3, distribution, 1, offsets=offs, backend="cpu",
+                    restore_scale=-1e-3, restore_direction=0)
+        zk.zo_update_(ts, 77, lr=2e-3, projected_grads=[0.4, -0.9], restore_scale=-1e-3,
+                      restore_direction=1, weight_decay=0.1, distribution=distribution,
+                      offsets=offs, backend="cpu")
+        z = zk.noise(5, 2 ** 40 + 3, 100_003, distribution, 9, backend="cpu")
+        x = np.linspace(1e-7, 1.0, 50_001, dtype=np.float32)
+        t = x * np.float32(6.28)
+        lg, sn, cs = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+        mod.log_f32(x.ctypes.data, lg.ctypes.data, x.size)
+        mod.sincos_f32(t.ctypes.data, sn.ctypes.data, cs.ctypes.data, x.size)
+        results[v] = ts + [z, torch.from_numpy(lg), torch.from_numpy(sn), torch.from_numpy(cs)]
+    for v in RUNNABLE:
+        for j, (a, b) in enumerate(zip(results[v], results["generic"])):
+            assert torch.equal(a, b), (v, j)
+
+
 def test_cpu_status_reports_import_error(monkeypatch):
     from zofo_kernels.backends import cpu as cpu_mod
 
-    monkeypatch.setattr(_native, "cpu_module", lambda: (None, "ImportError: boom"))
+    monkeypatch.setattr(_native, "cpu_module", lambda variant=None: (None, "ImportError: boom"))
     st = cpu_mod.CpuBackend().status()
     assert not st.available
     assert "boom" in st.reason and "_C" in st.reason
@@ -140,8 +291,7 @@ def test_cuda_status_with_missing_module(monkeypatch):
 
 # ----------------------------------------------------------------------------- shared header math
 
-@needs_cpu
-def test_own_log_sin_cos_against_float64():
+def test_own_log_sin_cos_against_float64(cpu_mod):
     rng = np.random.default_rng(11)
     words = rng.integers(0, 2 ** 32, size=200_003, dtype=np.uint64).astype(np.uint32)
     u = np.maximum(contract.UNIFORM_MIN, contract.uniform_from_words(words)).astype(np.float32)
@@ -149,7 +299,7 @@ def test_own_log_sin_cos_against_float64():
                         np.float32(1.0) - np.arange(1, 300, dtype=np.float32) * np.float32(2 ** -24)])
     u = np.ascontiguousarray(u, dtype=np.float32)
     out = np.empty_like(u)
-    C.log_f32(u.ctypes.data, out.ctypes.data, u.size)
+    cpu_mod.log_f32(u.ctypes.data, out.ctypes.data, u.size)
     exact = np.log(u.astype(np.float64))
     err = np.abs(out - exact) / _ulp32(exact)
     assert np.all(out[u == 1.0] == 0.0)
@@ -160,7 +310,7 @@ def test_own_log_sin_cos_against_float64():
     t = np.concatenate([t] + [c + np.arange(-64, 65, dtype=np.float32) * np.spacing(c) for c in near])
     t = np.ascontiguousarray(np.clip(t, 0, contract.TWO_PI), dtype=np.float32)
     s, c = np.empty_like(t), np.empty_like(t)
-    C.sincos_f32(t.ctypes.data, s.ctypes.data, c.ctypes.data, t.size)
+    cpu_mod.sincos_f32(t.ctypes.data, s.ctypes.data, c.ctypes.data, t.size)
     td = t.astype(np.float64)
     for got, exact, name in ((s, np.sin(td), "sin"), (c, np.cos(td), "cos")):
         err = np.abs(got - exact) / _ulp32(np.maximum(np.abs(exact), 0.5))
@@ -168,9 +318,8 @@ def test_own_log_sin_cos_against_float64():
         assert np.all(np.abs(got) <= 1.0)
 
 
-@needs_cpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_round_to_storage_matches_torch(dtype):
+def test_round_to_storage_matches_torch(dtype, cpu_mod):
     rng = np.random.default_rng(3)
     bits = rng.integers(0, 2 ** 32, size=100_001, dtype=np.uint64).astype(np.uint32)
     # plus every exponent near the 16-bit ranges, ties, overflow edges and infinities
@@ -182,18 +331,17 @@ def test_round_to_storage_matches_torch(dtype):
     x = np.ascontiguousarray(x[np.isfinite(x) | np.isinf(x)], dtype=np.float32)
     out = np.empty(x.size, dtype=np.uint16)
     code = base.DTYPE_CODES[dtype]
-    C.round_to_storage(x.ctypes.data, out.ctypes.data, x.size, code)
+    cpu_mod.round_to_storage(x.ctypes.data, out.ctypes.data, x.size, code)
     want = torch.from_numpy(x).to(dtype).view(torch.int16).numpy().view(np.uint16)
     bad = np.nonzero(out != want)[0]
     assert bad.size == 0, f"{bad.size} mismatches, first x={x[bad[:5]]} got={out[bad[:5]]} want={want[bad[:5]]}"
     nan = np.float32([np.nan])
-    C.round_to_storage(nan.ctypes.data, out.ctypes.data, 1, code)
+    cpu_mod.round_to_storage(nan.ctypes.data, out.ctypes.data, 1, code)
     assert torch.from_numpy(out[:1].view(np.int16)).view(dtype).float().isnan().all()
 
 
-@needs_cpu
 @pytest.mark.parametrize("kind", ["bfloat16", "float16"])
-def test_stochastic_round_bit_exact(kind):
+def test_stochastic_round_bit_exact(kind, cpu_mod):
     rng = np.random.default_rng(5)
     n = 60_001
     x = (rng.standard_normal(n) * np.exp2(rng.integers(-40, 20, n))).astype(np.float32)
@@ -201,30 +349,29 @@ def test_stochastic_round_bit_exact(kind):
     r = rng.integers(0, 2 ** 32, size=n, dtype=np.uint64).astype(np.uint32)
     out = np.empty_like(x)
     code = base.DTYPE_CODES[getattr(torch, kind)]
-    C.stochastic_round(x.ctypes.data, r.ctypes.data, out.ctypes.data, n, code)
+    cpu_mod.stochastic_round(x.ctypes.data, r.ctypes.data, out.ctypes.data, n, code)
     want = contract.stochastic_round_bits(x, r, kind)
     assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
     with pytest.raises(ValueError):
-        C.stochastic_round(x.ctypes.data, r.ctypes.data, out.ctypes.data, 1, 0)
+        cpu_mod.stochastic_round(x.ctypes.data, r.ctypes.data, out.ctypes.data, 1, 0)
 
 
-@needs_cpu
 @pytest.mark.parametrize("start", [0, 3, 4 * 2 ** 32 - 6, 2 ** 62 + 1])
-def test_rounding_words_bit_exact(start):
+def test_rounding_words_bit_exact(start, cpu_mod):
     seed = 2 ** 40 + 9
     out = np.empty(37, dtype=np.uint32)
-    C.rounding_words(out.ctypes.data, seed, start, out.size)
+    cpu_mod.rounding_words(out.ctypes.data, seed, start, out.size)
     assert np.array_equal(out, contract.rounding_words(seed, start, out.size))
 
 
 # ----------------------------------------------------------------------------- noise
 
-@needs_cpu
 @pytest.mark.parametrize("distribution", DISTS)
 @pytest.mark.parametrize("start,numel", [(0, 1), (127, 2), (128, 129), (5, 1000),
                                          (128 * 2 ** 32 - 70, 333),  # block word c1 carries
                                          (4 * 2 ** 32 - 6, 19), (2 ** 63 - 50, 50), (9, 0)])
-def test_noise_matches_reference_at_block_and_word_boundaries(distribution, start, numel):
+def test_noise_matches_reference_at_block_and_word_boundaries(distribution, start, numel,
+                                                              cpu_mod):
     seed, direction = 987654321012, 2 ** 32 - 1
     got = zk.noise(seed, start, numel, distribution, direction, backend="cpu").numpy()
     want = contract.noise(seed, start, numel, distribution, direction)
@@ -236,8 +383,7 @@ def test_noise_matches_reference_at_block_and_word_boundaries(distribution, star
         assert np.all(err <= z_bound(seed, start, numel, direction, distribution))
 
 
-@needs_cpu
-def test_noise_thread_count_invariant():
+def test_noise_thread_count_invariant(cpu_mod):
     n = 300_007
     before = torch.get_num_threads()
     try:
@@ -294,10 +440,9 @@ def _scattered_offsets(tensors, gen):
     return offs
 
 
-@needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("distribution", DISTS)
-def test_many_tensors_one_call_perturb(dtype, distribution):
+def test_many_tensors_one_call_perturb(dtype, distribution, cpu_mod):
     gen = torch.Generator().manual_seed(100 + 2 * DTYPES.index(dtype) + DISTS.index(distribution))
     ts = _odd_tensors(gen, dtype, 150)
     offs = _scattered_offsets(ts, gen)
@@ -324,9 +469,8 @@ def test_many_tensors_one_call_perturb(dtype, distribution):
             assert bool(((a.double() - b.double()).abs() <= tol).all()), j
 
 
-@needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_many_tensors_one_call_update_rademacher_bit_exact(dtype):
+def test_many_tensors_one_call_update_rademacher_bit_exact(dtype, cpu_mod):
     """Rademacher z is exact, so the whole fused update (restore, q=3 directions with the
     restore direction among them, weight decay, stochastic rounding) must be bit-exact."""
     gen = torch.Generator().manual_seed(17 + DTYPES.index(dtype))
@@ -341,8 +485,7 @@ def test_many_tensors_one_call_update_rademacher_bit_exact(dtype):
         assert torch.equal(a, b) or (a.isnan().any() and torch.equal(a.isnan(), b.isnan())), j
 
 
-@needs_cpu
-def test_large_call_uses_threads_and_matches_reference_slices():
+def test_large_call_uses_threads_and_matches_reference_slices(cpu_mod):
     """A call big enough to be split across threads: spot-check slices of it against the
     reference (the whole tensor through the reference would be slow)."""
     n = 3 * 2 ** 16 + 77
@@ -357,7 +500,7 @@ def test_large_call_uses_threads_and_matches_reference_slices():
             outs.append(w)
     finally:
         torch.set_num_threads(before)
-    assert C.threads_for(n, 2) == 2
+    assert cpu_mod.threads_for(n, 2) == 2
     assert torch.equal(outs[0], outs[1])
     for lo in (0, n // 3 - 70, n - 200):
         w = torch.linspace(-1, 1, n, dtype=torch.float32).to(torch.bfloat16)[lo: lo + 140].clone()
@@ -379,9 +522,8 @@ def test_non_contiguous_and_empty_tensors_through_cpu_backend():
     assert torch.equal(view, ref_view) and torch.equal(other, ref_other)
 
 
-@needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gaussian_arithmetic_is_contract_exact_given_own_noise(dtype):
+def test_gaussian_arithmetic_is_contract_exact_given_own_noise(dtype, cpu_mod):
     """The Gaussian z may differ from the reference by a few ulp (log/sin/cos); everything
     after it must follow the float-math contract exactly. Emulate the contract in torch
     float32 (separately rounded ops) with the cpu backend's own z and require equality."""

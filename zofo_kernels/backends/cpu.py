@@ -1,4 +1,8 @@
-"""C++ CPU backend: the kernels of ``csrc/cpu_kernels.cpp`` through the native module ``_C``.
+"""C++ CPU backend: the kernels of ``csrc/cpu_kernels.cpp`` through a module ``_C_<variant>``.
+
+The variant (generic, avx2, avx512: the same kernels for different instruction sets, with
+bit-identical results) is chosen once per process by ``zofo_kernels._native`` from the CPU's
+features, or forced by ``ZOFO_CPU_VARIANT``; ``CpuBackend(variant=...)`` uses a named one.
 
 One call into C++ per dtype group: the tensors' data pointers, sizes and global offsets go
 down as integers and one OpenMP parallel region processes all of them (blocks of 128
@@ -36,16 +40,26 @@ def _check_group(tensors: List[torch.Tensor], offsets: List[int]) -> int:
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self):
-        self._mod, self._error = _native.cpu_module()
+    def __init__(self, variant=None):
+        """``variant``: a CPU variant name (generic, avx2, avx512, native) instead of the one
+        chosen for this process."""
+        if variant is None:
+            self._mod, self._error = _native.cpu_module()
+            self._how = _native.cpu_choice()[1] if self._mod is not None else ""
+        else:
+            self._mod, self._error = _native.cpu_module(variant)
+            self._how = "requested by name"
+        self.variant = getattr(self._mod, "variant", None)
 
     def status(self) -> BackendStatus:
         if self._mod is None:
             return BackendStatus(self.name, False,
-                                 f"the C++ extension zofo_kernels._C is unavailable: {self._error}")
+                                 f"the C++ extension zofo_kernels._C_* is unavailable: "
+                                 f"{self._error}")
         threads = "OpenMP" if self._mod.openmp else "single-threaded (built without OpenMP)"
         return BackendStatus(self.name, True,
-                             f"C++ kernels, {threads}, compiled with {self._mod.compile_flags}")
+                             f"C++ kernels, {self.variant} build ({self._how}), {threads}, "
+                             f"compiled with {self._mod.compile_flags}")
 
     def supports_device(self, device: torch.device) -> bool:
         return self._mod is not None and torch.device(device).type == "cpu"
