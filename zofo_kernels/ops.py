@@ -1,6 +1,9 @@
 """Public kernel API: validate, group by dtype, dispatch to a backend.
 
-Every check runs before any weight is touched, so a bad call leaves the tensors as they were.
+Every check runs before any weight is touched, so a bad call leaves the tensors as they were:
+argument types and ranges, scalars finite after rounding to float32, tensor layout, dtype,
+device, inference tensors, overlapping memory (see ``internal_overlap``), offsets, and the
+backend's availability. The backend is only called once all of them have passed.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import operator
 import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from . import contract
@@ -28,13 +32,27 @@ def available_backends() -> Dict[str, base.BackendStatus]:
 
 # --------------------------------------------------------------------------- validation
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _index(value, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        v = operator.index(value) if not isinstance(value, torch.Tensor) else int(value.item())
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a single integer, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name} must be an integer, got a {value.dtype} tensor")
+        v = int(value.reshape(()).item())
+    else:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        try:
+            v = operator.index(value)
+        except TypeError:
+            if isinstance(value, np.ndarray) and value.size != 1:
+                raise ValueError(f"{name} must be a single integer, got an array of shape "
+                                 f"{value.shape}") from None
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
     if not low <= v < high:
         raise ValueError(f"{name} must be in [{low}, {high}), got {v}")
     return v
@@ -48,21 +66,41 @@ def _direction(direction, name="direction") -> int:
     return _index(direction, name, 0, contract.DIRECTION_LIMIT)
 
 
-def _real(value, name: str) -> float:
+def as_float32(v: float) -> float:
+    """``v`` rounded to float32 (round to nearest even), as a Python float (inf on overflow)."""
+    with np.errstate(over="ignore", under="ignore"):
+        return float(np.float32(v))
+
+
+def check_float32(v: float, name: str, *, nonzero: bool = False) -> float:
+    """Refuse a finite Python float that the kernels' rounding to float32 would turn into
+    +-inf, and (``nonzero``) a non-zero one that would round to 0, making the call a silent
+    no-op. Returns ``v`` unchanged."""
+    f = as_float32(v)
+    if not math.isfinite(f):
+        raise ValueError(f"{name} = {v!r} overflows float32 (the kernels compute in float32; "
+                         f"|{name}| must be at most {F32_MAX:.7g})")
+    if nonzero and v != 0.0 and f == 0.0:
+        raise ValueError(f"{name} = {v!r} rounds to 0 in float32 (the kernels compute in "
+                         "float32), so the call would silently do nothing")
+    return v
+
+
+def _real(value, name: str, *, nonzero: bool = False) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
-    return v
+    return check_float32(v, name, nonzero=nonzero)
 
 
 def _distribution(distribution) -> str:
-    if distribution not in contract.DISTRIBUTIONS:
+    if not isinstance(distribution, str) or distribution not in contract.DISTRIBUTIONS:
         raise ValueError(
             f"unknown distribution {distribution!r}; expected one of {contract.DISTRIBUTIONS}")
     return distribution
@@ -81,8 +119,33 @@ def _tensor_list(tensors: TensorList) -> List[torch.Tensor]:
     return out
 
 
+# --------------------------------------------------------------------------- memory overlap
+#
+# Exact where it matters, conservative where an exact answer would cost too much, never
+# "accept when unsure". Addresses are bytes; an element occupies [addr, addr + itemsize).
+#
+# * One tensor (internal overlap): size-1 dimensions are dropped; a zero stride on a longer
+#   dimension is an overlap. Sorted by stride, if every stride is at least the byte extent of
+#   all shorter-stride dimensions together, the index -> address map is injective (a mixed
+#   radix number), so the elements are distinct. Otherwise the element addresses are
+#   enumerated and compared exactly when the tensor has at most ENUMERATE_LIMIT elements;
+#   above that the tensor is refused as "not provably free of overlap".
+# * Two tensors: disjoint byte spans are disjoint. Otherwise, with g the gcd of every stride
+#   (bytes) of both, every element of a tensor starts at the same residue mod g; if the two
+#   residue intervals [start mod g, start mod g + itemsize) do not meet mod g, no byte is
+#   shared (e.g. the interleaved columns x.view(n, 2)[:, 0] and [:, 1]). Otherwise addresses
+#   are enumerated and compared exactly up to ENUMERATE_LIMIT elements, and refused above.
+
+ENUMERATE_LIMIT = 1 << 22
+
+
+def _dims(t: torch.Tensor) -> List[Tuple[int, int]]:
+    es = t.element_size()
+    return [(n, abs(st) * es) for n, st in zip(t.shape, t.stride()) if n > 1]
+
+
 def _memory_span(t: torch.Tensor) -> Tuple[int, int]:
-    """Byte range [lo, hi) that ``t`` may touch."""
+    """Byte range [lo, hi) that ``t`` may touch (``t`` non-empty)."""
     size = t.element_size()
     lo = t.data_ptr()
     hi = lo + size
@@ -94,9 +157,77 @@ def _memory_span(t: torch.Tensor) -> Tuple[int, int]:
     return lo, hi
 
 
+def _addresses(t: torch.Tensor) -> torch.Tensor:
+    """Start address (bytes) of every element of ``t``, int64, in no particular order."""
+    es = t.element_size()
+    a = torch.zeros((), dtype=torch.int64)
+    for n, st in zip(t.shape, t.stride()):
+        a = a.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * (st * es)
+    return a.reshape(-1) + t.data_ptr()
+
+
+def _intervals_disjoint(starts: torch.Tensor, sizes: torch.Tensor) -> bool:
+    order = torch.argsort(starts)
+    s, z = starts[order], sizes[order]
+    return bool((s[1:] >= s[:-1] + z[:-1]).all())
+
+
+def internal_overlap(t: torch.Tensor) -> Optional[str]:
+    """None if the elements of strided ``t`` occupy pairwise disjoint bytes, else a reason."""
+    if t.numel() <= 1:
+        return None
+    dims = sorted(_dims(t), key=lambda d: d[1])
+    extent = t.element_size()
+    for n, st in dims:
+        if st == 0:
+            return "internally overlapping memory (a zero stride, e.g. an expanded view)"
+        if st < extent:
+            break
+        extent += (n - 1) * st
+    else:
+        return None
+    if t.numel() > ENUMERATE_LIMIT:
+        return ("strides that the overlap test cannot prove free of overlap (more than "
+                f"{ENUMERATE_LIMIT} elements for the exact test); pass a contiguous copy")
+    a = _addresses(t)
+    if _intervals_disjoint(a, torch.full_like(a, t.element_size())):
+        return None
+    return "internally overlapping memory (e.g. an unfold or as_strided view)"
+
+
+def _pair_overlap(a: torch.Tensor, b: torch.Tensor) -> Optional[str]:
+    """None if non-empty ``a`` and ``b`` share no byte, else a reason; each is known to be free
+    of internal overlap."""
+    (lo_a, hi_a), (lo_b, hi_b) = _memory_span(a), _memory_span(b)
+    if hi_a <= lo_b or hi_b <= lo_a:
+        return None
+    g = 0
+    for _, st in _dims(a) + _dims(b):
+        g = math.gcd(g, st)
+    ea, eb = a.element_size(), b.element_size()
+    if g > 0 and ea + eb <= g:
+        ra, rb = a.data_ptr() % g, b.data_ptr() % g
+        if (rb - ra) % g >= ea and (ra - rb) % g >= eb:
+            return None
+    if a.numel() + b.numel() > ENUMERATE_LIMIT:
+        return ("may share memory (the overlap test cannot prove them disjoint with more than "
+                f"{ENUMERATE_LIMIT} elements)")
+    xa, xb = _addresses(a), _addresses(b)
+    starts = torch.cat([xa, xb])
+    sizes = torch.cat([torch.full_like(xa, ea), torch.full_like(xb, eb)])
+    if _intervals_disjoint(starts, sizes):
+        return None
+    return "share memory"
+
+
 def _check_tensors(tensors: List[torch.Tensor]) -> torch.device:
     device = None
+    inference = torch.is_inference_mode_enabled()
     for i, t in enumerate(tensors):
+        if t.layout != torch.strided:
+            raise TypeError(
+                f"tensors[{i}] has layout {t.layout} (a sparse or other non-strided tensor); "
+                "only dense strided tensors can be updated in place")
         if t.dtype not in base.DTYPE_CODES:
             kind = "floating-point " if t.is_floating_point() else ""
             raise TypeError(
@@ -108,15 +239,26 @@ def _check_tensors(tensors: List[torch.Tensor]) -> torch.device:
             raise ValueError(
                 f"tensors[{i}] is on {t.device} but tensors[0] is on {device}; one call takes "
                 "tensors of one device (call once per device, with offsets)")
-        if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+        if t.is_inference() and not inference:
             raise ValueError(
-                f"tensors[{i}] has internally overlapping memory (e.g. an expanded view); "
-                "it cannot be updated in place element by element")
+                f"tensors[{i}] is an inference tensor (made under torch.inference_mode()); it "
+                "cannot be updated in place outside inference mode")
+        reason = internal_overlap(t)
+        if reason is not None:
+            raise ValueError(f"tensors[{i}] has {reason}; it cannot be updated in place "
+                             "element by element")
+    if device is not None and device.type == "meta":
+        raise ValueError("meta tensors have no data to update")
     spans = sorted((_memory_span(t), i) for i, t in enumerate(tensors) if t.numel() > 0)
-    for ((lo_a, hi_a), a), ((lo_b, hi_b), b) in zip(spans, spans[1:]):
-        if lo_b < hi_a:
-            raise ValueError(
-                f"tensors[{a}] and tensors[{b}] share memory; each element must be updated once")
+    for j, ((lo_a, hi_a), a) in enumerate(spans):
+        for (lo_b, _), b in spans[j + 1:]:
+            if lo_b >= hi_a:
+                break
+            reason = _pair_overlap(tensors[a], tensors[b])
+            if reason is not None:
+                a_, b_ = sorted((a, b))
+                raise ValueError(f"tensors[{a_}] and tensors[{b_}] {reason}; each element must "
+                                 "be updated once")
     return device if device is not None else torch.device("cpu")
 
 
@@ -149,11 +291,19 @@ def _offsets(tensors: List[torch.Tensor], offsets) -> List[int]:
     return offs
 
 
-def _projected_grads(projected_grads, device: torch.device) -> torch.Tensor:
+def _projected_grads(projected_grads, device: torch.device, check_finite: bool) -> torch.Tensor:
+    """The q projected gradients as a float32 tensor of shape (q,) on ``device``.
+
+    Every value is checked to be finite after its rounding to float32 before any weight is
+    touched. Python numbers and host (CPU) tensors are checked on the host (free). Values held
+    in device tensors are checked on the device and the one-bit answer read back: one host
+    synchronisation, skipped (with the check) when ``check_finite`` is False."""
     if isinstance(projected_grads, torch.Tensor):
         if projected_grads.dim() > 1:
             raise ValueError("projected_grads must be a sequence of scalars or a 1-D tensor")
         items = list(projected_grads.reshape(-1).unbind(0))
+    elif isinstance(projected_grads, (str, bytes)):
+        raise TypeError("projected_grads must be a sequence with one scalar per direction")
     else:
         try:
             items = list(projected_grads)
@@ -164,18 +314,30 @@ def _projected_grads(projected_grads, device: torch.device) -> torch.Tensor:
     if all(not isinstance(g, torch.Tensor) for g in items):
         return torch.tensor([_real(g, f"projected_grads[{k}]") for k, g in enumerate(items)],
                             dtype=torch.float32, device=device)
-    parts = []
+    parts, on_device = [], False
     for k, g in enumerate(items):
         if isinstance(g, torch.Tensor):
             if g.numel() != 1:
                 raise ValueError(f"projected_grads[{k}] must be a scalar, got shape {tuple(g.shape)}")
             if g.dtype.is_complex or g.dtype == torch.bool:
                 raise TypeError(f"projected_grads[{k}] has dtype {g.dtype}; expected a real number")
+            if g.device.type == "cpu":
+                v = g.detach().reshape(()).to(torch.float32)
+                if not bool(torch.isfinite(v)):
+                    raise ValueError(
+                        f"projected_grads[{k}] = {g.detach().reshape(()).item()!r} is not "
+                        "finite in float32")
+            else:
+                on_device = True
             parts.append(g.detach().reshape(()).to(device=device, dtype=torch.float32))
         else:
             parts.append(torch.tensor(_real(g, f"projected_grads[{k}]"), dtype=torch.float32,
                                       device=device))
-    return torch.stack(parts)
+    grads = torch.stack(parts)
+    if on_device and check_finite and not bool(torch.isfinite(grads).all()):
+        raise ValueError(f"projected_grads holds a value that is not finite in float32: "
+                         f"{grads.tolist()}")
+    return grads
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -204,14 +366,47 @@ def _groups(tensors: List[torch.Tensor], offsets: List[int]):
     return groups
 
 
-def _run(tensors, offsets, backend, call):
-    device = _check_tensors(tensors)
+def _bump_versions(tensors: List[torch.Tensor]) -> None:
+    """Tell autograd that ``tensors`` were modified in place (as any in-place torch op does),
+    so a backward through a graph that saved one of them raises instead of using the new
+    values. O(1) per tensor: no pass over the data."""
+    tracked = [t for t in tensors if not t.is_inference()]
+    if tracked:
+        torch.autograd.graph.increment_version(tracked)
+
+
+def _run(tensors, offsets, device, backend, call):
+    """Every check has passed (``device`` is the result of :func:`_check_tensors`): choose the
+    backend, then one backend call per dtype group."""
     impl = _backend(device, backend)
+    groups = _groups(tensors, offsets)
     with torch.no_grad():
-        for ts, offs, staged in _groups(tensors, offsets).values():
-            call(impl, [t.detach() for t in ts], offs)
-            for original, staging in staged:
-                original.copy_(staging)
+        for ts, offs, staged in groups.values():
+            try:
+                call(impl, [t.detach() for t in ts], offs)
+                for original, staging in staged:
+                    original.copy_(staging)
+            finally:
+                # the backends write through raw pointers (or into staging copies); the
+                # version counter is shared by a tensor, its views and its .detach()
+                staging_ids = {id(c) for _, c in staged}
+                _bump_versions([t for t in ts if id(t) not in staging_ids])
+
+
+def _device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (TypeError, RuntimeError, ValueError):
+        raise ValueError(f"device must be a torch.device or a device string, got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = (f"built with CUDA {torch.version.cuda}" if torch.version.cuda
+                 else "built without CUDA")
+        raise base.BackendUnavailableError(
+            f"noise on device {str(device)!r} was asked for, but torch sees no CUDA device "
+            f"(torch {torch.__version__}, {build}); use device='cpu'")
+    if device.type == "meta":
+        raise ValueError("noise cannot be made on the meta device")
+    return device
 
 
 def noise(seed, start, numel, distribution: str = "gaussian", direction: int = 0,
@@ -224,7 +419,7 @@ def noise(seed, start, numel, distribution: str = "gaussian", direction: int = 0
         raise ValueError("start + numel exceeds the 2**63 global index space")
     distribution = _distribution(distribution)
     direction = _direction(direction)
-    device = torch.device(device)
+    device = _device(device)
     return _backend(device, backend).noise(seed, start, numel, distribution, direction, device)
 
 
@@ -236,50 +431,66 @@ def perturb_(tensors: TensorList, seed, scale, distribution: str = "gaussian", d
     With ``restore_scale`` (and ``restore_direction``) the same pass first applies
     p <- rn(p + restore_scale * z_restore): this is how a q-direction step switches from
     direction k to k + 1 in one sweep over the weights.
+
+    Every argument is checked before any weight is written; a rejected call raises
+    ``TypeError``/``ValueError`` (an unavailable backend ``BackendUnavailableError``) and leaves
+    every tensor as it was. Scalars must be finite after rounding to float32 and a non-zero
+    ``scale``/``restore_scale`` must not round to 0. Autograd sees the call as an in-place
+    modification of every tensor (their version counters are bumped).
     """
     tensors = _tensor_list(tensors)
     seed = _seed(seed)
-    scale = _real(scale, "scale")
+    scale = _real(scale, "scale", nonzero=True)
     distribution = _distribution(distribution)
     direction = _direction(direction)
-    restore_scale = _real(restore_scale, "restore_scale")
+    restore_scale = _real(restore_scale, "restore_scale", nonzero=True)
     if restore_scale != 0.0 and restore_direction is None:
         raise ValueError("restore_scale is set but restore_direction is not")
     restore_direction = _direction(restore_direction or 0, "restore_direction")
     offs = _offsets(tensors, offsets)
-    _run(tensors, offs, backend, lambda impl, ts, os_: impl.perturb(
+    device = _check_tensors(tensors)
+    _run(tensors, offs, device, backend, lambda impl, ts, os_: impl.perturb(
         ts, os_, seed, distribution, scale, direction, restore_scale, restore_direction))
 
 
 def zo_update_(tensors: TensorList, seed, *, lr, projected_grads, restore_scale=0.0,
                restore_direction: Optional[int] = None, weight_decay=0.0,
                distribution: str = "gaussian", offsets=None, backend: Optional[str] = None,
-               stochastic_rounding: bool = True) -> None:
+               stochastic_rounding: bool = True, check_finite: bool = True) -> None:
     """One fused pass: remove the perturbation still applied, then the ZO-SGD update.
 
     p <- rn(p + restore_scale * z_r)  (skipped when restore_scale == 0; ``restore_direction``
     defaults to the last direction q - 1), then p <- p - lr * (sum_k g_k z_k + weight_decay * p),
     stochastically rounded for bfloat16/float16 storage when ``stochastic_rounding`` (bits
     from the purpose-1 stream of ``seed``), rounded to nearest otherwise.
-    ``projected_grads``: one scalar per direction k = 0 .. q-1 (floats or 0-d tensors; device
-    tensors are read on the device, without a host synchronisation).
+
+    ``projected_grads``: one scalar per direction k = 0 .. q-1 (Python numbers, 0-d tensors or
+    a 1-D tensor). Each must be finite after rounding to float32, like ``lr``,
+    ``weight_decay`` and ``restore_scale`` (non-zero ones of these three must not round to
+    0): everything is checked before any weight is written. Numbers and CPU tensors are
+    checked on the host at no cost; device tensors are checked on the device and the answer
+    read back, one host synchronisation per call. ``check_finite=False`` skips that check
+    and its synchronisation (device tensors only; a non-finite value then reaches the
+    weights).
     """
     tensors = _tensor_list(tensors)
     seed = _seed(seed)
-    lr = _real(lr, "lr")
-    weight_decay = _real(weight_decay, "weight_decay")
-    restore_scale = _real(restore_scale, "restore_scale")
+    lr = _real(lr, "lr", nonzero=True)
+    weight_decay = _real(weight_decay, "weight_decay", nonzero=True)
+    restore_scale = _real(restore_scale, "restore_scale", nonzero=True)
     distribution = _distribution(distribution)
     if not isinstance(stochastic_rounding, bool):
         raise TypeError("stochastic_rounding must be True or False")
+    if not isinstance(check_finite, bool):
+        raise TypeError("check_finite must be True or False")
     offs = _offsets(tensors, offsets)
     device = _check_tensors(tensors)
-    grads = _projected_grads(projected_grads, device)
+    grads = _projected_grads(projected_grads, device, check_finite)
     q = grads.numel()
     if q >= contract.DIRECTION_LIMIT:
         raise ValueError("too many directions")
     restore_direction = q - 1 if restore_direction is None else _direction(
         restore_direction, "restore_direction")
-    _run(tensors, offs, backend, lambda impl, ts, os_: impl.update(
+    _run(tensors, offs, device, backend, lambda impl, ts, os_: impl.update(
         ts, os_, seed, distribution, lr, grads, restore_scale, restore_direction, weight_decay,
         stochastic_rounding))

@@ -107,8 +107,15 @@ _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "referenc
 
 def select(device: torch.device, requested: Optional[str], env_value: Optional[str]) -> Backend:
     """The backend for tensors on ``device``: the requested one (argument, then environment
-    variable ZOFO_BACKEND), else the fastest available one."""
-    name = requested or (env_value or None)
+    variable ZOFO_BACKEND; an empty variable counts as unset, an empty argument is refused),
+    else the fastest available one."""
+    if requested is not None:
+        if not isinstance(requested, str) or requested not in BACKEND_NAMES:
+            raise ValueError(f"backend must be None (the fastest available) or one of "
+                             f"{BACKEND_NAMES}, got {requested!r}")
+        name = requested
+    else:
+        name = env_value or None  # an empty ZOFO_BACKEND counts as unset
     if name:
         backend = get(name)
         st = backend.status()
