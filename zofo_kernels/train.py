@@ -13,7 +13,11 @@ Example (MiniLM on SST-2, 1,000 examples, 15 minutes):
       --num-train 1000 --time-budget 900 --seed 0 --output runs/bzofo
 
 Outputs in --output: metrics.jsonl (one row per log/eval event), summary.json, curves.png,
-and the trained weights (``adapter/`` for PEFT methods, ``model/`` for full fine-tuning).
+and the trained model in the layout of :mod:`zofo_kernels.checkpoint`: ``model/`` (the
+backbone, a ``save_pretrained`` checkpoint, with the tokenizer), ``adapter/`` (PEFT methods:
+the prediction adapter, Bilevel-ZOFO's P), ``resume/`` (S, optimizer state, run state) and
+``zofo_checkpoint.json``. ``zofo_kernels.load_trained(folder)`` reloads the trained model
+exactly; ``zofo-train --resume FOLDER --steps N`` continues the run bit for bit.
 Dropout is disabled for every method (the model stays in eval mode), as in MeZO's ZO passes,
 so that all methods optimise the same deterministic objective.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,10 +34,11 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
+from . import checkpoint as ckpt_mod
 from . import data as data_mod
 from . import models as models_mod
 
@@ -83,6 +89,27 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+class Drawn:
+    """A batch stream that counts the batches it handed out: its position, saved for
+    ``--resume``, which rebuilds the stream from its seed and skips that many."""
+
+    def __init__(self, stream: Iterator[dict]):
+        self.stream = stream
+        self.drawn = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        self.drawn += 1
+        return next(self.stream)
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            next(self.stream)
+        self.drawn += n
+
+
 # --------------------------------------------------------------------------- methods
 
 class Runner(abc.ABC):
@@ -93,6 +120,10 @@ class Runner(abc.ABC):
 
     method: str
     eval_model: torch.nn.Module
+    model: torch.nn.Module
+    opt: Any
+    streams: Dict[str, Drawn]
+    lower_adapter: Optional[str] = None  # Bilevel-ZOFO: the name of S's adapter
 
     def __init__(self, loss_fn: Callable):
         self.loss = Counter(loss_fn)
@@ -113,9 +144,16 @@ class Runner(abc.ABC):
     def step(self) -> float:
         """One training step; returns the step's training loss."""
 
-    @abc.abstractmethod
-    def save(self, folder: Path) -> None:
-        """Write the trained weights under ``folder``."""
+    def optimizer_state(self) -> dict:
+        """What ``--resume`` needs besides the weights: the optimizer's state dict (ZO seed
+        counter, Adam moments) and the forward/backward counters."""
+        return {"optimizer": self.opt.state_dict(), "forward_count": self.forward_count,
+                "backward_count": self.backward_count}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.loss.calls = int(state["forward_count"])
+        self.backward_count = int(state["backward_count"])
 
 
 def _peft_params(model) -> List[torch.nn.Parameter]:
@@ -133,7 +171,8 @@ class _OneStreamRunner(Runner):
         super().__init__(loss_fn)
         self.method = method
         self.model = self.eval_model = model
-        self.batches = batches
+        self.batches = batches if isinstance(batches, Drawn) else Drawn(batches)
+        self.streams = {"train": self.batches}
         self.device = device
         self.peft = peft
 
@@ -143,9 +182,6 @@ class _OneStreamRunner(Runner):
         for p in self.model.parameters():
             p.requires_grad_(True)
         return list(self.model.parameters())
-
-    def save(self, folder: Path) -> None:
-        self.model.save_pretrained(str(folder / ("adapter" if self.peft else "model")))
 
 
 class ZORunner(_OneStreamRunner):
@@ -212,7 +248,9 @@ class BilevelRunner(Runner):
         super().__init__(loss_fn)
         from .optim import ZOFOOptimizer
         self.model = self.eval_model = model
-        self.lower, self.upper = lower, upper
+        self.lower = lower if isinstance(lower, Drawn) else Drawn(lower)
+        self.upper = upper if isinstance(upper, Drawn) else Drawn(upper)
+        self.streams = {"lower": self.lower, "upper": self.upper}
         self.device = device
         self.inner_steps = inner_steps
         self.opt = ZOFOOptimizer.from_peft(
@@ -220,6 +258,7 @@ class BilevelRunner(Runner):
             inner_steps=inner_steps, peft_optimizer=torch.optim.Adam, peft_lr=peft_lr,
             estimator=estimator, weight_decay=weight_decay, seed=seed, backend=backend,
             distribution=distribution)
+        self.lower_adapter = self.opt.adapter_names["lower"]
 
     @property
     def forward_count(self) -> int:
@@ -239,9 +278,8 @@ class BilevelRunner(Runner):
         result = self._optimizer_step(upper, lowers)
         return float(result.upper_loss)
 
-    def save(self, folder: Path) -> None:
-        self.model.save_pretrained(str(folder / "adapter"))
-        torch.save(self.opt.state_dict(), folder / "bilevel_state.pt")
+    def load_optimizer_state(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])  # the counters are the optimizer's
 
 
 # --------------------------------------------------------------------------- command line
@@ -255,11 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="minilm",
                    help="minilm, opt-125m, opt-350m, opt-1.3b, tiny-bert, tiny-opt, or a local "
                         "model folder / hub id (default: minilm)")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", choices=METHODS, help="training method (required)")
     p.add_argument("--peft", default="lora", choices=models_mod.PEFT_KINDS,
                    help="PEFT block for bilevel-zofo, mezo-lora and fo-lora (default: lora)")
-    p.add_argument("--train", required=True,
-                   help="training data: .tsv/.csv/.jsonl file or a datasets name")
+    p.add_argument("--train",
+                   help="training data (required): .tsv/.csv/.jsonl file or a datasets name")
     p.add_argument("--eval", default=None,
                    help="evaluation data (same formats); optional with --holdout")
     p.add_argument("--text-column", default="sentence")
@@ -279,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=None,
                    help="seed of the few-shot sample (default: --seed)")
-    p.add_argument("--output", required=True, help="output folder (created)")
+    p.add_argument("--output", help="output folder (required; created)")
+    p.add_argument("--resume", default=None, metavar="FOLDER",
+                   help="continue the run saved in FOLDER (its output folder) bit for bit; "
+                        "--steps / --time-budget then give the new totals; the other settings "
+                        "are the saved ones (--output defaults to FOLDER)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=64)
@@ -314,6 +356,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# settings a resumed run may change; every other one must stay as saved
+RESUME_OVERRIDABLE = ("steps", "time_budget", "output", "resume", "no_progress", "threads",
+                      "eval_every", "eval_every_steps", "log_every", "no_save", "backend",
+                      "eval_batch_size")
+
+
+def given_options(argv: List[str]) -> List[str]:
+    """The destinations of the options that ``argv`` sets explicitly."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return sorted(vars(probe.parse_args(argv)))
+
+
+def resume_args(args, given: Optional[List[str]] = None):
+    """(the saved run's arguments with the allowed overrides from ``args``, its run state).
+    ``given``: the options set on the command line (default: those differing from the
+    parser's defaults)."""
+    folder = Path(args.resume)
+    try:
+        manifest = ckpt_mod.read_manifest(folder)
+    except ckpt_mod.CheckpointError as exc:
+        raise SystemExit(f"zofo-train --resume: {exc}") from None
+    if not manifest.get("run_state") or not manifest.get("optimizer"):
+        raise SystemExit(f"zofo-train --resume: {folder} holds no zofo-train run state "
+                         f"({ckpt_mod.RUN_STATE_FILE}); only zofo-train output folders resume "
+                         "this way (ZOFOTrainer checkpoints: Trainer.train(resume_from_checkpoint))")
+    state = json.loads((folder / manifest["run_state"]).read_text())
+    saved = dict(state["args"])
+    if given is None:
+        defaults = vars(build_parser().parse_args(["--method", "mezo"]))
+        given = [k for k, v in vars(args).items() if k in defaults and v != defaults[k]
+                 and k != "method"] + (["method"] if args.method is not None else [])
+    changed = [k for k in given if k not in RESUME_OVERRIDABLE
+               and getattr(args, k) != saved.get(k)]
+    if changed:
+        raise SystemExit(
+            "zofo-train --resume: these settings differ from the saved run and cannot change "
+            "when resuming: " + ", ".join(f"--{k.replace('_', '-')} (saved {saved.get(k)!r}, "
+                                          f"given {getattr(args, k)!r})" for k in changed))
+    merged = argparse.Namespace(**saved)
+    for k in given:
+        if k in RESUME_OVERRIDABLE:
+            setattr(merged, k, getattr(args, k))
+    merged.resume = str(folder)
+    if "output" not in given or args.output is None:
+        merged.output = str(folder)
+    return merged, state
+
+
 def _hp(args, name):
     value = getattr(args, name)
     if value is None:
@@ -322,6 +414,9 @@ def _hp(args, name):
 
 
 def _validate(args) -> None:
+    for name in ("method", "train", "output"):
+        if getattr(args, name) is None:
+            raise SystemExit(f"zofo-train: --{name} is required (or --resume FOLDER)")
     if args.steps is None and args.time_budget is None:
         raise SystemExit("zofo-train: give --steps and/or --time-budget")
     if args.steps is not None and args.steps <= 0:
@@ -364,12 +459,17 @@ def _make_runner(args, model, device, train_enc, lower_enc, upper_enc, rank=0) -
                     weight_decay=args.weight_decay, peft=args.method == "fo-lora")
 
 
-def run(args) -> dict:
+def run(args, given: Optional[List[str]] = None) -> dict:
     """Train as ``args`` says; returns the summary (also written to summary.json).
 
-    Under ``torchrun`` (``WORLD_SIZE`` set) the run is data parallel: every rank draws its own
-    batches, ZO methods all-reduce only their losses (``DataParallelZO``), first-order methods
-    their gradients, and rank 0 alone writes the outputs."""
+    With ``args.resume`` the saved run continues (see :func:`resume_args`; ``given`` lists the
+    options set on the command line). Under ``torchrun`` (``WORLD_SIZE`` set) the run is data
+    parallel: every rank draws its own batches, ZO methods all-reduce only their losses
+    (``DataParallelZO``), first-order methods their gradients, and rank 0 alone writes the
+    outputs."""
+    resume = None
+    if getattr(args, "resume", None):
+        args, resume = resume_args(args, given)
     _validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -381,15 +481,90 @@ def run(args) -> dict:
     try:
         if ctx.distributed and device.type == "cuda":
             device = ctx.device
-        return _run(args, device, ctx)
+        return _run(args, device, ctx, resume)
     finally:
         dist_mod.shutdown(ctx)
 
 
-def _run(args, device, ctx) -> dict:
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: saved in resume/run_state.json and restored by ``--resume``."""
+    step: int = 0
+    train_time: float = 0.0    # seconds inside training steps (what --time-budget counts)
+    eval_time: float = 0.0
+    elapsed: float = 0.0       # wall-clock seconds spent by earlier processes of this run
+    initial_acc: float = float("nan")
+    final_acc: float = float("nan")
+    best: float = -1.0
+    last_eval_t: float = 0.0
+    last_eval_step: int = 0
+    recent: List[float] = dataclasses.field(default_factory=list)  # losses since the last row
+    nonfinite: bool = False
+
+
+class MetricsLog:
+    """metrics.jsonl, written row by row; the file (and the output folder) is created with
+    the first row, so a run that fails before that leaves nothing behind."""
+
+    def __init__(self, path: Path, enabled: bool, rows=()):
+        self.path, self.enabled = path, enabled
+        self.rows: List[dict] = []
+        self._fh = None
+        for row in rows:
+            self.write(row)
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "w")
+        self._fh.write(json.dumps(row) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+def save_run(folder: Path, runner: Runner, tokenizer, args, progress: Progress,
+             initial_args: dict) -> List[Path]:
+    """Write the trained model and everything ``--resume`` needs to ``folder`` (one
+    :func:`zofo_kernels.checkpoint.save_trained` call); returns the files written."""
+    run_state = dict(args=initial_args, progress=dataclasses.asdict(progress),
+                     streams={name: s.drawn for name, s in runner.streams.items()})
+    optimizer_state = dict(runner.optimizer_state(), torch_rng=torch.get_rng_state())
+    return ckpt_mod.save_trained(folder, runner.model, tokenizer=tokenizer, method=args.method,
+                                 lower_adapter=runner.lower_adapter,
+                                 optimizer_state=optimizer_state, run_state=run_state)
+
+
+def _restore(runner: Runner, folder: Path, state: dict) -> Progress:
+    """Put ``runner`` (freshly built from the saved arguments) where the saved run stopped:
+    weights, optimizer state, counters, batch-stream positions."""
+    try:
+        ckpt_mod.load_weights_into(runner.model, folder)
+    except ckpt_mod.CheckpointError as exc:
+        raise SystemExit(f"zofo-train --resume: {exc}") from None
+    opt_state = torch.load(folder / ckpt_mod.OPTIMIZER_FILE, map_location="cpu",
+                           weights_only=True)
+    runner.load_optimizer_state(opt_state)
+    torch.set_rng_state(opt_state["torch_rng"])
+    if set(state["streams"]) != set(runner.streams):
+        raise SystemExit(f"zofo-train --resume: {folder} saved the batch streams "
+                         f"{sorted(state['streams'])}, this method has {sorted(runner.streams)}")
+    for name, drawn in state["streams"].items():
+        runner.streams[name].skip(int(drawn))
+    if hasattr(runner.opt, "eval_mode"):
+        runner.opt.eval_mode()
+    return Progress(**state["progress"])
+
+
+def _run(args, device, ctx, resume=None) -> dict:
     from . import distributed as dist_mod
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    initial_args = {k: v for k, v in vars(args).items() if k != "resume"}
     data_seed = args.seed if args.data_seed is None else args.data_seed
 
     try:
@@ -420,7 +595,23 @@ def _run(args, device, ctx) -> dict:
         runner = _make_runner(args, loaded.model, device, train_enc, lower_enc, upper_enc,
                               rank=ctx.rank)
     except models_mod.ModelError as exc:
-        raise SystemExit(f"zofo-train: {exc}") from None
+        hint = ""
+        if args.peft == "prefix":
+            hint = (" (prefix tuning works with CAUSAL_LM task types on OPT, Llama and GPT-2 "
+                    "models; zofo-train trains sequence classifiers)")
+        raise SystemExit(f"zofo-train: {exc}{hint}") from None
+    progress, prior_rows = Progress(), []
+    if resume is not None:
+        folder = Path(args.resume)
+        progress = _restore(runner, folder, resume)
+        if (folder / "metrics.jsonl").is_file():
+            prior_rows = [json.loads(line) for line in
+                          (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        if ((args.steps is None or progress.step >= args.steps)
+                and (args.time_budget is None or progress.train_time >= args.time_budget)):
+            raise SystemExit(f"zofo-train --resume: the saved run already reached step "
+                             f"{progress.step} ({progress.train_time:.1f} s of training); give "
+                             "a larger --steps or --time-budget (totals for the whole run)")
     if ctx.distributed:
         if isinstance(runner, FORunner):
             runner.dist_context = ctx
@@ -433,108 +624,101 @@ def _run(args, device, ctx) -> dict:
                                    args.eval_batch_size)
 
     budget = args.time_budget
-    eval_every = args.eval_every
-    if eval_every is None and args.eval_every_steps is None:
+    eval_every, eval_every_steps = args.eval_every, args.eval_every_steps
+    if eval_every is None and eval_every_steps is None:
         if budget is not None:
             eval_every = budget / 15
         else:
-            args.eval_every_steps = max(1, args.steps // 10)
+            eval_every_steps = max(1, args.steps // 10)
 
     from tqdm import tqdm
     by_time = args.steps is None
     bar = tqdm(total=int(math.ceil(budget)) if by_time else args.steps,
+               initial=int(progress.train_time) if by_time else progress.step,
                unit="s" if by_time else "step", disable=args.no_progress or not ctx.is_main,
                desc=f"{args.method}", dynamic_ncols=True)
-    metrics_path = out / "metrics.jsonl"
-    history: List[dict] = []
-    fh = open(metrics_path if ctx.is_main else os.devnull, "w")
-
-    def write(row: dict) -> None:
-        history.append(row)
-        fh.write(json.dumps(row) + "\n")
-        fh.flush()
-
+    log = MetricsLog(out / "metrics.jsonl", ctx.is_main, prior_rows)
+    pr = progress
     t_start = time.perf_counter()
-    train_time = 0.0
-    eval_time = 0.0
-    step = 0
-    best = -1.0
-    last_eval_t = 0.0
-    last_eval_step = 0
-    recent: List[float] = []
-    acc0 = evaluate()
-    eval_time += time.perf_counter() - t_start
-    write(dict(kind="eval", step=0, wall_time_s=0.0, elapsed_s=round(eval_time, 3),
-               eval_accuracy=acc0, forward_count=0, backward_count=0))
-    best = acc0
-    final_acc = acc0
-    nonfinite = False
+
+    def elapsed() -> float:
+        return round(pr.elapsed + time.perf_counter() - t_start, 3)
+
+    if resume is None:
+        pr.initial_acc = pr.final_acc = pr.best = evaluate()
+        pr.eval_time += time.perf_counter() - t_start
+        log.write(dict(kind="eval", step=0, wall_time_s=0.0, elapsed_s=round(pr.eval_time, 3),
+                       eval_accuracy=pr.initial_acc, forward_count=0, backward_count=0))
     while True:
-        if args.steps is not None and step >= args.steps:
+        if args.steps is not None and pr.step >= args.steps:
             break
-        if budget is not None and train_time >= budget:
+        if budget is not None and pr.train_time >= budget:
             break
         t0 = time.perf_counter()
         loss = runner.step()
-        dt = time.perf_counter() - t0
-        train_time += dt
+        pr.train_time += time.perf_counter() - t0
         if ctx.distributed and budget is not None:
-            train_time = dist_mod.agree_on_max(train_time, ctx)  # all ranks stop together
-        step += 1
-        recent.append(loss)
+            pr.train_time = dist_mod.agree_on_max(pr.train_time, ctx)  # all ranks stop together
+        pr.step += 1
+        pr.recent.append(loss)
         if by_time:
-            bar.n = min(bar.total, int(train_time))
-            bar.set_postfix(step=step, loss=f"{loss:.4f}", acc=f"{final_acc:.3f}")
+            bar.n = min(bar.total, int(pr.train_time))
+            bar.set_postfix(step=pr.step, loss=f"{loss:.4f}", acc=f"{pr.final_acc:.3f}")
             bar.refresh()
         else:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{final_acc:.3f}")
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{pr.final_acc:.3f}")
         if not math.isfinite(loss):
-            nonfinite = True
-        if step % args.log_every == 0 or nonfinite:
-            write(dict(kind="train", step=step, wall_time_s=round(train_time, 3),
-                       elapsed_s=round(time.perf_counter() - t_start, 3), loss=loss,
-                       loss_avg=sum(recent) / len(recent),
-                       forward_count=runner.forward_count, backward_count=runner.backward_count))
-            recent = []
-        done = ((args.steps is not None and step >= args.steps)
-                or (budget is not None and train_time >= budget) or nonfinite)
-        due = ((eval_every is not None and train_time - last_eval_t >= eval_every)
-               or (args.eval_every_steps is not None
-                   and step - last_eval_step >= args.eval_every_steps))
+            pr.nonfinite = True
+        if pr.step % args.log_every == 0 or pr.nonfinite:
+            log.write(dict(kind="train", step=pr.step, wall_time_s=round(pr.train_time, 3),
+                           elapsed_s=elapsed(), loss=loss,
+                           loss_avg=sum(pr.recent) / len(pr.recent),
+                           forward_count=runner.forward_count,
+                           backward_count=runner.backward_count))
+            pr.recent = []
+        done = ((args.steps is not None and pr.step >= args.steps)
+                or (budget is not None and pr.train_time >= budget) or pr.nonfinite)
+        due = ((eval_every is not None and pr.train_time - pr.last_eval_t >= eval_every)
+               or (eval_every_steps is not None
+                   and pr.step - pr.last_eval_step >= eval_every_steps))
         if due or done:
             te = time.perf_counter()
-            final_acc = evaluate()
-            eval_time += time.perf_counter() - te
-            best = max(best, final_acc)
-            last_eval_t, last_eval_step = train_time, step
-            write(dict(kind="eval", step=step, wall_time_s=round(train_time, 3),
-                       elapsed_s=round(time.perf_counter() - t_start, 3),
-                       eval_accuracy=final_acc, forward_count=runner.forward_count,
-                       backward_count=runner.backward_count))
-        if nonfinite:
+            pr.final_acc = evaluate()
+            pr.eval_time += time.perf_counter() - te
+            pr.best = max(pr.best, pr.final_acc)
+            pr.last_eval_t, pr.last_eval_step = pr.train_time, pr.step
+            log.write(dict(kind="eval", step=pr.step, wall_time_s=round(pr.train_time, 3),
+                           elapsed_s=elapsed(), eval_accuracy=pr.final_acc,
+                           forward_count=runner.forward_count,
+                           backward_count=runner.backward_count))
+        if pr.nonfinite:
             break
     bar.close()
-    fh.close()
+    log.close()
 
     if not ctx.is_main:
         return {}
+    out.mkdir(parents=True, exist_ok=True)
+    pr.elapsed = elapsed()
+    written: List[Path] = []
     if not args.no_save:
-        runner.save(out)
+        written = save_run(out, runner, tok, args, pr, initial_args)
     summary = dict(
         method=args.method, model=args.model, peft=args.peft if args.method in (
             "bilevel-zofo", "mezo-lora", "fo-lora") else None,
-        eval_accuracy=final_acc, best_eval_accuracy=best, initial_eval_accuracy=acc0,
+        eval_accuracy=pr.final_acc, best_eval_accuracy=pr.best,
+        initial_eval_accuracy=pr.initial_acc,
         eval_data=str(eval_name), eval_examples=len(eval_enc),
-        wall_time_s=round(train_time, 3), eval_time_s=round(eval_time, 3),
-        elapsed_s=round(time.perf_counter() - t_start, 3), steps=step,
+        wall_time_s=round(pr.train_time, 3), eval_time_s=round(pr.eval_time, 3),
+        elapsed_s=pr.elapsed, steps=pr.step,
         forward_count=runner.forward_count, backward_count=runner.backward_count,
         peak_memory_bytes=peak_memory_bytes(device),
         peak_memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
         model_parameters=sum(p.numel() for p in loaded.model.parameters()),
         num_train=len(train_ex), num_lower=len(lower_ex) if upper_ex else None,
         num_upper=len(upper_ex) or None, seed=args.seed, data_seed=data_seed,
-        stopped_on_nonfinite_loss=nonfinite,
+        stopped_on_nonfinite_loss=pr.nonfinite, resumed_from=args.resume,
         hyperparameters=dict(lr=_hp(args, "lr"), eps=_hp(args, "eps"),
                              weight_decay=args.weight_decay, batch_size=args.batch_size,
                              max_length=args.max_length, estimator=_hp(args, "estimator"),
@@ -545,10 +729,13 @@ def _run(args, device, ctx) -> dict:
         time_budget_s=budget, max_steps=args.steps,
         threads=torch.get_num_threads(), device=str(device), world_size=ctx.world_size,
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     from . import plotting
-    plotting.plot_run(history, out / "curves.png",
+    plotting.plot_run(log.rows, out / "curves.png",
                       title=f"{args.method} on {args.model} ({len(train_ex)} examples)")
+    files = sorted({str(p.relative_to(out)) for p in written}
+                   | {"metrics.jsonl", "summary.json", "curves.png"})
+    summary.update(output=str(out.resolve()), files=files)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -566,14 +753,50 @@ class _DeviceEncoded:
             yield _to(b, self.device)
 
 
+# Third-party deprecation warnings that a zofo-train user cannot act on (they come from the
+# installed transformers / peft, not from anything the user passed). Matched by category and
+# message; filtered in the command-line entry points only.
+_THIRD_PARTY_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (FutureWarning, r"`past_key_values` is deprecated and will be removed"),
+)
+
+
+def filter_third_party_warnings() -> None:
+    import warnings
+    for category, message in _THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def print_outputs(summary: dict, stream=None) -> None:
+    """The output folder and the files a run wrote (after its JSON line)."""
+    stream = stream or sys.stdout
+    out = Path(summary["output"])
+    files = summary["files"]
+    weights = [f for f in files if f.endswith((".safetensors", ".pt"))]
+    print(f"output folder: {out}", file=stream)
+    kinds = [("weights", ", ".join(weights) if weights else "not saved (--no-save)"),
+             ("metrics", "metrics.jsonl"), ("summary", "summary.json"), ("plot", "curves.png")]
+    for label, what in kinds:
+        print(f"  {label:8s} {what}", file=stream)
+    if weights:
+        print(f"  reload   zofo_kernels.load_trained({str(out)!r}); continue with "
+              f"zofo-train --resume {out} --steps N", file=stream)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    filter_third_party_warnings()
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # per-file save/load bars; the run has its own bar
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    summary = run(args)
+    summary = run(args, given=given_options(argv))
     if not summary:  # a data-parallel rank other than 0: rank 0 reports
         return 0
     print(json.dumps({k: summary[k] for k in (
         "method", "eval_accuracy", "best_eval_accuracy", "wall_time_s", "steps",
         "peak_memory_bytes")}))
+    print_outputs(summary)
     return 0
 
 
