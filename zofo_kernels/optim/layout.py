@@ -22,11 +22,13 @@ def zo_numel(param_groups: Sequence[Mapping]) -> int:
     return sum(p.numel() for g in param_groups for p in g["params"])
 
 
-def zo_layout(param_groups: Sequence[Mapping]) -> Layout:
+def zo_layout(param_groups: Sequence[Mapping], trainable_only: bool = False) -> Layout:
     """Per group, the list of ``(tensor to update in place, global offset)``.
 
     Offsets follow the canonical layout: all parameters of all groups laid end to end in
     ``param_groups`` order. Empty parameters keep their place (they occupy no indices).
+    With ``trainable_only``, parameters with ``requires_grad=False`` get no entry but keep
+    their place too, so freezing a parameter never changes the noise of the others.
 
     A parameter that is a DTensor (FSDP2 ``fully_shard``: placement ``Shard(0)`` on each mesh
     dimension, or ``Replicate``) occupies the offsets of its global shape; its entry is the
@@ -74,7 +76,9 @@ def zo_layout(param_groups: Sequence[Mapping]) -> Layout:
     for group in param_groups:
         entries = []
         for p in group["params"]:
-            if isinstance(p, DTensor):
+            if trainable_only and not p.requires_grad:
+                pass
+            elif isinstance(p, DTensor):
                 entries.append(_dtensor_entry(p, pos))
             else:
                 entries.append((p.detach(), pos))

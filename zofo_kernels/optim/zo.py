@@ -25,17 +25,20 @@ buffers); it keeps no momentum.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+import signal
+import threading
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .. import contract
 from ..backends import base as _backends
-from ..ops import perturb_, zo_update_
+from ..ops import as_float32, check_float32, perturb_, zo_update_
 from .layout import split_by_device, zo_layout, zo_numel
 
 ESTIMATORS = ("central", "forward")
@@ -47,11 +50,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SEED_PURPOSE = 0x5EED5EED
 _GLOBAL_KEYS = ("eps", "distribution", "estimator", "n_directions", "seed",
                 "stochastic_rounding", "nonfinite", "loss_reduce", "backend", "normalize",
-                "rms_beta")
+                "rms_beta", "include_frozen")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss evaluated during a ZO step was NaN or infinite (the weights were restored)."""
+    """A loss evaluated during a ZO step was NaN or infinite, or the update it gives overflows
+    float32 (the weights were restored and not updated)."""
 
 
 def step_seed(base_seed: int, step: int) -> int:
@@ -197,6 +201,63 @@ def zo_param_groups(model_or_named_params, weight_decay: float,
 
 # --------------------------------------------------------------------------- optimizer
 
+# Largest |z| a kernel can produce: Box-Muller radius sqrt(-2 log u) with u >= 1e-7 (5.678),
+# rounded up; Rademacher +-1. Bounds the update so that it is known finite in float32.
+_Z_MAX = {"gaussian": 5.7, "rademacher": 1.0}
+_LEGACY_SETTINGS = {"normalize": "none", "rms_beta": 0.999}  # saved before these existed
+_REQUIRED_SETTINGS = ("eps", "distribution", "estimator", "n_directions")
+
+
+def _scalar32(value, name: str, *, positive=False, nonneg=False) -> float:
+    """A real number the kernels will use in float32: finite after rounding to float32, and
+    not a non-zero value that rounds to 0 (a silent no-op)."""
+    v = _real(value, name, positive=positive, nonneg=nonneg)
+    return check_float32(v, name, nonzero=True)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Inside: a SIGINT (Ctrl-C) is held back and delivered, as KeyboardInterrupt or to the
+    handler that was installed, when the block ends, so that a kernel sweep and the record of
+    what it applied are never separated by an interrupt. Only in the main thread (where Python
+    runs signal handlers) and only when a Python-level handler is installed; elsewhere it
+    does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        old = signal.getsignal(signal.SIGINT)
+    except (ValueError, OSError):  # pragma: no cover - no signal support
+        old = None
+    if not callable(old):  # SIG_IGN, SIG_DFL or a handler installed outside Python
+        yield
+        return
+    pending = []
+
+    def hold(signum, frame):
+        pending.append((signum, frame))
+
+    try:
+        signal.signal(signal.SIGINT, hold)
+    except (ValueError, OSError):  # pragma: no cover
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if pending:
+            old(*pending[0])
+
+
+class _Unit:
+    """One kernel call of the update sweep: the parameters of one group on one device."""
+    __slots__ = ("group", "device", "tensors", "offsets")
+
+    def __init__(self, group, device, tensors, offsets):
+        self.group, self.device, self.tensors, self.offsets = group, device, tensors, offsets
+
+
 class ZOOptimizer(torch.optim.Optimizer):
     """Zeroth-order SGD with fused perturbation/update kernels (see the module docstring).
 
@@ -207,7 +268,14 @@ class ZOOptimizer(torch.optim.Optimizer):
     ``loss_reduce`` (callable applied to the float64 tensor of the step's losses, e.g. an
     all-reduce mean across data-parallel ranks), ``backend`` (kernel backend name or None),
     ``normalize`` ("none": plain ZO-SGD, MeZO's update; "rms": the projected gradient divided
-    by its running RMS, see the module docstring) and ``rms_beta`` (that running mean's decay).
+    by its running RMS, see the module docstring), ``rms_beta`` (that running mean's decay)
+    and ``include_frozen``.
+
+    Parameters with ``requires_grad=False`` at the start of a step are left alone in that step,
+    as torch optimizers leave parameters without a gradient (they keep their place in the
+    global noise index, so freezing one does not change the noise of the others);
+    ``include_frozen=True`` perturbs and updates them too (Bilevel-ZOFO's backbone is frozen
+    for autograd but trained zeroth-order).
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0,
@@ -216,11 +284,13 @@ class ZOOptimizer(torch.optim.Optimizer):
                  stochastic_rounding: bool = True, nonfinite: str = "raise",
                  loss_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  backend: Optional[str] = None, normalize: str = "none",
-                 rms_beta: float = 0.999):
-        lr = _real(lr, "lr", nonneg=True)
-        weight_decay = _real(weight_decay, "weight_decay", nonneg=True)
-        self.eps = _real(eps, "eps", positive=True)
+                 rms_beta: float = 0.999, include_frozen: bool = False):
+        lr = _scalar32(lr, "lr", nonneg=True)
+        weight_decay = _scalar32(weight_decay, "weight_decay", nonneg=True)
         self.distribution = _choice(distribution, "distribution", contract.DISTRIBUTIONS)
+        self.eps = _scalar32(eps, "eps", positive=True)
+        if not math.isfinite(as_float32(2.0 * self.eps * _Z_MAX[self.distribution])):
+            raise ValueError(f"eps = {eps!r} is too large: 2*eps*|z| overflows float32")
         self.estimator = _choice(estimator, "estimator", ESTIMATORS)
         self.n_directions = _int(n_directions, "n_directions", 1, contract.DIRECTION_LIMIT)
         if not isinstance(stochastic_rounding, bool):
@@ -235,6 +305,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.rms_beta = _real(rms_beta, "rms_beta", nonneg=True)
         if not self.rms_beta < 1.0:
             raise ValueError(f"rms_beta must be in [0, 1), got {rms_beta!r}")
+        if not isinstance(include_frozen, bool):
+            raise TypeError("include_frozen must be True or False")
+        self.include_frozen = include_frozen
         base_seed = fresh_base_seed() if seed is None else _int(seed, "seed", 0,
                                                                  contract.SEED_LIMIT)
         # sq_avg / sq_count: the running mean of g^2 and its number of updates (normalize="rms")
@@ -244,19 +317,37 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim conventions ------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
-        if isinstance(param_group, dict):
-            for key in _GLOBAL_KEYS:
-                if key in param_group:
-                    raise ValueError(f"{key!r} is an optimizer-wide setting of ZOOptimizer, "
-                                     "not a per-group one")
-            for key in ("lr", "weight_decay"):
-                if key in param_group:
-                    _real(param_group[key], f"param group {key}", nonneg=True)
-        super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if p.dtype not in SUPPORTED_DTYPES:
+        """Check the whole group, then add it (a refused group leaves the optimizer as it
+        was)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        for key in _GLOBAL_KEYS:
+            if key in group:
+                raise ValueError(f"{key!r} is an optimizer-wide setting of ZOOptimizer, "
+                                 "not a per-group one")
+        if "params" not in group:
+            raise ValueError("a param group needs a 'params' entry")
+        params = group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, "
+                            "but the ordering of tensors in sets will change between runs")
+        else:
+            params = list(params)
+        for i, p in enumerate(params):
+            t = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"param group entry {i} is a {type(t).__name__}, not a tensor")
+            if t.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"ZOOptimizer supports float32, bfloat16 and float16 "
-                                f"parameters, got {p.dtype}")
+                                f"parameters, got {t.dtype}")
+        for key in ("lr", "weight_decay"):
+            if key in group:
+                _scalar32(group[key], f"param group {key}", nonneg=True)
+        group["params"] = params
+        super().add_param_group(group)
 
     @property
     def base_seed(self) -> int:
@@ -270,42 +361,138 @@ class ZOOptimizer(torch.optim.Optimizer):
     def next_seed(self) -> int:
         return step_seed(self._zo_state["base_seed"], self._zo_state["step"])
 
+    def _settings(self) -> Dict:
+        """What decides the trajectory besides the weights, the seed and the counters."""
+        return dict(eps=self.eps, distribution=self.distribution, estimator=self.estimator,
+                    n_directions=self.n_directions, normalize=self.normalize,
+                    rms_beta=self.rms_beta, stochastic_rounding=self.stochastic_rounding,
+                    include_frozen=self.include_frozen,
+                    param_numels=[[p.numel() for p in g["params"]] for g in self.param_groups])
+
     def state_dict(self):
         sd = super().state_dict()
-        sd["zo"] = dict(self._zo_state, eps=self.eps, distribution=self.distribution,
-                        estimator=self.estimator, n_directions=self.n_directions,
-                        normalize=self.normalize, rms_beta=self.rms_beta)
+        sd["zo"] = dict(self._zo_state, **self._settings())
         return sd
 
     def load_state_dict(self, state_dict) -> None:
+        """Check everything, then apply: the seed counter and RMS state (``"zo"``) and the
+        param groups' hyperparameters. The settings that decide the trajectory (eps,
+        distribution, estimator, n_directions, normalize, rms_beta, stochastic_rounding,
+        include_frozen, the parameters' sizes) must equal this optimizer's: a state dict saved
+        by a differently configured optimizer is refused (``ValueError``), never resumed on
+        another trajectory. On any error nothing is changed."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError("state_dict must be a dict saved by ZOOptimizer.state_dict()")
         if "zo" not in state_dict:
             raise KeyError("state dict has no 'zo' entry: it was not saved by a ZOOptimizer")
-        sd = dict(state_dict)
-        zo = sd.pop("zo")
-        base = _int(zo["base_seed"], "base_seed", 0, contract.SEED_LIMIT)
-        step = _int(zo["step"], "step", 0)
-        sq_avg = _real(zo.get("sq_avg", 0.0), "sq_avg", nonneg=True)
-        sq_count = _int(zo.get("sq_count", 0), "sq_count", 0)
-        super().load_state_dict(sd)
+        zo = state_dict["zo"]
+        if not isinstance(zo, Mapping):
+            raise TypeError("state_dict['zo'] must be a dict")
+        for key in ("base_seed", "step") + _REQUIRED_SETTINGS:
+            if key not in zo:
+                raise KeyError(f"state_dict['zo'] lacks {key!r}")
+        base = _int(zo["base_seed"], "saved base_seed", 0, contract.SEED_LIMIT)
+        step = _int(zo["step"], "saved step", 0, 1 << 64)
+        sq_avg = _real(zo.get("sq_avg", 0.0), "saved sq_avg", nonneg=True)
+        sq_count = _int(zo.get("sq_count", 0), "saved sq_count", 0)
+        if sq_count == 0 and sq_avg != 0.0:
+            raise ValueError(f"saved sq_avg is {sq_avg} but sq_count is 0")
+        differ = []
+        for key, mine in self._settings().items():
+            if key in zo:
+                saved = zo[key]
+            elif key in _LEGACY_SETTINGS:
+                saved = _LEGACY_SETTINGS[key]
+            else:  # not saved by older versions: nothing to compare
+                continue
+            if type(saved) is not type(mine) or saved != mine:
+                differ.append(f"{key}: saved {saved!r}, this optimizer {mine!r}")
+        if differ:
+            raise ValueError("the state dict was saved by a differently configured ZOOptimizer ("
+                             + "; ".join(differ) + "); resuming would follow another "
+                             "trajectory: construct the optimizer with the saved settings")
+        sd = {k: v for k, v in state_dict.items() if k != "zo"}
+        if sd.get("state"):
+            raise ValueError("the state dict holds per-parameter state; ZOOptimizer keeps none "
+                             "(it was saved by another optimizer)")
+        groups = sd.get("param_groups")
+        if not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(groups) if isinstance(groups, (list, tuple)) else 'no'} "
+                             f"param groups, this optimizer {len(self.param_groups)}")
+        for i, g in enumerate(groups):
+            if not isinstance(g, Mapping):
+                raise TypeError(f"saved param group {i} is not a dict")
+            for key in ("lr", "weight_decay"):
+                if key not in g:
+                    raise KeyError(f"saved param group {i} lacks {key!r}")
+                _scalar32(g[key], f"saved param group {i} {key}", nonneg=True)
+            for key in _GLOBAL_KEYS:
+                if key in g:
+                    raise ValueError(f"saved param group {i} sets the optimizer-wide {key!r}")
+        super().load_state_dict(sd)  # checks the group sizes before it changes anything
         self._zo_state = {"base_seed": base, "step": step, "sq_avg": sq_avg,
                           "sq_count": sq_count}
 
-    # -- kernel sweeps -------------------------------------------------------------------
-    def _perturb(self, layout, seed, scale, direction, restore_scale=0.0, restore_direction=None):
-        entries = [e for group in layout for e in group]
-        for ts, offs in split_by_device(entries).values():
-            perturb_(ts, seed, scale, self.distribution, direction, offsets=offs,
-                     backend=self.backend, restore_scale=restore_scale,
-                     restore_direction=restore_direction)
+    # -- helpers of the step -----------------------------------------------------------------
+    def _hyperparameters(self) -> List[Tuple[float, float]]:
+        """(lr, weight_decay) of every group, checked as at construction: a value set since
+        (by the user or an LR scheduler) that is negative, non-finite, overflows float32 or
+        is not a number is refused before anything is touched."""
+        out = []
+        for i, g in enumerate(self.param_groups):
+            lr = g.get("lr")
+            if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr < 0:
+                raise ValueError(f"param_groups[{i}]['lr'] = {lr!r} is negative (set by an LR "
+                                 "scheduler?): it would ascend the loss")
+            out.append((_scalar32(lr, f"param_groups[{i}]['lr']", nonneg=True),
+                        _scalar32(g.get("weight_decay"), f"param_groups[{i}]['weight_decay']",
+                                  nonneg=True)))
+        return out
 
-    def _update(self, layout, seed, coeffs, restore_scale):
-        for group, entries in zip(self.param_groups, layout):
-            for ts, offs in split_by_device(entries).values():
-                zo_update_(ts, seed, lr=group["lr"], projected_grads=coeffs,
-                           restore_scale=restore_scale, restore_direction=len(coeffs) - 1,
-                           weight_decay=group["weight_decay"], distribution=self.distribution,
-                           offsets=offs, backend=self.backend,
-                           stochastic_rounding=self.stochastic_rounding)
+    def _units(self) -> List[_Unit]:
+        if not self.include_frozen and not any(
+                p.requires_grad for g in self.param_groups for p in g["params"]):
+            raise ValueError("every parameter of this ZOOptimizer has requires_grad=False, so "
+                             "a step would train nothing (pass include_frozen=True to train "
+                             "frozen parameters zeroth-order)")
+        layout = zo_layout(self.param_groups, trainable_only=not self.include_frozen)
+        units = []
+        for gi, entries in enumerate(layout):
+            for dev, (ts, offs) in split_by_device(entries).items():
+                units.append(_Unit(gi, dev, ts, offs))
+        return units
+
+    def _sweep(self, units, applied, seed, scale, direction, restore=None) -> None:
+        """Perturbation sweep over every unit (one kernel call per device): p <- p + scale*z_d,
+        fused with p <- p + restore[0]*z_restore[1] first when ``restore`` is given. Records in
+        ``applied`` the perturbation each unit carries afterwards."""
+        by_dev: Dict[torch.device, List[int]] = {}
+        for i, u in enumerate(units):
+            by_dev.setdefault(u.device, []).append(i)
+        rs, rd = restore if restore is not None else (0.0, None)
+        for idx in by_dev.values():
+            ts = [t for i in idx for t in units[i].tensors]
+            offs = [o for i in idx for o in units[i].offsets]
+            with _sigint_deferred():
+                perturb_(ts, seed, scale, self.distribution, direction, offsets=offs,
+                         backend=self.backend, restore_scale=rs, restore_direction=rd)
+                for i in idx:
+                    applied[i] = (scale if restore is not None or i not in applied
+                                  else applied[i][0] + scale, direction)
+
+    def _restore(self, units, applied, seed) -> None:
+        """Remove exactly the perturbation each unit still carries."""
+        todo: Dict[Tuple, List[int]] = {}
+        for i, (scale, direction) in applied.items():
+            todo.setdefault((units[i].device, scale, direction), []).append(i)
+        for (_, scale, direction), idx in todo.items():
+            ts = [t for i in idx for t in units[i].tensors]
+            offs = [o for i in idx for o in units[i].offsets]
+            with _sigint_deferred():
+                perturb_(ts, seed, -scale, self.distribution, direction, offsets=offs,
+                         backend=self.backend)
+                for i in idx:
+                    del applied[i]
 
     def _reduce(self, values: List[float]) -> List[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -332,15 +519,30 @@ class ZOOptimizer(torch.optim.Optimizer):
         coeffs = [g / q / rms if rms > 0.0 else 0.0 for g in grads]
         return coeffs, rms, (sq_avg, count)
 
-    def _update_rms(self, coeffs: List[float]) -> float:
+    def _unrepresentable(self, coeffs, sq_state, hyper) -> Optional[str]:
+        """Why the update lr*(sum_k c_k z_k + wd*p) cannot be computed in float32, or None."""
+        if sq_state is not None and not math.isfinite(sq_state[0]):
+            return "the running mean of g^2 overflows"
+        c32 = [as_float32(c) for c in coeffs]
+        if not all(math.isfinite(c) for c in c32):
+            return "an update coefficient overflows float32"
+        bound = as_float32(sum(abs(c) for c in c32) * _Z_MAX[self.distribution])
+        if not math.isfinite(bound) or not all(math.isfinite(as_float32(lr * bound))
+                                               for lr, _ in hyper):
+            return "lr * sum_k |c_k z_k| overflows float32"
+        return None
+
+    def _update_rms(self, coeffs: List[float], units, hyper) -> float:
         """Expected RMS change per weight of the update lr * sum_k c_k z_k (E z^2 = 1 for both
         distributions, directions independent; weight decay not included), averaged over the
-        groups by their number of elements."""
-        sizes = [sum(p.numel() for p in g["params"]) for g in self.param_groups]
+        groups by their number of trained elements."""
+        sizes = [0] * len(hyper)
+        for u in units:
+            sizes[u.group] += sum(t.numel() for t in u.tensors)
         total = sum(sizes)
         if total == 0:
             return 0.0
-        mean_lr2 = sum(n * g["lr"] ** 2 for n, g in zip(sizes, self.param_groups)) / total
+        mean_lr2 = sum(n * lr ** 2 for n, (lr, _) in zip(sizes, hyper)) / total
         return math.sqrt(mean_lr2 * sum(c * c for c in coeffs))
 
     # -- the step --------------------------------------------------------------------------
@@ -354,45 +556,49 @@ class ZOOptimizer(torch.optim.Optimizer):
         ``initial_loss`` (forward estimator only): the loss at the unperturbed weights, when
         the caller has it already (e.g. from a first-order pass on the same batch); the
         closure is then called q times, at the perturbed points only. It goes through
-        ``loss_reduce`` like every other loss."""
+        ``loss_reduce`` like every other loss.
+
+        Atomic: if anything raises (the closure, ``loss_reduce``, a kernel call, an
+        interrupt), the perturbation each parameter still carries is removed and the
+        optimizer's state and counters are as before the step. A non-finite loss (or a step
+        that overflows float32) updates nothing: with ``nonfinite="raise"`` the step raises
+        ``NonFiniteLossError`` and leaves the state and counters as before; with "skip" it
+        counts as a (skipped) step."""
         if closure is None or not callable(closure):
             raise ValueError("ZOOptimizer.step needs a closure that returns the loss")
         if initial_loss is not None:
             if self.estimator != "forward":
                 raise ValueError("initial_loss is only used by the forward estimator")
             initial_loss = loss_value(initial_loss)
+        hyper = self._hyperparameters()
         t = self._zo_state["step"]
         seed = step_seed(self._zo_state["base_seed"], t)
-        layout = zo_layout(self.param_groups)
+        units = self._units()
         eps, q = self.eps, self.n_directions
-        applied: Optional[Tuple[float, int]] = None  # (scale, direction) currently on the weights
+        applied: Dict[int, Tuple[float, int]] = {}  # unit -> (scale, direction) it carries
 
         def call() -> float:
             return loss_value(closure())
 
+        coeffs, grad_rms, sq_state, problem = None, None, None, None
         try:
             raw: List[float] = []
             if self.estimator == "central":
                 for k in range(q):
-                    if applied is None:
-                        self._perturb(layout, seed, eps, k)
+                    if k == 0:
+                        self._sweep(units, applied, seed, eps, k)
                     else:
-                        self._perturb(layout, seed, eps, k, restore_scale=eps,
-                                      restore_direction=k - 1)
-                    applied = (eps, k)
+                        self._sweep(units, applied, seed, eps, k, restore=(eps, k - 1))
                     raw.append(call())
-                    self._perturb(layout, seed, -2.0 * eps, k)
-                    applied = (-eps, k)
+                    self._sweep(units, applied, seed, -2.0 * eps, k)
                     raw.append(call())
             else:
                 raw.append(call() if initial_loss is None else initial_loss)
                 for k in range(q):
-                    if applied is None:
-                        self._perturb(layout, seed, eps, k)
+                    if k == 0:
+                        self._sweep(units, applied, seed, eps, k)
                     else:
-                        self._perturb(layout, seed, eps, k, restore_scale=-eps,
-                                      restore_direction=k - 1)
-                    applied = (eps, k)
+                        self._sweep(units, applied, seed, eps, k, restore=(-eps, k - 1))
                     raw.append(call())
             losses = self._reduce(raw)
             finite = all(math.isfinite(v) for v in losses)
@@ -403,31 +609,54 @@ class ZOOptimizer(torch.optim.Optimizer):
                 grads = [(losses[k + 1] - losses[0]) / eps for k in range(q)]
                 loss = losses[0]
             finite = finite and all(math.isfinite(g) for g in grads)
-            scale, last = applied
-            coeffs, grad_rms, sq_state = None, None, None
             if finite:
                 coeffs, grad_rms, sq_state = self._coefficients(grads)
-                self._update(layout, seed, coeffs, -scale)
-                applied = None
+                problem = self._unrepresentable(coeffs, sq_state, hyper)
+            if not finite or problem is not None:
+                self._restore(units, applied, seed)
             else:
-                self._perturb(layout, seed, -scale, last)
-                applied = None
+                # the update sweep and the commit of the step: an interrupt waits for both
+                with _sigint_deferred():
+                    done = False
+                    try:
+                        for i, u in enumerate(units):
+                            scale, last = applied[i]
+                            lr, wd = hyper[u.group]
+                            zo_update_(u.tensors, seed, lr=lr, projected_grads=coeffs,
+                                       restore_scale=-scale, restore_direction=last,
+                                       weight_decay=wd, distribution=self.distribution,
+                                       offsets=u.offsets, backend=self.backend,
+                                       stochastic_rounding=self.stochastic_rounding)
+                            del applied[i]
+                            done = True
+                    finally:
+                        # some groups took this step's update (seed and RMS state used):
+                        # count the step, so that neither is used twice
+                        if done:
+                            self._zo_state["step"] = t + 1
+                            if sq_state is not None:
+                                self._zo_state["sq_avg"], self._zo_state["sq_count"] = sq_state
         finally:
-            if applied is not None:  # the closure or a kernel call raised: undo the perturbation
-                self._perturb(layout, seed, -applied[0], applied[1])
-        self._zo_state["step"] = t + 1
-        if sq_state is not None:
-            self._zo_state["sq_avg"], self._zo_state["sq_count"] = sq_state
+            if applied:  # something raised: remove what is still applied, unit by unit
+                self._restore(units, applied, seed)
+        skipped = coeffs is None or problem is not None
+        if skipped and self.nonfinite == "skip":
+            self._zo_state["step"] = t + 1
+        if not units and not skipped:
+            self._zo_state["step"] = t + 1
+            if sq_state is not None:
+                self._zo_state["sq_avg"], self._zo_state["sq_count"] = sq_state
         self.last_step = dict(
             step=t, seed=seed, projected_grads=grads, losses=losses, loss=loss,
-            update_coefficients=coeffs, grad_rms=grad_rms,
-            update_rms=self._update_rms(coeffs) if coeffs is not None else 0.0,
-            skipped=not finite, estimator=self.estimator, distribution=self.distribution,
+            update_coefficients=None if skipped else coeffs, grad_rms=grad_rms,
+            update_rms=0.0 if skipped else self._update_rms(coeffs, units, hyper),
+            skipped=skipped, estimator=self.estimator, distribution=self.distribution,
             eps=eps, n_directions=q, numel=zo_numel(self.param_groups),
-            lr=[g["lr"] for g in self.param_groups],
-            weight_decay=[g["weight_decay"] for g in self.param_groups])
-        if not finite and self.nonfinite == "raise":
+            lr=[lr for lr, _ in hyper], weight_decay=[wd for _, wd in hyper])
+        if skipped and self.nonfinite == "raise":
+            what = "non-finite loss" if problem is None else problem
             raise NonFiniteLossError(
-                f"non-finite loss in ZO step {t} (losses {losses}); the weights were restored "
-                "and not updated (pass nonfinite='skip' to skip such steps)")
+                f"{what} in ZO step {t} (losses {losses}); the weights were restored and not "
+                "updated, and the step was not counted (pass nonfinite='skip' to skip such "
+                "steps)")
         return loss
