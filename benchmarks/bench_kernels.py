@@ -14,9 +14,18 @@ all of them alike; on GPU each run is bracketed by torch.cuda.synchronize().
     python benchmarks/bench_kernels.py --quick          # small sizes, a minute on 2 cores
     python benchmarks/bench_kernels.py                  # up to 1e8 elements (CPU)
     python benchmarks/bench_kernels.py --device cuda    # on a GPU (cuda and triton backends)
+    python benchmarks/bench_kernels.py --dispatch-vs-native --quick
+                                  # the dispatched CPU build against a -march=native build
 
 Writes CSV rows (op, backend, dtype, distribution, numel, metric, value, device_name, date) to
 benchmarks/results/kernels_<device>.csv and prints a table of ratios (op / copy, op / MeZO).
+
+``--dispatch-vs-native`` times, round-robin in one process, the CPU variant the package chose
+at load (the portable wheel's path) and a ``-march=native`` build of the same sources (the
+package's ``_C_native`` if it was built with ZOFO_CPU_VARIANTS=auto,native, else compiled with
+CMake into a temporary folder), checks that both give the same bits, and prints the speed
+ratio native time / dispatched time per case and their geometric mean (1.0: as fast).
+CSV: benchmarks/results/kernels_cpu_dispatch.csv.
 """
 
 from __future__ import annotations
@@ -24,11 +33,16 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib.util
+import math
 import os
 import platform
 import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Tuple
 
@@ -167,6 +181,108 @@ def run(args) -> List[dict]:
     return rows
 
 
+def native_module(build_dir: str):
+    """The -march=native CPU module: the package's own if built, else compiled here."""
+    from zofo_kernels import _native
+    if "native" in _native.built_cpu_variants():
+        mod, err = _native.cpu_module("native")
+        if mod is None:
+            raise SystemExit(f"_C_native is installed but does not load: {err}")
+        return mod
+    import pybind11
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        try:
+            import cmake as cmake_pkg
+            cmake = os.path.join(cmake_pkg.CMAKE_BIN_DIR, "cmake")
+        except ImportError:
+            raise SystemExit("--dispatch-vs-native needs cmake (pip install cmake)")
+    out_dir = os.path.join(build_dir, "out")
+    cfg = [cmake, "-S", os.path.dirname(HERE), "-B", os.path.join(build_dir, "build"),
+           "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}",
+           f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", "-DZOFO_CPU_VARIANTS=native",
+           "-DZOFO_BUILD_CUDA=OFF", f"-DZOFO_OUTPUT_DIR={out_dir}"]
+    if shutil.which("ninja"):
+        cfg += ["-G", "Ninja"]
+    print(f"# compiling the -march=native module in {build_dir} ...", flush=True)
+    t0 = time.perf_counter()
+    for cmd in (cfg, [cmake, "--build", os.path.join(build_dir, "build"), "--target",
+                      "_C_native", "-j", str(os.cpu_count() or 1)]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"building _C_native failed:\n{proc.stdout[-3000:]}"
+                             f"{proc.stderr[-3000:]}")
+    print(f"# compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    path = next(os.path.join(out_dir, f) for f in os.listdir(out_dir)
+                if f.startswith("_C_native"))
+    spec = importlib.util.spec_from_file_location("zofo_kernels._C_native", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_dispatch_vs_native(args) -> List[dict]:
+    """The dispatched CPU build against a -march=native build, timed round-robin."""
+    from zofo_kernels.backends.base import get
+    from zofo_kernels.backends.cpu import CpuBackend
+
+    dispatched = get("cpu")
+    if not dispatched.status().available:
+        raise SystemExit(f"the cpu backend is unavailable: {dispatched.status().reason}")
+    with tempfile.TemporaryDirectory(prefix="zofo-native-") as tmp:
+        native = CpuBackend(module=native_module(args.native_build_dir or tmp))
+        dev_name = cpu_name()
+        print(f"# {dev_name}")
+        print(f"# dispatched: {dispatched.status().reason}")
+        print(f"# native:     {native._mod.compile_flags}")
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        label = f"cpu-{dispatched.variant}"
+        rows, table = [], []
+        for numel in args.sizes:
+            for dname in args.dtypes:
+                dtype = DTYPES[dname]
+                gen = torch.Generator().manual_seed(numel)
+                p0 = (torch.randn(numel, generator=gen) * 0.02).to(dtype)
+                grads = torch.tensor([0.5], dtype=torch.float32)
+                ps = {"d": p0.clone(), "n": p0.clone()}
+                fns: Dict[str, Callable[[], None]] = {}
+                for dist in args.dists:
+                    for tag, be in (("d", dispatched), ("n", native)):
+                        p = ps[tag]
+                        fns[f"perturb|{tag}|{dist}"] = (
+                            lambda be=be, p=p, d=dist: be.perturb([p], [0], 1234, d, EPS, 0,
+                                                                  0.0, 0))
+                        fns[f"update|{tag}|{dist}"] = (
+                            lambda be=be, p=p, d=dist: be.update(
+                                [p], [0], 1234, d, LR, grads, -EPS, 0, 0.0, False))
+                repeats = args.repeats if numel >= 10 ** 7 or args.quick else max(args.repeats, 9)
+                secs = time_round_robin(fns, torch.device("cpu"), args.warmup, repeats)
+                if not torch.equal(ps["d"], ps["n"]):
+                    raise SystemExit(f"dispatched and native builds disagree ({numel}, {dname})")
+                nbytes = 2 * numel * p0.element_size()
+                for key, t in secs.items():
+                    op, tag, dist = key.split("|")
+                    rows.append(dict(op=op, backend=label if tag == "d" else "cpu-native",
+                                     dtype=dname, distribution=dist, numel=numel,
+                                     metric="gbps", value=f"{nbytes / t / 1e9:.6g}",
+                                     device_name=dev_name, date=date))
+                    if tag == "d":
+                        tn = secs[f"{op}|n|{dist}"]
+                        table.append((numel, dname, op, dist, 1e3 * t, 1e3 * tn, tn / t))
+    head = (f"{'numel':>11} {'dtype':5} {'op':8} {'dist':10} {label + ' ms':>12} "
+            f"{'native ms':>10} {'native/dispatched':>18}")
+    print(head)
+    print("-" * len(head))
+    for numel, dname, op, dist, td, tn, r in table:
+        print(f"{numel:>11} {dname:5} {op:8} {dist:10} {td:12.3f} {tn:10.3f} {r:18.3f}")
+    gm = math.exp(statistics.fmean(math.log(r[-1]) for r in table))
+    print(f"# speed of the dispatched build ({dispatched.variant}) relative to -march=native: "
+          f"geometric mean {gm:.3f} over {len(table)} cases, range "
+          f"{min(r[-1] for r in table):.3f} .. {max(r[-1] for r in table):.3f} "
+          f"(1.0 = as fast; > 1 = faster); results bit-identical")
+    return rows
+
+
 def print_table(table) -> None:
     head = f"{'numel':>11} {'dtype':5} {'op':8} {'backend':9} {'dist':10} {'ms':>9} {'GB/s':>7} " \
            f"{'/copy':>6} {'/mezo':>6}"
@@ -188,7 +304,8 @@ def write_csv(rows: List[dict], path: str) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None,
+                    help="cpu or cuda (default: cuda when available, cpu for --dispatch-vs-native)")
     ap.add_argument("--quick", action="store_true", help="small sizes only (1e4 .. 1e6)")
     ap.add_argument("--sizes", type=float, nargs="+", help="element counts (default by device)")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
@@ -199,7 +316,17 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", help="CSV path (default benchmarks/results/kernels_<device>.csv)")
+    ap.add_argument("--dispatch-vs-native", action="store_true",
+                    help="CPU: time the variant chosen at load against a -march=native build")
+    ap.add_argument("--native-build-dir", default=None,
+                    help="where --dispatch-vs-native compiles the native module (default: a "
+                         "temporary folder)")
     args = ap.parse_args(argv)
+    if args.device is None:
+        args.device = ("cuda" if torch.cuda.is_available() and not args.dispatch_vs_native
+                       else "cpu")
+    if args.dispatch_vs_native and args.device != "cpu":
+        ap.error("--dispatch-vs-native compares CPU builds: use it with --device cpu")
     if args.sizes is None:
         if args.quick:
             args.sizes = [1e4, 1e5, 1e6]
@@ -215,13 +342,15 @@ def parse_args(argv=None):
     if args.out is None:
         dev = torch.device(args.device)
         tag = "cpu" if dev.type == "cpu" else f"cuda_{slug(torch.cuda.get_device_name(dev))}"
+        if args.dispatch_vs_native:
+            tag = "cpu_dispatch"
         args.out = os.path.join(HERE, "results", f"kernels_{tag}.csv")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows = run(args)
+    rows = run_dispatch_vs_native(args) if args.dispatch_vs_native else run(args)
     write_csv(rows, args.out)
     return 0
 

@@ -21,6 +21,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from zofo_kernels.plotting import method_colors  # noqa: E402
+
+COPY_COLOR, MEZO_COLOR = "black", "tab:red"
+
 YLABELS = {"gbps": "GB/s (weights read + written)", "time_ms": "ms per call",
            "ratio_copy": "speed / plain copy", "ratio_mezo": "speed / MeZO normal+add"}
 REQUIRED = {"op", "backend", "dtype", "distribution", "numel", "metric", "value", "device_name"}
@@ -56,6 +60,11 @@ def plot(rows, out_path, metric="gbps"):
         raise SystemExit(f"no rows with metric {metric!r}")
     fig, axes = plt.subplots(len(dtypes), len(ops), figsize=(6 * len(ops), 4 * len(dtypes)),
                              squeeze=False, sharex=True)
+    # one colour per (backend, distribution) series, the same in every panel, none equal to
+    # the anchors' colours
+    colors = method_colors(sorted({f"{b} {d}" for (_, o, b, d) in series
+                                   if o not in ("copy", "mezo")}),
+                           avoid=(COPY_COLOR, MEZO_COLOR))
     for i, dt in enumerate(dtypes):
         for j, op in enumerate(ops):
             ax = axes[i][j]
@@ -65,11 +74,12 @@ def plot(rows, out_path, metric="gbps"):
                 pts = sorted(pts)
                 xs, ys = [p[0] for p in pts], [p[1] for p in pts]
                 if o == op:
-                    ax.plot(xs, ys, marker="o", label=f"{backend} {dist}")
+                    name = f"{backend} {dist}"
+                    ax.plot(xs, ys, marker="o", color=colors[name], label=name)
                 elif o == "copy":
-                    ax.plot(xs, ys, "k--", label="copy (ceiling)")
+                    ax.plot(xs, ys, "--", color=COPY_COLOR, label="copy (ceiling)")
                 elif o == "mezo":
-                    ax.plot(xs, ys, "r:", label="MeZO normal+add")
+                    ax.plot(xs, ys, ":", color=MEZO_COLOR, label="MeZO normal+add")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{op}, {dt}")

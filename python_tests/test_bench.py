@@ -137,3 +137,92 @@ def test_study_figure_is_written(tmp_path):
     plotting.plot_study(curves, out, title="a long title " * 20, reference=0.56,
                         reference_label="MeZO's best")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- colours, messages
+
+def _capture_figures(monkeypatch):
+    from zofo_kernels import plotting
+    figs = []
+    real_close = plotting.plt.close
+    monkeypatch.setattr(plotting.plt, "close", lambda fig=None: figs.append(fig))
+    return figs, real_close
+
+
+def _bar_colors(ax):
+    from matplotlib.colors import to_hex
+    return [to_hex(p.get_facecolor(), keep_alpha=False) for p in ax.patches]
+
+
+def test_every_method_has_its_own_colour_in_every_plot(tmp_path, monkeypatch):
+    from matplotlib.colors import to_hex
+
+    from zofo_kernels import plotting
+    every = list(dict.fromkeys(list(bench.METHODS) + list(bench.MEMORY_METHODS) +
+                               ["mezo", "mezo-lora", "fo-lora", "bilevel-zofo", "new-method"]))
+    colors = plotting.method_colors(every)
+    assert len({to_hex(c) for c in colors.values()}) == len(every), colors
+    # a known method keeps its colour whatever else is in the figure
+    assert plotting.method_colors(["zo", "bilevel-zofo"])["zo"] == colors["zo"]
+    assert plotting.method_colors(["x", "y"], avoid=[colors["zo"]])["x"] != colors["zo"]
+
+    figs, real_close = _capture_figures(monkeypatch)
+    mem = [dict(model="m", method=m, extra_peak_bytes=2 ** 20 * (i + 1), model_bytes=2 ** 24)
+           for i, m in enumerate(bench.MEMORY_METHODS)]
+    plotting.plot_memory(mem, tmp_path / "mem.png")
+    steps = [dict(model="m", method=m, forward_s=0.01, other_s=0.002) for m in bench.METHODS]
+    plotting.plot_bench(steps, tmp_path / "steps.png")
+    curves = {m: [[dict(wall_time_s=0, eval_accuracy=0.5), dict(wall_time_s=60,
+                                                               eval_accuracy=0.6)]]
+              for m in ("mezo", "mezo-lora", "fo-lora", "bilevel-zofo")}
+    plotting.plot_study(curves, tmp_path / "study.png")
+    mem_fig, steps_fig, study_fig = figs
+    got = _bar_colors(mem_fig.axes[0])
+    assert len(set(got)) == len(bench.MEMORY_METHODS), got
+    got = _bar_colors(steps_fig.axes[0])  # forward parts, then the rest: same colour per method
+    n = len(bench.METHODS)
+    assert got[:n] == got[n:] and len(set(got[:n])) == n, got
+    lines = [to_hex(ln.get_color()) for ln in study_fig.axes[0].get_lines()]
+    assert len(set(lines)) == len(curves), lines
+    for f in figs:
+        real_close(f)
+
+
+def test_bench_names_absolute_output_folder_and_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--model", "tiny-bert", "--batch-size", "2", "--seq-len", "8",
+                       "--methods", "forward", "zo", "mezo-ref", "--repeats", "1",
+                       "--warmup", "0", "--no-memory", "--output", "rel", "--tag", "t",
+                       "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    folder = (tmp_path / "rel").resolve()
+    tail = out[out.index("zofo-bench: done"):].splitlines()
+    assert f"to {folder}{__import__('os').sep}:" in tail[0], tail
+    listed = [ln.strip() for ln in tail[1:] if ln.strip()]
+    assert listed and sorted(listed) == sorted(p.name for p in folder.iterdir()), listed
+    assert "| tiny-bert | mezo-ref |" in out
+
+
+def test_kernel_benchmark_dispatch_vs_native_mode(tmp_path, monkeypatch, capsys):
+    """The mode's logic, with the generic module standing in for the native build (the real
+    run compiles -march=native with CMake)."""
+    import importlib.util
+    from pathlib import Path
+
+    from zofo_kernels import _native
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bk)
+    mod, err = _native.cpu_module("generic")
+    assert mod is not None, err
+    monkeypatch.setattr(bk, "native_module", lambda build_dir: mod)
+    csv_path = tmp_path / "d.csv"
+    assert bk.main(["--dispatch-vs-native", "--sizes", "5000", "--dtypes", "bf16",
+                    "--repeats", "1", "--warmup", "0", "--out", str(csv_path)]) == 0
+    out = capsys.readouterr().out
+    assert "relative to -march=native: geometric mean" in out and "bit-identical" in out
+    rows = _rows(csv_path)
+    assert {r["backend"] for r in rows} == {f"cpu-{_native.cpu_choice()[0]}", "cpu-native"}
+    assert {(r["op"], r["distribution"]) for r in rows} == {
+        (o, d) for o in ("perturb", "update") for d in ("rademacher", "gaussian")}

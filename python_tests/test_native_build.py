@@ -112,8 +112,8 @@ def test_cpu_extension_imports_and_is_available():
     assert isinstance(C.openmp, bool)
 
 
-EXPECTED_MARCH = {"generic": "-march=x86-64 ", "avx2": "-march=x86-64-v3", "avx512": "-march=x86-64-v4",
-                  "native": "-march=native"}
+EXPECTED_MARCH = {"generic": "-march=x86-64 ", "avx2": "-march=x86-64-v3",
+                  "avx512": "-march=x86-64-v4", "native": "-march=native"}
 
 
 def test_cpu_variants_built_and_chosen_by_cpu_features():

@@ -11,7 +11,9 @@ right before the first step (CPU: peak RSS, reset through /proc/self/clear_refs;
 ``torch.cuda.max_memory_allocated``). The inference row is a forward pass under no_grad.
 
 ``zofo-bench --quick`` runs MiniLM-L6's shape with random weights on a synthetic batch
-(no data, no download) in a few minutes on two CPU cores.
+(no data, no download) in a few minutes on two CPU cores. Everything it runs is inside the
+package (the MeZO baseline is :mod:`zofo_kernels.mezo_reference`), so an installed copy
+works from any folder; it ends by naming the absolute output folder and the files written.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import argparse
 import copy
 import csv
 import gc
-import importlib.util
 import json
 import os
 import statistics
@@ -55,15 +56,9 @@ TARGET_BILEVEL_OVER_FOLORA = 1.1
 
 
 def load_mezo_reference():
-    """The MeZO reference class from ``benchmarks/mezo_reference.py`` of the source tree
-    (None when the package runs outside a checkout)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mezo_reference.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("zofo_benchmarks_mezo_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.MeZOReference
+    """The MeZO reference step class (:class:`zofo_kernels.mezo_reference.MeZOReference`)."""
+    from .mezo_reference import MeZOReference
+    return MeZOReference
 
 
 def _sync(device: torch.device) -> None:
@@ -111,9 +106,6 @@ class Bench:
             self._step = lambda: self.opt.step(lambda: self.forward(self.model, self.batch))
         elif method == "mezo-ref":
             ref = load_mezo_reference()
-            if ref is None:
-                raise FileNotFoundError("benchmarks/mezo_reference.py is not next to the "
-                                        "package (run from a source checkout)")
             self.opt = ref(model.named_parameters(), lr=1e-7, eps=1e-3, seed=0)
             self._step = lambda: self.opt.step(lambda: self.forward(self.model, self.batch))
         elif method in ("fo-full", "fo-lora"):
@@ -312,6 +304,16 @@ def memory_worker(spec: dict) -> dict:
                 batch_size=ns.batch_size, seq_len=ns.seq_len)
 
 
+def _worker_env() -> Dict[str, str]:
+    """The environment of a memory subprocess: the allocator settings, and this very copy of
+    the package first on the import path (whatever the current folder holds)."""
+    env = dict(os.environ, **MALLOC_ENV)
+    here = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(
+        os.pathsep) if p])
+    return env
+
+
 def measure_memory(name: str, args) -> List[dict]:
     from tqdm import tqdm
     rows = []
@@ -323,8 +325,7 @@ def measure_memory(name: str, args) -> List[dict]:
                     seq_len=args.seq_len, threads=args.threads)
         proc = subprocess.run(
             [sys.executable, "-m", "zofo_kernels.bench", "--memory-worker", json.dumps(spec)],
-            capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]),
-            env=dict(os.environ, **MALLOC_ENV))
+            capture_output=True, text=True, env=_worker_env())
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             print(f"  memory run {name}/{m} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -450,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="kernel backend for ZO (default: fastest)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--output", default=None,
-                   help="folder for CSV/PNG/markdown (default: benchmarks/results of the "
-                        "checkout, else ./zofo-bench-results)")
+                   help="folder for CSV/PNG/markdown (default: ./benchmarks/results when run "
+                        "from the top of the source checkout, else ./zofo-bench-results)")
     p.add_argument("--tag", default=None, help="file name tag (default: quick or full)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -479,15 +480,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise SystemExit(f"zofo-bench: unknown model {name!r}; expected one of "
                              f"{', '.join(models_mod.MODEL_CHOICES)} or a model folder")
     tag = args.tag or ("quick" if args.quick else "full")
-    if args.output:
-        out = Path(args.output)
-    else:
-        root = Path(__file__).resolve().parents[1]
-        out = root / "benchmarks" / "results" if (root / "benchmarks").is_dir() else Path(
-            "zofo-bench-results")
+    out = Path(args.output) if args.output else default_output()
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    root = str(Path(__file__).resolve().parents[1]) + os.sep
-    command = "zofo-bench " + " ".join(a.replace(root, "") for a in (
+    cwd = os.getcwd() + os.sep
+    command = "zofo-bench " + " ".join(a.replace(cwd, "") for a in (
         argv if argv is not None else sys.argv[1:]))
 
     step_rows, mem_rows = [], []
@@ -500,19 +497,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     check_rows = checks(step_rows, mem_rows)
 
     from . import plotting
-    _write_csv(out / f"steps_{tag}.csv", step_rows)
-    plotting.plot_bench(step_rows, out / f"steps_{tag}.png",
+    written = [out / f"steps_{tag}.csv", out / f"steps_{tag}.png"]
+    _write_csv(written[0], step_rows)
+    plotting.plot_bench(step_rows, written[1],
                         title=f"step time split, batch {args.batch_size} x {args.seq_len}")
     if mem_rows:
-        _write_csv(out / f"memory_{tag}.csv", mem_rows)
-        plotting.plot_memory(mem_rows, out / f"memory_{tag}.png")
+        written += [out / f"memory_{tag}.csv", out / f"memory_{tag}.png"]
+        _write_csv(written[-2], mem_rows)
+        plotting.plot_memory(mem_rows, written[-1])
     if check_rows:
-        _write_csv(out / f"checks_{tag}.csv", check_rows)
+        written.append(out / f"checks_{tag}.csv")
+        _write_csv(written[-1], check_rows)
     md = markdown(step_rows, mem_rows, check_rows, command.strip())
-    (out / f"bench_{tag}.md").write_text(md + "\n")
+    written.append(out / f"bench_{tag}.md")
+    written[-1].write_text(md + "\n")
     print(md)
-    print(f"({time.perf_counter() - t0:.0f} s; files in {out})")
+    print(f"zofo-bench: done in {time.perf_counter() - t0:.0f} s; wrote {len(written)} files "
+          f"to {out}{os.sep}:")
+    for path in written:
+        print(f"  {path.name}")
     return 0
+
+
+def default_output() -> Path:
+    """``benchmarks/results`` when run from the top of the source checkout (the folder the
+    README quotes), else ``zofo-bench-results``; both relative to the current folder."""
+    here = Path.cwd()
+    if (here / "benchmarks" / "results").is_dir() and (here / "zofo_kernels").is_dir():
+        return here / "benchmarks" / "results"
+    return here / "zofo-bench-results"
 
 
 if __name__ == "__main__":

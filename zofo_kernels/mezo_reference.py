@@ -12,7 +12,8 @@ kept on purpose, because they are what this project is measured against:
 * ``loss.item()`` synchronises once per step for the projected gradient;
 * weight decay skips parameters whose name contains "bias", "layer_norm" or "layernorm".
 
-Used by ``zofo-bench`` (via its file path) and importable on its own.
+Part of the package so that an installed ``zofo-bench`` has its baseline; import it as
+``from zofo_kernels.mezo_reference import MeZOReference``.
 """
 
 from __future__ import annotations

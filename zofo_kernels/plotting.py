@@ -11,9 +11,34 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"bilevel-zofo": "tab:red", "mezo": "tab:blue", "mezo-lora": "tab:cyan",
-          "fo-lora": "tab:green", "fo-full": "tab:purple", "zo": "tab:red",
-          "mezo-ref": "tab:blue", "forward": "tab:gray", "inference": "tab:gray"}
+# One colour per method, distinct across all methods of every figure (training runs, the
+# study, zofo-bench's step and memory plots), so a method looks the same everywhere.
+COLORS = {"mezo": "tab:blue", "zo": "tab:orange", "fo-lora": "tab:green",
+          "bilevel-zofo": "tab:red", "fo-full": "tab:purple", "zo-rademacher": "tab:brown",
+          "mezo-ref": "tab:pink", "forward": "tab:gray", "inference": "tab:olive",
+          "mezo-lora": "tab:cyan"}
+# For names not in COLORS (further methods, kernel-benchmark series): unused colours first.
+_EXTRA = ("#1a1a80", "#e6ab02", "#66a61e", "#a6761d", "#7570b3", "#e7298a", "#1b9e77",
+          "#d95f02", "#4d4d4d", "#b15928", "#6a3d9a", "#33a02c", "#fb9a99", "#fdbf6f")
+
+
+def method_colors(names: Sequence[str], avoid: Sequence[str] = ()) -> Dict[str, str]:
+    """A distinct colour for each name of one figure: the fixed colour of a known method,
+    else the next colour that no other name (nor ``avoid``) uses."""
+    out: Dict[str, str] = {}
+    used = set(avoid)
+    for n in dict.fromkeys(names):
+        if n in COLORS and COLORS[n] not in used:
+            out[n] = COLORS[n]
+            used.add(out[n])
+    pool = [c for c in list(COLORS.values()) + list(_EXTRA) if c not in used]
+    for n in dict.fromkeys(names):
+        if n not in out:
+            if not pool:
+                raise ValueError(f"more than {len(out)} series in one figure")
+            out[n] = pool.pop(0)
+            used.add(out[n])
+    return out
 
 
 def plot_run(history: Sequence[dict], path, title: str = "") -> Path:
@@ -49,8 +74,9 @@ def plot_study(curves: Dict[str, List[Sequence[dict]]], path, title: str = "",
     is drawn bold over the individual seeds."""
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = method_colors(list(curves))
     for method, runs in curves.items():
-        color = COLORS.get(method)
+        color = colors[method]
         for i, rows in enumerate(runs):
             xs = [r["wall_time_s"] / 60 for r in rows]
             ys = [r["eval_accuracy"] for r in rows]
@@ -108,14 +134,19 @@ def plot_bench(rows: Sequence[dict], path, title: str = "") -> Path:
         fwd = [r["forward_s"] * 1e3 for r in sub]
         other = [r["other_s"] * 1e3 for r in sub]
         xs = range(len(sub))
-        ax.bar(xs, fwd, color="tab:gray", label="forward passes")
-        ax.bar(xs, other, bottom=fwd, color="tab:orange", label="everything else")
+        colors = [method_colors(names)[n] for n in names]
+        # one colour per method; the forward part of its bar light and hatched
+        ax.bar(xs, fwd, color=colors, alpha=0.45, hatch="//", edgecolor=colors)
+        ax.bar(xs, other, bottom=fwd, color=colors, edgecolor=colors)
         ax.set_xticks(list(xs))
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("ms per step (median)")
         ax.set_title(model, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    from matplotlib.patches import Patch
+    axes[0][0].legend(handles=[Patch(facecolor="0.6", alpha=0.45, hatch="//", edgecolor="0.4",
+                                     label="forward passes"),
+                               Patch(facecolor="0.4", label="everything else")], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -133,7 +164,7 @@ def plot_memory(rows: Sequence[dict], path, title: str = "") -> Path:
     for ax, model in zip(axes[0], model_names):
         sub = [r for r in rows if r["model"] == model]
         ax.bar(range(len(sub)), [r["extra_peak_bytes"] / 2**20 for r in sub],
-               color=[COLORS.get(r["method"], "tab:orange") for r in sub])
+               color=[method_colors([r["method"] for r in sub])[r["method"]] for r in sub])
         ax.set_xticks(range(len(sub)))
         ax.set_xticklabels([r["method"] for r in sub], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("peak memory above loaded model (MiB)")

@@ -40,10 +40,14 @@ def _check_group(tensors: List[torch.Tensor], offsets: List[int]) -> int:
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self, variant=None):
+    def __init__(self, variant=None, module=None):
         """``variant``: a CPU variant name (generic, avx2, avx512, native) instead of the one
-        chosen for this process."""
-        if variant is None:
+        chosen for this process; ``module``: an imported native module to use instead (e.g.
+        a ``-march=native`` build from elsewhere, for benchmarks)."""
+        if module is not None:
+            self._mod, self._error = module, None
+            self._how = f"module {getattr(module, '__file__', module)}"
+        elif variant is None:
             self._mod, self._error = _native.cpu_module()
             self._how = _native.cpu_choice()[1] if self._mod is not None else ""
         else:
