@@ -459,10 +459,12 @@ def _make_runner(args, model, device, train_enc, lower_enc, upper_enc, rank=0) -
                     weight_decay=args.weight_decay, peft=args.method == "fo-lora")
 
 
-def run(args, given: Optional[List[str]] = None) -> dict:
+def run(args, given: Optional[List[str]] = None,
+        on_trained: Optional[Callable[[Runner], None]] = None) -> dict:
     """Train as ``args`` says; returns the summary (also written to summary.json).
 
-    With ``args.resume`` the saved run continues (see :func:`resume_args`; ``given`` lists the
+    ``on_trained(runner)`` is called on rank 0 after the last step, before anything is saved
+    (the trained model is ``runner.model``). With ``args.resume`` the saved run continues (see :func:`resume_args`; ``given`` lists the
     options set on the command line). Under ``torchrun`` (``WORLD_SIZE`` set) the run is data
     parallel: every rank draws its own batches, ZO methods all-reduce only their losses
     (``DataParallelZO``), first-order methods their gradients, and rank 0 alone writes the
@@ -481,7 +483,7 @@ def run(args, given: Optional[List[str]] = None) -> dict:
     try:
         if ctx.distributed and device.type == "cuda":
             device = ctx.device
-        return _run(args, device, ctx, resume)
+        return _run(args, device, ctx, resume, on_trained)
     finally:
         dist_mod.shutdown(ctx)
 
@@ -561,7 +563,7 @@ def _restore(runner: Runner, folder: Path, state: dict) -> Progress:
     return Progress(**state["progress"])
 
 
-def _run(args, device, ctx, resume=None) -> dict:
+def _run(args, device, ctx, resume=None, on_trained=None) -> dict:
     from . import distributed as dist_mod
     out = Path(args.output)
     initial_args = {k: v for k, v in vars(args).items() if k != "resume"}
@@ -699,6 +701,8 @@ def _run(args, device, ctx, resume=None) -> dict:
 
     if not ctx.is_main:
         return {}
+    if on_trained is not None:
+        on_trained(runner)
     out.mkdir(parents=True, exist_ok=True)
     pr.elapsed = elapsed()
     written: List[Path] = []
