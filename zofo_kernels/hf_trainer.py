@@ -36,10 +36,21 @@ Under ``torchrun`` (the Trainer's distributed mode) the optimizer is wrapped in
 the losses are all-reduced (16 bytes per central step), P and S gradients are all-reduced, and
 the parameters are compared across ranks every ``check_every`` steps.
 
-Checkpoints hold the optimizer state (base seed, step counter, P and S optimizer states, the
-position in D_f) in ``optimizer.pt``; for Bilevel-ZOFO the complete model state (backbone and
-both adapters, which ``PeftModel.save_pretrained`` would not save) goes to
-``zofo_model_state.pt``. ``train(resume_from_checkpoint=...)`` then continues exactly.
+Saving (``save_model`` and every ``checkpoint-N``) writes the layout of
+:mod:`zofo_kernels.checkpoint`: ``model/`` (the backbone, which ZO changed, as a normal
+``save_pretrained`` checkpoint, with the tokenizer), ``adapter/`` (PEFT models: the prediction
+adapter, Bilevel-ZOFO's P, a normal peft folder), ``resume/lower_adapter/`` (Bilevel-ZOFO's S)
+and ``zofo_checkpoint.json``. Reload with ``zofo_kernels.load_trained(folder)`` or with
+``AutoModelFor...from_pretrained(folder/model)`` then ``PeftModel.from_pretrained(model,
+folder/adapter)``. A checkpoint also holds the Trainer's ``optimizer.pt`` (base seed, step
+counter, P and S optimizer states, the position in D_f), scheduler, RNG and trainer state, and
+``train(resume_from_checkpoint=...)`` continues exactly.
+
+Logging: the Trainer's ``grad_norm`` (always 0: ZO leaves no gradients) is replaced by the
+ZO quantities of the last step: ``zo_projected_grad`` (mean over directions), and for
+Bilevel-ZOFO ``upper_loss`` (f at P), ``penalty_loss`` (g at P), ``lower_penalty_loss`` (g at
+S), ``gap`` (g_P - g_S), ``theta_step_rms``, ``lower_loss`` (last inner step), each where the
+optimizer computed it.
 """
 
 from __future__ import annotations
@@ -52,11 +63,40 @@ from typing import Any, Dict, List, Optional
 import torch
 from transformers import Trainer
 
+from . import checkpoint as ckpt_mod
 from .distributed import DataParallelZO, setup_from_env
 from .optim import ZOFOOptimizer, ZOOptimizer, zo_param_groups
 
-FULL_STATE_NAME = "zofo_model_state.pt"
 METHODS = ("mezo", "zofo")
+
+
+def check_prefix_tuning(model) -> None:
+    """Refuse prefix tuning where peft cannot inject the prefix (at construction, not at the
+    first step): peft passes it as ``past_key_values``, which the model (or its transformer
+    backbone) must take."""
+    from .models import _accepts_past_key_values
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return
+    for name, cfg in configs.items():
+        kind = getattr(cfg.peft_type, "value", cfg.peft_type)
+        if kind != "PREFIX_TUNING":
+            continue
+        base = model.get_base_model()
+        task = getattr(cfg.task_type, "value", cfg.task_type)
+        # peft's causal-LM path hands the prefix to the model's own cache argument (transformers
+        # 5 renamed past_key_values to cache and still takes the old name); the other task
+        # types need a forward that names past_key_values, as peft checks at the first step
+        if task == "CAUSAL_LM" or _accepts_past_key_values(base):
+            continue
+        import transformers
+        raise ValueError(
+            f"prefix tuning (adapter {name!r}, task type {task}) cannot run on this "
+            f"{type(base).__name__} with transformers {transformers.__version__}: peft injects "
+            "the prefix as past_key_values, which this model's forward does not take. Prefix "
+            "tuning works with CAUSAL_LM task types on OPT, Llama and GPT-2 models (e.g. "
+            "OPTForCausalLM with PrefixTuningConfig(task_type='CAUSAL_LM')); for sequence "
+            "classification use LoRA or prompt tuning.")
 
 
 @dataclasses.dataclass
@@ -148,6 +188,7 @@ class ZOFOTrainer(Trainer):
         if not isinstance(self.zo_config, ZOConfig):
             raise TypeError("zo_config must be a ZOConfig")
         super().__init__(*args, **kwargs)
+        check_prefix_tuning(self.model)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             self.args.max_grad_norm = 0.0  # ZO has no gradients to clip
         self._window: List[Dict[str, Any]] = []
@@ -320,37 +361,62 @@ class ZOFOTrainer(Trainer):
             self.zo_dp._steps = int(state["dp_steps"])
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        if self.zo_config.method == "zofo" and self.args.should_save:
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
-            full = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-            torch.save(full, os.path.join(output_dir, FULL_STATE_NAME))
+        """The layout of :mod:`zofo_kernels.checkpoint` instead of the Trainer's root-level
+        weights (for a PeftModel those would be the adapter alone, and a plain
+        ``PeftModel.from_pretrained`` on them would silently use the pretrained backbone)."""
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            tokenizer = getattr(self.data_collator, "tokenizer", None)
+        lower = (self.zo_optimizer.adapter_names["lower"] if self.zo_config.method == "zofo"
+                 else None)
+        model = self.accelerator.unwrap_model(self.model)
+        ckpt_mod.save_trained(output_dir, model, tokenizer=tokenizer,
+                              method=self.zo_config.method, lower_adapter=lower,
+                              metadata={"trainer": type(self).__name__,
+                                        "global_step": int(self.state.global_step)})
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, FULL_STATE_NAME)
+    def _load_weights(self, folder: str, model=None) -> None:
+        ckpt_mod.load_weights_into(model if model is not None else self.model, folder)
         if self.zo_config.method == "zofo":
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"{path} is missing: a Bilevel-ZOFO checkpoint keeps the backbone and both "
-                    "adapters there (save_pretrained of a PeftModel keeps only adapter P)")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            (model if model is not None else self.model).load_state_dict(state, strict=True)
             self.zo_optimizer.eval_mode()
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self._load_weights(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        self._load_weights(self.state.best_model_checkpoint)
+
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
-        st = self.zo_last_step
-        if "loss" in logs and st:
-            grads = st.get("projected_grads") or []
-            if grads:
-                logs["zo_projected_grad"] = float(sum(grads) / len(grads))
-            if st.get("lower_losses"):
-                logs["lower_loss"] = float(st["lower_losses"][-1])
-            if st.get("penalty_loss") is not None:
-                logs["penalty_loss"] = float(st["penalty_loss"])
-            if "comm_bytes" in st:
-                logs["comm_bytes_per_step"] = float(st["comm_bytes"])
+        if "loss" in logs:
+            logs.pop("grad_norm", None)  # always 0: the ZO step leaves no gradients
+            logs.update(self._zo_log_entries())
         super().log(logs, start_time)
+
+    def _zo_log_entries(self) -> Dict[str, float]:
+        """The last step's ZO quantities that were computed (None ones are left out)."""
+        st = self.zo_last_step
+        if not st:
+            return {}
+        out: Dict[str, float] = {}
+        grads = st.get("projected_grads") or []
+        if grads:
+            out["zo_projected_grad"] = float(sum(grads) / len(grads))
+        names = {"upper_loss": "upper_loss", "penalty_loss": "penalty_loss",
+                 "lower_penalty_loss": "lower_penalty_loss", "gap": "gap",
+                 "theta_step_rms": "theta_step_rms", "comm_bytes": "comm_bytes_per_step"}
+        if self.zo_config.method == "mezo":
+            names = {"update_rms": "theta_step_rms", "comm_bytes": "comm_bytes_per_step"}
+        for key, name in names.items():
+            value = st.get(key)
+            if value is not None:
+                out[name] = float(value)
+        if st.get("lower_losses"):
+            out["lower_loss"] = float(st["lower_losses"][-1])
+        return out
 
 
 def _n_examples(batch) -> int:
