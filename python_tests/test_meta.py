@@ -74,10 +74,10 @@ def objective(net, task_index, x_up, x_low):
 
 def test_every_task_improves():
     net = MultiNet()
-    opt = make(net)
+    opt = make(net, lr=0.01)  # theta_update="rms": each weight moves by about lr per step
     data = {t: (task_data(i, 1), [task_data(i, 2), task_data(i, 3)]) for i, t in enumerate(TASKS)}
     start = [objective(net, i, data[t][0], data[t][1]) for i, t in enumerate(TASKS)]
-    for step in range(60):
+    for step in range(120):
         sampled = [TASKS[step % 3], TASKS[(step + 1) % 3]]  # two of the three tasks per step
         res = opt.step({t: data[t] for t in sampled})
         assert set(res.tasks) == set(sampled)
@@ -89,7 +89,8 @@ def test_every_task_improves():
 
 def test_one_zo_update_on_the_sum_of_task_objectives():
     """With lr = 0 for theta and an exact (dyadic, Rademacher) perturbation round trip, the
-    unperturbed ZO loss (forward estimator) must equal sum_t L_t evaluated afterwards."""
+    unperturbed ZO loss (forward estimator) must equal sum_t L_t evaluated afterwards at the
+    P_t the step started from."""
     net = MultiNet()
     with torch.no_grad():
         g = torch.Generator().manual_seed(5)
@@ -100,10 +101,16 @@ def test_one_zo_update_on_the_sum_of_task_objectives():
     theta0 = [p.detach().clone() for p in net.backbone()]
     batches = {t: (task_data(i, 10), [task_data(i, 11), task_data(i, 12)])
                for i, t in enumerate(TASKS[:2])}
+    p_before = {t: net.adapters[f"{t}_upper"].weight.detach().clone() for t in batches}
     res = opt.step(batches)
     assert all(torch.equal(p, q) for p, q in zip(net.backbone(), theta0))
     total = 0.0
     with torch.no_grad():
+        # order="official": the ZO step saw each P_t before its update and S_t after its
+        # lower steps (S_t does not change afterwards)
+        for t in batches:
+            assert not torch.equal(net.adapters[f"{t}_upper"].weight, p_before[t])
+            net.adapters[f"{t}_upper"].weight.copy_(p_before[t])
         for t, (ub, lbs) in batches.items():
             net.active = f"{t}_upper"
             f = F.cross_entropy(net(ub[0]), ub[1]).double()
@@ -116,8 +123,65 @@ def test_one_zo_update_on_the_sum_of_task_objectives():
     assert len(opt.zo.last_step["losses"]) == 2  # one ZO step (forward: L0 and L+) in all
     # task c was not sampled: its adapters were never selected
     assert not any(c.startswith("c_") for c in calls)
-    # K lower + 2 upper per task, then 3 forwards per task per ZO evaluation
-    assert opt.forward_count == 2 * (2 + 2) + 2 * 2 * 3 == len(calls)
+    # per task: 2 lower + 2 upper FO forwards, g(theta, S) at theta, 3 forwards at theta + eps z
+    assert opt.forward_count == 2 * (2 + 2 + 1 + 3) == len(calls)
+    assert [r.gap for r in res.tasks.values()] == pytest.approx(
+        [r.penalty_loss - r.lower_penalty_loss for r in res.tasks.values()])
+    assert res.theta_step_rms == 0.0  # lr 0
+
+
+def test_theta_step_does_not_grow_with_the_number_of_tasks():
+    rms = {}
+    for n_tasks in (1, 3):
+        net = MultiNet()
+        opt = make(net, lr=0.01)
+        data = {t: (task_data(i, 1), [task_data(i, 2), task_data(i, 3)])
+                for i, t in enumerate(TASKS[:n_tasks])}
+        rms[n_tasks] = sum(opt.step(data).theta_step_rms for _ in range(5)) / 5
+    assert rms[1] == pytest.approx(0.01, rel=0.6) and rms[3] == pytest.approx(0.01, rel=0.6)
+
+
+def test_a_fault_in_a_meta_step_leaves_everything_as_before():
+    import copy
+    for at in range(1, 2 * (2 + 2 + 1 + 3) + 1):
+        net = MultiNet()
+        count = {"n": 0, "at": None}
+        opt = make(net, lr=0.01)
+
+        def boom_after(original):
+            def fn(batch):
+                count["n"] += 1
+                if count["n"] == count["at"]:
+                    raise RuntimeError("injected")
+                return original(batch)
+            return fn
+
+        for pair in opt.pairs.values():
+            pair.loss_fn = boom_after(pair.loss_fn)
+        data = {t: (task_data(i, 1), [task_data(i, 2), task_data(i, 3)])
+                for i, t in enumerate(TASKS[:2])}
+        opt.step(data)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        state = copy.deepcopy(opt.state_dict())
+        count["n"], count["at"] = 0, at
+        with pytest.raises(RuntimeError, match="injected"):
+            opt.step(data)
+        after = net.state_dict()
+        # theta: the Gaussian perturbation round trip is exact to the documented half ulp
+        for k in before:
+            if k.startswith("adapters"):
+                assert torch.equal(before[k], after[k]), (at, k)
+            else:
+                torch.testing.assert_close(before[k], after[k], rtol=2 ** -23, atol=1e-9)
+        assert opt.state_dict()["outer_steps"] == state["outer_steps"] == 1
+        assert opt.state_dict()["zo"]["zo"] == state["zo"]["zo"]
+        assert opt.forward_count == state["forward_count"]
+        for t in state["pairs"]:
+            for lv in ("upper", "lower"):
+                a, b = state["pairs"][t][lv]["state"], opt.state_dict()["pairs"][t][lv]["state"]
+                assert a.keys() == b.keys()
+                for i in a:
+                    assert all(torch.equal(a[i][k], b[i][k]) for k in a[i]), (at, t, lv)
 
 
 def test_bad_input():
@@ -131,6 +195,8 @@ def test_bad_input():
         opt.step({"zzz": (task_data(0, 1), [task_data(0, 2), task_data(0, 3)])})
     with pytest.raises(ValueError):
         opt.step({"a": (task_data(0, 1), [task_data(0, 2)])})  # inner_steps = 2
+    with pytest.raises(TypeError, match="list"):  # a tuple (x, y) is one batch, not two
+        opt.step({"a": (task_data(0, 1), task_data(0, 2))})
 
 
 def test_from_peft_meta_lora():
@@ -170,5 +236,11 @@ def test_from_peft_meta_lora():
                zip([p for g in opt.zo.param_groups for p in g["params"]], theta0))
     opt.eval_mode("t1")
     assert pm.active_adapter == "t1_upper"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'t0_upper'"):
         MetaZOFOOptimizer.from_peft(pm, ["t0"], loss_fn, lr=1e-3)  # adapters exist already
+    adapters = set(pm.peft_config)
+    with pytest.raises(TypeError, match="list of task names"):
+        MetaZOFOOptimizer.from_peft(pm, "rte", loss_fn, lr=1e-3)  # not tasks r, t, e
+    with pytest.raises(ValueError):  # a bad setting: every adapter added is removed again
+        MetaZOFOOptimizer.from_peft(pm, ["u0", "u1"], loss_fn, lr=1e-3, lam=-1.0)
+    assert set(pm.peft_config) == adapters

@@ -76,19 +76,22 @@ def ref_loss(theta, adapter, batch):
 
 
 def ref_outer_step(theta, P, S, upper_batch, lower_batches, seed, *, lr, eps, lam, peft_lr,
-                   lower_lr, estimator):
-    """Bilevel-ZOFO, one outer iteration, slowly: explicit copies, materialised z."""
+                   lower_lr, estimator, order, penalty_batch=None):
+    """Bilevel-ZOFO, one outer iteration, slowly: explicit copies, materialised z.
+    order "official": P's gradient at the current P, the ZO step at that P, then P steps;
+    "p-first": P steps first and the ZO step sees the new P."""
     theta = [t.detach().clone() for t in theta]
     S = S.detach().clone()
-    for b in lower_batches:                                     # K FO steps of S on g
+    for b in lower_batches:                                     # FO steps of S on g
         s = S.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(ref_loss(theta, s, b), s)
         S = (s - lower_lr * grad).detach()
-    Bg = lower_batches[-1]
-    p = P.detach().clone().requires_grad_(True)                 # FO step of P on f + lam g
+    Bg = lower_batches[-1] if penalty_batch is None else penalty_batch
+    p = P.detach().clone().requires_grad_(True)                 # P's gradient of f + lam g
     (grad,) = torch.autograd.grad(ref_loss(theta, p, upper_batch)
                                   + lam * ref_loss(theta, p, Bg), p)
-    P = (p - peft_lr * grad).detach()
+    P_new = (p - peft_lr * grad).detach()
+    P_zo = P_new if order == "p-first" else P.detach().clone()
     zs, off = [], 0                                             # z, laid end to end
     for t in theta:
         zs.append(noise(seed, off, t.numel(), "gaussian", 0).view(t.shape))
@@ -97,8 +100,9 @@ def ref_outer_step(theta, P, S, upper_batch, lower_batches, seed, *, lr, eps, la
 
     def L(th):
         with torch.no_grad():
-            return (ref_loss(th, P, upper_batch).double()
-                    + lam * (ref_loss(th, P, Bg).double() - ref_loss(th, S, Bg).double())).item()
+            return (ref_loss(th, P_zo, upper_batch).double()
+                    + lam * (ref_loss(th, P_zo, Bg).double() - ref_loss(th, S, Bg).double())
+                    ).item()
 
     plus = [t + z * e for t, z in zip(theta, zs)]
     if estimator == "forward":
@@ -109,28 +113,32 @@ def ref_outer_step(theta, P, S, upper_batch, lower_batches, seed, *, lr, eps, la
         minus = [t + z * (-2 * e) for t, z in zip(plus, zs)]
         g = (L(plus) - L(minus)) / (2 * eps)
         rest = [t + z * e for t, z in zip(minus, zs)]
-    return rest, zs, g, P, S
+    return rest, zs, g, P_new, S
 
 
-@pytest.mark.parametrize("estimator", ["forward", "central"])
-def test_outer_step_matches_reference(estimator):
+@pytest.mark.parametrize("estimator,order,fresh", [
+    ("forward", "official", True), ("forward", "official", False),
+    ("central", "official", True), ("forward", "p-first", False), ("central", "p-first", True)])
+def test_outer_step_matches_reference(estimator, order, fresh):
     net = Net()
-    opt = make_opt(net, estimator=estimator)
+    opt = make_opt(net, estimator=estimator, order=order, theta_update="sgd")
     theta = [p.detach().clone() for p in net.backbone()]
     P, S = net.adapters["upper"].weight.detach().clone(), net.adapters["lower"].weight.detach().clone()
     for t in range(2):
         ub, lbs = batches(10 + t, 1)[0], batches(20 + t, 3)
+        bg = batches(30 + t, 1)[0] if fresh else None
         seed = opt.zo.next_seed()
         rest, zs, g, P, S = ref_outer_step(theta, P, S, ub, lbs, seed, lr=0.05, eps=1e-3,
                                            lam=0.7, peft_lr=0.1, lower_lr=0.2,
-                                           estimator=estimator)
-        res = opt.step(ub, lbs)
+                                           estimator=estimator, order=order, penalty_batch=bg)
+        res = opt.step(ub, lbs, bg)
         assert len(res.lower_losses) == 3 and res.upper_loss is not None
         assert opt.zo.last_step["seed"] == seed
         torch.testing.assert_close(net.adapters["lower"].weight.detach(), S, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(net.adapters["upper"].weight.detach(), P, rtol=1e-6, atol=1e-7)
         # g is a difference quotient of float32 losses: it is resolved to about
-        # ulp(L) / eps = 1.2e-4 per unit of loss, whatever the implementation.
+        # ulp(L) / eps = 1.2e-4 per unit of loss, whatever the implementation. (Under
+        # order="official" L0 reuses f and g_P of P's autograd pass: same float32 ops.)
         g_opt = res.projected_grads[0]
         assert g_opt == pytest.approx(g, abs=1e-3)
         # theta' = (restored theta) - lr * g * z, with the optimizer's g: float32 accuracy
@@ -142,25 +150,121 @@ def test_outer_step_matches_reference(estimator):
             ref = w.double() - 0.05 * g * z.double()
             torch.testing.assert_close(p.detach().double(), ref, rtol=0,
                                        atol=0.05 * 1e-3 * z.abs().max().item() + 1e-6)
+        if estimator == "forward":  # the three terms' slopes add up to the projected gradient
+            sl = res.slopes[0]
+            assert sl["f"] + 0.7 * (sl["g_upper"] - sl["g_lower"]) == pytest.approx(g_opt,
+                                                                                  abs=1e-6)
+            assert res.gap == pytest.approx(res.penalty_loss - res.lower_penalty_loss)
+            if order == "official":  # (p-first: the objective is measured at the new P)
+                assert res.objective == pytest.approx(res.upper_loss + 0.7 * res.gap,
+                                                      abs=1e-6)
+        assert res.theta_step_rms == pytest.approx(
+            opt.zo.last_step["update_rms"]) and res.theta_step_rms > 0
         theta = [q.detach().clone() for q in net.backbone()]
     assert net.active == "upper"
     assert abs(g) > 1e-3  # the ZO step did move theta
 
 
-def test_counters_grad_flags_and_no_backbone_grad():
+def test_rms_theta_update_is_invariant_to_lam_scaling_the_whole_objective():
+    """theta_update='rms': multiplying f and g by 4 (the objective by 4) leaves the weights
+    bit-identical; under 'sgd' they differ. (lam itself changes the objective's direction,
+    so the invariance is stated for the scale of L; P and S are frozen, lr 0, because Adam's
+    eps makes their steps only nearly scale invariant.)"""
+    finals = {}
+    for update in ("rms", "sgd"):
+        for mult in (1.0, 4.0):
+            net = Net()
+
+            def select(level, net=net):
+                net.active = level
+
+            def loss_fn(batch, net=net, mult=mult):
+                x, y = batch
+                return F.cross_entropy(net(x), y) * mult
+
+            opt = ZOFOOptimizer(net.backbone(), [net.adapters["upper"].weight],
+                                [net.adapters["lower"].weight], select, loss_fn, lr=0.01,
+                                lam=3.0, inner_steps=1, peft_optimizer=torch.optim.Adam,
+                                peft_lr=0.0, seed=4, theta_update=update)
+            for t in range(4):
+                opt.step(batches(50 + t, 1)[0], batches(60 + t, 1), batches(70 + t, 1)[0])
+            finals[update, mult] = [p.detach().clone() for p in net.backbone()]
+    assert all(torch.equal(a, b) for a, b in zip(finals["rms", 1.0], finals["rms", 4.0]))
+    assert not all(torch.equal(a, b) for a, b in zip(finals["sgd", 1.0], finals["sgd", 4.0]))
+
+
+def test_theta_step_size_does_not_grow_with_lam_under_rms():
+    steps = {}
+    for update in ("rms", "sgd", "scaled-sgd"):
+        for lam in (1.0, 1000.0):
+            net = Net()
+            opt = make_opt(net, lam=lam, theta_update=update, inner_steps=1,
+                           peft_optimizer=torch.optim.Adam, peft_lr=1e-2, lower_lr=1e-2)
+            rms = []
+            for t in range(5):
+                rms.append(opt.step(batches(80 + t, 1)[0], batches(90 + t, 1),
+                                    batches(95 + t, 1)[0]).theta_step_rms)
+            steps[update, lam] = sum(rms) / len(rms)
+    # rms: about lr per weight whatever lam; sgd: grows with lam
+    assert steps["rms", 1.0] == pytest.approx(0.05, rel=0.6)
+    assert steps["rms", 1000.0] == pytest.approx(0.05, rel=0.6)
+    assert steps["sgd", 1000.0] > 20 * steps["sgd", 1.0]
+    assert steps["scaled-sgd", 1000.0] < 20 * steps["scaled-sgd", 1.0]
+
+
+def test_adam_theta_update_materialises_the_authors_update():
+    """theta_update='adam': theta.grad = g * z, one AdamW on theta and P with lr; compared
+    with torch.optim.AdamW on explicitly materialised gradients."""
+    net = Net()
+    opt = make_opt(net, theta_update="adam", lr=1e-2, peft_optimizer=torch.optim.Adam,
+                   peft_lr=0.5, lower_lr=0.2, inner_steps=1)
+    theta = [torch.nn.Parameter(p.detach().clone()) for p in net.backbone()]
+    P = torch.nn.Parameter(net.adapters["upper"].weight.detach().clone())
+    ref = torch.optim.AdamW(theta + [P], lr=1e-2, weight_decay=0.0)
+    assert opt.upper_optimizer is opt.theta_optimizer
+    for t in range(3):
+        ub, lbs, bg = batches(10 + t, 1)[0], batches(20 + t, 1), batches(30 + t, 1)[0]
+        seed = opt.zo.next_seed()
+        res = opt.step(ub, lbs, bg)
+        g = res.projected_grads[0]
+        off = 0
+        for th in theta:
+            th.grad = g * noise(seed, off, th.numel(), "gaussian", 0).view(th.shape)
+            off += th.numel()
+        p = P.detach().clone().requires_grad_(True)
+        (P.grad,) = torch.autograd.grad(ref_loss([x.detach() for x in theta], p, ub)
+                                        + 0.7 * ref_loss([x.detach() for x in theta], p, bg), p)
+        ref.step()
+        for a, b in zip(net.backbone(), theta):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(net.adapters["upper"].weight.detach(), P.detach(),
+                                   rtol=1e-5, atol=1e-6)
+        assert 0 < res.theta_step_rms < 3e-2
+    with pytest.raises(ValueError, match="official"):
+        make_opt(Net(), theta_update="adam", order="p-first")
+
+
+@pytest.mark.parametrize("order,estimator", [("official", "forward"), ("p-first", "forward"),
+                                             ("official", "central")])
+def test_counters_grad_flags_and_no_backbone_grad(order, estimator):
+    """The documented counts per outer step, K = inner_steps = 3, q = 2:
+    official/forward inner + 3 + 3q forwards; p-first/forward inner + 5 + 3q; central
+    inner + 2 + 6q; backwards inner + 2 throughout."""
     net = Net()
     calls = []
-    opt = make_opt(net, calls=calls, estimator="forward", n_directions=2)
+    opt = make_opt(net, calls=calls, estimator=estimator, n_directions=2, order=order)
     flags = [p.requires_grad for p in net.backbone()]
-    opt.step(batches(1, 1)[0], batches(2, 3))
-    # K lower + 2 upper FO forwards + (q + 1) ZO evaluations of 3 forwards each
-    assert opt.forward_count == 3 + 2 + 3 * 3 == len(calls)
+    opt.step(batches(1, 1)[0], batches(2, 3), batches(3, 1)[0])
+    expected = {("official", "forward"): 3 + 3 + 3 * 2, ("p-first", "forward"): 3 + 5 + 3 * 2,
+                ("official", "central"): 3 + 2 + 6 * 2}[order, estimator]
+    assert opt.forward_count == expected == len(calls)
     assert opt.backward_count == 3 + 2
     fo, zo = calls[:5], calls[5:]
     assert [c[0] for c in fo] == ["lower"] * 3 + ["upper"] * 2
     assert all(c[2] and c[1] == [False] * 4 for c in fo)    # backbone frozen during FO steps
     assert all(not c[2] for c in zo)                        # ZO step runs without grad
-    assert [c[0] for c in zo] == ["upper", "upper", "lower"] * 3
+    lead = ["lower"] if (order, estimator) == ("official", "forward") else []
+    assert [c[0] for c in zo] == lead + ["upper", "upper", "lower"] * (len(zo) // 3)
     assert [p.requires_grad for p in net.backbone()] == flags
     assert all(p.grad is None for p in net.backbone())
     assert all(not opt.zo.state[p] for p in net.backbone())  # no optimizer state for theta
@@ -190,34 +294,93 @@ class Boom(Exception):
     pass
 
 
-@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
-def test_loss_fn_raising_in_zo_step_restores_backbone(exc):
-    net = Net()
-    with torch.no_grad():  # dyadic weights: the Rademacher round trip is exact
-        g = torch.Generator().manual_seed(3)
-        for p in net.backbone():
-            p.copy_(torch.randint(-1024, 1024, p.shape, generator=g).float() / 1024)
-    n = []
+class MixedNet(Net):
+    """Net with the backbone in ``dtype`` and the adapters in float32 (as peft keeps them)."""
 
-    def select(level):
-        net.active = level
+    def __init__(self, dtype, seed=0):
+        super().__init__(seed)
+        self.body.to(dtype)
+        self.head.to(dtype)
+        self.dtype = dtype
+        self.to_grid()
 
-    def loss_fn(batch):
-        n.append(1)
-        if len(n) == 2 + 3 + 2:  # in the ZO step, perturbed, second forward of L+
-            raise exc("stop")
-        x, y = batch
-        return F.cross_entropy(net(x), y)
+    def to_grid(self):
+        """Dyadic backbone weights on a 1/64 grid in [-1, 1]: the Rademacher round trip with
+        eps = 2**-6 is then exact in every dtype."""
+        with torch.no_grad():
+            for p in self.backbone():
+                p.copy_((p.float().clamp(-1, 1) * 64).round() / 64)
 
-    opt = ZOFOOptimizer(net.backbone(), [net.adapters["upper"].weight],
-                        [net.adapters["lower"].weight], select, loss_fn, lr=0.1, eps=2.0**-6,
-                        inner_steps=0, distribution="rademacher", seed=1)
-    before = [p.detach().clone() for p in net.backbone()]
-    with pytest.raises(exc):
-        opt.step(batches(1, 1)[0], batches(2, 1))
-    assert all(torch.equal(p, b) for p, b in zip(net.backbone(), before))
-    assert net.active == "upper"
-    assert all(p.grad is None for p in net.backbone())
+    def forward(self, x):
+        h = torch.tanh(self.body(x.to(self.dtype))).float()
+        h = h + self.adapters[self.active](h)
+        return self.head(h.to(self.dtype)).float()
+
+
+def _snapshot(net, opt):
+    return ({k: v.detach().clone() for k, v in net.state_dict().items()},
+            copy.deepcopy(opt.state_dict()))
+
+
+def _same_state(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b or (a != a and b != b)
+
+
+FAULTS = ("raise", "nan", "interrupt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("order", ["official", "p-first"])
+def test_a_fault_at_any_call_leaves_everything_as_before(dtype, order):
+    """A loss function that raises, returns NaN, or raises KeyboardInterrupt at each call of
+    an outer step: afterwards theta, P, S, every optimizer state and every counter are
+    bit-identical to before the step, and the next step runs."""
+    per_step = {"official": 2 + 2 + 1 + 3, "p-first": 2 + 2 + 3 + 3}[order]
+    for fault in FAULTS:
+        for at in range(1, per_step + 1):
+            net = MixedNet(dtype)
+            calls = {"n": 0, "at": None}
+
+            def select(level, net=net):
+                net.active = level
+
+            def loss_fn(batch, net=net, calls=calls, fault=fault):
+                calls["n"] += 1
+                x, y = batch
+                loss = F.cross_entropy(net(x), y)
+                if calls["n"] == calls["at"]:
+                    if fault == "raise":
+                        raise Boom("injected")
+                    if fault == "interrupt":
+                        raise KeyboardInterrupt
+                    return loss * float("nan")
+                return loss
+
+            opt = ZOFOOptimizer(net.backbone(), [net.adapters["upper"].weight],
+                                [net.adapters["lower"].weight], select, loss_fn, lr=0.1,
+                                eps=2.0 ** -6, lam=0.5, inner_steps=2, order=order,
+                                distribution="rademacher", seed=1)
+            opt.step(batches(1, 1)[0], batches(2, 2), batches(3, 1)[0])  # Adam states exist
+            net.to_grid()  # the update left the grid: back onto it for an exact round trip
+            model0, state0 = _snapshot(net, opt)
+            calls["n"], calls["at"] = 0, at
+            expected = {"raise": Boom, "interrupt": KeyboardInterrupt,
+                        "nan": NonFiniteLossError}[fault]
+            with pytest.raises(expected):
+                opt.step(batches(4, 1)[0], batches(5, 2), batches(6, 1)[0])
+            model1, state1 = _snapshot(net, opt)
+            assert _same_state(model0, model1), (fault, at)
+            assert _same_state(state0, state1), (fault, at)
+            assert net.active == "upper" and all(p.grad is None for p in net.parameters())
+            calls["at"] = None
+            opt.step(batches(4, 1)[0], batches(5, 2), batches(6, 1)[0])
+            assert opt.outer_steps == 2
 
 
 def test_nonfinite_loss_policies():
@@ -463,7 +626,7 @@ def test_minilm_lora_sst2_training_loss_decreases(sst2_dir, one_thread):
         opt.step(upper[t % 2], [lower[t % 4]])
     opt.eval_mode()
     end = mean_loss(loss_fn, lower + upper)
-    assert opt.forward_count == 100 * (1 + 2 + 6) and opt.backward_count == 100 * 3
+    assert opt.forward_count == 100 * (1 + 3 + 3) and opt.backward_count == 100 * 3
     print(f"MiniLM + LoRA, SST-2, 100 outer steps: training loss {start:.4f} -> {end:.4f}")
     assert end < 0.8 * start, (start, end)
 
@@ -508,3 +671,85 @@ def test_prefix_and_prompt_tuning_training_loss_decreases(kind, one_thread):
     end = mean_loss(loss_fn, lower + upper)
     print(f"{kind} tuning, tiny Llama, 100 outer steps: training loss {start:.4f} -> {end:.4f}")
     assert end < 0.9 * start, (start, end)
+
+
+# --------------------------------------------------------------------------- refused input
+
+def test_refused_input_leaves_nothing_changed():
+    net = Net()
+    up, low = [net.adapters["upper"].weight], [net.adapters["lower"].weight]
+
+    def sel(level):
+        net.active = level
+
+    def lf(b):
+        return F.cross_entropy(net(b[0]), b[1])
+
+    # the same memory as another object (p.data) is caught: storage, not identity
+    with pytest.raises(ValueError, match="disjoint"):
+        ZOFOOptimizer(net.backbone() + [up[0].data], up, low, sel, lf, lr=0.1)
+    with pytest.raises(ValueError, match="disjoint"):
+        ZOFOOptimizer(net.backbone() + [net.body.weight.data[:2]], up, low, sel, lf, lr=0.1)
+    # 16-bit PEFT copies: Adam's eps underflows in float16, refused with the remedy
+    half = [torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.float16)) for _ in range(2)]
+    with pytest.raises(TypeError, match="float32"):
+        ZOFOOptimizer(net.backbone(), half[:1], half[1:], sel, lf, lr=0.1)
+    with pytest.raises(ValueError, match="same dtypes"):
+        ZOFOOptimizer(net.backbone(), up, [torch.nn.Parameter(torch.zeros(8, 8,
+                                                                           dtype=torch.float64))],
+                      sel, lf, lr=0.1)
+    with pytest.raises(TypeError, match="first-order"):
+        ZOFOOptimizer(net.backbone(), up, low, sel, lf, lr=0.1, peft_optimizer=ZOOptimizer)
+    with pytest.raises(ValueError, match="theta_update"):
+        ZOFOOptimizer(net.backbone(), up, low, sel, lf, lr=0.1, theta_update="momentum")
+    with pytest.raises(TypeError):  # tuning settings are keyword-only
+        ZOFOOptimizer(net.backbone(), up, low, sel, lf, 0.1, 1e-3)
+    opt = ZOFOOptimizer(net.backbone(), up, low, sel, lf, lr=0.1, inner_steps=1, seed=0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = batches(1, 1)[0]
+    with pytest.raises(TypeError, match="list of batches"):  # (x, y) is one batch, not two
+        opt.step((x, y), (x, y))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert opt.outer_steps == 0 and opt.zo.step_count == 0
+
+
+def test_load_state_dict_refuses_other_settings_and_bad_counters_without_half_loading():
+    net = Net()
+    opt = make_opt(net, peft_optimizer=torch.optim.Adam, inner_steps=1)
+    opt.step(batches(1, 1)[0], batches(2, 1), batches(3, 1)[0])
+    saved = copy.deepcopy(opt.state_dict())
+    for change in (dict(lam=5.0), dict(inner_steps=2), dict(theta_update="sgd"),
+                   dict(order="p-first")):
+        other = make_opt(Net(), peft_optimizer=torch.optim.Adam, **dict(dict(inner_steps=1),
+                                                                        **change))
+        with pytest.raises(ValueError, match=next(iter(change))):
+            other.load_state_dict(saved)
+        assert other.zo.step_count == 0 and other.outer_steps == 0
+    fresh = make_opt(Net(), peft_optimizer=torch.optim.Adam, inner_steps=1)
+    for key, bad in (("outer_steps", -1), ("forward_count", 2.5), ("backward_count", True)):
+        broken = dict(copy.deepcopy(saved), **{key: bad})
+        with pytest.raises(ValueError, match=key):
+            fresh.load_state_dict(broken)
+    broken = copy.deepcopy(saved)
+    broken["zo"]["zo"]["base_seed"] = -3  # the last part to load fails: nothing is applied
+    with pytest.raises(ValueError):
+        fresh.load_state_dict(broken)
+    assert fresh.zo.step_count == 0 and fresh.outer_steps == 0
+    assert not fresh.lower_optimizer.state and not fresh.upper_optimizer.state
+    fresh.load_state_dict(saved)
+    assert fresh.zo.step_count == 1 and fresh.outer_steps == 1
+
+
+def test_from_peft_failure_leaves_the_model_as_given():
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32, num_labels=2)
+    pm = get_peft_model(transformers.BertForSequenceClassification(cfg).eval(),
+                        LoraConfig(task_type=TaskType.SEQ_CLS, r=2,
+                                   target_modules=["query", "value"]))
+    names = [n for n, _ in pm.named_parameters()]
+    with pytest.raises(ValueError, match="module"):  # an adapter named like a module
+        ZOFOOptimizer.from_peft(pm, lambda b: pm(**b).loss, lr=1e-3, lower_adapter="query")
+    assert set(pm.peft_config) == {"default"} and pm.active_adapter == "default"
+    assert [n for n, _ in pm.named_parameters()] == names

@@ -452,10 +452,12 @@ class DataParallelZO:
                  context: Optional[DistContext] = None, check_every: int = 100,
                  sync_initial_parameters: bool = True,
                  fo_params: Optional[Iterable[torch.Tensor]] = None):
-        if hasattr(optimizer, "zo") and hasattr(optimizer, "pairs"):
+        if hasattr(optimizer, "zo") and hasattr(optimizer, "first_order_optimizers"):
+            if getattr(optimizer, "theta_optimizer", None) is not None:
+                raise ValueError("theta_update='adam' (the authors' materialised update) is not "
+                                 "supported data-parallel: use theta_update='rms'")
             zo = optimizer.zo
-            fo_opts = [o for pair in optimizer.pairs.values()
-                       for o in (pair.opt_upper, pair.opt_lower)]
+            fo_opts = optimizer.first_order_optimizers()
         else:
             zo, fo_opts = optimizer, []
         if not hasattr(zo, "loss_reduce") or not hasattr(zo, "base_seed"):
@@ -544,9 +546,9 @@ class DataParallelZO:
         inner_step = zo.step
         reshard = self._reshard
 
-        def step(closure=None):
+        def step(closure=None, **kwargs):
             if closure is None or not callable(closure):
-                return inner_step(closure)
+                return inner_step(closure, **kwargs)
 
             def resharding_closure():
                 try:
@@ -554,7 +556,7 @@ class DataParallelZO:
                 finally:
                     reshard()
             reshard()
-            return inner_step(resharding_closure)
+            return inner_step(resharding_closure, **kwargs)
         zo.step = step
 
     # -- public ---------------------------------------------------------------------------

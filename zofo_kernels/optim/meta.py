@@ -3,24 +3,27 @@
 One backbone theta is shared by all tasks; every task t has its own PEFT pair (P_t, S_t) with
 their own first-order optimizers. One outer step over a set T of sampled tasks:
 
-    for t in T:  K lower steps of S_t on g_t (its lower batches), then the FO step of P_t on
-                 f_t + lam * g_t
-    theta <- one fused ZO step on  sum_{t in T} L_t,
+    for t in T:  inner_steps lower steps of S_t on g_t (its lower batches)
+    for t in T:  P_t.grad = grad [f_t + lam * g_t]
+    theta <- one ZO step on  sum_{t in T} L_t,
              L_t = f_t(theta, P_t; B_f^t) + lam * [g_t(theta, P_t; B_g^t) - g_t(theta, S_t; B_g^t)]
+    for t in T:  P_t steps
 
-so every sampled task contributes to the single ZO update of theta (the published code kept
+in the order of :mod:`zofo_kernels.optim.zofo` (its docstring gives the forward counts and the
+theta updates), so every sampled task contributes to the single ZO update of theta (the published code kept
 only the last task's ZO gradient).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .zofo import (LEVELS, ZOFOStepResult, _BilevelBase, _adapter_names, _backbone_params,
-                   _check_lower_batches, _copy_adapter, _pair_from_adapters)
+                   _check_lower_batches, _check_new_adapter_name, _copy_adapter,
+                   _pair_from_adapters, _remove_adapters)
 
 
 @dataclasses.dataclass
@@ -30,6 +33,7 @@ class MetaStepResult:
     objective: Optional[float] = None
     projected_grads: List[float] = dataclasses.field(default_factory=list)
     skipped: bool = False
+    theta_step_rms: Optional[float] = None
 
     @property
     def loss(self) -> float:
@@ -58,38 +62,37 @@ class MetaZOFOOptimizer(_BilevelBase):
 
     ``tasks``: mapping task name -> dict(upper_params, lower_params, select_adapter, loss_fn)
     with the same meaning as in :class:`ZOFOOptimizer` (``select_adapter(level)`` selects that
-    task's copy). All other hyperparameters are those of :class:`ZOFOOptimizer` and are shared
-    by the tasks.
+    task's copy). Every other setting is keyword-only, shared by the tasks, and means what it
+    means for :class:`ZOFOOptimizer` (``theta_update``, ``order``, ``lam``, ``inner_steps``,
+    the PEFT optimizer settings and the ZO settings). Under the default ``theta_update="rms"``
+    theta's step does not grow with the number of sampled tasks (their objectives add up, the
+    running RMS follows).
     """
 
-    def __init__(self, backbone_params, tasks: Mapping[Hashable, Any], lr: float,
-                 eps: float = 1e-3, lam: float = 1.0, inner_steps: int = 10,
-                 peft_optimizer=torch.optim.Adam, peft_lr: float = 1e-3,
-                 lower_lr: Optional[float] = None, peft_optimizer_kwargs: Optional[dict] = None,
-                 estimator: str = "forward", n_directions: int = 1, weight_decay: float = 0.0,
-                 distribution: str = "gaussian", seed: Optional[int] = None,
-                 stochastic_rounding: bool = True, nonfinite: str = "raise",
-                 loss_reduce=None, backend: Optional[str] = None):
+    def __init__(self, backbone_params, tasks: Mapping[Hashable, Any], lr: float, **settings):
         if not isinstance(tasks, Mapping) or not tasks:
             raise ValueError("tasks must be a non-empty mapping task name -> task spec")
         specs = {name: _task_spec(name, spec) for name, spec in tasks.items()}
-        self._setup(backbone_params, specs, lr, eps, lam, inner_steps, peft_optimizer, peft_lr,
-                    lower_lr, peft_optimizer_kwargs, estimator, n_directions, weight_decay,
-                    distribution, seed, stochastic_rounding, nonfinite, loss_reduce, backend)
+        self._setup(backbone_params, specs, lr, **settings)
         self.peft_model = None
 
     @classmethod
-    def from_peft(cls, peft_model, tasks, loss_fn: Union[Callable, Mapping[str, Callable]],
-                  lr: float, backbone_params=None, **kwargs):
-        """Meta-training on a ``peft.PeftModel``: for every task name in ``tasks`` (strings),
-        adapters f"{task}_upper" and f"{task}_lower" are added as copies (config and current
-        weights) of the model's active adapter, which stays as the template and is not
-        trained. ``loss_fn`` is one callable ``loss_fn(batch)`` for all tasks or a mapping
-        task -> callable. Other keyword arguments: as :class:`MetaZOFOOptimizer`."""
+    def from_peft(cls, peft_model, tasks: Sequence[str],
+                  loss_fn: Union[Callable, Mapping[str, Callable]], lr: float, *,
+                  backbone_params=None, **settings):
+        """Meta-training on a ``peft.PeftModel``: for every task name in ``tasks`` (a list of
+        strings), adapters f"{task}_upper" and f"{task}_lower" are added as copies (config and
+        current weights) of the model's active adapter, which stays as the template and is
+        not trained. ``loss_fn`` is one callable ``loss_fn(batch)`` for all tasks or a mapping
+        task -> callable. Other settings: as :class:`MetaZOFOOptimizer`. On any failure the
+        model is left as given."""
         _adapter_names(peft_model)
         template = peft_model.active_adapter
         if not isinstance(template, str):
             raise ValueError("the PEFT model must have exactly one active adapter (the template)")
+        if isinstance(tasks, (str, bytes)) or not isinstance(tasks, (list, tuple)):
+            raise TypeError("tasks must be a list of task names (strings), got "
+                            f"{type(tasks).__name__} {tasks!r}")
         names = list(tasks)
         if not names or not all(isinstance(t, str) and t for t in names):
             raise ValueError("tasks must be a non-empty list of task names (strings)")
@@ -105,25 +108,22 @@ class MetaZOFOOptimizer(_BilevelBase):
             raise TypeError("loss_fn must be callable or a mapping task -> callable")
         for t in names:
             for lv in LEVELS:
-                if f"{t}_{lv}" in peft_model.peft_config:
-                    raise ValueError(f"the model already has an adapter named {t}_{lv!r}")
+                _check_new_adapter_name(peft_model, f"{t}_{lv}")
         added = []
         try:
             specs = {}
             for t in names:
                 for lv in LEVELS:
-                    _copy_adapter(peft_model, template, f"{t}_{lv}")
                     added.append(f"{t}_{lv}")
+                    _copy_adapter(peft_model, template, f"{t}_{lv}")
                 up, low, select = _pair_from_adapters(peft_model, f"{t}_upper", f"{t}_lower")
                 specs[t] = dict(upper_params=up, lower_params=low, select_adapter=select,
                                 loss_fn=fns[t])
             backbone = (_backbone_params(peft_model) if backbone_params is None
                         else backbone_params)
-            opt = cls(backbone, specs, lr, **kwargs)
+            opt = cls(backbone, specs, lr, **settings)
         except BaseException:
-            peft_model.set_adapter(template)
-            for name in added:
-                peft_model.delete_adapter(name)
+            _remove_adapters(peft_model, added, template)
             raise
         opt.peft_model = peft_model
         opt.template_adapter = template
@@ -143,39 +143,40 @@ class MetaZOFOOptimizer(_BilevelBase):
 
     def lower_step(self, task, lower_batch) -> ZOFOStepResult:
         """One FO step of S_task on g_task."""
-        return ZOFOStepResult(lower_losses=[self._lower(self._pair(task), lower_batch)])
+        pair = self._pair(task)
+        with self._atomic():
+            return ZOFOStepResult(lower_losses=[self._lower(pair, lower_batch)])
 
     def step(self, task_batches: Mapping[Hashable, Any]) -> MetaStepResult:
         """One outer step over the sampled tasks.
 
-        ``task_batches``: mapping task -> (upper_batch, lower_batches), with ``lower_batches``
-        as in :meth:`ZOFOOptimizer.step` (``inner_steps`` batches; the last one is B_g^t).
-        Tasks not in the mapping are not touched except through the shared theta.
+        ``task_batches``: mapping task -> (upper_batch, lower_batches) or (upper_batch,
+        lower_batches, penalty_batch), with the meaning of :meth:`ZOFOOptimizer.step`
+        (``lower_batches`` a list of ``inner_steps`` batches; without ``penalty_batch`` the
+        last lower batch is B_g^t). Tasks not in the mapping are not touched except through
+        the shared theta. Atomic like :meth:`ZOFOOptimizer.step`.
         """
         if not isinstance(task_batches, Mapping) or not task_batches:
             raise ValueError("task_batches must be a non-empty mapping task -> "
-                             "(upper_batch, lower_batches)")
+                             "(upper_batch, lower_batches[, penalty_batch])")
         plan = {}
         for task, item in task_batches.items():
             pair = self._pair(task)
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise ValueError(f"task {task!r}: expected (upper_batch, lower_batches)")
-            plan[task] = (pair, item[0], _check_lower_batches(item[1], self.inner_steps))
-        results = {}
-        for task, (pair, upper_batch, lowers) in plan.items():
-            res = ZOFOStepResult(lower_losses=[self._lower(pair, b)
-                                               for b in lowers[:self.inner_steps]])
-            res.upper_loss, res.penalty_loss = self._upper_fo(pair, upper_batch, lowers[-1])
-            results[task] = res
-
-        def objective():
-            total = None
-            for pair, upper_batch, lowers in plan.values():
-                value = self._objective(pair, upper_batch, lowers[-1])
-                total = value if total is None else total + value
-            return total
-
-        zo = self._zo_step(objective)
-        self.outer_steps += 1
-        return MetaStepResult(tasks=results, objective=zo.objective,
-                              projected_grads=zo.projected_grads, skipped=zo.skipped)
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                raise ValueError(f"task {task!r}: expected (upper_batch, lower_batches"
+                                 "[, penalty_batch])")
+            penalty = item[2] if len(item) == 3 else None
+            lowers = _check_lower_batches(item[1], self.inner_steps, penalty is None)
+            plan[task] = (pair, item[0], lowers, lowers[-1] if penalty is None else penalty)
+        with self._atomic():
+            lower_losses = {task: [self._lower(pair, b) for b in lowers[:self.inner_steps]]
+                            for task, (pair, _, lowers, _) in plan.items()}
+            results, zo = self._outer([(pair, bf, bg) for pair, bf, _, bg in plan.values()])
+            self.outer_steps += 1
+        by_task = {}
+        for task, res in zip(plan, results):
+            res.lower_losses = lower_losses[task]
+            by_task[task] = res
+        return MetaStepResult(tasks=by_task, objective=zo["objective"],
+                              projected_grads=zo["projected_grads"], skipped=zo["skipped"],
+                              theta_step_rms=zo["theta_step_rms"])
