@@ -557,3 +557,287 @@ def test_initial_loss_is_refused_by_the_central_estimator_and_bad_rms_settings()
         ZOOptimizer(model.parameters(), lr=1e-2, normalize="adam")
     with pytest.raises(ValueError, match="rms_beta"):
         ZOOptimizer(model.parameters(), lr=1e-2, normalize="rms", rms_beta=1.0)
+
+
+# --------------------------------------------------------------------------- issue 12 regressions
+
+def _bits(t):
+    view = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    return t.detach().clone().view(view[t.dtype])
+
+
+def _snapshot(opt, model):
+    return ({n: _bits(p) for n, p in model.named_parameters()}, copy.deepcopy(opt.state_dict()),
+            copy.deepcopy(opt._zo_state),
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+
+
+def _assert_unchanged(a, b):
+    assert a[1] == b[1] and a[2] == b[2] and a[3] == b[3]
+    for n in a[0]:
+        assert torch.equal(a[0][n], b[0][n]), n
+
+
+def _three_groups(model):
+    return [{"params": [model.fc1.weight, model.fc1.bias], "lr": 2.0 ** -6,
+             "weight_decay": 2.0 ** -3},
+            {"params": [model.norm.weight, model.norm.bias], "lr": 2.0 ** -5},
+            {"params": [model.fc2.weight, model.fc2.bias], "lr": 2.0 ** -7}]
+
+
+def _dyadic_opt(**kwargs):
+    model, x, y = dyadic_model()
+    args = dict(lr=0.1, eps=2.0 ** -5, distribution="rademacher", n_directions=2, seed=3)
+    args.update(kwargs)
+    return model, x, y, ZOOptimizer(_three_groups(model), **args)
+
+
+@pytest.mark.parametrize("key, value, err", [
+    ("lr", float("nan"), ValueError), ("lr", None, TypeError), ("lr", -0.5, ValueError),
+    ("lr", 1e39, ValueError), ("weight_decay", float("nan"), ValueError),
+    ("weight_decay", None, TypeError), ("weight_decay", 1e39, ValueError)])
+def test_bad_group_hyperparameter_set_later_is_refused_before_any_sweep(key, value, err):
+    """Item 1: a bad lr / weight decay in the last of three groups, set after construction."""
+    model, x, y, opt = _dyadic_opt()
+    before = _snapshot(opt, model)
+    opt.param_groups[2][key] = value
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    with pytest.raises(err):
+        opt.step(closure)
+    assert calls == []
+    opt.param_groups[2][key] = before[3][2][key]
+    _assert_unchanged(before, _snapshot(opt, model))
+    opt.step(closure)  # usable afterwards
+    assert opt.step_count == 1
+
+
+def test_sigint_during_the_update_sweep_completes_the_step_then_interrupts(monkeypatch):
+    """Item 1: a SIGINT that arrives while group 1 of 3 is updated is held back until the
+    update sweep and the step's commit are done; the result equals an uninterrupted step."""
+    import signal
+    from zofo_kernels.optim import zo as zo_module
+
+    model, x, y, opt = _dyadic_opt()
+    ref_model, _, _, ref = _dyadic_opt()
+
+    def closure_of(m):
+        return lambda: torch.nn.functional.cross_entropy(m(x), y)
+
+    ref.step(closure_of(ref_model))
+    real = zo_module.zo_update_
+    seen = []
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        seen.append(1)
+        if len(seen) == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(zo_module, "zo_update_", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure_of(model))
+    assert len(seen) == 3  # every group was updated before the interrupt was delivered
+    _assert_unchanged(_snapshot(ref, ref_model), _snapshot(opt, model))
+
+
+def test_kernel_failure_in_the_update_sweep_restores_exactly_the_groups_not_updated(monkeypatch):
+    """Item 1: the update of group 1 (of 3) fails: group 0 keeps its update, groups 1 and 2
+    come back bit for bit (they carried the perturbation, not an update), and the step counts
+    (its seed was used)."""
+    from zofo_kernels.optim import zo as zo_module
+
+    model, x, y, opt = _dyadic_opt()
+    ref_model, _, _, ref = _dyadic_opt()
+    before = _snapshot(opt, model)
+    ref.step(lambda: torch.nn.functional.cross_entropy(ref_model(x), y))
+    real = zo_module.zo_update_
+    seen = []
+
+    def failing(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 2:
+            raise RuntimeError("kernel failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zo_module, "zo_update_", failing)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    after = _snapshot(opt, model)
+    updated = {"fc1.weight", "fc1.bias"}
+    for n, p in model.named_parameters():
+        expect = _bits(dict(ref_model.named_parameters())[n]) if n in updated else before[0][n]
+        assert torch.equal(after[0][n], expect), n
+    assert opt.step_count == 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(eps=1e39), dict(eps=1e-46), dict(eps=2e38),
+                                    dict(lr=1e39), dict(lr=1e-46), dict(weight_decay=1e39),
+                                    dict(weight_decay=1e-46)])
+def test_scalars_that_do_not_survive_float32_are_refused_at_construction(kwargs):
+    """Item 2: 1e39 overflows float32 (2e38: 2*eps does), 1e-46 rounds to 0."""
+    model, _, _ = make_problem()
+    args = dict(lr=0.1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match="float32|too large"):
+        ZOOptimizer(model.parameters(), **args)
+
+
+def test_projected_gradient_that_overflows_float32_updates_nothing():
+    """Item 2: losses +-1e38 with eps 2**-5 give g = 3.2e39 (finite in float64, inf in the
+    kernels' float32): refused like a non-finite loss, weights and state as before."""
+    model, x, y = dyadic_model()
+    opt = ZOOptimizer(model.parameters(), lr=0.1, eps=2.0 ** -5, distribution="rademacher",
+                      seed=3)
+    before = _snapshot(opt, model)
+    values = iter([1e38, -1e38])
+    with pytest.raises(NonFiniteLossError, match="overflows float32"):
+        opt.step(lambda: next(values))
+    _assert_unchanged(before, _snapshot(opt, model))
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_scheduler_lr_that_overflows_or_is_negative_is_refused_at_step_time():
+    """Item 2 / 14: a scheduler that sets lr to 1e39 or to a negative value."""
+    for factor in (1e40, -1.0):
+        model, x, y = dyadic_model()
+        opt = ZOOptimizer(model.parameters(), lr=0.1, eps=2.0 ** -5, distribution="rademacher",
+                          seed=3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 if t == 0 else factor)
+        sched.step()
+        assert opt.param_groups[0]["lr"] == 0.1 * factor
+        before = _snapshot(opt, model)
+        with pytest.raises(ValueError, match="lr"):
+            opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+        _assert_unchanged(before, _snapshot(opt, model))
+
+
+def test_failed_add_param_group_leaves_the_optimizer_usable():
+    """Item 7."""
+    model, x, y = dyadic_model()
+    opt = ZOOptimizer(model.parameters(), lr=0.1, eps=2.0 ** -5, distribution="rademacher",
+                      seed=3)
+    before = _snapshot(opt, model)
+    bad = [
+        ({"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]}, TypeError),
+        ({"params": [torch.nn.Parameter(torch.zeros(3))], "lr": float("nan")}, ValueError),
+        ({"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 1e39}, ValueError),
+        ({"params": [model.fc1.weight]}, ValueError),  # already in group 0
+        ({"params": [torch.nn.Parameter(torch.zeros(3))], "eps": 0.1}, ValueError),
+    ]
+    for group, err in bad:
+        with pytest.raises(err):
+            opt.add_param_group(group)
+        assert len(opt.param_groups) == 1
+    _assert_unchanged(before, _snapshot(opt, model))
+    opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    assert opt.step_count == 1 and not opt.last_step["skipped"]
+
+
+def _saved(**kwargs):
+    model, x, y = dyadic_model()
+    args = dict(lr=0.1, eps=2.0 ** -5, distribution="rademacher", n_directions=2, seed=3,
+                normalize="rms")
+    args.update(kwargs)
+    opt = ZOOptimizer(_three_groups(model), **args)
+    opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    return copy.deepcopy(opt.state_dict())
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("eps", 2.0 ** -4), ("distribution", "gaussian"), ("estimator", "forward"),
+    ("n_directions", 1), ("normalize", "none"), ("rms_beta", 0.9),
+    ("stochastic_rounding", False)])
+def test_load_state_dict_refuses_a_differently_configured_optimizer(setting, value):
+    """Item 8: a state dict saved with another eps/distribution/... is refused, nothing
+    loaded; the optimizer then steps exactly as one that never saw it."""
+    saved = _saved(**{setting: value})
+    model, x, y = dyadic_model()
+    kwargs = dict(lr=0.1, eps=2.0 ** -5, distribution="rademacher", n_directions=2, seed=3,
+                  normalize="rms")
+    opt = ZOOptimizer(_three_groups(model), **kwargs)
+    before = _snapshot(opt, model)
+    with pytest.raises(ValueError, match=setting):
+        opt.load_state_dict(saved)
+    _assert_unchanged(before, _snapshot(opt, model))
+    # the same settings resume
+    opt.load_state_dict(_saved())
+    assert opt.step_count == 1
+
+
+@pytest.mark.parametrize("key, value, err", [
+    ("step", -1, ValueError), ("step", 1.5, TypeError), ("step", 2.0, TypeError),
+    ("step", True, TypeError), ("sq_count", -1, ValueError), ("sq_count", 0.5, TypeError),
+    ("base_seed", -3, ValueError), ("base_seed", 2 ** 63, ValueError),
+    ("sq_avg", float("nan"), ValueError), ("sq_avg", -1.0, ValueError),
+    ("step", 2 ** 64, ValueError), ("sq_count", 0, ValueError)])
+def test_load_state_dict_refuses_bad_counters(key, value, err):
+    """Item 8: negative, fractional, out-of-range or inconsistent counters (sq_count 0 with the
+    saved sq_avg > 0; a step counter >= 2**64, from which no seed can be derived)."""
+    saved = _saved()
+    saved["zo"][key] = value
+    model, x, y = dyadic_model()
+    opt = ZOOptimizer(_three_groups(model), lr=0.1, eps=2.0 ** -5, distribution="rademacher",
+                      n_directions=2, seed=3, normalize="rms")
+    before = _snapshot(opt, model)
+    with pytest.raises(err):
+        opt.load_state_dict(saved)
+    _assert_unchanged(before, _snapshot(opt, model))
+
+
+def test_load_state_dict_is_all_or_nothing():
+    """Item 8: a valid "zo" part with a bad param group (NaN lr) or a wrong parameter layout
+    loads nothing; neither the counters nor any group's lr change."""
+    model, x, y = dyadic_model()
+    opt = ZOOptimizer(_three_groups(model), lr=0.1, eps=2.0 ** -5, distribution="rademacher",
+                      n_directions=2, seed=3, normalize="rms")
+    before = _snapshot(opt, model)
+    saved = _saved()
+    saved["param_groups"][2]["lr"] = float("nan")
+    saved["param_groups"][0]["lr"] = 0.5
+    with pytest.raises(ValueError):
+        opt.load_state_dict(saved)
+    _assert_unchanged(before, _snapshot(opt, model))
+    saved = _saved()
+    saved["zo"]["param_numels"][0][0] += 1
+    with pytest.raises(ValueError, match="param_numels"):
+        opt.load_state_dict(saved)
+    _assert_unchanged(before, _snapshot(opt, model))
+    saved = _saved()
+    saved["state"] = {0: {"momentum_buffer": torch.zeros(3)}}
+    with pytest.raises(ValueError, match="per-parameter state"):
+        opt.load_state_dict(saved)
+    _assert_unchanged(before, _snapshot(opt, model))
+
+
+def test_frozen_parameters_are_skipped_unless_include_frozen():
+    """Item 14: requires_grad=False parameters stay bit-identical (as with torch optimizers),
+    the others get exactly the noise they get when nothing is frozen; include_frozen=True
+    trains them; an optimizer with only frozen parameters refuses to step."""
+    runs = {}
+    for frozen, include in ((False, False), (True, False), (True, True)):
+        model, x, y = dyadic_model()
+        if frozen:
+            model.fc1.bias.requires_grad_(False)
+        before = {n: _bits(p) for n, p in model.named_parameters()}
+        opt = ZOOptimizer(model.parameters(), lr=0.1, eps=2.0 ** -5,
+                          distribution="rademacher", seed=3, include_frozen=include)
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+        runs[frozen, include] = ({n: _bits(p) for n, p in model.named_parameters()}, before)
+    after, before = runs[True, False]
+    assert torch.equal(after["fc1.bias"], before["fc1.bias"])
+    assert not torch.equal(after["fc1.weight"], before["fc1.weight"])
+    assert not torch.equal(runs[True, True][0]["fc1.bias"], before["fc1.bias"])
+    assert all(torch.equal(runs[False, False][0][n], runs[True, True][0][n]) for n in after)
+    model, x, y = dyadic_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = ZOOptimizer(model.parameters(), lr=0.1, seed=3)
+    with pytest.raises(ValueError, match="include_frozen"):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    assert opt.step_count == 0
