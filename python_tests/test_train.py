@@ -187,11 +187,12 @@ def _run(tmp_path, method, extra=(), n=48, name="run"):
     return out, summary, metrics
 
 
-# forwards / backwards per step: central ZO 2/0, FO 1/1, Bilevel-ZOFO with K=2:
-# 2 lower FO (2/2) + upper FO (2 forwards, counted as 2 backwards) + forward-difference ZO
-# on the 3-forward objective (6/0).
+# forwards / backwards per step: central ZO 2/0, FO 1/1, Bilevel-ZOFO with inner_steps=2 and
+# q=1 (zofo_kernels/optim/zofo.py, order="official"): 2 lower FO (2/2) + P's pass on f and g_P
+# (2 forwards, 2 backwards) + g at S for L0 (1, f and g_P reused) + forward-difference ZO on
+# the 3-forward objective (3/0): inner_steps + 3 + 3q forwards.
 EXPECTED_COUNTS = {"mezo": (2, 0), "mezo-lora": (2, 0), "fo-lora": (1, 1), "fo-full": (1, 1),
-                   "bilevel-zofo": (10, 4)}
+                   "bilevel-zofo": (8, 4)}
 
 
 @needs_tokenizer
@@ -213,8 +214,12 @@ def test_every_method_runs_and_writes_its_outputs(tmp_path, method):
     evals = [r for r in metrics if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 3]
     assert (out / "curves.png").stat().st_size > 1000
-    saved = out / ("model" if method in ("mezo", "fo-full") else "adapter")
-    assert any(saved.iterdir())
+    assert (out / "model" / "model.safetensors").is_file()  # the backbone, always
+    peft = method in ("mezo-lora", "fo-lora", "bilevel-zofo")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() == peft
+    assert (out / "resume" / "lower_adapter").is_dir() == (method == "bilevel-zofo")
+    assert (out / "resume" / "optimizer.pt").is_file()
+    assert "model/model.safetensors" in summary["files"] and "curves.png" in summary["files"]
     if method == "bilevel-zofo":
         assert summary["num_lower"] == 21 and summary["num_upper"] == 11
 
@@ -258,6 +263,61 @@ def test_time_budget_and_holdout(tmp_path):
     # that ended at 1.4996 s is logged as 1.5)
     assert all(t <= 1.5 for t in times[:-1])
     assert s["eval_examples"] == 16 and s["eval_data"].startswith("holdout")
+
+
+@needs_tokenizer
+def test_main_ends_with_the_output_folder_and_its_files(tmp_path, capsys):
+    out, _, _ = _run(tmp_path, "fo-lora", ["--steps", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    first = next(i for i, l in enumerate(lines) if l.startswith("{"))
+    assert json.loads(lines[first])["steps"] == 1
+    rest = "\n".join(lines[first + 1:])
+    assert f"output folder: {out.resolve()}" in rest
+    for name in ("model/model.safetensors", "adapter/adapter_model.safetensors",
+                 "metrics.jsonl", "summary.json", "curves.png", "load_trained"):
+        assert name in rest, name
+
+
+def test_a_failed_run_leaves_no_output_folder(tmp_path):
+    rows = _write_tsv(tmp_path / "train.tsv", _toy_rows(8))
+    new = tmp_path / "new" / "out"
+    with pytest.raises(SystemExit, match="not found"):
+        train.main(["--method", "mezo", "--train", str(rows), "--eval",
+                    str(tmp_path / "missing.tsv"), "--num-train", "4", "--steps", "1",
+                    "--output", str(new)])
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="asked for 1000 examples"):
+        train.main(["--method", "mezo", "--train", str(rows), "--eval", str(rows),
+                    "--steps", "1", "--output", str(mine)])
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+@needs_tokenizer
+def test_prefix_tuning_is_refused_before_anything_is_written(tmp_path):
+    if models._accepts_past_key_values(models.build_random("tiny-bert")):
+        pytest.skip("this transformers' BERT takes past_key_values: prefix tuning can run")
+    out = tmp_path / "prefix"
+    with pytest.raises(SystemExit, match="CAUSAL_LM task types on OPT, Llama and GPT-2"):
+        _run(tmp_path, "fo-lora", ["--steps", "1", "--peft", "prefix"], name="prefix")
+    assert not (tmp_path / "prefix_fo-lora").exists() and not out.exists()
+
+
+def test_cli_filters_only_the_known_third_party_warnings():
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.filter_third_party_warnings()
+        models.build_random("tiny-bert").is_gradient_checkpointing  # transformers' FutureWarning
+        warnings.warn("`past_key_values` is deprecated and will be removed in version 5.40.0 "
+                      "for `OPTForCausalLM.forward`. Use `cache` instead.", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated", UserWarning)  # other category
+        warnings.warn("something else is deprecated", FutureWarning)             # other message
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (UserWarning, "`is_gradient_checkpointing` is deprecated"),
+        (FutureWarning, "something else is deprecated")]
 
 
 def test_bad_command_lines(tmp_path):
