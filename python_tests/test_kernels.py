@@ -456,6 +456,11 @@ def _unchanged_after(fn, ts):
     return all(torch.equal(a, b) for a, b in zip(before, ts))
 
 
+def _inference_tensor():
+    with torch.inference_mode():
+        return torch.zeros(4)
+
+
 BAD_CALLS = [
     ("int tensor", lambda w: zk.perturb_([w, torch.zeros(3, dtype=torch.int32)], 1, 0.1),
      TypeError, "dtype"),
@@ -500,6 +505,63 @@ BAD_CALLS = [
      lambda w: zk.zo_update_(w, 1, lr=0.1, projected_grads=[1.0], weight_decay="0.1"), TypeError,
      "weight_decay"),
     ("unknown backend", lambda w: zk.perturb_(w, 1, 0.1, backend="tpu"), ValueError, "backend"),
+    # issue 12, item 2: finite as a Python float, not after the rounding to float32
+    ("scale overflows float32", lambda w: zk.perturb_(w, 1, 1e39), ValueError, "float32"),
+    ("restore scale overflows float32",
+     lambda w: zk.perturb_(w, 1, 0.1, restore_scale=1e39, restore_direction=0), ValueError,
+     "float32"),
+    ("scale rounds to 0", lambda w: zk.perturb_(w, 1, 1e-46), ValueError, "rounds to 0"),
+    ("lr overflows float32", lambda w: zk.zo_update_(w, 1, lr=1e39, projected_grads=[1.0]),
+     ValueError, "lr"),
+    ("lr rounds to 0", lambda w: zk.zo_update_(w, 1, lr=1e-46, projected_grads=[1.0]),
+     ValueError, "rounds to 0"),
+    ("weight decay overflows float32",
+     lambda w: zk.zo_update_(w, 1, lr=0.1, projected_grads=[1.0], weight_decay=1e39),
+     ValueError, "weight_decay"),
+    ("projected grad overflows float32",
+     lambda w: zk.zo_update_(w, 1, lr=0.1, projected_grads=[1.0, 1e39]), ValueError,
+     "projected_grads"),
+    # item 3: non-finite projected gradients given as tensors
+    ("nan tensor projected grads",
+     lambda w: zk.zo_update_(w, 1, lr=0.1, projected_grads=torch.tensor([float("nan")])),
+     ValueError, "projected_grads"),
+    ("nan 0-d tensor projected grad",
+     lambda w: zk.zo_update_(w, 1, lr=0.1, projected_grads=torch.tensor(float("nan"))),
+     ValueError, "projected_grads"),
+    ("inf tensor inside projected grads",
+     lambda w: zk.zo_update_(w, 1, lr=0.1, projected_grads=[1.0, torch.tensor([float("inf")])]),
+     ValueError, "projected_grads"),
+    ("float64 tensor projected grad overflowing float32",
+     lambda w: zk.zo_update_(w, 1, lr=0.1,
+                             projected_grads=torch.tensor([1e39], dtype=torch.float64)),
+     ValueError, "projected_grads"),
+    # item 4: overlap that torch's own test calls "too hard"
+    ("overlapping unfold", lambda w: zk.perturb_(w.unfold(0, 4, 2), 1, 0.1), ValueError,
+     "overlapping"),
+    ("overlapping as_strided", lambda w: zk.perturb_(w.as_strided((3, 3), (2, 1)), 1, 0.1),
+     ValueError, "overlapping"),
+    ("as_strided views sharing elements",
+     lambda w: zk.perturb_([w.as_strided((3,), (3,)), w.as_strided((2,), (3,), 3)], 1, 0.1),
+     ValueError, "share memory"),
+    # item 6: an inference tensor after a normal one (the first must not be perturbed)
+    ("inference tensor", lambda w: zk.perturb_([w, _inference_tensor()], 1, 0.1), ValueError,
+     "inference"),
+    ("inference tensor, update",
+     lambda w: zk.zo_update_([w, _inference_tensor()], 1, lr=0.1, projected_grads=[1.0],
+                             restore_scale=0.1), ValueError, "inference"),
+    # item 14
+    ("bool tensor seed", lambda w: zk.perturb_(w, torch.tensor(True), 0.1), TypeError, "seed"),
+    ("numpy bool seed", lambda w: zk.perturb_(w, np.True_, 0.1), TypeError, "seed"),
+    ("multi-element tensor seed", lambda w: zk.perturb_(w, torch.tensor([1, 2]), 0.1),
+     ValueError, "seed"),
+    ("multi-element tensor offset",
+     lambda w: zk.perturb_(w, 1, 0.1, offsets=[torch.tensor([0, 1])]), ValueError, "offsets"),
+    ("multi-element tensor direction",
+     lambda w: zk.perturb_(w, 1, 0.1, direction=torch.tensor([0, 1])), ValueError,
+     "direction"),
+    ("empty backend name", lambda w: zk.perturb_(w, 1, 0.1, backend=""), ValueError, "backend"),
+    ("sparse tensor", lambda w: zk.perturb_([w, torch.ones(4).to_sparse()], 1, 0.1), TypeError,
+     "sparse"),
 ]
 
 
@@ -577,3 +639,142 @@ def test_autograd_leaf_parameters_are_updated_in_place():
     z = zk.noise(3, 0, 50, "rademacher")
     assert torch.equal(p.detach(), before + torch.tensor(np.float32(0.1)) * z)
     assert p.grad is None
+
+
+# ------------------------------------------------------------------------- issue 12
+
+@pytest.mark.parametrize("op", ["perturb", "update"])
+@pytest.mark.parametrize("backend,device", CASES)
+def test_kernel_calls_bump_the_autograd_version_counter(backend, device, op):
+    """Item 5: like an in-place torch op, so a backward through a graph that saved the weight
+    before the call raises torch's usual error instead of using the new values."""
+    p = torch.nn.Parameter(torch.randn(300, device=device) * 0.02)
+    v0 = p._version
+    y = (p * p).sum()  # saves p
+    if op == "perturb":
+        zk.perturb_([p], 3, 0.1, "rademacher", backend=backend)
+    else:
+        zk.zo_update_([p], 3, lr=0.1, projected_grads=[1.0], backend=backend)
+    assert p._version > v0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    # a non-contiguous tensor (written through a staging copy) and a view of a leaf
+    base_t = torch.randn(20, 30, device=device).t()
+    v1 = base_t._version
+    zk.perturb_([base_t], 3, 0.1, backend=backend)
+    assert base_t._version > v1
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_inference_tensor_in_the_list_is_refused_before_any_write(backend, device):
+    """Item 6: all checks run before the first tensor is written."""
+    a = torch.randn(300, device=device)
+    with torch.inference_mode():
+        b = torch.randn(300, device=device)
+    before = [a.clone(), b.clone()]
+    with pytest.raises(ValueError, match="inference"):
+        zk.perturb_([a, b], 1, 0.1, backend=backend)
+    with pytest.raises(ValueError, match="inference"):
+        zk.zo_update_([a, b], 1, lr=0.1, projected_grads=[1.0], backend=backend)
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    with torch.inference_mode():  # inside inference mode the inference tensor is writable
+        zk.perturb_([b], 1, 0.1, backend=backend)
+    assert not torch.equal(b, before[1])
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_disjoint_interleaved_views_are_accepted_and_match_separate_tensors(backend, device):
+    """Item 4: views that share a storage but no element, e.g. the two columns of
+    x.view(n, 2), the even and odd elements, disjoint as_strided windows."""
+    x = torch.randn(2 * 257, device=device)
+    cases = [
+        lambda t: [t.view(257, 2)[:, 0], t.view(257, 2)[:, 1]],
+        lambda t: [t[::2], t[1::2]],
+        lambda t: [t[:508].unfold(0, 4, 4)],                   # windows that do not overlap
+        lambda t: [t.as_strided((3, 2), (2, 3))],               # not nested, still disjoint
+        lambda t: [t.view(2, 257)[:, :100], t.view(2, 257)[:, 100:]],
+    ]
+    for make in cases:
+        t = x.clone()
+        views = make(t)
+        copies = [v.clone() for v in views]
+        zk.zo_update_(views, 5, lr=0.1, projected_grads=[0.7], restore_scale=0.01,
+                      backend=backend)
+        zk.zo_update_(copies, 5, lr=0.1, projected_grads=[0.7], restore_scale=0.01,
+                      backend=backend)
+        for v, c in zip(views, copies):
+            assert torch.equal(v, c)
+        assert not torch.equal(t, x)
+
+
+def _brute_force_overlap(views, itemsize):
+    """Whether two elements (over all views) share a byte, by listing every byte."""
+    seen = set()
+    for v in views:
+        base_ptr = v.data_ptr()
+        for idx in np.ndindex(*v.shape) if v.dim() else [()]:
+            start = base_ptr + sum(i * s for i, s in zip(idx, v.stride())) * itemsize
+            for byte in range(start, start + itemsize):
+                if byte in seen:
+                    return True
+                seen.add(byte)
+    return False
+
+
+def test_overlap_decision_is_exact_on_random_strided_views():
+    """Item 4: the overlap test agrees with a brute-force listing of bytes, for single views
+    and for pairs, over random sizes, strides and storage offsets (below the enumeration
+    limit, where it is documented exact)."""
+    from zofo_kernels import ops
+
+    rng = np.random.default_rng(_RNG_SEED)
+    buf = torch.zeros(4096)
+    agree = {True: 0, False: 0}
+    for _ in range(600):
+        views = []
+        for _ in range(rng.integers(1, 3)):
+            dim = int(rng.integers(1, 4))
+            shape = tuple(int(n) for n in rng.integers(1, 5, dim))
+            stride = tuple(int(s) for s in rng.integers(0, 7, dim))
+            views.append(buf.as_strided(shape, stride, int(rng.integers(0, 20))))
+        expect = _brute_force_overlap(views, 4)
+        try:
+            ops._check_tensors(views)
+            got = False
+        except ValueError as exc:
+            assert "overlap" in str(exc) or "share memory" in str(exc)
+            got = True
+        assert got == expect, [(v.shape, v.stride(), v.storage_offset()) for v in views]
+        agree[expect] += 1
+    assert agree[True] > 50 and agree[False] > 50  # both answers were exercised
+
+
+def test_noise_on_a_missing_cuda_device_is_a_clear_error():
+    """Item 14: not an AssertionError from deep inside torch."""
+    if torch.cuda.is_available():
+        assert zk.noise(1, 0, 8, device="cuda").device.type == "cuda"
+        return
+    with pytest.raises(zk.BackendUnavailableError, match="CUDA"):
+        zk.noise(1, 0, 8, device="cuda")
+    with pytest.raises(ValueError, match="device"):
+        zk.noise(1, 0, 8, device="no-such-device")
+
+
+def test_device_projected_grads_are_checked_and_check_finite_false_skips_only_that():
+    """Item 3: host tensors are always checked; check_finite=False only matters for device
+    tensors, so on the host it changes nothing."""
+    w = torch.randn(10)
+    before = w.clone()
+    with pytest.raises(ValueError, match="projected_grads"):
+        zk.zo_update_(w, 1, lr=0.1, projected_grads=torch.tensor([float("nan")]),
+                      check_finite=False)
+    assert torch.equal(w, before)
+    with pytest.raises(TypeError, match="check_finite"):
+        zk.zo_update_(w, 1, lr=0.1, projected_grads=[1.0], check_finite=1)
+    if torch.cuda.is_available():
+        wd = torch.randn(10, device="cuda")
+        bd = wd.clone()
+        with pytest.raises(ValueError, match="projected_grads"):
+            zk.zo_update_(wd, 1, lr=0.1,
+                          projected_grads=torch.tensor([float("nan")], device="cuda"))
+        assert torch.equal(wd, bd)
