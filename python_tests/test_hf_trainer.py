@@ -254,3 +254,59 @@ def test_trainer_under_torchrun_matches_one_process_with_accumulation(tmp_path):
     diff = max(float((dist_params[n] - p.detach()).abs().max())
                for n, p in ref.model.named_parameters())
     assert moved > 1e-4 and diff < 1e-3 * moved
+
+
+@pytest.mark.parametrize("method,peft_kind", [("mezo", "none"), ("zofo", "lora"),
+                                              ("zofo", "prompt")])
+def test_example_script_trains_saves_and_reloads(tmp_path, method, peft_kind):
+    """examples/run_text_classification.py on a tiny local model folder and a small SST-2-like
+    data folder, for two steps, in its own process."""
+    import json
+    import subprocess
+    import sys
+
+    from zofo_kernels import load_trained, models
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tok = models.load_tokenizer("tiny-bert")
+    model_dir = tmp_path / "tiny"
+    models.build_random("tiny-bert", pad_token_id=tok.pad_token_id).save_pretrained(
+        str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name, rows in (("train.tsv", SENTENCES[:14]), ("dev.tsv", SENTENCES[14:])):
+        with open(data_dir / name, "w") as fh:
+            fh.write("sentence\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows))
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "run_text_classification.py"),
+         "--method", method, "--peft", peft_kind, "--model", str(model_dir), "--data-dir",
+         str(data_dir), "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4",
+         "--inner-steps", "2", "--threads", "1", "--learning-rate", "1e-3"],
+        capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+        env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "reloaded logits bit-identical: True" in res.stdout
+    summary = json.loads(next(l for l in res.stdout.splitlines() if l.startswith("{\"")))
+    assert summary["method"] == method and 0.0 <= summary["eval_accuracy"] <= 1.0
+    assert (out / "eval_results.json").is_file()
+    model, tokenizer = load_trained(out)
+    assert tokenizer is not None
+    assert hasattr(model, "peft_config") == (peft_kind != "none")
+    if method == "zofo":
+        assert (out / "resume" / "lower_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_example_script_defaults_to_the_shared_sst2_folder(sst2_dir):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "run_text_classification", os.path.join(root, "examples", "run_text_classification.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = mod.parse_args(["--output-dir", "x"])
+    assert os.path.samefile(args.data_dir, sst2_dir)
+    rows = mod.read_tsv(mod.Path(args.data_dir) / "dev.tsv")
+    assert len(rows) == 872 and {label for _, label in rows} == {0, 1}
