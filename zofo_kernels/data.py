@@ -175,9 +175,11 @@ class Encoded:
     """Tokenised examples kept as padded tensors (short texts: padding to the longest in
     the set is cheap and makes every batch the same shape, so step times are comparable)."""
 
-    def __init__(self, examples: Sequence[Example], tokenizer, max_length: int):
+    def __init__(self, examples: Sequence[Example], tokenizer, max_length: int,
+                 add_special_tokens: bool = True):
         enc = tokenizer([e.text for e in examples], padding="max_length", truncation=True,
-                        max_length=max_length, return_tensors="pt")
+                        max_length=max_length, return_tensors="pt",
+                        add_special_tokens=add_special_tokens)
         self.input_ids = enc["input_ids"]
         self.attention_mask = enc["attention_mask"]
         self.labels = torch.tensor([e.label for e in examples], dtype=torch.long)

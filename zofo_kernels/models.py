@@ -13,6 +13,13 @@
   tried when the hub is reachable and ``HF_HUB_OFFLINE`` is not set.
 
 Random-init presets use the MiniLM tokenizer (BERT WordPiece, 30,522 tokens) for text.
+
+Heads (``head=``): ``"prompt"`` (default of ``zofo-train``) makes the pretrained model the
+classifier, as MeZO and Bilevel-ZOFO do (:mod:`zofo_kernels.prompting`): causal LMs score label
+words through their LM head, BERT-style encoders get a head initialised from their own
+embeddings of the label descriptions; the head is part of the backbone. ``"random"`` adds a
+new randomly initialised classification head (``AutoModelForSequenceClassification``), which
+PEFT methods train as part of the adapter.
 """
 
 from __future__ import annotations
@@ -83,6 +90,11 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(name)
 
 
+HEADS = ("prompt", "random")
+CAUSAL_FAMILIES = ("opt", "gpt2", "llama", "mistral", "qwen2", "gpt_neox", "gptj", "bloom",
+                   "falcon", "phi", "gemma")
+
+
 @dataclasses.dataclass
 class Loaded:
     model: torch.nn.Module
@@ -90,6 +102,16 @@ class Loaded:
     name: str
     family: str          # "bert", "opt", or the config's model_type
     pretrained: bool     # real weights (True) or random init (False)
+    head: str = "random"           # "prompt" or "random"
+    causal_prompt: bool = False    # label words scored through a causal LM head
+
+    @property
+    def add_special_tokens(self) -> bool:
+        """How to encode this model's inputs (see prompting.causal_add_special_tokens)."""
+        if not self.causal_prompt or self.tokenizer is None:
+            return True
+        from .prompting import causal_add_special_tokens
+        return causal_add_special_tokens(self.tokenizer)
 
     @property
     def num_parameters(self) -> int:
@@ -119,10 +141,19 @@ def build_random(name: str, num_labels: int = 2, dtype: torch.dtype = torch.floa
 
 
 def load_model(name: str, num_labels: int = 2, dtype: str = "float32", seed: int = 0,
-               with_tokenizer: bool = True, device: str = "cpu") -> Loaded:
-    """Resolve ``name`` (see the module docstring) to a sequence-classification model."""
+               with_tokenizer: bool = True, device: str = "cpu", head: str = "random",
+               prompt=None) -> Loaded:
+    """Resolve ``name`` (see the module docstring) to a classifier: a sequence-classification
+    model with a new head (``head="random"``) or a prompt-based classifier of ``prompt`` (a
+    :class:`zofo_kernels.prompting.PromptSpec`; default SST-2's) with ``head="prompt"``."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if head not in HEADS:
+        raise ModelError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+    if head == "prompt":
+        loaded = _load_prompt_model(name, prompt, DTYPES[dtype], seed, with_tokenizer)
+        loaded.model.to(device)
+        return loaded
     torch_dtype = DTYPES[dtype]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification
@@ -164,6 +195,94 @@ def load_model(name: str, num_labels: int = 2, dtype: str = "float32", seed: int
     return loaded
 
 
+def _own_weights(model: torch.nn.Module) -> None:
+    """from_pretrained may leave the weights memory-mapped from the safetensors file, so the
+    first write to each page (any training step) would copy it then; own them now."""
+    with torch.no_grad():
+        for param in model.parameters():  # tied weights are one Parameter: still tied
+            param.data = param.data.clone()
+
+
+def _resolve_local(name: str) -> str:
+    path = str(minilm_dir()) if name == "minilm" else name
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelError(f"{local} exists but has no config.json: not a model folder")
+    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ModelError(f"model folder not found: {name}")
+    return path
+
+
+def _load_prompt_model(name: str, prompt, torch_dtype, seed: int,
+                       with_tokenizer: bool) -> Loaded:
+    """The prompt-based classifier for ``name`` (see the module docstring)."""
+    from transformers import (AutoConfig, AutoModelForCausalLM, BertModel, OPTConfig,
+                              OPTForCausalLM)
+    from transformers.utils import logging as hf_logging
+
+    from . import prompting
+    spec = prompt if prompt is not None else prompting.PromptSpec()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # the tokenizer is needed whatever with_tokenizer says: the head's initialisation and
+    # the label token ids come from it
+    tok = load_tokenizer(name if name not in PRESETS else "minilm")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        if name in PRESETS:
+            family, kw = PRESETS[name]
+            torch.manual_seed(seed)
+            if family == "opt":
+                model = OPTForCausalLM(OPTConfig(pad_token_id=tok.pad_token_id, **kw))
+            else:
+                from transformers import BertConfig
+                model = prompting.bert_prompt_classifier(
+                    BertConfig(pad_token_id=tok.pad_token_id, **kw), spec)
+            pretrained = False
+        else:
+            path = _resolve_local(name)
+            try:
+                cfg = AutoConfig.from_pretrained(path)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"cannot load model {name!r} offline ({exc})") from None
+            family = cfg.model_type
+            pretrained = True
+            if family == prompting.BertPromptConfig.model_type:
+                raise ModelError(f"{name} is already a prompt-based classifier: load it with "
+                                 "zofo_kernels.load_trained or head='random'")
+            if family == "bert":
+                torch.manual_seed(seed)
+                model = prompting.bert_prompt_classifier(cfg, spec)
+                encoder = BertModel.from_pretrained(path, add_pooling_layer=False)
+                model.bert.load_state_dict(encoder.state_dict())
+                del encoder
+            elif family in CAUSAL_FAMILIES or any(
+                    a.endswith("ForCausalLM") for a in (cfg.architectures or [])):
+                model = AutoModelForCausalLM.from_pretrained(path)
+            else:
+                raise ModelError(
+                    f"prompt-based heads support causal LMs ({', '.join(CAUSAL_FAMILIES)}) "
+                    f"and BERT encoders; {name} is a {family!r} model: use head='random'")
+            _own_weights(model)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    causal = not isinstance(model, prompting.BertPromptClassifier)
+    if tok.pad_token_id is None:  # GPT-2 / Llama tokenizers: pad with EOS (right padding)
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    if causal:
+        tok.truncation_side = "left"  # keep the template's end, where the label is read
+        prompting.set_causal_prompt(model, tok, spec)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
+    else:
+        model.init_head_from_descriptions(tok, spec)
+    model = model.to(torch_dtype).eval()
+    return Loaded(model, tok if with_tokenizer else None, name,
+                  "opt" if name in PRESETS and causal else family, pretrained,
+                  head="prompt", causal_prompt=causal)
+
+
 PEFT_KINDS = ("lora", "prefix", "prompt")
 
 
@@ -174,23 +293,29 @@ def add_peft(model: torch.nn.Module, kind: str, lora_r: int = 8, lora_alpha: int
     The classification head stays trainable (peft's ``modules_to_save`` for SEQ_CLS)."""
     from peft import (LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType,
                       get_peft_model)
+    from .prompting import is_causal_prompt
     model_type = getattr(model.config, "model_type", "")
+    # prompt-based causal LMs: the adapter only, the LM head stays in the backbone (and peft's
+    # prefix tuning works there); sequence classifiers: peft copies the head into the adapter
+    # unless it is a BertPromptClassifier's label_head
+    task = TaskType.CAUSAL_LM if is_causal_prompt(model) else TaskType.SEQ_CLS
     if kind == "lora":
         if target_modules is None:
-            target_modules = {"bert": ["query", "value"]}.get(model_type, ["q_proj", "v_proj"])
-        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha,
+            target_modules = (["query", "value"] if model_type in ("bert", "zofo-bert-prompt")
+                              else ["q_proj", "v_proj"])
+        cfg = LoraConfig(task_type=task, r=lora_r, lora_alpha=lora_alpha,
                          lora_dropout=0.0, target_modules=list(target_modules))
     elif kind == "prefix":
-        if not _accepts_past_key_values(model):
+        if task != TaskType.CAUSAL_LM and not _accepts_past_key_values(model):
             raise ModelError(
                 f"prefix tuning needs a model whose forward takes past_key_values; this "
                 f"{type(model).__name__} (transformers {_transformers_version()}) does not, so "
-                "peft cannot inject the prefix. Use --peft lora or --peft prompt.")
-        cfg = PrefixTuningConfig(task_type=TaskType.SEQ_CLS,
-                                 num_virtual_tokens=num_virtual_tokens or 5)
+                "peft cannot inject the prefix. Use --peft lora or --peft prompt, or a causal "
+                "LM (OPT, Llama, GPT-2 families) with the prompt-based head, where prefix "
+                "tuning works.")
+        cfg = PrefixTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens or 5)
     elif kind == "prompt":
-        cfg = PromptTuningConfig(task_type=TaskType.SEQ_CLS,
-                                 num_virtual_tokens=num_virtual_tokens or 10)
+        cfg = PromptTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens or 10)
     else:
         raise ValueError(f"unknown PEFT kind {kind!r}; expected one of {', '.join(PEFT_KINDS)}")
     return get_peft_model(model, cfg)
@@ -217,20 +342,20 @@ def _transformers_version() -> str:
 
 def classification_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Mean cross-entropy of ``model`` on ``batch`` (input_ids, attention_mask, labels)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits if hasattr(out, "logits") else out[0]
+    from .prompting import classification_logits
+    logits = classification_logits(model, batch)
     return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
 
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, encoded, batch_size: int = 64) -> float:
     """Fraction of ``encoded`` (a :class:`zofo_kernels.data.Encoded`) classified correctly."""
+    from .prompting import classification_logits
     was_training = model.training
     model.eval()
     correct = 0
     for batch in encoded.batches(batch_size):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits if hasattr(out, "logits") else out[0]
+        logits = classification_logits(model, batch)
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
     model.train(was_training)
     return correct / max(1, len(encoded))

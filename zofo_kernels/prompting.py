@@ -1,0 +1,220 @@
+"""Prompt-based classification, as MeZO and the Bilevel-ZOFO paper run it (docs/cli.md,
+"Heads").
+
+A task is a template and one label word per class, e.g. SST-2's ``"{sentence} It was"`` with
+``terrible`` / ``great``. The classifier is the pretrained model itself, so its head belongs
+to the backbone theta and the PEFT block (P and S) is the adapter only, the paper's split:
+
+* **causal LMs** (OPT, Llama, GPT-2 families): the logits of class c are the LM head's
+  next-token logits of the first token of " <word_c>" after the filled-in template. The
+  label token ids are stored in the model's config (``zofo_label_token_ids``), so a
+  checkpoint saved with ``save_pretrained`` reloads as the same classifier.
+* **encoders without an MLM head** (BERT-style sentence encoders such as MiniLM):
+  :class:`BertPromptClassifier`, the encoder, mean pooling over the tokens, L2 normalisation
+  (what the sentence encoder was trained with) and a linear head whose row c is
+  ``head_temperature`` (20) times the normalised embedding of the label description
+  "<template without the sentence> <word_c>." (e.g. "It was great."), so the untrained model
+  already classifies by similarity. The head is a parameter of theta.
+
+:func:`classification_logits` gives the (batch, classes) logits of any of these models, of a
+peft model wrapping them, and of an ordinary sequence classifier (the random-head mode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.bert.modeling_bert import BertPreTrainedModel
+
+SENTENCE_FIELD = "{sentence}"
+
+# The SST-2 prompt of MeZO (Malladi et al. 2023) and the Bilevel-ZOFO code.
+SST2_TEMPLATE = "{sentence} It was"
+SST2_LABEL_WORDS = ("terrible", "great")
+
+
+class PromptError(ValueError):
+    """A template or label words that cannot make a prompt-based classifier."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+    """A template with one ``{sentence}`` field and one label word per class (class order)."""
+
+    template: str = SST2_TEMPLATE
+    label_words: Sequence[str] = SST2_LABEL_WORDS
+
+    def __post_init__(self):
+        if not isinstance(self.template, str) or self.template.count(SENTENCE_FIELD) != 1:
+            raise PromptError(f"the template must contain {SENTENCE_FIELD} exactly once, got "
+                              f"{self.template!r}")
+        words = tuple(self.label_words)
+        if len(words) < 2 or not all(isinstance(w, str) and w.strip() for w in words):
+            raise PromptError(f"give at least two non-empty label words, got {words!r}")
+        if len(set(words)) != len(words):
+            raise PromptError(f"label words must be distinct, got {words!r}")
+        object.__setattr__(self, "label_words", words)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_words)
+
+    def text(self, sentence: str) -> str:
+        """The model's input for ``sentence``."""
+        return self.template.replace(SENTENCE_FIELD, sentence).strip()
+
+    def descriptions(self) -> List[str]:
+        """One sentence per class: the template without the sentence, completed by the word."""
+        stem = self.template.replace(SENTENCE_FIELD, "").strip()
+        return [f"{stem} {w}.".strip() for w in self.label_words]
+
+    @classmethod
+    def parse(cls, template: Optional[str], label_words: Optional[str]) -> "PromptSpec":
+        """From command-line strings; label words comma-separated."""
+        words = SST2_LABEL_WORDS if label_words is None else tuple(
+            w.strip() for w in label_words.split(","))
+        return cls(SST2_TEMPLATE if template is None else template, words)
+
+
+# --------------------------------------------------------------------------- encoders
+
+class BertPromptConfig(BertConfig):
+    """A BERT encoder's config plus the prompt head's settings."""
+
+    model_type = "zofo-bert-prompt"
+
+    def __init__(self, label_words: Sequence[str] = SST2_LABEL_WORDS,
+                 template: str = SST2_TEMPLATE, head_temperature: float = 20.0, **kwargs):
+        super().__init__(**kwargs)
+        self.label_words = list(label_words)
+        self.template = template
+        # (not "temperature": transformers reads that name as a generation setting)
+        self.head_temperature = float(head_temperature)
+
+
+class BertPromptClassifier(BertPreTrainedModel):
+    """BERT encoder -> mean pooling -> L2 normalisation -> ``label_head`` (see the module
+    docstring). The head is named so that peft does not treat it as a classifier to copy into
+    each adapter (``modules_to_save``): it stays in the backbone."""
+
+    config_class = BertPromptConfig
+
+    def __init__(self, config: BertPromptConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.label_head = torch.nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def pooled(self, input_ids=None, attention_mask=None, token_type_ids=None,
+               inputs_embeds=None) -> torch.Tensor:
+        """The normalised mean of the token states over the attention mask."""
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                        token_type_ids=token_type_ids, inputs_embeds=inputs_embeds)
+        h = out.last_hidden_state
+        if attention_mask is None:
+            mask = torch.ones(h.shape[:2], dtype=h.dtype, device=h.device)
+        else:
+            mask = attention_mask.to(h.dtype)
+        mean = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+        return F.normalize(mean.float(), dim=-1).to(h.dtype)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
+                inputs_embeds=None, labels=None, **unused):
+        logits = self.label_head(self.pooled(input_ids, attention_mask, token_type_ids,
+                                             inputs_embeds))
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def init_head_from_descriptions(self, tokenizer, spec: PromptSpec) -> None:
+        """Row c of the head <- temperature * pooled embedding of description c; bias 0."""
+        enc = tokenizer(spec.descriptions(), padding=True, return_tensors="pt").to(self.device)
+        was = self.training
+        self.eval()
+        emb = self.pooled(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
+        self.train(was)
+        self.label_head.weight.copy_(self.config.head_temperature * emb.float())
+        self.label_head.bias.zero_()
+
+
+AutoConfig.register(BertPromptConfig.model_type, BertPromptConfig)
+AutoModelForSequenceClassification.register(BertPromptConfig, BertPromptClassifier)
+
+
+def bert_prompt_classifier(encoder_config: BertConfig, spec: PromptSpec,
+                           temperature: float = 20.0) -> BertPromptClassifier:
+    """An uninitialised :class:`BertPromptClassifier` with ``encoder_config``'s shape."""
+    fields = encoder_config.to_dict()
+    for key in ("model_type", "architectures", "num_labels", "id2label", "label2id",
+                "transformers_version"):
+        fields.pop(key, None)
+    cfg = BertPromptConfig(label_words=spec.label_words, template=spec.template,
+                           head_temperature=temperature, num_labels=spec.num_labels, **fields)
+    return BertPromptClassifier(cfg)
+
+
+# --------------------------------------------------------------------------- causal LMs
+
+def label_token_ids(tokenizer, spec: PromptSpec) -> List[int]:
+    """First token of " <word>" for every label word; they must differ."""
+    ids = []
+    for w in spec.label_words:
+        toks = tokenizer(" " + w, add_special_tokens=False)["input_ids"]
+        if not toks:
+            raise PromptError(f"label word {w!r} tokenises to nothing")
+        ids.append(int(toks[0]))
+    if len(set(ids)) != len(ids):
+        raise PromptError(f"label words {spec.label_words!r} start with the same token "
+                          f"({ids}); choose words whose first tokens differ")
+    return ids
+
+
+def causal_add_special_tokens(tokenizer) -> bool:
+    """Whether a causal prompt may be encoded with the tokenizer's special tokens: not when
+    the tokenizer appends a terminator (BERT's [SEP]), which would then be the "next token"
+    position instead of the template's last word."""
+    ids = tokenizer("a")["input_ids"]
+    ends = {tokenizer.sep_token_id, tokenizer.eos_token_id} - {None}
+    return not (ids and ids[-1] in ends)
+
+
+def set_causal_prompt(model, tokenizer, spec: PromptSpec) -> None:
+    """Make a causal LM a prompt-based classifier of ``spec`` (config fields only)."""
+    model.config.zofo_label_token_ids = label_token_ids(tokenizer, spec)
+    model.config.zofo_label_words = list(spec.label_words)
+    model.config.zofo_template = spec.template
+    model.config.num_labels = spec.num_labels
+
+
+def _config(model):
+    cfg = getattr(model, "config", None)
+    if cfg is None and hasattr(model, "get_base_model"):
+        cfg = model.get_base_model().config
+    return cfg
+
+
+def is_causal_prompt(model) -> bool:
+    cfg = _config(model)
+    return cfg is not None and getattr(cfg, "zofo_label_token_ids", None) is not None
+
+
+def classification_logits(model, batch: dict) -> torch.Tensor:
+    """(batch, classes) logits of a prompt-based causal LM (label-word logits at the last
+    real token; right padding), of a :class:`BertPromptClassifier`, or of any sequence
+    classifier, plain or wrapped by peft."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    out = model(input_ids=input_ids, attention_mask=mask)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if not is_causal_prompt(model):
+        return logits
+    ids = torch.tensor(_config(model).zofo_label_token_ids, device=logits.device)
+    # prompt tuning prepends virtual tokens to the sequence the logits cover
+    shift = logits.shape[1] - input_ids.shape[1]
+    last = mask.long().sum(1) - 1 + shift
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, last][:, ids]
