@@ -57,6 +57,10 @@ for key, job in jobs.items():
                                       pad_token_id=plain.config.pad_token_id)
         stale = PeftModel.from_pretrained(initial, os.path.join(folder, "adapter")).eval()
         res["initial_backbone"] = logits(stale)
+        from peft import AutoPeftModelForSequenceClassification  # base named in adapter_config
+        auto = AutoPeftModelForSequenceClassification.from_pretrained(
+            os.path.join(folder, "adapter"))
+        res["auto_peft"] = logits(auto.eval())
     res["plain"] = logits(plain.eval())
     results[key] = res
 torch.save(results, sys.argv[3])
@@ -161,6 +165,8 @@ def test_zofo_train_output_reloads_bit_identically(zofo_train_runs, case):
     manifest = checkpoint.read_manifest(tmp / case)
     assert manifest["backbone"] == "model"
     assert (tmp / case / "model" / "model.safetensors").is_file()
+    if "auto_peft" in res:
+        assert torch.equal(res["auto_peft"], trained[case])
     if TRAIN_CASES[case][0] == "bilevel-zofo":
         # the ZO steps moved the backbone: the initial backbone under the saved P gives other
         # logits (the data loss this layout fixes), and S is saved for resuming
@@ -253,6 +259,8 @@ def test_zofo_trainer_output_reloads_bit_identically(trainer_runs, case):
     # no root-level adapter: a plain PeftModel.from_pretrained(pretrained, output_dir) fails
     # loudly instead of silently using the pretrained backbone
     assert not (tmp / case / "adapter_model.safetensors").exists()
+    if "auto_peft" in res:
+        assert torch.equal(res["auto_peft"], trained[case])
     if TRAINER_CASES[case][0] == "zofo":
         assert not torch.equal(res["initial_backbone"], trained[case])
         assert (tmp / case / "resume" / "lower_adapter" / "adapter_config.json").is_file()
