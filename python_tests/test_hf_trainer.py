@@ -214,8 +214,8 @@ def test_prefix_tuning_on_a_causal_lm_trains(tmp_path):
     g = torch.Generator().manual_seed(1)
     rows = [{"input_ids": ids, "attention_mask": [1] * 8, "labels": ids}
             for ids in torch.randint(5, 200, (12, 8), generator=g).tolist()]
-    trainer = ZOFOTrainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_Encoded(rows),
-                          zo_config=ZOConfig(method="zofo", seed=2))
+    trainer = ZOFOTrainer(model=model, args=_args(tmp_path, max_steps=1),
+                          train_dataset=_Encoded(rows), zo_config=ZOConfig(method="zofo", seed=2))
     before = model.get_base_model().model.decoder.embed_tokens.weight.detach().clone()
     trainer.train()
     loss = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -258,9 +258,10 @@ def load_trained(folder: PathLike, *, device: Union[str, torch.device] = "cpu",
                  dtype: Optional[str] = None, with_lower: bool = False) -> TrainedModel:
     """Reload what :func:`save_trained` wrote: ``(model, tokenizer)``.
 
-    The model is the trained one, bit for bit, in eval mode: the backbone from ``model/`` and, for PEFT runs, a ``peft.PeftModel`` with the prediction
-    adapter P active. ``with_lower=True`` also loads Bilevel-ZOFO's lower adapter S (inactive).
-    ``tokenizer`` is None when none was saved. ``dtype`` overrides the saved dtype."""
+    The model is the trained one, bit for bit, in eval mode: the backbone from ``model/``
+    and, for PEFT runs, a ``peft.PeftModel`` with the prediction adapter P active.
+    ``with_lower=True`` also loads Bilevel-ZOFO's lower adapter S (inactive). ``tokenizer`` is
+    None when none was saved. ``dtype`` overrides the saved dtype."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     model = _load_backbone(folder, manifest, device, dtype)

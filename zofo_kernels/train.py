@@ -382,7 +382,8 @@ def resume_args(args, given: Optional[List[str]] = None):
     if not manifest.get("run_state") or not manifest.get("optimizer"):
         raise SystemExit(f"zofo-train --resume: {folder} holds no zofo-train run state "
                          f"({ckpt_mod.RUN_STATE_FILE}); only zofo-train output folders resume "
-                         "this way (ZOFOTrainer checkpoints: Trainer.train(resume_from_checkpoint))")
+                         "this way (ZOFOTrainer checkpoints: "
+                         "Trainer.train(resume_from_checkpoint))")
     state = json.loads((folder / manifest["run_state"]).read_text())
     saved = dict(state["args"])
     if given is None:
@@ -464,8 +465,8 @@ def run(args, given: Optional[List[str]] = None,
     """Train as ``args`` says; returns the summary (also written to summary.json).
 
     ``on_trained(runner)`` is called on rank 0 after the last step, before anything is saved
-    (the trained model is ``runner.model``). With ``args.resume`` the saved run continues (see :func:`resume_args`; ``given`` lists the
-    options set on the command line). Under ``torchrun`` (``WORLD_SIZE`` set) the run is data
+    (the trained model is ``runner.model``). With ``args.resume`` the saved run continues
+    (see :func:`resume_args`; ``given`` lists the options set on the command line). Under ``torchrun`` (``WORLD_SIZE`` set) the run is data
     parallel: every rank draws its own batches, ZO methods all-reduce only their losses
     (``DataParallelZO``), first-order methods their gradients, and rank 0 alone writes the
     outputs."""
