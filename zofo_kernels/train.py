@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import resource
 import sys
 import time
