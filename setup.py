@@ -25,7 +25,8 @@ Build folders: CMake configures in <build_temp>/cmake. The folder remembers the 
 configured with (cmake, ninja, pybind11, Python); when they differ (each isolated `pip
 install .` / `pip wheel .` / `python -m build` has its own temporary build environment) the
 folder is wiped and configured afresh, so repeated builds from one checkout work. Modules of
-variants not built this time are removed from the output folder, so no stale module ships.
+variants not built this time, and Python files of modules no longer in the checkout, are
+removed from the build output, so nothing stale ships.
 
 The build needs only the packages of [build-system] in pyproject.toml (setuptools, wheel,
 cmake, ninja, pybind11) and a C++17 compiler; it does not import or link torch.
@@ -41,6 +42,7 @@ import sys
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -194,6 +196,29 @@ def _remove_stale_modules(extdir: str, keep) -> None:
             os.remove(os.path.join(extdir, fname))
 
 
+def _remove_stale_sources(pkg_dir: str, keep) -> None:
+    """Remove Python files under ``pkg_dir`` (the package in build/lib) that this build did
+    not write: build/lib outlives builds, and the wheel takes all of it, so a module deleted
+    or renamed in the checkout would otherwise ship again."""
+    keep = {os.path.abspath(p) for p in keep}
+    for dirpath, _, files in os.walk(pkg_dir):
+        for fname in files:
+            full = os.path.abspath(os.path.join(dirpath, fname))
+            if fname.endswith((".py", ".pyc")) and full not in keep:
+                print(f"zofo_kernels: removing stale {full}", flush=True)
+                os.remove(full)
+
+
+class CleanBuildPy(build_py):
+    """build_py that also removes stale Python files of earlier builds from build/lib."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            _remove_stale_sources(os.path.join(self.build_lib, "zofo_kernels"),
+                                  self.get_outputs(include_bytecode=True))
+
+
 def cmake_configure(cmake: str, build_dir: str, args, extra=()) -> None:
     """Configure ``build_dir`` with ``args`` (plus ``extra``, which may change between builds
     without a fresh start, e.g. the output folder), first wiping it if it was configured
@@ -264,6 +289,6 @@ if __name__ == "__main__":  # also under setuptools' PEP 517 backend; tests impo
     setup(
         packages=find_packages(include=["zofo_kernels", "zofo_kernels.*"]),
         ext_modules=ext_modules,
-        cmdclass={"build_ext": CMakeBuild},
+        cmdclass={"build_ext": CMakeBuild, "build_py": CleanBuildPy},
         zip_safe=False,
     )

@@ -232,3 +232,17 @@ def test_cpu_variants_setting(monkeypatch):
     monkeypatch.setenv("ZOFO_CPU_VARIANTS", "sse9")
     with pytest.raises(RuntimeError, match="unknown variant"):
         setup.cpu_variants()
+
+
+def test_stale_python_files_are_removed_from_build_lib(tmp_path):
+    setup = _setup_module()
+    pkg = tmp_path / "zofo_kernels"
+    (pkg / "optim").mkdir(parents=True)
+    keep = [pkg / "__init__.py", pkg / "optim" / "zo.py"]
+    stale = [pkg / "old_module.py", pkg / "optim" / "renamed.py", pkg / "old_module.pyc"]
+    for p in keep + stale:
+        p.write_text("")
+    (pkg / "_C_generic.so").write_bytes(b"")  # extensions are build_ext's business
+    setup._remove_stale_sources(str(pkg), [str(p) for p in keep])
+    left = sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*") if p.is_file())
+    assert left == sorted(["__init__.py", "_C_generic.so", os.path.join("optim", "zo.py")])
