@@ -34,8 +34,9 @@ import torch
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")
 from zofo_kernels import load_trained, models
-from transformers import AutoModelForSequenceClassification
-from peft import PeftModel
+from zofo_kernels.prompting import classification_logits
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftModel
 
 jobs = json.loads(open(sys.argv[1]).read())
 batch = torch.load(sys.argv[2])
@@ -43,23 +44,27 @@ results = {}
 
 def logits(m):
     with torch.no_grad():
-        return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return classification_logits(m, batch)
 
 for key, job in jobs.items():
     folder = job["folder"]
     model, tok = load_trained(folder)
     res = {"helper": logits(model), "helper_training": model.training,
            "tokenizer": tok is not None and tok(["a b"])["input_ids"] == job["tok_ids"]}
-    plain = AutoModelForSequenceClassification.from_pretrained(os.path.join(folder, "model"))
+    causal = job.get("causal", False)  # prompt-based causal LM: label words via the LM head
+    auto_cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    plain = auto_cls.from_pretrained(os.path.join(folder, "model"))
     if os.path.isdir(os.path.join(folder, "adapter")):
         plain = PeftModel.from_pretrained(plain, os.path.join(folder, "adapter"))
-        initial = models.build_random(job["preset"], seed=job["seed"],
-                                      pad_token_id=plain.config.pad_token_id)
+        if job.get("head") == "prompt":
+            initial = models.load_model(job["preset"], seed=job["seed"], head="prompt").model
+        else:
+            initial = models.build_random(job["preset"], seed=job["seed"],
+                                          pad_token_id=plain.config.pad_token_id)
         stale = PeftModel.from_pretrained(initial, os.path.join(folder, "adapter")).eval()
         res["initial_backbone"] = logits(stale)
-        from peft import AutoPeftModelForSequenceClassification  # base named in adapter_config
-        auto = AutoPeftModelForSequenceClassification.from_pretrained(
-            os.path.join(folder, "adapter"))
+        auto_peft = AutoPeftModelForCausalLM if causal else AutoPeftModelForSequenceClassification
+        auto = auto_peft.from_pretrained(os.path.join(folder, "adapter"))  # base in its config
         res["auto_peft"] = logits(auto.eval())
     res["plain"] = logits(plain.eval())
     results[key] = res
@@ -74,12 +79,12 @@ def _batch():
 
 
 def _logits(model, batch):
+    from zofo_kernels.prompting import classification_logits
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            return model(input_ids=batch["input_ids"],
-                         attention_mask=batch["attention_mask"]).logits.clone()
+            return classification_logits(model, batch).clone()
     finally:
         torch.set_num_threads(before)
 
@@ -123,17 +128,26 @@ def _argv(tmp_path, method, out, preset="tiny-bert", extra=()):
             *extra]
 
 
-# method, preset, extra flags: every zofo-train method, Bilevel-ZOFO with LoRA and prompt tuning
+# method, preset, extra flags: every zofo-train method with a random head, Bilevel-ZOFO with
+# LoRA and prompt tuning, and the prompt-based heads (encoder, and causal LM with prefix and
+# prompt tuning)
+_BILEVEL = ["--steps", "3", "--inner-steps", "2", "--lr", "1e-2", "--peft-lr", "1e-2"]
 TRAIN_CASES = {
-    "mezo": ("mezo", "tiny-bert", ["--steps", "3", "--lr", "1e-2"]),
-    "mezo-lora": ("mezo-lora", "tiny-bert", ["--steps", "3"]),
-    "fo-lora": ("fo-lora", "tiny-bert", ["--steps", "3", "--lr", "1e-2"]),
-    "fo-full": ("fo-full", "tiny-bert", ["--steps", "3", "--lr", "1e-3"]),
-    "bilevel-lora": ("bilevel-zofo", "tiny-bert",
-                     ["--steps", "3", "--inner-steps", "2", "--lr", "1e-2", "--peft-lr", "1e-2"]),
-    "bilevel-prompt": ("bilevel-zofo", "tiny-opt",
-                       ["--steps", "3", "--inner-steps", "2", "--peft", "prompt", "--lr", "1e-2",
-                        "--peft-lr", "1e-2"]),
+    "mezo": ("mezo", "tiny-bert", ["--steps", "3", "--lr", "1e-2", "--head", "random"]),
+    "mezo-lora": ("mezo-lora", "tiny-bert", ["--steps", "3", "--head", "random"]),
+    "fo-lora": ("fo-lora", "tiny-bert", ["--steps", "3", "--lr", "1e-2", "--head", "random"]),
+    "fo-full": ("fo-full", "tiny-bert", ["--steps", "3", "--lr", "1e-3", "--head", "random"]),
+    "bilevel-lora": ("bilevel-zofo", "tiny-bert", _BILEVEL + ["--head", "random"]),
+    "bilevel-prompt": ("bilevel-zofo", "tiny-opt", _BILEVEL + ["--peft", "prompt",
+                                                               "--head", "random"]),
+    "prompt-head-bilevel-lora": ("bilevel-zofo", "tiny-bert", _BILEVEL),
+    "prompt-head-bilevel-adam": ("bilevel-zofo", "tiny-bert",
+                                 _BILEVEL + ["--theta-update", "adam"]),
+    "prompt-head-mezo-causal": ("mezo", "tiny-opt", ["--steps", "3", "--lr", "1e-2"]),
+    "prompt-head-bilevel-causal-prefix": ("bilevel-zofo", "tiny-opt",
+                                          _BILEVEL + ["--peft", "prefix"]),
+    "prompt-head-bilevel-causal-prompt": ("bilevel-zofo", "tiny-opt",
+                                          _BILEVEL + ["--peft", "prompt"]),
 }
 
 
@@ -151,7 +165,9 @@ def zofo_train_runs(tmp_path_factory):
 
         args = train.build_parser().parse_args(_argv(tmp, method, out, preset, extra))
         train.run(args, on_trained=keep)
-        jobs[key] = {"folder": str(out), "preset": preset, "seed": 1}
+        head = "random" if "random" in extra else "prompt"
+        jobs[key] = {"folder": str(out), "preset": preset, "seed": 1, "head": head,
+                     "causal": head == "prompt" and preset == "tiny-opt"}
     return trained, reload_in_fresh_process(tmp, jobs), tmp
 
 

@@ -242,7 +242,11 @@ def _load_backbone(folder: Path, manifest: Dict[str, Any], device, dtype):
     if not (source / "config.json").is_file():
         raise CheckpointError(f"{source} has no config.json: the backbone is missing")
     import transformers
+
+    from . import prompting  # registers BertPromptClassifier with the Auto classes
     cls = getattr(transformers, str(manifest.get("model_class")), None)
+    if manifest.get("model_class") == prompting.BertPromptClassifier.__name__:
+        cls = prompting.BertPromptClassifier
     if cls is None or not hasattr(cls, "from_pretrained"):
         cls = AutoModelForSequenceClassification
     verbosity = hf_logging.get_verbosity()

@@ -348,6 +348,22 @@ def classification_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
+def mean_loss(model: torch.nn.Module, encoded, batch_size: int = 64) -> float:
+    """Mean cross-entropy of ``model`` over all of ``encoded`` (model selection)."""
+    from .prompting import classification_logits
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for batch in encoded.batches(batch_size):
+        logits = classification_logits(model, batch)
+        total += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
+                                                         reduction="sum"))
+        n += int(batch["labels"].numel())
+    model.train(was_training)
+    return total / max(1, n)
+
+
+@torch.no_grad()
 def accuracy(model: torch.nn.Module, encoded, batch_size: int = 64) -> float:
     """Fraction of ``encoded`` (a :class:`zofo_kernels.data.Encoded`) classified correctly."""
     from .prompting import classification_logits

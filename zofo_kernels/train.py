@@ -20,6 +20,18 @@ the prediction adapter, Bilevel-ZOFO's P), ``resume/`` (S, optimizer state, run 
 exactly; ``zofo-train --resume FOLDER --steps N`` continues the run bit for bit.
 Dropout is disabled for every method (the model stays in eval mode), as in MeZO's ZO passes,
 so that all methods optimise the same deterministic objective.
+
+Heads (``--head``): ``prompt`` (default) classifies through the pretrained model with a
+template and label words (``--template``, ``--label-words``; SST-2's "{sentence} It was" /
+terrible,great), as MeZO and Bilevel-ZOFO do; the head belongs to the backbone, so PEFT
+methods train the adapter only and every method starts from the same zero-shot classifier.
+``random`` adds a new classification head, trained with the adapter by PEFT methods.
+
+Model selection without dev data: at every evaluation the mean loss on the upper-level set
+D_f (the last ``--upper-fraction`` of the sample; for methods other than Bilevel-ZOFO these
+examples are part of their training data) is measured too, and the evaluation at its lowest
+value is reported as ``selected_eval_accuracy`` (as the Bilevel-ZOFO code keeps the best
+checkpoint by D_f loss); with saving on, that model is also written to ``best/``.
 """
 
 from __future__ import annotations
@@ -50,9 +62,11 @@ DEFAULTS = {
     "mezo-lora": dict(lr=1e-3, eps=1e-2, estimator="central"),
     "fo-lora": dict(lr=1e-3),
     "fo-full": dict(lr=3e-5),
-    "bilevel-zofo": dict(lr=1e-6, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=5,
-                         estimator="forward"),
+    "bilevel-zofo": dict(lr=1e-6, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=4,
+                         estimator="forward", theta_update="rms", order="official",
+                         penalty_batch="fresh"),
 }
+HEADS = models_mod.HEADS
 
 
 # --------------------------------------------------------------------------- utilities
@@ -242,22 +256,27 @@ class BilevelRunner(Runner):
     method = "bilevel-zofo"
 
     def __init__(self, model, loss_fn, lower: Iterator[dict], upper: Iterator[dict], device,
-                 lr, eps, lam, inner_steps, peft_lr, estimator, weight_decay=0.0, seed=None,
-                 backend=None, distribution="gaussian"):
+                 lr, penalty: Optional[Iterator[dict]] = None, **settings):
+        """``penalty``: the stream of fresh B_g batches for the upper step (a second D_g
+        iterator, as in the authors' code); None: B_g is the last lower batch. ``settings``:
+        the keyword settings of :class:`ZOFOOptimizer`."""
         super().__init__(loss_fn)
         from .optim import ZOFOOptimizer
         self.model = self.eval_model = model
         self.lower = lower if isinstance(lower, Drawn) else Drawn(lower)
         self.upper = upper if isinstance(upper, Drawn) else Drawn(upper)
         self.streams = {"lower": self.lower, "upper": self.upper}
+        self.penalty = None
+        if penalty is not None:
+            self.penalty = penalty if isinstance(penalty, Drawn) else Drawn(penalty)
+            self.streams["penalty"] = self.penalty
         self.device = device
-        self.inner_steps = inner_steps
+        self.inner_steps = settings.get("inner_steps", 10)
         self.opt = ZOFOOptimizer.from_peft(
-            model, lambda batch: self.loss(model, batch), lr=lr, eps=eps, lam=lam,
-            inner_steps=inner_steps, peft_optimizer=torch.optim.Adam, peft_lr=peft_lr,
-            estimator=estimator, weight_decay=weight_decay, seed=seed, backend=backend,
-            distribution=distribution)
+            model, lambda batch: self.loss(model, batch), lr=lr,
+            peft_optimizer=torch.optim.Adam, **settings)
         self.lower_adapter = self.opt.adapter_names["lower"]
+        self.last_result = None
 
     @property
     def forward_count(self) -> int:
@@ -273,9 +292,24 @@ class BilevelRunner(Runner):
 
     def step(self) -> float:
         upper = _to(next(self.upper), self.device)
-        lowers = [_to(next(self.lower), self.device) for _ in range(max(1, self.inner_steps))]
-        result = self._optimizer_step(upper, lowers)
+        n_lower = self.inner_steps if self.penalty is not None else max(1, self.inner_steps)
+        lowers = [_to(next(self.lower), self.device) for _ in range(n_lower)]
+        if self.penalty is not None:
+            result = self._optimizer_step(upper, lowers, _to(next(self.penalty), self.device))
+        else:
+            result = self._optimizer_step(upper, lowers)
+        self.last_result = result
         return float(result.upper_loss)
+
+    def diagnostics(self) -> dict:
+        """The last outer step's inside view (metrics.jsonl rows of kind "bilevel")."""
+        r = self.last_result
+        if r is None:
+            return {}
+        return dict(f=r.upper_loss, g_upper=r.penalty_loss, g_lower=r.lower_penalty_loss,
+                    gap=r.gap, objective=r.objective, projected_grads=r.projected_grads,
+                    slopes=r.slopes, theta_step_rms=r.theta_step_rms,
+                    lower_losses=r.lower_losses, skipped=r.skipped)
 
     def load_optimizer_state(self, state: dict) -> None:
         self.opt.load_state_dict(state["optimizer"])  # the counters are the optimizer's
@@ -295,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, help="training method (required)")
     p.add_argument("--peft", default="lora", choices=models_mod.PEFT_KINDS,
                    help="PEFT block for bilevel-zofo, mezo-lora and fo-lora (default: lora)")
+    p.add_argument("--head", default="prompt", choices=HEADS,
+                   help="prompt: classify through the pretrained model with a template and "
+                        "label words (the head is in the backbone); random: a new "
+                        "classification head (default: prompt)")
+    p.add_argument("--template", default=None,
+                   help='prompt head: the template, with {sentence} once (default: '
+                        '"{sentence} It was")')
+    p.add_argument("--label-words", default=None,
+                   help="prompt head: one word per class, comma-separated, in class order "
+                        "(default: terrible,great)")
     p.add_argument("--train",
                    help="training data (required): .tsv/.csv/.jsonl file or a datasets name")
     p.add_argument("--eval", default=None,
@@ -340,8 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "forward for bilevel-zofo as in the Bilevel-ZOFO code)")
     h.add_argument("--n-directions", type=int, default=1)
     h.add_argument("--lam", type=float, default=None, help="bilevel-zofo penalty weight")
-    h.add_argument("--inner-steps", type=int, default=None, help="bilevel-zofo K")
+    h.add_argument("--inner-steps", type=int, default=None,
+                   help="bilevel-zofo: lower (S) steps per outer step; the paper's K is "
+                        "inner_steps + 1")
     h.add_argument("--peft-lr", type=float, default=None, help="bilevel-zofo Adam lr of P and S")
+    h.add_argument("--theta-update", default=None, choices=("rms", "sgd", "scaled-sgd", "adam"),
+                   help="bilevel-zofo: the backbone's update (default rms: ZO-SGD on the "
+                        "projected gradient over its running RMS; adam: the authors' "
+                        "materialised Adam on theta and P, three backbone-sized buffers)")
+    h.add_argument("--order", default=None, choices=("official", "p-first"),
+                   help="bilevel-zofo: official (P's gradient, the ZO step reusing f and g_P, "
+                        "then P's step) or p-first (P steps before the ZO step)")
+    h.add_argument("--penalty-batch", default=None, choices=("fresh", "last"),
+                   help="bilevel-zofo: B_g of the upper step, a fresh D_g batch (default) or "
+                        "the last lower batch")
     h.add_argument("--lora-r", type=int, default=8)
     h.add_argument("--lora-alpha", type=int, default=16)
     h.add_argument("--num-virtual-tokens", type=int, default=None)
@@ -407,7 +463,7 @@ def resume_args(args, given: Optional[List[str]] = None):
 
 
 def _hp(args, name):
-    value = getattr(args, name)
+    value = getattr(args, name, None)
     if value is None:
         value = DEFAULTS[args.method].get(name)
     return value
@@ -427,8 +483,10 @@ def _validate(args) -> None:
         raise SystemExit("zofo-train: give --eval FILE or --holdout N")
     if args.num_train <= 0 or args.batch_size <= 0 or args.max_length <= 0:
         raise SystemExit("zofo-train: --num-train, --batch-size and --max-length must be positive")
-    if args.inner_steps is not None and args.inner_steps <= 0:
-        raise SystemExit("zofo-train: --inner-steps must be positive")
+    if args.inner_steps is not None and args.inner_steps < 0:
+        raise SystemExit("zofo-train: --inner-steps must be >= 0")
+    if args.head == "random" and (args.template is not None or args.label_words is not None):
+        raise SystemExit("zofo-train: --template / --label-words need --head prompt")
 
 
 def _make_runner(args, model, device, train_enc, lower_enc, upper_enc, rank=0) -> Runner:
@@ -443,11 +501,15 @@ def _make_runner(args, model, device, train_enc, lower_enc, upper_enc, rank=0) -
     if args.method == "bilevel-zofo":
         lower = data_mod.BatchStream(lower_enc, args.batch_size, stream_seed + 1)
         upper = data_mod.BatchStream(upper_enc, args.batch_size, stream_seed + 2)
+        penalty = (data_mod.BatchStream(lower_enc, args.batch_size, stream_seed + 3)
+                   if _hp(args, "penalty_batch") == "fresh" else None)
         return BilevelRunner(model, loss_fn, lower, upper, device, lr=_hp(args, "lr"),
-                             eps=_hp(args, "eps"), lam=_hp(args, "lam"),
+                             penalty=penalty, eps=_hp(args, "eps"), lam=_hp(args, "lam"),
                              inner_steps=_hp(args, "inner_steps"), peft_lr=_hp(args, "peft_lr"),
                              estimator=_hp(args, "estimator"), weight_decay=args.weight_decay,
-                             seed=seed, backend=args.backend, distribution=args.distribution)
+                             seed=seed, backend=args.backend, distribution=args.distribution,
+                             n_directions=args.n_directions,
+                             theta_update=_hp(args, "theta_update"), order=_hp(args, "order"))
     stream = data_mod.BatchStream(train_enc, args.batch_size, stream_seed + 1)
     if args.method in ("mezo", "mezo-lora"):
         return ZORunner(args.method, model, loss_fn, stream, device, lr=_hp(args, "lr"),
@@ -502,6 +564,9 @@ class Progress:
     last_eval_step: int = 0
     recent: List[float] = dataclasses.field(default_factory=list)  # losses since the last row
     nonfinite: bool = False
+    select_loss: float = float("inf")   # the lowest mean D_f loss seen at an evaluation
+    selected_acc: float = float("nan")  # the evaluation accuracy there
+    selected_step: int = 0
 
 
 class MetricsLog:
@@ -582,16 +647,36 @@ def _run(args, device, ctx, resume=None, on_trained=None) -> dict:
             eval_ex = data_mod.sample(eval_ex, args.eval_max, data_seed + 7)
         lower_ex, upper_ex = (data_mod.split(train_ex, args.upper_fraction)
                               if args.method == "bilevel-zofo" else (train_ex, []))
+        # D_f, the examples that model selection reads (every method: see the docstring)
+        select_ex = data_mod.split(train_ex, args.upper_fraction)[1]
         n_labels = data_mod.num_labels(train_ex, eval_ex)
+        head = getattr(args, "head", "random")  # run states saved before --head existed
+        spec = None
+        if head == "prompt":
+            from .prompting import PromptError, PromptSpec
+            try:
+                spec = PromptSpec.parse(args.template, args.label_words)
+            except PromptError as exc:
+                raise SystemExit(f"zofo-train: {exc}") from None
+            if spec.num_labels != max(2, n_labels):
+                raise SystemExit(f"zofo-train: {spec.num_labels} label words for "
+                                 f"{max(2, n_labels)} classes; give --label-words with one "
+                                 "word per class")
+            train_ex, eval_ex, lower_ex, upper_ex, select_ex = (
+                [data_mod.Example(spec.text(e.text), e.label) for e in exs]
+                for exs in (train_ex, eval_ex, lower_ex, upper_ex, select_ex))
         loaded = models_mod.load_model(args.model, num_labels=max(2, n_labels), dtype=args.dtype,
-                                       seed=args.seed, device=str(device))
+                                       seed=args.seed, device=str(device), head=head,
+                                       prompt=spec)
     except (data_mod.DataError, models_mod.ModelError) as exc:
         raise SystemExit(f"zofo-train: {exc}") from None
 
     tok = loaded.tokenizer
-    enc = lambda ex: data_mod.Encoded(ex, tok, args.max_length) if ex else None  # noqa: E731
+    enc = lambda ex: (data_mod.Encoded(ex, tok, args.max_length,  # noqa: E731
+                                       add_special_tokens=loaded.add_special_tokens)
+                      if ex else None)
     train_enc, eval_enc = enc(train_ex), enc(eval_ex)
-    lower_enc, upper_enc = enc(lower_ex), enc(upper_ex)
+    lower_enc, upper_enc, select_enc = enc(lower_ex), enc(upper_ex), enc(select_ex)
     torch.manual_seed(args.seed)
     try:
         runner = _make_runner(args, loaded.model, device, train_enc, lower_enc, upper_enc,
@@ -625,6 +710,22 @@ def _run(args, device, ctx, resume=None, on_trained=None) -> dict:
         return models_mod.accuracy(runner.eval_model, _DeviceEncoded(eval_enc, device),
                                    args.eval_batch_size)
 
+    def select_loss() -> float:
+        return models_mod.mean_loss(runner.eval_model, _DeviceEncoded(select_enc, device),
+                                    args.eval_batch_size)
+
+    best_files: set = set()
+
+    def record_selection(acc: float) -> dict:
+        """D_f loss now; keeps the evaluation (and, when saving, the model) at its lowest."""
+        loss = select_loss()
+        if loss < pr.select_loss:
+            pr.select_loss, pr.selected_acc, pr.selected_step = loss, acc, pr.step
+            if not args.no_save and ctx.is_main:
+                best_files.update(ckpt_mod.save_trained(out / "best", runner.model,
+                                                        tokenizer=tok, method=args.method))
+        return dict(select_loss=loss)
+
     budget = args.time_budget
     eval_every, eval_every_steps = args.eval_every, args.eval_every_steps
     if eval_every is None and eval_every_steps is None:
@@ -648,9 +749,11 @@ def _run(args, device, ctx, resume=None, on_trained=None) -> dict:
 
     if resume is None:
         pr.initial_acc = pr.final_acc = pr.best = evaluate()
+        selection = record_selection(pr.initial_acc)
         pr.eval_time += time.perf_counter() - t_start
         log.write(dict(kind="eval", step=0, wall_time_s=0.0, elapsed_s=round(pr.eval_time, 3),
-                       eval_accuracy=pr.initial_acc, forward_count=0, backward_count=0))
+                       eval_accuracy=pr.initial_acc, forward_count=0, backward_count=0,
+                       **selection))
     while True:
         if args.steps is not None and pr.step >= args.steps:
             break
@@ -663,6 +766,9 @@ def _run(args, device, ctx, resume=None, on_trained=None) -> dict:
             pr.train_time = dist_mod.agree_on_max(pr.train_time, ctx)  # all ranks stop together
         pr.step += 1
         pr.recent.append(loss)
+        if isinstance(runner, BilevelRunner):
+            log.write(dict(kind="bilevel", step=pr.step, wall_time_s=round(pr.train_time, 3),
+                           **runner.diagnostics()))
         if by_time:
             bar.n = min(bar.total, int(pr.train_time))
             bar.set_postfix(step=pr.step, loss=f"{loss:.4f}", acc=f"{pr.final_acc:.3f}")
@@ -687,13 +793,14 @@ def _run(args, device, ctx, resume=None, on_trained=None) -> dict:
         if due or done:
             te = time.perf_counter()
             pr.final_acc = evaluate()
+            selection = record_selection(pr.final_acc)
             pr.eval_time += time.perf_counter() - te
             pr.best = max(pr.best, pr.final_acc)
             pr.last_eval_t, pr.last_eval_step = pr.train_time, pr.step
             log.write(dict(kind="eval", step=pr.step, wall_time_s=round(pr.train_time, 3),
                            elapsed_s=elapsed(), eval_accuracy=pr.final_acc,
                            forward_count=runner.forward_count,
-                           backward_count=runner.backward_count))
+                           backward_count=runner.backward_count, **selection))
         if pr.nonfinite:
             break
     bar.close()
@@ -712,7 +819,12 @@ def _run(args, device, ctx, resume=None, on_trained=None) -> dict:
         method=args.method, model=args.model, peft=args.peft if args.method in (
             "bilevel-zofo", "mezo-lora", "fo-lora") else None,
         eval_accuracy=pr.final_acc, best_eval_accuracy=pr.best,
-        initial_eval_accuracy=pr.initial_acc,
+        initial_eval_accuracy=pr.initial_acc, selected_eval_accuracy=pr.selected_acc,
+        selected_step=pr.selected_step, selection_loss=pr.select_loss,
+        selection_data=f"D_f: last {args.upper_fraction:.3g} of the training sample "
+                       f"({len(select_ex)} examples)",
+        head=head, template=spec.template if spec else None,
+        label_words=list(spec.label_words) if spec else None,
         eval_data=str(eval_name), eval_examples=len(eval_enc),
         wall_time_s=round(pr.train_time, 3), eval_time_s=round(pr.eval_time, 3),
         elapsed_s=pr.elapsed, steps=pr.step,
@@ -729,14 +841,16 @@ def _run(args, device, ctx, resume=None, on_trained=None) -> dict:
                              distribution=args.distribution, n_directions=args.n_directions,
                              lam=_hp(args, "lam"), inner_steps=_hp(args, "inner_steps"),
                              peft_lr=_hp(args, "peft_lr"), lora_r=args.lora_r,
-                             lora_alpha=args.lora_alpha, dtype=args.dtype),
+                             lora_alpha=args.lora_alpha, dtype=args.dtype,
+                             theta_update=_hp(args, "theta_update"), order=_hp(args, "order"),
+                             penalty_batch=_hp(args, "penalty_batch")),
         time_budget_s=budget, max_steps=args.steps,
         threads=torch.get_num_threads(), device=str(device), world_size=ctx.world_size,
     )
     from . import plotting
     plotting.plot_run(log.rows, out / "curves.png",
                       title=f"{args.method} on {args.model} ({len(train_ex)} examples)")
-    files = sorted({str(p.relative_to(out)) for p in written}
+    files = sorted({str(p.relative_to(out)) for p in list(written) + sorted(best_files)}
                    | {"metrics.jsonl", "summary.json", "curves.png"})
     summary.update(output=str(out.resolve()), files=files)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
