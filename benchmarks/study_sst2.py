@@ -1,23 +1,29 @@
-"""The SST-2 study: do Bilevel-ZOFO's claims hold for MiniLM on a CPU?
+"""The SST-2 study: do Bilevel-ZOFO's claims hold for MiniLM on a CPU? (benchmarks/README.md)
 
-Protocol (MeZO / Bilevel-ZOFO few-shot setting):
-  * model: MiniLM-L6 (real pretrained weights, new 2-way head), batch 16, 64 tokens, CPU;
-  * data: ``--num-train`` (1,000) examples drawn from ../shared/data/sst2/train.tsv with the
-    run's seed; Bilevel-ZOFO splits them 2 : 1 into lower/upper sets; accuracy on dev.tsv;
-  * methods: mezo, mezo-lora, fo-lora, fo-full, bilevel-zofo, each with the same training
-    wall-clock budget (``--budget-minutes``, evaluation time not counted), ``--seeds``;
-  * hyperparameters: for each method, the best setting of the small grid ``SWEEP`` below,
-    chosen by accuracy on a held-out part of the training sample (``--sweep-holdout``
-    examples of the seed-0 sample are held out; the rest trains for ``--sweep-minutes``).
-    dev.tsv is never used for selection.
+Protocol (MeZO / Bilevel-ZOFO few-shot setting, prompt-based heads):
+  * model: MiniLM-L6 (real pretrained weights) with the prompt head of ``zofo-train --head
+    prompt`` (initialised from the encoder's embeddings of "It was terrible." / "It was
+    great.", part of the backbone), so every method starts from the same zero-shot
+    classifier; batch 16, 64 tokens, CPU, one thread per run, ``--parallel`` runs at a time;
+  * data: 1,000 examples drawn from ../shared/data/sst2/train.tsv with the run's seed;
+    Bilevel-ZOFO splits them 2 : 1 into D_g / D_f; accuracy on dev.tsv;
+  * rows: fo-full, fo-lora, mezo, mezo-lora, bilevel-zofo (theta_update="rms", the default),
+    bilevel-zofo-adam (the authors' materialised Adam update) and bilevel-zofo-zo0 (the
+    chosen Bilevel-ZOFO setting with theta's lr 0: does the backbone's ZO update help?), each
+    with the same training wall-clock budget (``--budget-minutes``, evaluation not counted).
 
-Outputs (``--output``, default benchmarks/results/study_<tag>): sweep.csv, runs.csv,
-curves.csv, summary.json, study.png, study.md, and each run's metrics.jsonl/summary.json.
-The study.md states, in words, whether Bilevel-ZOFO reached MeZO's best accuracy faster
-(and by what factor) and whether it ended above FO-LoRA.
+Phases (each run is written to its own folder and skipped when it exists, so the study
+resumes run by run; ``--commit`` commits every finished run at once):
+  sweep    every row's grid (``SWEEP``) on seed 0, scored on ``--holdout`` further training
+           examples (never dev.tsv) by the final holdout accuracy, so a late collapse loses;
+  lambda   the chosen Bilevel-ZOFO setting at lam in {1, 10, 100, 1000} (seed 0, dev), and the
+           candidate theta updates side by side: plain ZO-SGD ("sgd") and ZO-SGD on
+           L / (1 + lam) ("scaled-sgd") at lam 10 and 1000, their lr matched to the rms run's
+           step at lam 10;
+  main     every row on ``--seeds``;
+  report   tables, figures and the verdict (study.md) from whatever runs exist.
 
-Full protocol (hours on two cores):
-  python benchmarks/study_sst2.py --budget-minutes 15 --seeds 0 1 2
+  python benchmarks/study_sst2.py --phase all --budget-minutes 25 --seeds 0 1 2 --commit
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -38,28 +46,34 @@ sys.path.insert(0, str(ROOT))
 from zofo_kernels import data as data_mod  # noqa: E402
 from zofo_kernels import plotting  # noqa: E402
 
-METHODS = ("mezo", "mezo-lora", "fo-lora", "fo-full", "bilevel-zofo")
-
-# The sweep grid: a few settings per method around the values the papers use, scaled for a
-# 22.7 M-parameter model. Keys are zofo-train flags. Grids have an even length so that with
-# --sweep-parallel 2 the two settings running side by side belong to the same method and
-# share the machine on equal terms.
-SWEEP = {
-    "mezo": [dict(lr=3e-5, eps=1e-3), dict(lr=1e-4, eps=1e-3),
-             dict(lr=3e-4, eps=1e-3), dict(lr=1e-3, eps=1e-3)],
-    "mezo-lora": [dict(lr=1e-3, eps=1e-2), dict(lr=1e-2, eps=1e-2)],
-    "fo-lora": [dict(lr=5e-4), dict(lr=2e-3)],
-    "fo-full": [dict(lr=2e-5), dict(lr=5e-5)],
-    "bilevel-zofo": [dict(lr=1e-5, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=5),
-                     dict(lr=1e-4, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=5),
-                     dict(lr=1e-5, eps=1e-3, peft_lr=3e-3, lam=10.0, inner_steps=5),
-                     dict(lr=1e-4, eps=1e-3, peft_lr=3e-3, lam=10.0, inner_steps=5)],
+# study row -> (zofo-train method, flags every setting of the row has)
+ROWS = {
+    "fo-full": ("fo-full", {}),
+    "fo-lora": ("fo-lora", {}),
+    "mezo": ("mezo", {}),
+    "mezo-lora": ("mezo-lora", {}),
+    "bilevel-zofo": ("bilevel-zofo", {}),
+    "bilevel-zofo-adam": ("bilevel-zofo", {"theta_update": "adam"}),
+    "bilevel-zofo-zo0": ("bilevel-zofo", {}),
 }
-
-
-# Final accuracy this far below the run's best is reported as a late drop. In the 15-minute
-# study, settled runs moved by at most 0.04 between evaluations (FO runs by under 0.01).
-LATE_DROP = 0.05
+# Grids (zofo-train flags) around the papers' values, scaled for a 22.7 M-parameter model.
+# Under theta_update="rms" a backbone weight moves by about lr per outer step; MeZO's moves by
+# lr * |g|, with |g| of order 10 on this model (measured).
+BILEVEL_FIXED = dict(eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=3)
+# dict order is run order: the Bilevel-ZOFO grids first; the two settings of a row run side
+# by side (--parallel 2), so a row's selection compares runs made under the same load
+SWEEP = {
+    "bilevel-zofo": [dict(BILEVEL_FIXED, lr=1e-5), dict(BILEVEL_FIXED, lr=5e-5)],
+    "bilevel-zofo-adam": [dict(BILEVEL_FIXED, lr=1e-5), dict(BILEVEL_FIXED, lr=1e-4)],
+    "mezo": [dict(lr=3e-6, eps=1e-3), dict(lr=1e-5, eps=1e-3)],
+    "mezo-lora": [dict(lr=3e-4, eps=1e-2), dict(lr=3e-3, eps=1e-2)],
+    "fo-lora": [dict(lr=3e-4), dict(lr=1e-3)],
+    "fo-full": [dict(lr=1e-5), dict(lr=3e-5)],
+}
+LAMBDAS = (1.0, 10.0, 100.0, 1000.0)
+CANDIDATE_LAMBDAS = (10.0, 1000.0)
+# a run whose final accuracy is this far below its own best collapsed (the issue's rule)
+COLLAPSE = 0.05
 
 
 def _flags(hp: dict) -> list:
@@ -69,120 +83,284 @@ def _flags(hp: dict) -> list:
     return out
 
 
-def run_one(args, method, hp, seed, budget_s, out: Path, extra, threads=None) -> dict:
-    """One zofo-train run in its own process (fresh memory); skipped if already done."""
-    summary = out / "summary.json"
-    if args.resume and summary.is_file():
-        return json.loads(summary.read_text())
-    cmd = [sys.executable, "-m", "zofo_kernels.train", "--model", args.model,
-           "--method", method, "--train", _rel(args.data / "train.tsv"),
-           "--num-train", str(args.num_train), "--seed", str(seed), "--data-seed", str(seed),
-           "--time-budget", str(budget_s), "--output", str(out), "--no-save",
-           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-           "--threads", str(threads or args.threads), *extra, *_flags(hp)]
-    print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed} {hp} ({budget_s:.0f} s)",
-          flush=True)
-    for attempt in range(2):
-        log = open(out.parent / f"{out.name}.log", "w")
-        proc = subprocess.run(cmd, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        log.close()
-        if proc.returncode >= 0:
-            break
-        # killed by a signal (e.g. the native module rebuilt under a running process):
-        # start this run again from scratch, once
-        print(f"  run ended by signal {-proc.returncode}; running it again", flush=True)
-    if proc.returncode != 0 or not summary.is_file():
-        tail = (out.parent / f"{out.name}.log").read_text()[-1500:]
-        raise RuntimeError(f"run {out} failed (exit {proc.returncode}):\n{tail}")
-    (out.parent / f"{out.name}.log").unlink()
-    return json.loads(summary.read_text())
-
-
 def _rel(path: Path) -> str:
-    """``path`` relative to the repository when it is below its parent folder (so recorded
-    commands and summaries read ../shared/data/...), else as given."""
+    """``path`` relative to the repository when it is next to it (../shared/...)."""
     rel = os.path.relpath(path, ROOT)
     return rel if rel.startswith("..") and rel.count("..") == 1 else str(path)
 
 
-def eval_rows(run_dir: Path):
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "eval"]
+class Study:
+    def __init__(self, args):
+        self.args = args
+        self.out = args.output
+        (self.out / "runs").mkdir(parents=True, exist_ok=True)
 
+    # -- running ---------------------------------------------------------------------------
+    def run(self, name: str, row: str, hp: dict, seed: int, *, holdout: bool) -> dict:
+        """One zofo-train run in its own process, skipped if its summary exists."""
+        a = self.args
+        rd = self.out / "runs" / name
+        if (rd / "summary.json").is_file():
+            return json.loads((rd / "summary.json").read_text())
+        method, fixed = ROWS[row]
+        budget = (a.sweep_minutes if holdout else a.budget_minutes) * 60
+        where = (["--holdout", str(a.holdout)] if holdout
+                 else ["--eval", _rel(a.data / "dev.tsv")])
+        cmd = [sys.executable, "-m", "zofo_kernels.train", "--model", a.model,
+               "--method", method, "--train", _rel(a.data / "train.tsv"),
+               "--num-train", str(a.num_train), "--seed", str(seed), "--data-seed", str(seed),
+               "--time-budget", str(budget), "--eval-every", str(budget / a.evals),
+               "--output", str(rd), "--no-save", "--no-progress", "--threads",
+               str(a.threads), *where, *_flags(dict(fixed, **hp))]
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {row} {hp} seed {seed} "
+              f"({budget / 60:g} min)", flush=True)
+        log = self.out / "runs" / f"{name}.log"
+        with open(log, "w") as fh:
+            proc = subprocess.run(cmd, cwd=str(ROOT), stdout=fh, stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        if proc.returncode != 0 or not (rd / "summary.json").is_file():
+            raise RuntimeError(f"run {name} failed (exit {proc.returncode}):\n"
+                               f"{log.read_text()[-2000:]}")
+        log.unlink()
+        (rd / "command.txt").write_text(" ".join(
+            ["zofo-train"] + cmd[3:]).replace(str(rd), f"runs/{name}") + "\n")
+        if a.commit:
+            subprocess.run(["git", "add", str(rd)], cwd=str(ROOT), check=True)
+            subprocess.run(["git", "commit", "-q", "-m", f"study {self.out.name}: run {name}",
+                            "--", str(rd)], cwd=str(ROOT), check=True)
+        return json.loads((rd / "summary.json").read_text())
 
-def time_to_reach(rows, target: float):
-    """Training seconds of the first evaluation at or above ``target`` (None if never)."""
-    for r in rows:
-        if r["eval_accuracy"] >= target - 1e-12:
-            return r["wall_time_s"]
-    return None
+    def run_all(self, jobs):
+        """jobs: (name, row, hp, seed, holdout); --parallel at a time."""
+        with ThreadPoolExecutor(max_workers=self.args.parallel) as pool:
+            return list(pool.map(lambda j: self.run(j[0], j[1], j[2], j[3], holdout=j[4]),
+                                 jobs))
 
+    # -- phases ----------------------------------------------------------------------------
+    def sweep(self):
+        rows = self.args.rows or list(SWEEP)
+        jobs = [(f"sweep_{row}_{i}", row, hp, 0, True)
+                for row, grid in SWEEP.items() if row in rows for i, hp in enumerate(grid)]
+        self.run_all(jobs)
 
-def analyse(curves: dict, summaries: dict) -> dict:
-    """The study's questions on the mean-over-seeds curves (latest evaluation so far)."""
-    mean = {m: plotting.mean_curve(runs, points=200) for m, runs in curves.items()}
-    out = {"mean_final_accuracy": {}, "mean_best_accuracy": {}}
-    for m, runs in summaries.items():
-        out["mean_final_accuracy"][m] = sum(s["eval_accuracy"] for s in runs) / len(runs)
-        out["mean_best_accuracy"][m] = sum(s["best_eval_accuracy"] for s in runs) / len(runs)
-    if "mezo" in mean and "bilevel-zofo" in mean:
-        mezo_best = max(a for _, a in mean["mezo"])
-        t_mezo = next(t for t, a in mean["mezo"] if a >= mezo_best - 1e-12)
-        t_bz = next((t for t, a in mean["bilevel-zofo"] if a >= mezo_best - 1e-12), None)
-        out["mezo_best_mean_accuracy"] = mezo_best
-        out["mezo_time_to_best_s"] = t_mezo
-        out["bilevel_time_to_mezo_best_s"] = t_bz
-        out["bilevel_reaches_mezo_best"] = t_bz is not None
-        out["speedup_to_mezo_best"] = (t_mezo / t_bz if t_bz else (
-            float("inf") if t_bz == 0 else None))
-        if t_bz == 0:
-            out["speedup_to_mezo_best"] = "at time 0 (before training)"
-    if "fo-lora" in summaries and "bilevel-zofo" in summaries:
-        b = out["mean_final_accuracy"]["bilevel-zofo"]
-        f = out["mean_final_accuracy"]["fo-lora"]
-        out["bilevel_final_minus_fo_lora"] = b - f
-        out["bilevel_ends_above_fo_lora"] = b > f
-    return out
+    def chosen(self) -> dict:
+        """Per row, the sweep's best setting by final holdout accuracy (then best)."""
+        out = {}
+        for row, grid in SWEEP.items():
+            scored = []
+            for i, hp in enumerate(grid):
+                s = self.summary(f"sweep_{row}_{i}")
+                if s is not None:
+                    scored.append(((s["eval_accuracy"], s["best_eval_accuracy"]), i))
+            if len(scored) < len(grid):
+                continue
+            out[row] = grid[max(scored)[1]]
+        if "bilevel-zofo" in out:
+            out["bilevel-zofo-zo0"] = dict(out["bilevel-zofo"], lr=0.0)
+        return out
 
+    def lambda_phase(self):
+        chosen = self.chosen()
+        if "bilevel-zofo" not in chosen:
+            raise SystemExit("study_sst2: the lambda phase needs the Bilevel-ZOFO sweep first")
+        hp = chosen["bilevel-zofo"]
+        self.run_all([(f"lambda_rms_{lam:g}", "bilevel-zofo", dict(hp, lam=lam), 0, False)
+                      for lam in LAMBDAS])
+        g = self.grad_rms("lambda_rms_10")  # the rms run's typical |g| at lam 10
+        jobs = []
+        for lam in CANDIDATE_LAMBDAS:
+            jobs.append((f"lambda_sgd_{lam:g}", "bilevel-zofo",
+                         dict(hp, lam=lam, lr=hp["lr"] / g, theta_update="sgd"), 0, False))
+            jobs.append((f"lambda_scaled-sgd_{lam:g}", "bilevel-zofo",
+                         dict(hp, lam=lam, lr=hp["lr"] * (1 + 10.0) / g,
+                              theta_update="scaled-sgd"), 0, False))
+        self.run_all(jobs)
 
-def outcome_words(a: dict, n_seeds: int) -> str:
-    lines = []
-    if "mezo_best_mean_accuracy" in a:
-        best = a["mezo_best_mean_accuracy"]
-        if a["mezo_time_to_best_s"] == 0:
-            lines.append(f"- MeZO never rose above its initial accuracy ({best:.3f}) within the "
-                         "budget, so 'time to MeZO's best accuracy' is zero for every method "
-                         "and says nothing about speed.")
-        elif a["bilevel_reaches_mezo_best"]:
-            sp = a["speedup_to_mezo_best"]
-            if isinstance(sp, str):
-                speed = "already at the start (its initial accuracy is at least as high)"
+    def main_phase(self):
+        chosen = self.chosen()
+        missing = [r for r in ROWS if r not in chosen]
+        if missing:
+            raise SystemExit(f"study_sst2: the main phase needs the sweep of {missing} first")
+        jobs = [(f"main_{row}_seed{seed}", row, chosen[row], seed, False)
+                for seed in self.args.seeds for row in ROWS]
+        self.run_all(jobs)
+
+    # -- reading ---------------------------------------------------------------------------
+    def summary(self, name):
+        f = self.out / "runs" / name / "summary.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def rows(self, name, kind):
+        f = self.out / "runs" / name / "metrics.jsonl"
+        return [r for r in map(json.loads, f.read_text().splitlines()) if r["kind"] == kind]
+
+    def grad_rms(self, name) -> float:
+        gs = [g for r in self.rows(name, "bilevel") for g in r["projected_grads"]]
+        return math.sqrt(sum(g * g for g in gs) / len(gs))
+
+    # -- report ----------------------------------------------------------------------------
+    def report(self):
+        a = self.args
+        md = [f"# SST-2 study `{self.out.name}`", "",
+              f"MiniLM-L6 (pretrained) with the prompt head, 1 thread per run, {a.parallel} "
+              f"runs at a time on a 2-core machine; {a.num_train} training examples; "
+              f"budget {a.budget_minutes:g} min of training per run (sweep "
+              f"{a.sweep_minutes:g} min, scored on {a.holdout} held-out training examples).", ""]
+        chosen = self.chosen()
+        md += self._sweep_table(chosen)
+        md += self._lambda_section()
+        md += self._main_section(chosen)
+        (self.out / "study.md").write_text("\n".join(md) + "\n")
+        (self.out / "chosen_hyperparameters.json").write_text(json.dumps(chosen, indent=2)
+                                                              + "\n")
+        print("\n".join(md))
+
+    def _sweep_table(self, chosen):
+        lines = ["## Sweep (seed 0, held-out training examples)", "",
+                 "| row | setting | final | best | steps | chosen |", "|---|---|---:|---:|---:|:-:|"]
+        rows = []
+        for row, grid in SWEEP.items():
+            for i, hp in enumerate(grid):
+                s = self.summary(f"sweep_{row}_{i}")
+                if s is None:
+                    continue
+                pick = "yes" if chosen.get(row) == hp else ""
+                lines.append(f"| {row} | {_hp_text(hp)} | {s['eval_accuracy']:.3f} | "
+                             f"{s['best_eval_accuracy']:.3f} | {s['steps']} | {pick} |")
+                rows.append(dict(row=row, config=i, **hp, final=s["eval_accuracy"],
+                                 best=s["best_eval_accuracy"], steps=s["steps"]))
+        if rows:
+            _write_csv(self.out / "sweep.csv", rows)
+        return lines + [""]
+
+    def _lambda_section(self):
+        names = ([f"lambda_rms_{lam:g}" for lam in LAMBDAS]
+                 + [f"lambda_{c}_{lam:g}" for c in ("sgd", "scaled-sgd")
+                    for lam in CANDIDATE_LAMBDAS])
+        have = [n for n in names if self.summary(n) is not None]
+        if not have:
+            return []
+        lines = ["## Stability in lambda (seed 0, dev)", "",
+                 "| theta update | lambda | lr | final | best | selected (D_f) | outer steps | "
+                 "collapsed | mean theta step RMS |", "|---|---:|---:|---:|---:|---:|---:|:-:|---:|"]
+        rows, diag = [], {}
+        for n in have:
+            s = self.summary(n)
+            hp = s["hyperparameters"]
+            b = self.rows(n, "bilevel")
+            diag[n] = b
+            step_rms = statistics.fmean(r["theta_step_rms"] for r in b) if b else float("nan")
+            collapsed = s["best_eval_accuracy"] - s["eval_accuracy"] > COLLAPSE
+            lines.append(f"| {hp['theta_update']} | {hp['lam']:g} | {hp['lr']:.3g} | "
+                         f"{s['eval_accuracy']:.3f} | {s['best_eval_accuracy']:.3f} | "
+                         f"{s['selected_eval_accuracy']:.3f} | {s['steps']} | "
+                         f"{'**yes**' if collapsed else 'no'} | {step_rms:.2e} |")
+            rows.append(dict(run=n, theta_update=hp["theta_update"], lam=hp["lam"], lr=hp["lr"],
+                             final=s["eval_accuracy"], best=s["best_eval_accuracy"],
+                             selected=s["selected_eval_accuracy"], steps=s["steps"],
+                             collapsed=collapsed, mean_theta_step_rms=step_rms))
+        _write_csv(self.out / "lambda.csv", rows)
+        _plot_diagnostics(diag, self.out / "diagnostics.png")
+        plotting.plot_study({n: [self.rows(n, "eval")] for n in have}, self.out / "lambda.png",
+                            title="Bilevel-ZOFO on SST-2 dev, seed 0: lambda and theta update")
+        return lines + ["", "Curves: `lambda.png`; inside the steps (projected gradient, gap "
+                        "g_P - g_S, theta's RMS step): `diagnostics.png`.", ""]
+
+    def _main_section(self, chosen):
+        runs = {row: [(seed, self.summary(f"main_{row}_seed{seed}"))
+                      for seed in self.args.seeds] for row in ROWS}
+        runs = {row: [(sd, s) for sd, s in v if s is not None] for row, v in runs.items()}
+        runs = {row: v for row, v in runs.items() if v}
+        if not runs:
+            return []
+        lines = ["## Equal wall-clock budget, dev accuracy (mean ± sd over seeds)", "",
+                 "| row | setting | seeds | final | selected (D_f) | best | steps | forwards | "
+                 "peak RSS (MiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        table, curves = [], {}
+        for row, v in runs.items():
+            ss = [s for _, s in v]
+            curves[row] = [self.rows(f"main_{row}_seed{sd}", "eval") for sd, _ in v]
+            lines.append(
+                f"| {row} | {_hp_text(chosen.get(row, {}))} | {len(ss)} | "
+                f"{_ms([s['eval_accuracy'] for s in ss])} | "
+                f"{_ms([s['selected_eval_accuracy'] for s in ss])} | "
+                f"{_ms([s['best_eval_accuracy'] for s in ss])} | "
+                f"{statistics.fmean(s['steps'] for s in ss):.0f} | "
+                f"{statistics.fmean(s['forward_count'] for s in ss):.0f} | "
+                f"{statistics.fmean(s['peak_memory_bytes'] for s in ss) / 2**20:.0f} |")
+            for sd, s in v:
+                table.append(dict(row=row, seed=sd, **{k: s[k] for k in (
+                    "eval_accuracy", "selected_eval_accuracy", "best_eval_accuracy",
+                    "initial_eval_accuracy", "steps", "wall_time_s", "forward_count",
+                    "backward_count", "peak_memory_bytes")}))
+        _write_csv(self.out / "runs.csv", table)
+        zero = statistics.fmean(s["initial_eval_accuracy"] for v in runs.values()
+                                for _, s in v)
+        lines += ["", f"Zero-shot dev accuracy (every row starts from it): {zero:.3f}.", ""]
+        lines += self._equal_steps(curves) + self._verdict(runs, curves)
+        ref = (max(a for _, a in plotting.mean_curve(curves["mezo"], 200))
+               if "mezo" in curves else None)
+        plotting.plot_study(curves, self.out / "study.png",
+                            title="MiniLM-L6 on SST-2 dev, equal wall-clock budget",
+                            reference=ref, reference_label="MeZO's best (mean)")
+        return lines
+
+    def _equal_steps(self, curves):
+        """Accuracy read at the same number of training steps (the fewest any row made)."""
+        ends = {row: min(rs[-1]["step"] for rs in runs) for row, runs in curves.items()}
+        n = min(ends.values())
+        lines = [f"At equal step counts ({n} steps, the fewest any row made; a Bilevel-ZOFO "
+                 "step is one outer step):", "", "| row | dev acc at that step |", "|---|---:|"]
+        for row, runs in curves.items():
+            vals = [max((r for r in rs if r["step"] <= n), key=lambda r: r["step"])
+                    ["eval_accuracy"] for rs in runs]
+            lines.append(f"| {row} | {_ms(vals)} |")
+        return lines + [""]
+
+    def _verdict(self, runs, curves):
+        lines = ["## Verdict on the paper's claims", ""]
+        final = {row: [s["eval_accuracy"] for _, s in v] for row, v in runs.items()}
+        if "mezo" in curves and "bilevel-zofo" in curves:
+            mezo = plotting.mean_curve(curves["mezo"], 200)
+            best = max(a for _, a in mezo)
+            t_m = next(t for t, a in mezo if a >= best - 1e-12)
+            bz = plotting.mean_curve(curves["bilevel-zofo"], 200)
+            t_b = next((t for t, a in bz if a >= best - 1e-12), None)
+            if t_b is None:
+                lines.append(f"- **Faster to MeZO's best (claim: 2-4x)**: not reached; MeZO's "
+                             f"best mean accuracy {best:.3f}, Bilevel-ZOFO's best mean "
+                             f"{max(a for _, a in bz):.3f}.")
             else:
-                speed = (f"after {a['bilevel_time_to_mezo_best_s'] / 60:.1f} min of training, "
-                         f"against {a['mezo_time_to_best_s'] / 60:.1f} min for MeZO: "
-                         f"{sp:.1f}x faster" if sp >= 1 else
-                         f"after {a['bilevel_time_to_mezo_best_s'] / 60:.1f} min, later than "
-                         f"MeZO ({a['mezo_time_to_best_s'] / 60:.1f} min): {1 / sp:.1f}x slower")
-            lines.append(f"- Bilevel-ZOFO reached MeZO's best accuracy ({best:.3f}, mean over "
-                         f"{n_seeds} seed(s)) {speed}. The paper claims 2-4x.")
-        else:
-            lines.append(f"- Bilevel-ZOFO did **not** reach MeZO's best accuracy ({best:.3f}) "
-                         "within the budget.")
-    # a method whose final accuracy is well below its best got worse late in the run
-    # (divergence, not noise between evaluations): say so rather than hide it in a table
-    for m, final in a.get("mean_final_accuracy", {}).items():
-        best = a["mean_best_accuracy"][m]
-        if best - final > LATE_DROP:
-            lines.append(f"- {m} ended at {final:.3f}, {best - final:.3f} below its best "
-                         f"({best:.3f}): its accuracy fell late in the run.")
-    if "bilevel_ends_above_fo_lora" in a:
-        b = a["mean_final_accuracy"]["bilevel-zofo"]
-        f = a["mean_final_accuracy"]["fo-lora"]
-        lines.append(f"- Final dev accuracy: Bilevel-ZOFO {b:.3f} vs FO-LoRA {f:.3f}: Bilevel-ZOFO "
-                     f"ends {'above' if b > f else ('level with' if b == f else 'below')} "
-                     "FO-LoRA.")
-    return "\n".join(lines)
+                sp = "immediately" if t_b == 0 else f"{t_m / t_b:.1f}x faster"
+                lines.append(f"- **Faster to MeZO's best (claim: 2-4x)**: MeZO's best mean "
+                             f"accuracy {best:.3f} at {t_m / 60:.1f} min; Bilevel-ZOFO reached "
+                             f"it at {t_b / 60:.1f} min ({sp}).")
+        for other, claim in (("fo-lora", "above FO-LoRA at equal time"),
+                             ("bilevel-zofo-zo0", "the ZO step helps (>= +0.01 over lr 0)")):
+            if other in final and "bilevel-zofo" in final:
+                d = statistics.fmean(final["bilevel-zofo"]) - statistics.fmean(final[other])
+                lines.append(f"- **{claim}**: final dev accuracy Bilevel-ZOFO "
+                             f"{_ms(final['bilevel-zofo'])} vs {other} {_ms(final[other])}: "
+                             f"difference {d:+.3f}.")
+        if "fo-lora" in runs and "bilevel-zofo" in runs:
+            mem = {r: statistics.fmean(s["peak_memory_bytes"] for _, s in runs[r])
+                   for r in ("fo-lora", "bilevel-zofo")}
+            lines.append(f"- **Memory similar to FO-LoRA**: peak RSS Bilevel-ZOFO "
+                         f"{mem['bilevel-zofo'] / 2**20:.0f} MiB vs FO-LoRA "
+                         f"{mem['fo-lora'] / 2**20:.0f} MiB "
+                         f"({mem['bilevel-zofo'] / mem['fo-lora']:.2f}x).")
+        return lines + [""]
+
+
+def _hp_text(hp):
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
+
+
+def _ms(vals):
+    vals = list(vals)
+    if len(vals) < 2:
+        return f"{vals[0]:.3f}"
+    return f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
 
 
 def _write_csv(path: Path, rows):
@@ -193,148 +371,83 @@ def _write_csv(path: Path, rows):
         w.writerows(rows)
 
 
+def _plot_diagnostics(diag: dict, path: Path) -> None:
+    """Per run: |projected gradient|, the gap g_P - g_S and theta's RMS step per outer step
+    (running means over 20 steps)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(xs, w=20):
+        out, acc = [], []
+        for x in xs:
+            acc.append(x)
+            if len(acc) > w:
+                acc.pop(0)
+            out.append(sum(acc) / len(acc))
+        return out
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    colors = plotting.method_colors(list(diag))
+    for name, rows in diag.items():
+        if not rows:
+            continue
+        steps = [r["step"] for r in rows]
+        series = ([abs(r["projected_grads"][0]) for r in rows], [r["gap"] for r in rows],
+                  [r["theta_step_rms"] for r in rows])
+        for ax, ys in zip(axes, series):
+            ax.plot(steps, smooth(ys), color=colors[name], label=name, lw=1.2)
+    for ax, title in zip(axes, ("|projected gradient|", "gap g_P - g_S on B_g",
+                                "theta's RMS step per weight")):
+        ax.set_title(title)
+        ax.set_xlabel("outer step")
+        ax.set_yscale("log" if title != "gap g_P - g_S on B_g" else "linear")
+    axes[2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--budget-minutes", type=float, default=15.0)
+    p.add_argument("--phase", default="all",
+                   choices=("sweep", "lambda", "main", "report", "all"))
+    # 25 min: a Bilevel-ZOFO outer step takes about 2.8 s on one thread with two runs on the
+    # machine, and a setting is judged over at least 500 outer steps
+    p.add_argument("--budget-minutes", type=float, default=25.0)
+    p.add_argument("--sweep-minutes", type=float, default=None,
+                   help="budget of a sweep run (default: --budget-minutes)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--num-train", type=int, default=1000)
-    p.add_argument("--sweep-minutes", type=float, default=5.0)
-    p.add_argument("--sweep-parallel", type=int, default=1,
-                   help="sweep settings run at once (each gets threads / this many threads)")
-    p.add_argument("--sweep-holdout", type=int, default=200,
-                   help="examples of the seed-0 training sample held out for the sweep")
-    p.add_argument("--skip-sweep", action="store_true",
-                   help="use the first grid point of every method (no selection)")
+    p.add_argument("--holdout", type=int, default=500,
+                   help="further training examples (disjoint from the sample) the sweep "
+                        "scores on")
     p.add_argument("--model", default="minilm")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--evals", type=int, default=15, help="evaluations per run (budget / evals)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    p.add_argument("--evals", type=int, default=12, help="evaluations per run")
     p.add_argument("--data", type=Path, default=data_mod.sst2_dir())
-    p.add_argument("--tag", default=None, help="output name (default: from the budget)")
+    p.add_argument("--tag", default="v2")
     p.add_argument("--output", type=Path, default=None)
-    p.add_argument("--resume", action="store_true", help="reuse finished runs in --output")
+    p.add_argument("--commit", action="store_true", help="git-commit every finished run")
+    p.add_argument("--rows", nargs="+", default=None, choices=list(SWEEP),
+                   help="sweep only these rows (a sitting's share of the sweep)")
     args = p.parse_args(argv)
+    args.sweep_minutes = args.sweep_minutes or args.budget_minutes
     for f in ("train.tsv", "dev.tsv"):
         if not (args.data / f).is_file():
             raise SystemExit(f"study_sst2: {args.data / f} not found (SST-2 is expected at "
                              "../shared/data/sst2 next to the repository)")
-    if args.sweep_parallel < 1:
-        raise SystemExit("study_sst2: --sweep-parallel must be at least 1")
-    if args.num_train <= args.sweep_holdout:
-        raise SystemExit("study_sst2: --sweep-holdout must be smaller than --num-train")
-    tag = args.tag or (f"{args.budget_minutes:g}min_{len(args.seeds)}seed")
-    out = args.output or ROOT / "benchmarks" / "results" / f"study_{tag}"
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    protocol_full = args.budget_minutes >= 15 and len(args.seeds) >= 3
-    t0 = time.time()
-
-    # 1. the sweep, on a held-out part of the seed-0 training sample. Settings run
-    #    --sweep-parallel at a time, each with threads / sweep-parallel threads: a selection
-    #    only compares settings of one method, and those run side by side on equal terms.
-    jobs = [] if args.skip_sweep else [(m, i, hp) for m in args.methods
-                                       for i, hp in enumerate(SWEEP[m])]
-    sweep_threads = max(1, args.threads // args.sweep_parallel)
-
-    def sweep_one(job):
-        m, i, hp = job
-        rd = out / "runs" / f"sweep_{m}_{i}"
-        s = run_one(args, m, hp, 0, args.sweep_minutes * 60, rd,
-                    ["--num-train", str(args.num_train - args.sweep_holdout),
-                     "--holdout", str(args.sweep_holdout),
-                     "--eval-every", str(args.sweep_minutes * 60 / 5)], threads=sweep_threads)
-        return dict(method=m, config=i, **hp, holdout_final_accuracy=s["eval_accuracy"],
-                    holdout_best_accuracy=s["best_eval_accuracy"], steps=s["steps"],
-                    wall_time_s=s["wall_time_s"], threads=sweep_threads)
-
-    with ThreadPoolExecutor(max_workers=args.sweep_parallel) as pool:
-        sweep_rows = list(pool.map(sweep_one, jobs))
-    if sweep_rows:
-        _write_csv(out / "sweep.csv", sweep_rows)
-    chosen = {}
-    for m in args.methods:
-        rows = [r for r in sweep_rows if r["method"] == m]
-        best = max(rows, key=lambda r: (r["holdout_final_accuracy"], r["holdout_best_accuracy"]),
-                   default=None)
-        chosen[m] = SWEEP[m][best["config"] if best else 0]
-    (out / "chosen_hyperparameters.json").write_text(json.dumps(chosen, indent=2) + "\n")
-
-    # 2. the equal-budget runs on dev.tsv (round-robin over methods within each seed)
-    budget = args.budget_minutes * 60
-    curves, summaries, run_rows, curve_rows = {}, {}, [], []
-    for seed in args.seeds:
-        for m in args.methods:
-            rd = out / "runs" / f"{m}_seed{seed}"
-            s = run_one(args, m, chosen[m], seed, budget, rd,
-                        ["--eval", _rel(args.data / "dev.tsv"),
-                         "--eval-every", str(budget / args.evals)])
-            rows = eval_rows(rd)
-            curves.setdefault(m, []).append(rows)
-            summaries.setdefault(m, []).append(s)
-            run_rows.append(dict(method=m, seed=seed, **{k: s[k] for k in (
-                "eval_accuracy", "best_eval_accuracy", "initial_eval_accuracy", "steps",
-                "wall_time_s", "eval_time_s", "forward_count", "backward_count",
-                "peak_memory_bytes")}, hyperparameters=json.dumps(chosen[m])))
-            curve_rows += [dict(method=m, seed=seed, step=r["step"], wall_time_s=r["wall_time_s"],
-                                eval_accuracy=r["eval_accuracy"]) for r in rows]
-            _write_csv(out / "runs.csv", run_rows)
-            _write_csv(out / "curves.csv", curve_rows)
-
-    # 3. analysis, figure, words
-    a = analyse(curves, summaries)
-    label = ("full protocol" if protocol_full else
-             f"{args.budget_minutes:g}-minute budget, {len(args.seeds)} seed(s) of the 3 the "
-             "protocol asks for" if args.budget_minutes >= 15 else
-             "SHORTENED run, not the full protocol")
-    desc = (f"{label}: {args.budget_minutes:g} min training budget per method, seeds "
-            f"{' '.join(map(str, args.seeds))}, {args.num_train} training examples, sweep "
-            + ("skipped" if args.skip_sweep else
-               f"{args.sweep_minutes:g} min per setting on {args.sweep_holdout} held-out "
-               "training examples" + (f", {args.sweep_parallel} settings at a time with "
-                                      f"{sweep_threads} thread(s) each"
-                                      if args.sweep_parallel > 1 else "")))
-    plotting.plot_study(curves, out / "study.png",
-                        title=f"MiniLM-L6 on SST-2 dev, equal wall-clock budget\n({desc})",
-                        reference=a.get("mezo_best_mean_accuracy"),
-                        reference_label="MeZO's best (mean)")
-    summary = dict(description=desc, full_protocol=protocol_full,
-                   budget_minutes=args.budget_minutes, seeds=args.seeds,
-                   num_train=args.num_train, sweep_minutes=None if args.skip_sweep else
-                   args.sweep_minutes, sweep_holdout=args.sweep_holdout,
-                   chosen_hyperparameters=chosen, analysis=a,
-                   # a --resume run only re-analyses finished runs: its own time says nothing
-                   study_wall_time_s=None if args.resume else round(time.time() - t0, 1))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = ["| method | hyperparameters | final dev acc | best dev acc | steps | forwards | "
-             "backwards |", "|---|---|---:|---:|---:|---:|---:|"]
-    for m in args.methods:
-        ss = summaries[m]
-        n = len(ss)
-        table.append(
-            f"| {m} | {', '.join(f'{k}={v}' for k, v in chosen[m].items())} | "
-            f"{sum(s['eval_accuracy'] for s in ss) / n:.3f} | "
-            f"{sum(s['best_eval_accuracy'] for s in ss) / n:.3f} | "
-            f"{sum(s['steps'] for s in ss) / n:.0f} | "
-            f"{sum(s['forward_count'] for s in ss) / n:.0f} | "
-            f"{sum(s['backward_count'] for s in ss) / n:.0f} |")
-    shown, skip = [], False
-    for word in (argv if argv is not None else sys.argv[1:]):
-        if skip:
-            skip = False
-        elif word in ("--output", "--data"):
-            skip = True  # machine-specific locations are not part of the protocol
-        elif word != "--resume":
-            shown.append(word)
-    cmd = "python benchmarks/study_sst2.py " + " ".join(shown)
-    md = "\n".join([f"**{desc}.**", "", f"Command: `{cmd.strip()}`", "",
-                    f"Initial dev accuracy (new head, before training): "
-                    f"{summaries[args.methods[0]][0]['initial_eval_accuracy']:.3f}.", "",
-                    *table, "", "Outcome:", "", outcome_words(a, len(args.seeds)), ""])
-    (out / "study.md").write_text(md)
-    print(md)
+    args.output = args.output or ROOT / "benchmarks" / "results" / f"study_{args.tag}"
+    study = Study(args)
+    phases = ("sweep", "lambda", "main") if args.phase == "all" else (args.phase,)
+    for phase in phases:
+        if phase != "report":
+            getattr(study, {"sweep": "sweep", "lambda": "lambda_phase",
+                            "main": "main_phase"}[phase])()
+    study.report()
     return 0
 
 

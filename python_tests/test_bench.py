@@ -1,6 +1,8 @@
 """zofo-bench: step split, memory subprocesses, report files, target checks."""
 
 import csv
+import json
+import math
 
 import pytest
 
@@ -98,35 +100,63 @@ def _curve(points):
     return [dict(wall_time_s=t, eval_accuracy=a) for t, a in points]
 
 
-def test_study_analysis_speedup_and_fo_lora_comparison():
-    study = _study_module()
-    curves = {"mezo": [_curve([(0, 0.5), (100, 0.6), (200, 0.7), (300, 0.7)])],
-              "bilevel-zofo": [_curve([(0, 0.5), (50, 0.72), (300, 0.8)])],
-              "fo-lora": [_curve([(0, 0.5), (300, 0.85)])]}
-    summaries = {m: [dict(eval_accuracy=c[0][-1]["eval_accuracy"],
-                          best_eval_accuracy=max(r["eval_accuracy"] for r in c[0]))]
-                 for m, c in curves.items()}
-    a = study.analyse(curves, summaries)
-    assert a["mezo_best_mean_accuracy"] == 0.7
-    assert abs(a["mezo_time_to_best_s"] - 200) < 300 / 199 + 1e-9  # on the mean-curve grid
-    assert 50 <= a["bilevel_time_to_mezo_best_s"] < 52
-    assert 3.5 < a["speedup_to_mezo_best"] < 4.1
-    assert a["bilevel_ends_above_fo_lora"] is False
-    words = study.outcome_words(a, 1)
-    assert "faster" in words and "ends below FO-LoRA" in words
-    assert "fell late" not in words
-    # a run that ends far below its best is reported as a late drop
-    curves["bilevel-zofo"] = [_curve([(0, 0.5), (50, 0.72), (200, 0.79), (300, 0.51)])]
-    summaries["bilevel-zofo"] = [dict(eval_accuracy=0.51, best_eval_accuracy=0.79)]
-    words = study.outcome_words(study.analyse(curves, summaries), 1)
-    assert "bilevel-zofo ended at 0.510, 0.280 below its best (0.790)" in words
-    # never reaching MeZO's best is said plainly
-    curves["bilevel-zofo"] = [_curve([(0, 0.5), (300, 0.6)])]
-    summaries["bilevel-zofo"] = [dict(eval_accuracy=0.6, best_eval_accuracy=0.6)]
-    words = study.outcome_words(study.analyse(curves, summaries), 1)
-    assert "did **not** reach" in words
-    assert study.time_to_reach(curves["mezo"][0], 0.6) == 100
-    assert study.time_to_reach(curves["mezo"][0], 0.9) is None
+def _fake_run(folder, points, hp=None, bilevel=(), memory=100 * 2**20, selected=None):
+    """A run folder as zofo-train writes it: summary.json and metrics.jsonl."""
+    folder.mkdir(parents=True)
+    evals = [dict(kind="eval", step=10 * i, wall_time_s=t, eval_accuracy=a)
+             for i, (t, a) in enumerate(points)]
+    accs = [a for _, a in points]
+    summary = dict(eval_accuracy=accs[-1], best_eval_accuracy=max(accs),
+                   selected_eval_accuracy=accs[-1] if selected is None else selected,
+                   initial_eval_accuracy=accs[0], steps=evals[-1]["step"],
+                   wall_time_s=points[-1][0], forward_count=100, backward_count=0,
+                   peak_memory_bytes=memory, hyperparameters=dict(hp or {}))
+    (folder / "summary.json").write_text(json.dumps(summary))
+    rows = evals + [dict(kind="bilevel", step=i + 1, projected_grads=[g], gap=0.01,
+                         theta_step_rms=1e-5) for i, g in enumerate(bilevel)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path):
+    study_mod = _study_module()
+    args = study_mod.argparse.Namespace(
+        output=tmp_path / "study", budget_minutes=1.0, sweep_minutes=1.0, holdout=10,
+        num_train=20, parallel=2, seeds=[0, 1], commit=False)
+    study = study_mod.Study(args)
+    runs = study.out / "runs"
+    for row, grid in study_mod.SWEEP.items():
+        for i, hp in enumerate(grid):
+            # setting 0 peaks higher but collapses; setting 1 ends higher: 1 is chosen
+            pts = [(0, 0.5), (30, 0.9), (60, 0.55)] if i == 0 else [(0, 0.5), (60, 0.8)]
+            _fake_run(runs / f"sweep_{row}_{i}", pts, hp)
+    chosen = study.chosen()
+    assert chosen["fo-lora"] == study_mod.SWEEP["fo-lora"][1]
+    assert chosen["bilevel-zofo-zo0"] == dict(study_mod.SWEEP["bilevel-zofo"][1], lr=0.0)
+    curves = {"mezo": [(0, 0.5), (100, 0.6), (200, 0.7), (300, 0.7)],
+              "bilevel-zofo": [(0, 0.5), (50, 0.72), (300, 0.8)],
+              "bilevel-zofo-zo0": [(0, 0.5), (300, 0.78)],
+              "fo-lora": [(0, 0.5), (300, 0.85)]}
+    for seed in (0, 1):
+        for row, pts in curves.items():
+            _fake_run(runs / f"main_{row}_seed{seed}", pts,
+                      memory=(120 if row == "bilevel-zofo" else 100) * 2**20)
+    for lam in study_mod.LAMBDAS:
+        pts = [(0, 0.5), (30, 0.8), (60, 0.6 if lam == 1000 else 0.79)]
+        _fake_run(runs / f"lambda_rms_{lam:g}", pts,
+                  dict(theta_update="rms", lam=lam, lr=1e-5), bilevel=[3.0, -4.0])
+    assert study.grad_rms("lambda_rms_10") == pytest.approx(math.sqrt(12.5))
+    study.report()
+    md = (study.out / "study.md").read_text()
+    # on the mean curve's 200-point grid: MeZO's 0.7 at ~201.5 s, Bilevel-ZOFO's at ~51.3 s
+    assert "Bilevel-ZOFO reached it at 0.9 min" in md and "(3.9x faster)" in md
+    assert "Bilevel-ZOFO 0.800 ± 0.000 vs fo-lora 0.850 ± 0.000: difference -0.050" in md
+    assert "vs bilevel-zofo-zo0 0.780 ± 0.000: difference +0.020" in md
+    assert "(1.20x)" in md
+    lam_rows = [l for l in md.splitlines() if l.startswith("| rms |")]
+    assert [("**yes**" in l) for l in lam_rows] == [False, False, False, True]
+    for f in ("study.png", "lambda.png", "diagnostics.png", "runs.csv", "lambda.csv",
+              "sweep.csv"):
+        assert (study.out / f).stat().st_size > 0, f
 
 
 def test_study_figure_is_written(tmp_path):

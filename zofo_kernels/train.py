@@ -62,7 +62,8 @@ DEFAULTS = {
     "mezo-lora": dict(lr=1e-3, eps=1e-2, estimator="central"),
     "fo-lora": dict(lr=1e-3),
     "fo-full": dict(lr=3e-5),
-    "bilevel-zofo": dict(lr=1e-6, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=4,
+    # provisional until the SST-2 study's choice (benchmarks/results/study_v2/)
+    "bilevel-zofo": dict(lr=1e-5, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=3,
                          estimator="forward", theta_update="rms", order="official",
                          penalty_batch="fresh"),
 }
