@@ -53,10 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--inner-steps", type=int, default=None,
-                   help="zofo: lower-level steps per outer step, the Trainer's "
-                        "gradient_accumulation_steps (default 5); mezo: accumulation (1)")
+                   help="zofo: the paper's K, the Trainer's gradient_accumulation_steps "
+                        "(K - 1 lower steps, then the upper step on a fresh batch; default "
+                        "5); mezo: accumulation (1)")
     p.add_argument("--learning-rate", type=float, default=None,
-                   help="ZO learning rate of the backbone (default: 1e-5 mezo, 1e-6 zofo)")
+                   help="ZO learning rate of the backbone (default: 1e-5 for both; under zofo's "
+                        "theta_update=rms a weight moves by about this much per step)")
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--lam", type=float, default=10.0, help="zofo: penalty weight")
     p.add_argument("--peft-lr", type=float, default=1e-3, help="zofo: Adam lr of P and S")
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
     eval_set = Tokenized(eval_rows, tokenizer, args.max_length)
 
     inner = args.inner_steps or (5 if args.method == "zofo" else 1)
-    lr = args.learning_rate or (1e-6 if args.method == "zofo" else 1e-5)
+    lr = args.learning_rate or 1e-5
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, learning_rate=lr,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,

@@ -110,7 +110,13 @@ class ZOConfig:
     period in steps (0: never). ``backend``: kernel backend (None: fastest available).
     Bilevel-ZOFO only: ``lam`` (penalty weight), ``peft_lr`` / ``lower_lr`` (first-order
     learning rates of P / S), ``peft_optimizer`` (a ``torch.optim`` class), ``upper_fraction``
-    (share of the training set used as D_f when no ``upper_dataset`` is given).
+    (share of the training set used as D_f when no ``upper_dataset`` is given),
+    ``theta_update`` and ``order`` (as :class:`~zofo_kernels.optim.ZOFOOptimizer`; the
+    Trainer's ``learning_rate`` is theta's), ``penalty_batch``: "fresh" (the last micro-batch
+    of each accumulation window is B_g of the upper step and is not a lower step, so with
+    ``gradient_accumulation_steps = K`` an outer step is the paper's K - 1 lower steps plus the
+    upper step) or "last" (every micro-batch is a lower step and the last one is also B_g);
+    default: "fresh" when ``gradient_accumulation_steps >= 2``, else "last".
     """
 
     method: str = "mezo"
@@ -126,6 +132,9 @@ class ZOConfig:
     lower_lr: Optional[float] = None
     peft_optimizer: type = torch.optim.Adam
     upper_fraction: float = 1.0 / 3.0
+    theta_update: str = "rms"
+    order: str = "official"
+    penalty_batch: Optional[str] = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -134,6 +143,9 @@ class ZOConfig:
             self.estimator = "central" if self.method == "mezo" else "forward"
         if not 0.0 < self.upper_fraction < 1.0:
             raise ValueError(f"upper_fraction must be in (0, 1), got {self.upper_fraction}")
+        if self.penalty_batch not in (None, "fresh", "last"):
+            raise ValueError("ZOConfig.penalty_batch must be 'fresh', 'last' or None, got "
+                             f"{self.penalty_batch!r}")
 
 
 class _TrainerOptimizer(torch.optim.Optimizer):
@@ -234,11 +246,19 @@ class ZOFOTrainer(Trainer):
             if not hasattr(model, "peft_config"):
                 raise TypeError("method='zofo' needs a peft.PeftModel (wrap the model with "
                                 "peft.get_peft_model first)")
+            gas = args.gradient_accumulation_steps
+            self._fresh_penalty = (cfg.penalty_batch or ("fresh" if gas >= 2 else "last")
+                                   ) == "fresh"
+            if self._fresh_penalty and gas < 2:
+                raise ValueError("ZOConfig.penalty_batch='fresh' takes the last micro-batch of "
+                                 "each accumulation window as B_g: set "
+                                 "gradient_accumulation_steps >= 2 (the paper's K)")
             self.zo_optimizer = ZOFOOptimizer.from_peft(
                 model, self._zofo_loss, lr=args.learning_rate, lam=cfg.lam,
-                inner_steps=args.gradient_accumulation_steps, peft_lr=cfg.peft_lr,
+                inner_steps=gas - 1 if self._fresh_penalty else gas, peft_lr=cfg.peft_lr,
                 lower_lr=cfg.lower_lr, peft_optimizer=cfg.peft_optimizer,
-                weight_decay=args.weight_decay, **common)
+                weight_decay=args.weight_decay, theta_update=cfg.theta_update,
+                order=cfg.order, **common)
             zo = self.zo_optimizer.zo
         self.zo_context = setup_from_env()
         self.zo_dp = None
@@ -288,10 +308,12 @@ class ZOFOTrainer(Trainer):
             self.zo_last_step = dict(self._zo.last_step)
             self._end_window()
             return torch.tensor(value, dtype=torch.float32, device=self.args.device)
-        # Bilevel-ZOFO: every micro-batch is one lower step; the last one closes the window
+        # Bilevel-ZOFO: micro-batches are lower steps; the last one closes the window (and with
+        # penalty_batch="fresh" is only B_g, which S has not trained on)
         zofo = self.zo_optimizer
-        res = zofo.lower_step(inputs)
-        self._window.append(res.lower_losses[-1])
+        if not (last and self._fresh_penalty):
+            res = zofo.lower_step(inputs)
+            self._window.append(res.lower_losses[-1])
         if not last:
             return torch.zeros((), device=self.args.device)
         upper = self._prepare_inputs(self._next_upper_batch())
