@@ -293,7 +293,11 @@ def test_zofo_trainer_logs_zo_quantities_not_grad_norm(trainer_runs, case):
         if TRAINER_CASES[case][0] == "zofo":
             assert isinstance(row["upper_loss"], float)
             assert isinstance(row["penalty_loss"], float)
-            assert isinstance(row["lower_loss"], float)
+            assert isinstance(row["lower_penalty_loss"], float)
+            assert row["gap"] == pytest.approx(row["penalty_loss"] - row["lower_penalty_loss"])
+    if TRAINER_CASES[case][0] == "zofo":  # 12 lower examples, batch 4, K = 2: windows of
+        # 2 micro-batches (one lower step) and 1 (the epoch's remainder: B_g only)
+        assert isinstance(rows[0]["lower_loss"], float) and "lower_loss" not in rows[1]
 
 
 def test_trainer_checkpoint_folder_reloads_with_load_trained(tmp_path):
