@@ -753,3 +753,33 @@ def test_from_peft_failure_leaves_the_model_as_given():
         ZOFOOptimizer.from_peft(pm, lambda b: pm(**b).loss, lr=1e-3, lower_adapter="query")
     assert set(pm.peft_config) == {"default"} and pm.active_adapter == "default"
     assert [n for n, _ in pm.named_parameters()] == names
+
+
+def test_a_first_order_step_that_would_write_non_finite_weights_is_refused_and_undone():
+    """Finite loss, non-finite gradient (sqrt at 0), and finite gradient whose SGD step
+    overflows float32: both end in NonFiniteLossError with everything as before."""
+    for case in ("inf-gradient", "overflowing-step"):
+        net = Net()
+        calls = {"n": 0}
+
+        def select(level, net=net):
+            net.active = level
+
+        def loss_fn(batch, net=net, case=case, calls=calls):
+            calls["n"] += 1
+            x, y = batch
+            loss = F.cross_entropy(net(x), y)
+            if case == "inf-gradient" and calls["n"] == 1:  # the first lower step
+                return loss + torch.sqrt(net.adapters[net.active].weight[0, 0] * 0)
+            return loss * (1e30 if case == "overflowing-step" else 1.0)  # finite, ~1e29 grads
+
+        opt = ZOFOOptimizer(net.backbone(), [net.adapters["upper"].weight],
+                            [net.adapters["lower"].weight], select, loss_fn, lr=0.1,
+                            inner_steps=1, peft_optimizer=torch.optim.SGD, peft_lr=0.1,
+                            lower_lr=1e10 if case == "overflowing-step" else 0.1, seed=0)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        with pytest.raises(NonFiniteLossError, match="gradient" if case == "inf-gradient"
+                           else "non-finite weights"):
+            opt.step(batches(1, 1)[0], batches(2, 1), batches(3, 1)[0])
+        assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()), case
+        assert opt.outer_steps == 0 and opt.forward_count == 0 and opt.zo.step_count == 0
