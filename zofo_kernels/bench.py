@@ -36,8 +36,10 @@ import torch
 from . import data as data_mod
 from . import models as models_mod
 
-METHODS = ("forward", "zo", "zo-rademacher", "mezo-ref", "fo-full", "fo-lora", "bilevel-zofo")
-MEMORY_METHODS = ("inference", "zo", "mezo-ref", "fo-full", "fo-lora", "bilevel-zofo")
+METHODS = ("forward", "zo", "zo-rademacher", "mezo-ref", "fo-full", "fo-lora", "bilevel-zofo",
+           "bilevel-zofo-adam")
+MEMORY_METHODS = ("inference", "zo", "mezo-ref", "fo-full", "fo-lora", "bilevel-zofo",
+                  "bilevel-zofo-adam")
 DESCRIPTIONS = {
     "forward": "one forward pass (no_grad)",
     "inference": "forward pass under no_grad",
@@ -47,6 +49,8 @@ DESCRIPTIONS = {
     "fo-full": "FO full fine-tuning step (Adam)",
     "fo-lora": "FO-LoRA step (Adam, r=8 on q/v)",
     "bilevel-zofo": "Bilevel-ZOFO outer step (LoRA r=8, K inner FO steps, forward-difference ZO)",
+    "bilevel-zofo-adam": "Bilevel-ZOFO outer step with the authors' update (theta.grad = g*z "
+                         "materialised, AdamW on theta and P: three backbone-sized buffers)",
 }
 # Targets of the project, checked on the printed ratios.
 TARGET_STEP_OVER_2FWD = 1.10
@@ -114,16 +118,18 @@ class Bench:
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.opt = torch.optim.Adam(params, lr=1e-7)
             self._step = self._fo
-        elif method == "bilevel-zofo":
+        elif method in ("bilevel-zofo", "bilevel-zofo-adam"):
             from .optim import ZOFOOptimizer
             self.model = models_mod.add_peft(model, "lora")
             peft_model = self.model
             self.opt = ZOFOOptimizer.from_peft(
                 peft_model, lambda b: self.forward(peft_model, b), lr=1e-7, eps=1e-3, lam=10.0,
                 inner_steps=inner_steps, peft_optimizer=torch.optim.Adam, peft_lr=1e-7,
-                estimator="forward", seed=0, backend=backend)
-            self.lowers = [batch] * max(1, inner_steps)
-            self._step = lambda: self.opt.step(self.batch, self.lowers)
+                estimator="forward", seed=0, backend=backend,
+                theta_update="adam" if method == "bilevel-zofo-adam" else "rms")
+            self.lowers = [batch] * inner_steps
+            # the upper step's B_g is a fresh lower batch in the protocol: same shape here
+            self._step = lambda: self.opt.step(self.batch, self.lowers, self.batch)
         else:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
         self.model.eval()
@@ -141,7 +147,7 @@ class Bench:
         return loss
 
     def backward_count(self) -> int:
-        if self.method == "bilevel-zofo":
+        if self.method.startswith("bilevel-zofo"):
             return int(self.opt.backward_count)
         return self.backward_calls
 
@@ -182,7 +188,8 @@ def time_steps(name: str, args, device) -> List[dict]:
     skipped = {}
     for method in args.methods:
         # PEFT methods wrap the modules in place, so they get their own copy.
-        model = copy.deepcopy(base) if method in ("fo-lora", "bilevel-zofo") else base
+        model = (copy.deepcopy(base) if method in ("fo-lora", "bilevel-zofo", "bilevel-zofo-adam")
+                 else base)
         try:
             benches[method] = Bench(method, model, batch, device, args.backend, args.inner_steps)
         except (ImportError, AttributeError, FileNotFoundError) as exc:
@@ -225,7 +232,7 @@ def time_steps(name: str, args, device) -> List[dict]:
             mezo_ref_over_step=round(ref / step, 4) if ref and m not in ("forward", "mezo-ref")
             else None,
             backend=_backend_name(device, args.backend) if m in (
-                "zo", "zo-rademacher", "bilevel-zofo") else "",
+                "zo", "zo-rademacher", "bilevel-zofo", "bilevel-zofo-adam") else "",
         ))
     return rows
 

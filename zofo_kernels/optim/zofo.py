@@ -501,15 +501,18 @@ class _BilevelBase:
         opt.zero_grad(set_to_none=True)
         beta1, beta2 = opt.param_groups[0]["betas"]
         total, n = 0.0, 0
-        for group in opt.param_groups[:1]:  # the backbone group
-            for p in group["params"]:
-                state = opt.state[p]
-                t = float(state["step"])
-                m_hat = state["exp_avg"].double() / (1 - beta1 ** t)
-                v_hat = state["exp_avg_sq"].double() / (1 - beta2 ** t)
-                step = group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
-                total += float(step.pow(2).sum())
-                n += p.numel()
+        with torch.no_grad():
+            for group in opt.param_groups[:1]:  # the backbone group
+                for p in group["params"]:
+                    state = opt.state[p]
+                    t = float(state["step"])
+                    # |lr * m_hat / (sqrt(v_hat) + eps)|^2 summed, with one float32 temporary
+                    tmp = state["exp_avg_sq"].float().sqrt()
+                    tmp.div_(math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+                    torch.div(state["exp_avg"].float(), tmp, out=tmp)
+                    total += float(tmp.pow_(2).sum()) * (group["lr"] / (1 - beta1 ** t)) ** 2
+                    n += p.numel()
+                    del tmp
         return math.sqrt(total / max(1, n))
 
     def first_order_optimizers(self) -> List[torch.optim.Optimizer]:
