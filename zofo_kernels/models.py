@@ -164,12 +164,7 @@ def load_model(name: str, num_labels: int = 2, dtype: str = "float32", seed: int
         model = build_random(name, num_labels, torch_dtype, seed, pad_token_id=pad)
         loaded = Loaded(model, tok, name, PRESETS[name][0], False)
     else:
-        path = str(minilm_dir()) if name == "minilm" else name
-        local = Path(path)
-        if local.exists() and not (local / "config.json").is_file():
-            raise ModelError(f"{local} exists but has no config.json: not a model folder")
-        if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-            raise ModelError(f"model folder not found: {name}")
+        path = _resolve_local(name)
         torch.manual_seed(seed)  # the new classification head's initialisation
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "newly initialized head" warnings are expected
@@ -183,11 +178,7 @@ def load_model(name: str, num_labels: int = 2, dtype: str = "float32", seed: int
                 f"{', '.join(MODEL_CHOICES)}") from None
         finally:
             hf_logging.set_verbosity(verbosity)
-        # from_pretrained may leave the weights memory-mapped from the safetensors file, so
-        # the first write to each page (any training step) would copy it then; own them now.
-        with torch.no_grad():
-            for param in model.parameters():  # tied weights are one Parameter: still tied
-                param.data = param.data.clone()
+        _own_weights(model)
         if tok is not None and model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
         loaded = Loaded(model, tok, name, model.config.model_type, True)
