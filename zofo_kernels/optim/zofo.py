@@ -334,22 +334,23 @@ class _BilevelBase:
             return None
         return values
 
-    def _fo_update(self, opt: torch.optim.Optimizer, params, what: str) -> bool:
+    def _fo_update(self, opt: torch.optim.Optimizer, params,
+                   what: str) -> Optional[List[torch.Tensor]]:
         """``opt.step()`` on gradients already in ``params``; undone if it wrote a non-finite
-        weight. Returns whether the step was kept."""
+        weight. Returns the weights from before the step when it was kept, else None."""
         before = [p.detach().clone() for p in params]
         state = copy.deepcopy(opt.state_dict())
         opt.step()
         for p in params:
             p.grad = None
         if all(bool(torch.isfinite(p).all()) for p in params):
-            return True
+            return before
         with torch.no_grad():
             for p, b in zip(params, before):
                 p.copy_(b)
         opt.load_state_dict(state)
         self._nonfinite(f"the first-order {what} step produced non-finite weights; undone")
-        return False
+        return None
 
     def _lower(self, pair: _Pair, lower_batch) -> float:
         try:
@@ -410,9 +411,8 @@ class _BilevelBase:
             for (pair, _, _), res in zip(plan, results):
                 if res.upper_loss != res.upper_loss:  # skipped: no gradient
                     continue
-                old = [p.detach().clone() for p in pair.upper]
-                if self._fo_update(pair.opt_upper, pair.upper, "upper-level") and \
-                        self.order == "official":
+                old = self._fo_update(pair.opt_upper, pair.upper, "upper-level")
+                if old is not None and self.order == "official":
                     stepped_p.append((pair, [p.detach().clone() for p in pair.upper]))
                     with torch.no_grad():
                         for p, o in zip(pair.upper, old):
