@@ -108,7 +108,10 @@ class Study:
         budget = (a.sweep_minutes if holdout else a.budget_minutes) * 60
         where = (["--holdout", str(a.holdout)] if holdout
                  else ["--eval", _rel(a.data / "dev.tsv")])
-        cmd = [sys.executable, "-m", "zofo_kernels.train", "--model", a.model,
+        # -P: the package comes from --code (a frozen copy) when given, not from the
+        # working tree, so editing the tree while a study runs cannot change its runs.
+        launcher = [sys.executable, "-P", "-m", "zofo_kernels.train"]
+        cmd = [*launcher, "--model", a.model,
                "--method", method, "--train", _rel(a.data / "train.tsv"),
                "--num-train", str(a.num_train), "--seed", str(seed), "--data-seed", str(seed),
                "--time-budget", str(budget), "--eval-every", str(budget / a.evals),
@@ -119,18 +122,29 @@ class Study:
         log = self.out / "runs" / f"{name}.log"
         with open(log, "w") as fh:
             proc = subprocess.run(cmd, cwd=str(ROOT), stdout=fh, stderr=subprocess.STDOUT,
-                                  env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                                  env=dict(os.environ, HF_HUB_OFFLINE="1",
+                                           PYTHONPATH=str(a.code or ROOT)))
         if proc.returncode != 0 or not (rd / "summary.json").is_file():
             raise RuntimeError(f"run {name} failed (exit {proc.returncode}):\n"
                                f"{log.read_text()[-2000:]}")
         log.unlink()
         (rd / "command.txt").write_text(" ".join(
-            ["zofo-train"] + cmd[3:]).replace(str(rd), f"runs/{name}") + "\n")
+            ["zofo-train"] + cmd[len(launcher):]).replace(str(rd), f"runs/{name}") + "\n")
         if a.commit:
-            subprocess.run(["git", "add", str(rd)], cwd=str(ROOT), check=True)
-            subprocess.run(["git", "commit", "-q", "-m", f"study {self.out.name}: run {name}",
-                            "--", str(rd)], cwd=str(ROOT), check=True)
+            self._commit(rd, f"study {self.out.name}: run {name}")
         return json.loads((rd / "summary.json").read_text())
+
+    @staticmethod
+    def _commit(path: Path, message: str, attempts: int = 20):
+        """git-commit ``path`` alone, retrying while another git command holds the index."""
+        for attempt in range(attempts):
+            add = subprocess.run(["git", "add", str(path)], cwd=str(ROOT))
+            if add.returncode == 0 and subprocess.run(
+                    ["git", "commit", "-q", "-m", message, "--", str(path)],
+                    cwd=str(ROOT)).returncode == 0:
+                return
+            time.sleep(3)
+        raise RuntimeError(f"could not commit {path} after {attempts} attempts")
 
     def run_all(self, jobs):
         """jobs: (name, row, hp, seed, holdout); --parallel at a time."""
@@ -434,6 +448,9 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="v2")
     p.add_argument("--output", type=Path, default=None)
     p.add_argument("--commit", action="store_true", help="git-commit every finished run")
+    p.add_argument("--code", type=Path, default=None,
+                   help="import zofo_kernels from this copy of the repository instead of "
+                        "the working tree (so the tree can change while a study runs)")
     p.add_argument("--rows", nargs="+", default=None, choices=list(SWEEP),
                    help="sweep only these rows (a sitting's share of the sweep)")
     args = p.parse_args(argv)
