@@ -1,6 +1,6 @@
 """Where each ZO parameter sits in the global noise index space.
 
-The noise contract (DESIGN.md section 2) gives element j of a parameter whose first element
+The noise contract (docs/noise-contract.md) gives element j of a parameter whose first element
 sits at global offset o the noise of index o + j. The optimizers lay all of their parameters
 end to end in ``param_groups`` order (group 0's parameters first, each group's parameters in
 the order the user gave them). This module is the single place that decides the mapping

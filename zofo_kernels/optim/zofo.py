@@ -39,9 +39,9 @@ theta's update (``theta_update``):
 An outer step is atomic: if anything raises during it (a loss function, a non-finite loss
 under ``nonfinite="raise"``, an interrupt), P, S, their optimizer states, theta's ZO state and
 every counter are put back as they were before the call (theta itself is restored by the ZO
-step's own guarantee, see the README's safety section) and the error propagates. The first-order
-steps of P and S must leave finite weights: a step that would write NaN/inf is undone and
-reported as a non-finite loss.
+step's own guarantee, see docs/optimizers.md, "Safety guarantees") and the error propagates.
+The first-order steps of P and S must leave finite weights: a step that would write NaN/inf is
+undone and reported as a non-finite loss.
 """
 
 from __future__ import annotations
