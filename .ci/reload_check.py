@@ -65,7 +65,7 @@ def train(sst2: Path, work: Path) -> None:
                               disable_tqdm=True, dataloader_num_workers=0)
     trainer = ZOFOTrainer(model=model, args=targs, train_dataset=rows,
                           data_collator=DataCollatorWithPadding(tok),
-                          zo_config=ZOConfig(method="zofo", seed=1))
+                          zo_config=ZOConfig(method="bilevel-zofo", seed=1))
     trainer.train()
     trainer.save_model()
     trained["trainer"] = logits(trainer.model, batch)

@@ -7,13 +7,16 @@ Run on N processes (gloo on CPU, NCCL on GPU)::
 For each method the same model and per-rank batch are used; every method's collectives are
 counted at the source:
 
-* ``mezo`` (q = 1 and q = 4): :class:`zofo_kernels.distributed.DataParallelZO` counts the
-  loss all-reduce (and nothing else travels during a step);
-* ``zofo``: Bilevel-ZOFO with LoRA (r = 8 on query/value + the classification head as P and
-  S), K inner steps: S/P gradient all-reduces + the loss all-reduce;
-* ``ddp-fo``: ``DistributedDataParallel`` full fine-tuning with AdamW; a DDP communication
+* ``mezo`` and ``mezo-q4`` (q = 1 and q = 4): :class:`zofo_kernels.distributed.DataParallelZO`
+  counts the loss all-reduce (and nothing else travels during a step);
+* ``bilevel-zofo``: Bilevel-ZOFO with LoRA (r = 8 on query/value + the classification head as
+  P and S), ``--inner-steps`` lower steps and a fresh B_g: S/P gradient all-reduces + the
+  loss all-reduce;
+* ``fo-full``: ``DistributedDataParallel`` full fine-tuning with Adam; a DDP communication
   hook adds up the gradient buckets it all-reduces;
-* ``ddp-lora``: the same with only the LoRA block trainable (first-order PEFT).
+* ``fo-lora``: the same with only the LoRA block trainable (first-order PEFT).
+
+Method names and optimizers come from the registry (:mod:`zofo_kernels.methods`).
 
 Prints a markdown table (rank 0) and, with ``--csv PATH``, writes one row per method:
 method, trainable parameters, bytes all-reduced per step, collective calls per step, median
@@ -34,7 +37,7 @@ import torch.distributed as dist
 from zofo_kernels.data import random_batch
 from zofo_kernels.distributed import DataParallelZO, setup_from_env, shutdown
 from zofo_kernels.models import add_peft, classification_loss, load_model
-from zofo_kernels.optim import ZOFOOptimizer, ZOOptimizer, zo_param_groups
+from zofo_kernels import methods
 
 
 def _batches(args, rank, vocab, pad, n):
@@ -56,7 +59,7 @@ def _timed(fn, steps, warmup):
 
 def bench_mezo(base, batches, ctx, args, q):
     model = copy.deepcopy(base).eval()
-    opt = ZOOptimizer(zo_param_groups(model, 0.0), lr=1e-6, eps=1e-3, n_directions=q, seed=1)
+    opt = methods.build_optimizer("mezo", model, lr=1e-6, eps=1e-3, n_directions=q, seed=1)
     dp = DataParallelZO(opt, model=model, context=ctx, check_every=0)
     per_step = []
 
@@ -70,37 +73,36 @@ def bench_mezo(base, batches, ctx, args, q):
                 bytes_per_step=per_step[-1][0], calls_per_step=per_step[-1][1], step_s=t)
 
 
-def bench_zofo(base, batches, ctx, args):
+def bench_bilevel(base, batches, ctx, args):
     model = add_peft(copy.deepcopy(base), "lora", lora_r=8).eval()
-
-    def loss_fn(b):
-        return classification_loss(model, b)
-    opt = ZOFOOptimizer.from_peft(model, loss_fn, lr=1e-6, eps=1e-3, lam=10.0,
-                                  inner_steps=args.inner_steps, peft_lr=1e-4, seed=2)
+    opt = methods.build_optimizer("bilevel-zofo", model, loss_fn=lambda b: classification_loss(
+        model, b), lr=1e-6, eps=1e-3, lam=10.0, inner_steps=args.inner_steps, peft_lr=1e-4,
+        seed=2)
     dp = DataParallelZO(opt, model=model, context=ctx, check_every=0)
     per_step = []
 
     def step(i):
         lows = [batches[(i + k) % len(batches)] for k in range(args.inner_steps)]
         before = sum(dp.stats.calls.get(k, 0) for k in ("loss", "grad"))
-        dp.step(batches[(i + 7) % len(batches)], lows)
+        dp.step(batches[(i + 7) % len(batches)], lows, batches[(i + 3) % len(batches)])
         per_step.append((dp.last_step_bytes,
                          sum(dp.stats.calls.get(k, 0) for k in ("loss", "grad")) - before))
     t = _timed(step, args.steps, args.warmup)
     # theta (ZO) + P and S (FO); peft's unused original head copy is not trained
     trained = [p for g in opt.zo.param_groups for p in g["params"]]
     trained += opt.upper_params + opt.lower_params
-    return dict(method=f"zofo K={args.inner_steps} (LoRA r=8)",
+    return dict(method=f"bilevel-zofo inner_steps={args.inner_steps} (LoRA r=8)",
                 trainable=sum(p.numel() for p in trained),
                 bytes_per_step=per_step[-1][0], calls_per_step=per_step[-1][1], step_s=t)
 
 
-def bench_ddp(base, batches, ctx, args, lora):
+def bench_ddp(base, batches, ctx, args, method):
+    """The registry's first-order method under DistributedDataParallel."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = copy.deepcopy(base)
-    if lora:
+    if methods.get(method).peft:
         model = add_peft(model, "lora", lora_r=8)
     model.eval()  # no dropout: the same forward as the ZO methods
     ddp = DDP(model)
@@ -112,8 +114,8 @@ def bench_ddp(base, batches, ctx, args, lora):
         counter["calls"] += 1
         return default_hooks.allreduce_hook(None, bucket)
     ddp.register_comm_hook(None, counting_allreduce)
-    params = [p for p in ddp.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = methods.build_optimizer(method, ddp, lr=1e-5)
+    params = [p for g in opt.param_groups for p in g["params"]]
     per_step = []
 
     def step(i):
@@ -124,9 +126,18 @@ def bench_ddp(base, batches, ctx, args, lora):
         opt.step()
         per_step.append((counter["bytes"] - before["bytes"], counter["calls"] - before["calls"]))
     t = _timed(step, args.steps, args.warmup)
-    return dict(method="ddp-lora (AdamW)" if lora else "ddp-fo (AdamW, full)",
-                trainable=sum(p.numel() for p in params), bytes_per_step=per_step[-1][0],
-                calls_per_step=per_step[-1][1], step_s=t)
+    return dict(method=f"{method} (DDP, Adam)", trainable=sum(p.numel() for p in params),
+                bytes_per_step=per_step[-1][0], calls_per_step=per_step[-1][1], step_s=t)
+
+
+# a row: the registry's method name, or a variant of it (mezo-q4: four directions per step)
+ROWS = {
+    "mezo": lambda base, batches, ctx, args: bench_mezo(base, batches, ctx, args, 1),
+    "mezo-q4": lambda base, batches, ctx, args: bench_mezo(base, batches, ctx, args, 4),
+    "bilevel-zofo": bench_bilevel,
+    "fo-full": lambda base, batches, ctx, args: bench_ddp(base, batches, ctx, args, "fo-full"),
+    "fo-lora": lambda base, batches, ctx, args: bench_ddp(base, batches, ctx, args, "fo-lora"),
+}
 
 
 def main():
@@ -137,8 +148,10 @@ def main():
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--inner-steps", type=int, default=2, help="K for Bilevel-ZOFO")
-    ap.add_argument("--methods", default="mezo,mezo4,zofo,ddp-fo,ddp-lora")
+    ap.add_argument("--inner-steps", type=int, default=2,
+                    help="Bilevel-ZOFO: lower steps per outer step (the paper's K - 1)")
+    ap.add_argument("--methods", default=",".join(ROWS),
+                    help="comma-separated rows: " + ", ".join(ROWS))
     ap.add_argument("--csv", default=None, help="write the rows to this CSV file (rank 0)")
     args = ap.parse_args()
 
@@ -152,20 +165,11 @@ def main():
                for b in _batches(args, ctx.rank, base.config.vocab_size, pad, 8)]
     rows = []
     for m in args.methods.split(","):
-        if m == "mezo":
-            rows.append(bench_mezo(base, batches, ctx, args, 1))
-        elif m == "mezo4":
-            rows.append(bench_mezo(base, batches, ctx, args, 4))
-        elif m == "zofo":
-            rows.append(bench_zofo(base, batches, ctx, args))
-        elif m == "ddp-fo":
-            rows.append(bench_ddp(base, batches, ctx, args, lora=False))
-        elif m == "ddp-lora":
-            rows.append(bench_ddp(base, batches, ctx, args, lora=True))
-        else:
-            raise SystemExit(f"unknown method {m!r}")
+        if m not in ROWS:
+            raise SystemExit(f"unknown method {m!r}; expected one of {', '.join(ROWS)}")
+        rows.append(ROWS[m](base, batches, ctx, args))
     if ctx.is_main:
-        ref = next((r["bytes_per_step"] for r in rows if r["method"].startswith("ddp-fo")), None)
+        ref = next((r["bytes_per_step"] for r in rows if r["method"].startswith("fo-full")), None)
         device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
         print(f"\nmodel {args.model}, {ctx.world_size} ranks ({ctx.backend}, {device}), "
               f"batch {args.batch}/rank x {args.seq} tokens, median of {args.steps} steps\n")

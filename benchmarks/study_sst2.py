@@ -21,6 +21,8 @@ resumes run by run; ``--commit`` commits every finished run at once):
            L / (1 + lam) ("scaled-sgd") at lam 10 and 1000, their lr matched to the rms run's
            step at lam 10;
   main     every row on ``--seeds``;
+  defaults zofo-train's Bilevel-ZOFO and FO-LoRA with no hyperparameters given, 15 min each,
+           side by side (run it after the defaults are set to the study's choice);
   report   tables, figures and the verdict (study.md) from whatever runs exist.
 
   python benchmarks/study_sst2.py --phase all --budget-minutes 25 --seeds 0 1 2 --commit
@@ -39,6 +41,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -76,6 +79,9 @@ LAMBDAS = (1.0, 10.0, 100.0, 1000.0)
 CANDIDATE_LAMBDAS = (10.0, 1000.0)
 # a run whose final accuracy is this far below its own best collapsed (the issue's rule)
 COLLAPSE = 0.05
+# the defaults phase: what a user who gives no hyperparameters gets, against FO-LoRA
+DEFAULTS_ROWS = ("bilevel-zofo", "fo-lora")
+DEFAULTS_MINUTES = 15.0
 
 
 def _flags(hp: dict) -> list:
@@ -98,14 +104,15 @@ class Study:
         (self.out / "runs").mkdir(parents=True, exist_ok=True)
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, name: str, row: str, hp: dict, seed: int, *, holdout: bool) -> dict:
+    def run(self, name: str, row: str, hp: dict, seed: int, *, holdout: bool,
+            minutes: Optional[float] = None) -> dict:
         """One zofo-train run in its own process, skipped if its summary exists."""
         a = self.args
         rd = self.out / "runs" / name
         if (rd / "summary.json").is_file():
             return json.loads((rd / "summary.json").read_text())
         method, fixed = ROWS[row]
-        budget = (a.sweep_minutes if holdout else a.budget_minutes) * 60
+        budget = (minutes or (a.sweep_minutes if holdout else a.budget_minutes)) * 60
         where = (["--holdout", str(a.holdout)] if holdout
                  else ["--eval", _rel(a.data / "dev.tsv")])
         # -P: the package comes from --code (a frozen copy) when given, not from the
@@ -147,9 +154,10 @@ class Study:
         raise RuntimeError(f"could not commit {path} after {attempts} attempts")
 
     def run_all(self, jobs):
-        """jobs: (name, row, hp, seed, holdout); --parallel at a time."""
+        """jobs: (name, row, hp, seed, holdout[, minutes]); --parallel at a time."""
         with ThreadPoolExecutor(max_workers=self.args.parallel) as pool:
-            return list(pool.map(lambda j: self.run(j[0], j[1], j[2], j[3], holdout=j[4]),
+            return list(pool.map(lambda j: self.run(*j[:4], holdout=j[4],
+                                                    minutes=j[5] if len(j) > 5 else None),
                                  jobs))
 
     # -- phases ----------------------------------------------------------------------------
@@ -201,6 +209,12 @@ class Study:
                 for seed in self.args.seeds for row in ROWS]
         self.run_all(jobs)
 
+    def defaults_phase(self):
+        """zofo-train as a user runs it: Bilevel-ZOFO and FO-LoRA with no hyperparameters
+        given (the registry's defaults), side by side in one sitting, DEFAULTS_MINUTES each."""
+        self.run_all([(f"defaults_{row}_seed0", row, {}, 0, False, DEFAULTS_MINUTES)
+                      for row in DEFAULTS_ROWS])
+
     # -- reading ---------------------------------------------------------------------------
     def summary(self, name):
         f = self.out / "runs" / name / "summary.json"
@@ -226,6 +240,7 @@ class Study:
         md += self._sweep_table(chosen)
         md += self._lambda_section()
         md += self._main_section(chosen)
+        md += self._defaults_section()
         (self.out / "study.md").write_text("\n".join(md) + "\n")
         (self.out / "chosen_hyperparameters.json").write_text(json.dumps(chosen, indent=2)
                                                               + "\n")
@@ -281,6 +296,27 @@ class Study:
                             title="Bilevel-ZOFO on SST-2 dev, seed 0: lambda and theta update")
         return lines + ["", "Curves: `lambda.png`; inside the steps (projected gradient, gap "
                         "g_P - g_S, theta's RMS step): `diagnostics.png`.", ""]
+
+    def _defaults_section(self):
+        have = {row: self.summary(f"defaults_{row}_seed0") for row in DEFAULTS_ROWS}
+        have = {row: s for row, s in have.items() if s is not None}
+        if not have:
+            return []
+        lines = [f"## zofo-train with its defaults ({DEFAULTS_MINUTES:g} min, seed 0, dev, "
+                 "one sitting)", "",
+                 "| method | hyperparameters (the registry's defaults) | final | selected (D_f) | "
+                 "best | steps |", "|---|---|---:|---:|---:|---:|"]
+        for row, s in have.items():
+            hp = {k: v for k, v in s["hyperparameters"].items() if v is not None and k in (
+                "lr", "eps", "lam", "inner_steps", "peft_lr", "theta_update", "order",
+                "penalty_batch")}
+            lines.append(f"| {row} | {_hp_text(hp)} | {s['eval_accuracy']:.3f} | "
+                         f"{s['selected_eval_accuracy']:.3f} | {s['best_eval_accuracy']:.3f} | "
+                         f"{s['steps']} |")
+        if len(have) == len(DEFAULTS_ROWS):
+            gap = have["bilevel-zofo"]["eval_accuracy"] - have["fo-lora"]["eval_accuracy"]
+            lines += ["", f"Bilevel-ZOFO minus FO-LoRA, final dev accuracy: {gap:+.3f}."]
+        return lines + [""]
 
     def _main_section(self, chosen):
         runs = {row: [(seed, self.summary(f"main_{row}_seed{seed}"))
@@ -429,7 +465,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--phase", default="all",
-                   choices=("sweep", "lambda", "main", "report", "all"))
+                   choices=("sweep", "lambda", "main", "defaults", "report", "all"))
     # 25 min: a Bilevel-ZOFO outer step takes about 2.8 s on one thread with two runs on the
     # machine, and a setting is judged over at least 500 outer steps
     p.add_argument("--budget-minutes", type=float, default=25.0)
@@ -461,11 +497,12 @@ def main(argv=None) -> int:
                              "../shared/data/sst2 next to the repository)")
     args.output = args.output or ROOT / "benchmarks" / "results" / f"study_{args.tag}"
     study = Study(args)
-    phases = ("sweep", "lambda", "main") if args.phase == "all" else (args.phase,)
+    phases = (("sweep", "lambda", "main", "defaults") if args.phase == "all"
+              else (args.phase,))
     for phase in phases:
         if phase != "report":
-            getattr(study, {"sweep": "sweep", "lambda": "lambda_phase",
-                            "main": "main_phase"}[phase])()
+            getattr(study, {"sweep": "sweep", "lambda": "lambda_phase", "main": "main_phase",
+                            "defaults": "defaults_phase"}[phase])()
     study.report()
     return 0
 

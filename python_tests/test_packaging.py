@@ -104,7 +104,7 @@ def test_installed_tree_runs_zofo_bench_without_the_checkout(tmp_path):
             "from zofo_kernels.bench import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     args = ["--model", "tiny-bert", "--batch-size", "2", "--seq-len", "8", "--methods",
-            "forward", "zo", "mezo-ref", "--repeats", "1", "--warmup", "0", "--memory-steps",
+            "forward", "mezo", "mezo-ref", "--repeats", "1", "--warmup", "0", "--memory-steps",
             "1", "--output", "out", "--tag", "alone", "--no-progress"]
     run = subprocess.run([sys.executable, "-c", code] + args, cwd=elsewhere, env=env,
                          capture_output=True, text=True, timeout=900)
@@ -117,7 +117,7 @@ def test_installed_tree_runs_zofo_bench_without_the_checkout(tmp_path):
     assert "| tiny-bert | mezo-ref |" in md  # the step row
     assert "MeZO reference step / ZO step (Gaussian)" in md
     memory = (out_dir / "memory_alone.csv").read_text()
-    assert {ln.split(",")[1] for ln in memory.splitlines()[1:]} == {"inference", "zo",
+    assert {ln.split(",")[1] for ln in memory.splitlines()[1:]} == {"inference", "mezo",
                                                                    "mezo-ref"}
     assert f"to {out_dir}{os.sep}:" in run.stdout
     assert "  memory_alone.png" in run.stdout.splitlines()

@@ -231,7 +231,8 @@ def make_trainer(out, method, preset="tiny-bert", peft_kind=None, **kw):
                 use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
                 lr_scheduler_type="constant")
     base.update(kw)
-    zo = ZOConfig(method=method, eps=1e-3, seed=4, lam=1.0, peft_lr=1e-2)
+    bilevel = dict(lam=1.0, peft_lr=1e-2) if method == "bilevel-zofo" else {}
+    zo = ZOConfig(method=method, eps=1e-3, seed=4, **bilevel)
     return ZOFOTrainer(model=model, args=TrainingArguments(**base),
                        train_dataset=_trainer_data(tok), data_collator=DataCollatorWithPadding(tok),
                        processing_class=tok, zo_config=zo)
@@ -240,8 +241,8 @@ def make_trainer(out, method, preset="tiny-bert", peft_kind=None, **kw):
 TRAINER_CASES = {
     "mezo": ("mezo", "tiny-bert", None),
     "mezo-lora": ("mezo", "tiny-bert", "lora"),
-    "zofo-lora": ("zofo", "tiny-bert", "lora"),
-    "zofo-prompt": ("zofo", "tiny-opt", "prompt"),
+    "zofo-lora": ("bilevel-zofo", "tiny-bert", "lora"),
+    "zofo-prompt": ("bilevel-zofo", "tiny-opt", "prompt"),
 }
 
 
@@ -254,7 +255,7 @@ def trainer_runs(tmp_path_factory):
     try:
         for key, (method, preset, peft_kind) in TRAINER_CASES.items():
             trainer = make_trainer(tmp / key, method, preset, peft_kind,
-                                   gradient_accumulation_steps=2 if method == "zofo" else 1)
+                                   gradient_accumulation_steps=2 if method == "bilevel-zofo" else 1)
             trainer.train()
             trained[key] = _logits(trainer.model, batch)
             trainer.save_model()
@@ -277,7 +278,7 @@ def test_zofo_trainer_output_reloads_bit_identically(trainer_runs, case):
     assert not (tmp / case / "adapter_model.safetensors").exists()
     if "auto_peft" in res:
         assert torch.equal(res["auto_peft"], trained[case])
-    if TRAINER_CASES[case][0] == "zofo":
+    if TRAINER_CASES[case][0] == "bilevel-zofo":
         assert not torch.equal(res["initial_backbone"], trained[case])
         assert (tmp / case / "resume" / "lower_adapter" / "adapter_config.json").is_file()
 
@@ -290,12 +291,12 @@ def test_zofo_trainer_logs_zo_quantities_not_grad_norm(trainer_runs, case):
     for row in rows:
         assert "grad_norm" not in row
         assert isinstance(row["zo_projected_grad"], float)
-        if TRAINER_CASES[case][0] == "zofo":
+        if TRAINER_CASES[case][0] == "bilevel-zofo":
             assert isinstance(row["upper_loss"], float)
             assert isinstance(row["penalty_loss"], float)
             assert isinstance(row["lower_penalty_loss"], float)
             assert row["gap"] == pytest.approx(row["penalty_loss"] - row["lower_penalty_loss"])
-    if TRAINER_CASES[case][0] == "zofo":  # 12 lower examples, batch 4, K = 2: windows of
+    if TRAINER_CASES[case][0] == "bilevel-zofo":  # 12 lower examples, batch 4, K = 2: windows of
         # 2 micro-batches (one lower step) and 1 (the epoch's remainder: B_g only)
         assert isinstance(rows[0]["lower_loss"], float) and "lower_loss" not in rows[1]
 
@@ -303,7 +304,7 @@ def test_zofo_trainer_logs_zo_quantities_not_grad_norm(trainer_runs, case):
 def test_trainer_checkpoint_folder_reloads_with_load_trained(tmp_path):
     """checkpoint-N folders have the same layout (and the Trainer's optimizer.pt)."""
     torch.set_num_threads(1)
-    trainer = make_trainer(tmp_path / "run", "zofo", "tiny-bert", "lora", max_steps=1,
+    trainer = make_trainer(tmp_path / "run", "bilevel-zofo", "tiny-bert", "lora", max_steps=1,
                            save_strategy="steps", save_steps=1)
     trainer.train()
     ckpt = tmp_path / "run" / "checkpoint-1"

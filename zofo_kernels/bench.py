@@ -34,17 +34,31 @@ from typing import Dict, List, Optional
 import torch
 
 from . import data as data_mod
+from . import measure
+from . import methods as methods_mod
 from . import models as models_mod
+from .measure import CountedLoss
 
-METHODS = ("forward", "zo", "zo-rademacher", "mezo-ref", "fo-full", "fo-lora", "bilevel-zofo",
-           "bilevel-zofo-adam")
-MEMORY_METHODS = ("inference", "zo", "mezo-ref", "fo-full", "fo-lora", "bilevel-zofo",
+# A benchmark row: a method of the registry (zofo_kernels/methods.py) with fixed settings,
+# a forward pass, or the MeZO reference implementation (the baseline the kernels replace).
+ROWS = {
+    "forward": (None, {}),
+    "mezo": ("mezo", {}),
+    "mezo-rademacher": ("mezo", dict(distribution="rademacher")),
+    "mezo-ref": (None, {}),
+    "fo-full": ("fo-full", {}),
+    "fo-lora": ("fo-lora", {}),
+    "bilevel-zofo": ("bilevel-zofo", dict(theta_update="rms")),
+    "bilevel-zofo-adam": ("bilevel-zofo", dict(theta_update="adam")),
+}
+METHODS = tuple(ROWS)
+MEMORY_METHODS = ("inference", "mezo", "mezo-ref", "fo-full", "fo-lora", "bilevel-zofo",
                   "bilevel-zofo-adam")
 DESCRIPTIONS = {
     "forward": "one forward pass (no_grad)",
     "inference": "forward pass under no_grad",
-    "zo": "ZOOptimizer step (central, q=1, Gaussian, fused kernels)",
-    "zo-rademacher": "ZOOptimizer step (central, q=1, Rademacher, fused kernels)",
+    "mezo": "MeZO step on the fused kernels (ZOOptimizer, central, q=1, Gaussian)",
+    "mezo-rademacher": "MeZO step on the fused kernels (central, q=1, Rademacher)",
     "mezo-ref": "MeZO reference step (torch.normal per parameter, 4 sweeps)",
     "fo-full": "FO full fine-tuning step (Adam)",
     "fo-lora": "FO-LoRA step (Adam, r=8 on q/v)",
@@ -52,11 +66,15 @@ DESCRIPTIONS = {
     "bilevel-zofo-adam": "Bilevel-ZOFO outer step with the authors' update (theta.grad = g*z "
                          "materialised, AdamW on theta and P: three backbone-sized buffers)",
 }
+# the rows that step the fused kernels (their backend is reported)
+KERNEL_ROWS = ("mezo", "mezo-rademacher", "bilevel-zofo", "bilevel-zofo-adam")
 # Targets of the project, checked on the printed ratios.
 TARGET_STEP_OVER_2FWD = 1.10
 TARGET_SPEEDUP_VS_MEZO = 1.9
 TARGET_ZO_EXTRA_PCT = 1.0
 TARGET_BILEVEL_OVER_FOLORA = 1.1
+# Every row's optimizer takes steps this small, so the weights barely move while timed.
+BENCH_LR = 1e-7
 
 
 def load_mezo_reference():
@@ -70,73 +88,54 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Timed:
-    """A loss function that accumulates its own wall time (synchronised on GPU)."""
-
-    def __init__(self, fn, device):
-        self.fn, self.device = fn, device
-        self.seconds = 0.0
-        self.calls = 0
-
-    def __call__(self, *a, **k):
-        _sync(self.device)
-        t0 = time.perf_counter()
-        out = self.fn(*a, **k)
-        _sync(self.device)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        return out
-
-
 class Bench:
-    """One method's step on a fixed batch; ``forward`` is a :class:`Timed` loss."""
+    """One row's step on a fixed batch; ``forward`` is a :class:`CountedLoss` (GPU-synced)."""
 
-    def __init__(self, method: str, model: torch.nn.Module, batch: dict, device,
+    def __init__(self, row: str, model: torch.nn.Module, batch: dict, device,
                  backend: Optional[str], inner_steps: int):
-        self.method = method
+        if row not in ROWS and row != "inference":
+            raise ValueError(f"unknown method {row!r}; expected one of {METHODS}")
+        self.method = row
         self.device = device
-        self.forward = Timed(models_mod.classification_loss, device)
-        self.backward_calls = 0
+        self.forward = CountedLoss(models_mod.classification_loss, sync=device)
         self.batch = batch
         self.model = model
-        if method in ("forward", "inference"):
-            self._step = self._inference
-        elif method in ("zo", "zo-rademacher"):
-            from .optim import ZOOptimizer, zo_param_groups
-            self.opt = ZOOptimizer(zo_param_groups(model, 0.0), lr=1e-7, eps=1e-3, seed=0,
-                                   backend=backend,
-                                   distribution="rademacher" if method == "zo-rademacher"
-                                   else "gaussian")
-            self._step = lambda: self.opt.step(lambda: self.forward(self.model, self.batch))
-        elif method == "mezo-ref":
-            ref = load_mezo_reference()
-            self.opt = ref(model.named_parameters(), lr=1e-7, eps=1e-3, seed=0)
-            self._step = lambda: self.opt.step(lambda: self.forward(self.model, self.batch))
-        elif method in ("fo-full", "fo-lora"):
-            if method == "fo-lora":
-                self.model = models_mod.add_peft(model, "lora")
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            self.opt = torch.optim.Adam(params, lr=1e-7)
-            self._step = self._fo
-        elif method in ("bilevel-zofo", "bilevel-zofo-adam"):
-            from .optim import ZOFOOptimizer
+        self.backward_calls = 0
+        name, fixed = ROWS.get(row, (None, {}))
+        if name is None:
+            self._step = self._inference if row in ("forward", "inference") else self._mezo_ref
+            if row == "mezo-ref":
+                self.opt = load_mezo_reference()(model.named_parameters(), lr=BENCH_LR,
+                                                 eps=1e-3, seed=0)
+            self.model.eval()
+            return
+        method = methods_mod.get(name)
+        if method.peft:
             self.model = models_mod.add_peft(model, "lora")
-            peft_model = self.model
-            self.opt = ZOFOOptimizer.from_peft(
-                peft_model, lambda b: self.forward(peft_model, b), lr=1e-7, eps=1e-3, lam=10.0,
-                inner_steps=inner_steps, peft_optimizer=torch.optim.Adam, peft_lr=1e-7,
-                estimator="forward", seed=0, backend=backend,
-                theta_update="adam" if method == "bilevel-zofo-adam" else "rms")
-            self.lowers = [batch] * inner_steps
+        settings = dict(fixed, lr=BENCH_LR)
+        if method.zeroth_order:
+            settings.update(eps=1e-3, seed=0, backend=backend)
+        if name == "bilevel-zofo":
             # the upper step's B_g is a fresh lower batch in the protocol: same shape here
+            settings.update(lam=10.0, inner_steps=inner_steps, peft_lr=BENCH_LR)
+            self.lowers = [batch] * inner_steps
             self._step = lambda: self.opt.step(self.batch, self.lowers, self.batch)
+        elif method.zeroth_order:
+            self._step = lambda: self.opt.step(lambda: self.forward(self.model, self.batch))
         else:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+            self._step = self._fo
+        peft_model = self.model
+        self.opt = methods_mod.build_optimizer(name, peft_model,
+                                               loss_fn=lambda b: self.forward(peft_model, b),
+                                               **settings)
         self.model.eval()
 
     def _inference(self):
         with torch.no_grad():
             return self.forward(self.model, self.batch)
+
+    def _mezo_ref(self):
+        return self.opt.step(lambda: self.forward(self.model, self.batch))
 
     def _fo(self):
         self.opt.zero_grad(set_to_none=True)
@@ -148,7 +147,7 @@ class Bench:
 
     def backward_count(self) -> int:
         if self.method.startswith("bilevel-zofo"):
-            return int(self.opt.backward_count)
+            return int(self.opt.backward_count)  # the inner and upper steps' backwards
         return self.backward_calls
 
     def step(self) -> float:
@@ -188,8 +187,7 @@ def time_steps(name: str, args, device) -> List[dict]:
     skipped = {}
     for method in args.methods:
         # PEFT methods wrap the modules in place, so they get their own copy.
-        model = (copy.deepcopy(base) if method in ("fo-lora", "bilevel-zofo", "bilevel-zofo-adam")
-                 else base)
+        model = copy.deepcopy(base) if _needs_peft(method) else base
         try:
             benches[method] = Bench(method, model, batch, device, args.backend, args.inner_steps)
         except (ImportError, AttributeError, FileNotFoundError) as exc:
@@ -228,13 +226,18 @@ def time_steps(name: str, args, device) -> List[dict]:
             step_over_2fwd=round(step / (2 * fwd_only), 4) if fwd_only and m != "forward"
             else None,
             # the step against its own forward passes (same moment, same load)
-            step_over_own_fwd=round(step / f, 4) if m in ("zo", "zo-rademacher") else None,
+            step_over_own_fwd=round(step / f, 4) if m in ("mezo", "mezo-rademacher") else None,
             mezo_ref_over_step=round(ref / step, 4) if ref and m not in ("forward", "mezo-ref")
             else None,
-            backend=_backend_name(device, args.backend) if m in (
-                "zo", "zo-rademacher", "bilevel-zofo", "bilevel-zofo-adam") else "",
+            backend=_backend_name(device, args.backend) if m in KERNEL_ROWS else "",
         ))
     return rows
+
+
+def _needs_peft(row: str) -> bool:
+    """PEFT rows wrap the modules in place, so they get their own copy of the model."""
+    name = ROWS.get(row, (None, {}))[0]
+    return name is not None and methods_mod.get(name).peft
 
 
 def _backend_name(device, requested) -> str:
@@ -243,27 +246,6 @@ def _backend_name(device, requested) -> str:
 
 
 # --------------------------------------------------------------------------- memory
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("VmRSS not found in /proc/self/status")
-
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("VmHWM not found in /proc/self/status")
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-
 
 # glibc's dynamic mmap threshold lets freed large blocks linger in the heap, so RSS would
 # depend on allocation history; a fixed threshold returns every large tensor to the system
@@ -295,15 +277,15 @@ def memory_worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = _rss_bytes()
-        _reset_hwm()
+        base = measure.rss_bytes()
+        measure.reset_peak_rss()
     for _ in range(ns.memory_steps):
         b.step()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         kind = "cuda max_memory_allocated"
     else:
-        peak = _hwm_bytes()
+        peak = measure.peak_rss_bytes()
         kind = "peak RSS"
     return dict(model=ns.model, method=ns.method, device=str(device), dtype=ns.dtype,
                 model_bytes=model_bytes, baseline_bytes=base, peak_bytes=peak,
@@ -364,7 +346,7 @@ def checks(step_rows: List[dict], mem_rows: List[dict]) -> List[dict]:
     for model in dict.fromkeys([r["model"] for r in step_rows] + [r["model"] for r in mem_rows]):
         s = {r["method"]: r for r in step_rows if r["model"] == model}
         m = {r["method"]: r for r in mem_rows if r["model"] == model}
-        for zo, label in (("zo", "Gaussian"), ("zo-rademacher", "Rademacher")):
+        for zo, label in (("mezo", "Gaussian"), ("mezo-rademacher", "Rademacher")):
             if zo in s and s[zo]["step_over_2fwd"] is not None:
                 v = s[zo]["step_over_2fwd"]
                 out.append(dict(model=model, check=f"ZO step ({label}) / two forward passes",
@@ -381,8 +363,8 @@ def checks(step_rows: List[dict], mem_rows: List[dict]) -> List[dict]:
                 out.append(dict(model=model, check=f"MeZO reference step / ZO step ({label})",
                                 value=v, target=f">= {TARGET_SPEEDUP_VS_MEZO}",
                                 passed=v >= TARGET_SPEEDUP_VS_MEZO))
-        if "zo" in m and "extra_over_inference_pct_of_model" in m["zo"]:
-            v = m["zo"]["extra_over_inference_pct_of_model"]
+        if "mezo" in m and "extra_over_inference_pct_of_model" in m["mezo"]:
+            v = m["mezo"]["extra_over_inference_pct_of_model"]
             out.append(dict(model=model, check="ZO extra peak over inference, % of weights",
                             value=v, target=f"< {TARGET_ZO_EXTRA_PCT}",
                             passed=v < TARGET_ZO_EXTRA_PCT))

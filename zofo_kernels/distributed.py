@@ -431,7 +431,8 @@ class DataParallelZO:
     Every ``check_every`` calls of :meth:`step` (0 disables) a checksum of every replicated
     parameter is compared across ranks and :class:`DivergenceError` is raised on divergence.
 
-    Bilevel-ZOFO (an optimizer with ``zo`` and ``pairs``, e.g. ``ZOFOOptimizer``): the backbone
+    Bilevel-ZOFO (a :class:`~zofo_kernels.optim.BilevelOptimizer`: ``ZOFOOptimizer`` or
+    ``MetaZOFOOptimizer``): the backbone
     step is handled as above; the first-order optimizers of the PEFT copies P and S get a
     step pre-hook that averages their gradients across ranks (one flattened all-reduce per
     FO step, like DDP without buckets), so P and S stay identical too. :meth:`step` forwards
@@ -440,7 +441,8 @@ class DataParallelZO:
 
     With ``model`` sharded by FSDP2 (``fully_shard``), each rank perturbs and updates only its
     local shards (their global offsets come from :func:`zofo_kernels.optim.layout.zo_layout`);
-    the modules are resharded around every loss evaluation of a ZO step, because FSDP2 keeps
+    the modules are resharded around every loss evaluation of a ZO step (the optimizer's
+    ``loss_hook``), because FSDP2 keeps
     the root module's parameters gathered after a forward, and a perturbation written to the
     shards would otherwise not reach the next forward.
 
@@ -452,22 +454,22 @@ class DataParallelZO:
                  context: Optional[DistContext] = None, check_every: int = 100,
                  sync_initial_parameters: bool = True,
                  fo_params: Optional[Iterable[torch.Tensor]] = None):
-        if hasattr(optimizer, "zo") and hasattr(optimizer, "first_order_optimizers"):
-            if getattr(optimizer, "theta_optimizer", None) is not None:
+        from .optim import BilevelOptimizer, ZOOptimizer
+        if isinstance(optimizer, BilevelOptimizer):
+            if optimizer.theta_update == "adam":
                 raise ValueError("theta_update='adam' (the authors' materialised update) is not "
                                  "supported data-parallel: use theta_update='rms'")
-            zo = optimizer.zo
-            fo_opts = optimizer.first_order_optimizers()
-        else:
+            zo, fo_opts = optimizer.zo, optimizer.first_order_optimizers()
+        elif isinstance(optimizer, ZOOptimizer):
             zo, fo_opts = optimizer, []
-        if not hasattr(zo, "loss_reduce") or not hasattr(zo, "base_seed"):
-            raise TypeError("DataParallelZO wraps a zofo_kernels.optim.ZOOptimizer or "
-                            f"ZOFOOptimizer, got {type(optimizer).__name__}")
+        else:
+            raise TypeError("DataParallelZO wraps a zofo_kernels.optim.ZOOptimizer or a "
+                            f"Bilevel-ZOFO optimizer, got {type(optimizer).__name__}")
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
             raise ValueError(f"check_every must be an integer >= 0, got {check_every!r}")
-        if zo.loss_reduce is not None:
-            raise ValueError("the optimizer already has a loss_reduce; DataParallelZO installs "
-                             "its own all-reduce there")
+        if zo.loss_reduce is not None or zo.loss_hook is not None:
+            raise ValueError("the optimizer already has a loss_reduce or loss_hook; "
+                             "DataParallelZO installs its own there")
         self.context = context or setup_from_env()
         if fo_opts and self.context.distributed and getattr(optimizer, "nonfinite",
                                                             "raise") == "skip":
@@ -475,33 +477,25 @@ class DataParallelZO:
                 "nonfinite='skip' cannot be used data-parallel with first-order PEFT steps: a "
                 "rank that skips a step on its own non-finite loss would leave its peers' "
                 "gradient all-reduce unmatched; use nonfinite='raise'")
-        self.optimizer = optimizer
-        self.zo = zo
-        self.model = model
+        self.optimizer, self.zo, self.model = optimizer, zo, model
         self.check_every = check_every
         self.stats = CommStats()
         self.fo_params = list(fo_params) if fo_params is not None else []
-        self._fo_optimizers = fo_opts
         for o in fo_opts:
             self.fo_params.extend(p for g in o.param_groups for p in g["params"])
         self._fsdp = _fsdp_modules(model)
-        self._steps = 0
+        self.steps = 0  # calls of step/run_step (the divergence check's clock; saved)
         self._last_step_bytes = 0
-
-        seed = broadcast_seed(zo.base_seed, self.context, self.stats)
-        if seed != zo.base_seed:
-            sd = zo.state_dict()
-            sd["zo"]["base_seed"] = seed
-            zo.load_state_dict(sd)
+        zo.base_seed = broadcast_seed(zo.base_seed, self.context, self.stats)
         if sync_initial_parameters:
             self._reshard()  # FSDP2 root parameters may still be gathered from a forward
             broadcast_parameters(self._replicated_tensors(), self.context, self.stats)
         zo.loss_reduce = self._reduce_losses
+        if self._fsdp:
+            zo.loss_hook = self._resharded_loss
         if self.context.distributed:
             for o in fo_opts:
                 o.register_step_pre_hook(self._fo_pre_step)
-        if self._fsdp:
-            self._install_reshard(zo)
 
     # -- internals ------------------------------------------------------------------------
     def _replicated_tensors(self) -> List[torch.Tensor]:
@@ -542,22 +536,15 @@ class DataParallelZO:
         for m in self._fsdp:
             m.reshard()
 
-    def _install_reshard(self, zo) -> None:
-        inner_step = zo.step
-        reshard = self._reshard
-
-        def step(closure=None, **kwargs):
-            if closure is None or not callable(closure):
-                return inner_step(closure, **kwargs)
-
-            def resharding_closure():
-                try:
-                    return closure()
-                finally:
-                    reshard()
-            reshard()
-            return inner_step(resharding_closure, **kwargs)
-        zo.step = step
+    def _resharded_loss(self, closure):
+        """One loss evaluation of a ZO step with the FSDP2 modules resharded before and
+        after: FSDP2 keeps the root's parameters gathered after a forward, and the
+        perturbation written to the shards must reach the next forward."""
+        self._reshard()
+        try:
+            return closure()
+        finally:
+            self._reshard()
 
     # -- public ---------------------------------------------------------------------------
     @property
@@ -589,10 +576,11 @@ class DataParallelZO:
         ``lambda: zofo.upper_step(b_f, b_g)`` -- counting its bytes and running the periodic
         divergence check like :meth:`step`. Returns what ``fn`` returns."""
         before = self.stats.total_bytes(("loss", "grad"))
+        self._reshard()
         result = fn()
         self._last_step_bytes = self.stats.total_bytes(("loss", "grad")) - before
-        self._steps += 1
-        if self.check_every and self._steps % self.check_every == 0:
+        self.steps += 1
+        if self.check_every and self.steps % self.check_every == 0:
             self.check_replicas()
         return result
 
@@ -609,8 +597,8 @@ class DataParallelZO:
                                    self.stats, kind="grad")
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "steps": self._steps}
+        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self._steps = int(state["steps"])
+        self.steps = int(state["steps"])

@@ -12,14 +12,17 @@ Everything else of the user's script stays: ``TrainingArguments`` (``learning_ra
 learning rate of the backbone, with its scheduler and warm-up; ``weight_decay``; ``max_steps``;
 logging, evaluation and save strategies), data collators, metrics, callbacks, ``torchrun``.
 
-Methods
--------
+Methods (the zeroth-order ones of the registry, :mod:`zofo_kernels.methods`)
+-------------------------------------------------------------------------
 * ``"mezo"``: ZO-SGD (:class:`~zofo_kernels.optim.ZOOptimizer`) on every trainable
   parameter (biases and normalisation weights without weight decay).
-* ``"zofo"``: Bilevel-ZOFO (:class:`~zofo_kernels.optim.ZOFOOptimizer`) on a
+* ``"mezo-lora"``: ZO-SGD on the adapter of a ``peft.PeftModel``.
+* ``"bilevel-zofo"``: Bilevel-ZOFO (:class:`~zofo_kernels.optim.ZOFOOptimizer`) on a
   ``peft.PeftModel``: the active adapter is P, a copy S is added, the backbone is theta.
   The training set is the lower-level data D_g; the upper-level data D_f is ``upper_dataset``
   or, if not given, a seeded third of the training set (the paper's 2 : 1 split).
+
+The long form, with the logged quantities and checkpoints: docs/trainer.md.
 
 Gradient accumulation (``gradient_accumulation_steps = G``)
 -----------------------------------------------------------
@@ -55,7 +58,6 @@ optimizer computed it.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 from typing import Any, Dict, List, Optional
@@ -64,10 +66,9 @@ import torch
 from transformers import Trainer
 
 from . import checkpoint as ckpt_mod
+from . import methods as methods_mod
 from .distributed import DataParallelZO, setup_from_env
-from .optim import ZOFOOptimizer, ZOOptimizer, zo_param_groups
-
-METHODS = ("mezo", "zofo")
+from .optim import ZOOptimizer
 
 
 def check_prefix_tuning(model) -> None:
@@ -99,53 +100,85 @@ def check_prefix_tuning(model) -> None:
             "classification use LoRA or prompt tuning.")
 
 
-@dataclasses.dataclass
+# the registry's zeroth-order methods: what a Trainer step can run
+METHODS = methods_mod.names(zeroth_order=True)
+# optimizer settings that come from TrainingArguments, never from ZOConfig
+_FROM_TRAINING_ARGS = {"lr": "learning_rate", "weight_decay": "weight_decay",
+                       "inner_steps": "gradient_accumulation_steps"}
+
+
 class ZOConfig:
     """Zeroth-order settings that ``TrainingArguments`` has no field for.
 
-    ``method``: "mezo" or "zofo". ``eps``: perturbation scale. ``estimator``: "central" or
-    "forward" (default: central for MeZO, forward for Bilevel-ZOFO, as in the papers).
-    ``n_directions``: q. ``distribution``: "gaussian" or "rademacher". ``seed``: ZO base seed
-    (default: ``TrainingArguments.seed``). ``check_every``: data-parallel divergence check
-    period in steps (0: never). ``backend``: kernel backend (None: fastest available).
-    Bilevel-ZOFO only: ``lam`` (penalty weight), ``peft_lr`` / ``lower_lr`` (first-order
-    learning rates of P / S), ``peft_optimizer`` (a ``torch.optim`` class), ``upper_fraction``
-    (share of the training set used as D_f when no ``upper_dataset`` is given),
-    ``theta_update`` and ``order`` (as :class:`~zofo_kernels.optim.ZOFOOptimizer`; the
-    Trainer's ``learning_rate`` is theta's), ``penalty_batch``: "fresh" (the last micro-batch
-    of each accumulation window is B_g of the upper step and is not a lower step, so with
-    ``gradient_accumulation_steps = K`` an outer step is the paper's K - 1 lower steps plus the
-    upper step) or "last" (every micro-batch is a lower step and the last one is also B_g);
-    default: "fresh" when ``gradient_accumulation_steps >= 2``, else "last".
+    ``method``: a zeroth-order method of the registry (:mod:`zofo_kernels.methods`):
+    "mezo" (every trainable parameter), "mezo-lora" (the adapter of a ``PeftModel``) or
+    "bilevel-zofo". ``check_every``: data-parallel divergence check period in steps (0:
+    never). ``upper_fraction`` (Bilevel-ZOFO): the share of the training set used as D_f
+    when no ``upper_dataset`` is given. ``penalty_batch`` (Bilevel-ZOFO): "fresh" (the last
+    micro-batch of each accumulation window is B_g of the upper step and is not a lower
+    step, so with ``gradient_accumulation_steps = K`` an outer step is the paper's K - 1
+    lower steps plus the upper step) or "last" (every micro-batch is a lower step and the
+    last one is also B_g); default: "fresh" when ``gradient_accumulation_steps >= 2``, else
+    "last".
+
+    Every other keyword is a setting of the method's optimizer, handed through unchanged
+    (:class:`~zofo_kernels.optim.ZOOptimizer`: ``eps``, ``estimator``, ``n_directions``,
+    ``distribution``, ``seed`` (default: ``TrainingArguments.seed``), ``backend``, ...;
+    :class:`~zofo_kernels.optim.ZOFOOptimizer`: ``lam``, ``peft_lr``, ``lower_lr``,
+    ``peft_optimizer``, ``theta_update``, ``order``, ...); one not given takes the method's
+    default. ``lr``, ``weight_decay`` and ``inner_steps`` come from ``TrainingArguments``
+    (``learning_rate``, ``weight_decay``, ``gradient_accumulation_steps``). Reading
+    ``config.<setting>`` gives the value the optimizer will get (None: the optimizer's own).
     """
 
-    method: str = "mezo"
-    eps: float = 1e-3
-    estimator: Optional[str] = None
-    n_directions: int = 1
-    distribution: str = "gaussian"
-    seed: Optional[int] = None
-    check_every: int = 100
-    backend: Optional[str] = None
-    lam: float = 1.0
-    peft_lr: float = 1e-3
-    lower_lr: Optional[float] = None
-    peft_optimizer: type = torch.optim.Adam
-    upper_fraction: float = 1.0 / 3.0
-    theta_update: str = "rms"
-    order: str = "official"
-    penalty_batch: Optional[str] = None
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"ZOConfig.method must be one of {METHODS}, got {self.method!r}")
-        if self.estimator is None:
-            self.estimator = "central" if self.method == "mezo" else "forward"
-        if not 0.0 < self.upper_fraction < 1.0:
-            raise ValueError(f"upper_fraction must be in (0, 1), got {self.upper_fraction}")
-        if self.penalty_batch not in (None, "fresh", "last"):
+    def __init__(self, method: str = "mezo", *, check_every: int = 100,
+                 upper_fraction: float = 1.0 / 3.0, penalty_batch: Optional[str] = None,
+                 **settings):
+        if method in methods_mod.REGISTRY and not methods_mod.get(method).zeroth_order:
+            raise ValueError(f"ZOConfig.method {method!r} is first-order: train it with the "
+                             f"plain transformers.Trainer (ZOFOTrainer runs {', '.join(METHODS)})")
+        self.method = methods_mod.get(method, among=METHODS).name
+        if not 0.0 < upper_fraction < 1.0:
+            raise ValueError(f"upper_fraction must be in (0, 1), got {upper_fraction}")
+        if penalty_batch not in (None, "fresh", "last"):
             raise ValueError("ZOConfig.penalty_batch must be 'fresh', 'last' or None, got "
-                             f"{self.penalty_batch!r}")
+                             f"{penalty_batch!r}")
+        owned = sorted(set(settings) & set(_FROM_TRAINING_ARGS))
+        if owned:
+            raise ValueError("set " + ", ".join(f"TrainingArguments.{_FROM_TRAINING_ARGS[k]}"
+                                                f" (not ZOConfig {k}=)" for k in owned))
+        accepted = set(methods_mod.get(self.method).setting_names())
+        unknown = sorted(set(settings) - accepted)
+        if unknown:
+            raise TypeError(f"ZOConfig: {', '.join(unknown)} is not a setting of method "
+                            f"{self.method!r}; its optimizer takes "
+                            f"{', '.join(sorted(accepted - set(_FROM_TRAINING_ARGS)))}")
+        self.check_every = check_every
+        self.upper_fraction = float(upper_fraction)
+        self.penalty_batch = penalty_batch
+        self.settings = dict(settings)
+
+    def __getattr__(self, name: str):
+        settings = self.__dict__.get("settings")
+        if settings is None or name.startswith("_"):
+            raise AttributeError(name)
+        method = methods_mod.get(self.__dict__["method"])
+        if name not in method.setting_names():
+            raise AttributeError(f"ZOConfig has no setting {name!r}")
+        return method.setting(name, settings.get(name))
+
+    def __repr__(self) -> str:
+        given = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
+        return (f"ZOConfig(method={self.method!r}, check_every={self.check_every}, "
+                f"upper_fraction={self.upper_fraction:g}, penalty_batch={self.penalty_batch!r}"
+                + (f", {given}" if given else "") + ")")
+
+    def optimizer_settings(self, args) -> Dict[str, Any]:
+        """The settings of the method's optimizer under ``TrainingArguments`` ``args``."""
+        given = dict(self.settings, lr=args.learning_rate, weight_decay=args.weight_decay)
+        if given.get("seed") is None:
+            given["seed"] = args.seed
+        return methods_mod.get(self.method).optimizer_settings(**given)
 
 
 class _TrainerOptimizer(torch.optim.Optimizer):
@@ -203,17 +236,21 @@ class ZOFOTrainer(Trainer):
         check_prefix_tuning(self.model)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             self.args.max_grad_norm = 0.0  # ZO has no gradients to clip
-        self._window: List[Dict[str, Any]] = []
+        self._window_batches: List[Dict[str, Any]] = []  # MeZO: this window's micro-batches
+        self._window_lower_losses: List[float] = []      # Bilevel-ZOFO: its lower steps' losses
         self._window_stepped = False
         self._upper_drawn = 0
         self._upper_iter = None
         self._comm_mark = 0
         self.zo_last_step: Dict[str, Any] = {}
-        if self.zo_config.method == "zofo":
+        self._bilevel = self.zo_config.method == "bilevel-zofo"
+        if self._bilevel:
             self._prepare_zofo_data(upper_dataset)
         elif upper_dataset is not None:
-            raise ValueError("upper_dataset is only used by method='zofo'")
+            raise ValueError("upper_dataset is only used by method='bilevel-zofo'")
         self._build_zo()
+        # the step of the method, picked once: one ZO step per accumulation window
+        self._window_step = self._bilevel_micro_step if self._bilevel else self._mezo_micro_step
 
     # -- construction ----------------------------------------------------------------------
     def _prepare_zofo_data(self, upper_dataset) -> None:
@@ -233,19 +270,13 @@ class ZOFOTrainer(Trainer):
         self.upper_dataset = upper_dataset
 
     def _build_zo(self) -> None:
-        cfg, args = self.zo_config, self.args
-        seed = cfg.seed if cfg.seed is not None else args.seed
-        common = dict(eps=cfg.eps, estimator=cfg.estimator, n_directions=cfg.n_directions,
-                      distribution=cfg.distribution, seed=seed, backend=cfg.backend)
-        model = self.model
-        if cfg.method == "mezo":
-            groups = zo_param_groups(model, args.weight_decay)
-            self.zo_optimizer = ZOOptimizer(groups, lr=args.learning_rate, **common)
-            zo = self.zo_optimizer
-        else:
-            if not hasattr(model, "peft_config"):
-                raise TypeError("method='zofo' needs a peft.PeftModel (wrap the model with "
-                                "peft.get_peft_model first)")
+        """The method's optimizer from the registry, wrapped data-parallel under torchrun."""
+        cfg, args, model = self.zo_config, self.args, self.model
+        settings = cfg.optimizer_settings(args)
+        if methods_mod.get(cfg.method).peft and not hasattr(model, "peft_config"):
+            raise TypeError(f"method={cfg.method!r} needs a peft.PeftModel (wrap the model "
+                            "with peft.get_peft_model first)")
+        if self._bilevel:
             gas = args.gradient_accumulation_steps
             self._fresh_penalty = (cfg.penalty_batch or ("fresh" if gas >= 2 else "last")
                                    ) == "fresh"
@@ -253,19 +284,18 @@ class ZOFOTrainer(Trainer):
                 raise ValueError("ZOConfig.penalty_batch='fresh' takes the last micro-batch of "
                                  "each accumulation window as B_g: set "
                                  "gradient_accumulation_steps >= 2 (the paper's K)")
-            self.zo_optimizer = ZOFOOptimizer.from_peft(
-                model, self._zofo_loss, lr=args.learning_rate, lam=cfg.lam,
-                inner_steps=gas - 1 if self._fresh_penalty else gas, peft_lr=cfg.peft_lr,
-                lower_lr=cfg.lower_lr, peft_optimizer=cfg.peft_optimizer,
-                weight_decay=args.weight_decay, theta_update=cfg.theta_update,
-                order=cfg.order, **common)
-            zo = self.zo_optimizer.zo
+            settings["inner_steps"] = gas - 1 if self._fresh_penalty else gas
+            self.zo_optimizer = methods_mod.build_optimizer(
+                cfg.method, model, loss_fn=self._zofo_loss, **settings)
+            self._zo = self.zo_optimizer.zo
+        else:
+            self.zo_optimizer = methods_mod.build_optimizer(cfg.method, model, **settings)
+            self._zo = self.zo_optimizer
         self.zo_context = setup_from_env()
         self.zo_dp = None
         if self.zo_context.distributed:
             self.zo_dp = DataParallelZO(self.zo_optimizer, model=model, context=self.zo_context,
                                         check_every=cfg.check_every)
-        self._zo = zo
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -288,43 +318,48 @@ class ZOFOTrainer(Trainer):
         # ZO loss differences must come from the weights, not from dropout masks
         model.eval()
         inputs = self._prepare_inputs(inputs)
-        last = self.accelerator.sync_gradients
-        if self.zo_config.method == "mezo":
-            self._window.append(inputs)
-            if not last:
-                return torch.zeros((), device=self.args.device)
-            window, self._window = self._window, []
-            weights = [_n_examples(b) for b in window]
-            total = float(sum(weights))
+        loss = self._window_step(model, inputs, self.accelerator.sync_gradients)
+        if loss is None:  # the window goes on: the step happens at its last micro-batch
+            return torch.zeros((), device=self.args.device)
+        self._end_window()
+        return torch.tensor(loss, dtype=torch.float32, device=self.args.device)
 
-            def closure():
-                loss = None
-                for w, batch in zip(weights, window):
-                    part = self._batch_loss(model, batch).double() * (w / total)
-                    loss = part if loss is None else loss + part
-                return loss
-            driver = self.zo_dp if self.zo_dp is not None else self.zo_optimizer
-            value = driver.step(closure)
-            self.zo_last_step = dict(self._zo.last_step)
-            self._end_window()
-            return torch.tensor(value, dtype=torch.float32, device=self.args.device)
-        # Bilevel-ZOFO: micro-batches are lower steps; the last one closes the window (and with
-        # penalty_batch="fresh" is only B_g, which S has not trained on)
+    def _mezo_micro_step(self, model, inputs, last: bool) -> Optional[float]:
+        """MeZO: collect the window's micro-batches; at its last one, one ZO step whose loss
+        is the example-weighted mean over them."""
+        self._window_batches.append(inputs)
+        if not last:
+            return None
+        window, self._window_batches = self._window_batches, []
+        weights = [_n_examples(b) for b in window]
+        total = float(sum(weights))
+
+        def closure():
+            loss = None
+            for w, batch in zip(weights, window):
+                part = self._batch_loss(model, batch).double() * (w / total)
+                loss = part if loss is None else loss + part
+            return loss
+        value = (self.zo_dp if self.zo_dp is not None else self.zo_optimizer).step(closure)
+        self.zo_last_step = dict(self._zo.last_step)
+        return value
+
+    def _bilevel_micro_step(self, model, inputs, last: bool) -> Optional[float]:
+        """Bilevel-ZOFO: micro-batches are lower steps; the last one closes the window (and
+        with penalty_batch="fresh" is only B_g, which S has not trained on)."""
         zofo = self.zo_optimizer
         if not (last and self._fresh_penalty):
-            res = zofo.lower_step(inputs)
-            self._window.append(res.lower_losses[-1])
+            self._window_lower_losses.append(zofo.lower_step(inputs).lower_losses[-1])
         if not last:
-            return torch.zeros((), device=self.args.device)
+            return None
         upper = self._prepare_inputs(self._next_upper_batch())
         if self.zo_dp is not None:
             up = self.zo_dp.run_step(lambda: zofo.upper_step(upper, inputs))
         else:
             up = zofo.upper_step(upper, inputs)
-        lower_losses, self._window = self._window, []
+        lower_losses, self._window_lower_losses = self._window_lower_losses, []
         self.zo_last_step = dict(up.as_dict(), lower_losses=lower_losses)
-        self._end_window()
-        return torch.tensor(up.loss, dtype=torch.float32, device=self.args.device)
+        return up.loss
 
     def _end_window(self) -> None:
         self._window_stepped = True
@@ -373,14 +408,14 @@ class ZOFOTrainer(Trainer):
     def _zo_trainer_state(self) -> Dict[str, Any]:
         state = {"upper_drawn": self._upper_drawn}
         if self.zo_dp is not None:
-            state["dp_steps"] = self.zo_dp._steps
+            state["dp_steps"] = self.zo_dp.steps
         return state
 
     def _load_zo_trainer_state(self, state: Dict[str, Any]) -> None:
         self._upper_drawn = int(state.get("upper_drawn", 0))
         self._upper_iter = None
         if self.zo_dp is not None and "dp_steps" in state:
-            self.zo_dp._steps = int(state["dp_steps"])
+            self.zo_dp.steps = int(state["dp_steps"])
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         """The layout of :mod:`zofo_kernels.checkpoint` instead of the Trainer's root-level
@@ -392,8 +427,7 @@ class ZOFOTrainer(Trainer):
         tokenizer = self.processing_class
         if tokenizer is None:
             tokenizer = getattr(self.data_collator, "tokenizer", None)
-        lower = (self.zo_optimizer.adapter_names["lower"] if self.zo_config.method == "zofo"
-                 else None)
+        lower = self.zo_optimizer.adapter_names["lower"] if self._bilevel else None
         model = self.accelerator.unwrap_model(self.model)
         ckpt_mod.save_trained(output_dir, model, tokenizer=tokenizer,
                               method=self.zo_config.method, lower_adapter=lower,
@@ -403,7 +437,7 @@ class ZOFOTrainer(Trainer):
 
     def _load_weights(self, folder: str, model=None) -> None:
         ckpt_mod.load_weights_into(model if model is not None else self.model, folder)
-        if self.zo_config.method == "zofo":
+        if self._bilevel:
             self.zo_optimizer.eval_mode()
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -430,7 +464,7 @@ class ZOFOTrainer(Trainer):
         names = {"upper_loss": "upper_loss", "penalty_loss": "penalty_loss",
                  "lower_penalty_loss": "lower_penalty_loss", "gap": "gap",
                  "theta_step_rms": "theta_step_rms", "comm_bytes": "comm_bytes_per_step"}
-        if self.zo_config.method == "mezo":
+        if not self._bilevel:
             names = {"update_rms": "theta_step_rms", "comm_bytes": "comm_bytes_per_step"}
         for key, name in names.items():
             value = st.get(key)

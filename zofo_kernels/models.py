@@ -33,26 +33,29 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# name -> (family, config kwargs)
+
+def _opt(hidden, layers, heads, ffn, proj=None, vocab=50272, positions=2048, **extra):
+    """An OPT shape: (family, OPTConfig keyword arguments)."""
+    return "opt", dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       ffn_dim=ffn, word_embed_proj_dim=proj or hidden, vocab_size=vocab,
+                       max_position_embeddings=positions, **extra)
+
+
+def _bert(hidden, layers, heads, intermediate, positions=512):
+    """A BERT shape (uncased WordPiece vocabulary): (family, BertConfig keyword arguments)."""
+    return "bert", dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=intermediate, vocab_size=30522,
+                        max_position_embeddings=positions)
+
+
+# name -> (family, config kwargs): the public checkpoints' shapes and two tiny ones for tests
 PRESETS = {
-    "opt-125m": ("opt", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                             ffn_dim=3072, word_embed_proj_dim=768, vocab_size=50272,
-                             max_position_embeddings=2048)),
-    "opt-350m": ("opt", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                             ffn_dim=4096, word_embed_proj_dim=512, vocab_size=50272,
-                             max_position_embeddings=2048, do_layer_norm_before=False)),
-    "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
-                             ffn_dim=8192, word_embed_proj_dim=2048, vocab_size=50272,
-                             max_position_embeddings=2048)),
-    "minilm-random": ("bert", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                   intermediate_size=1536, vocab_size=30522,
-                                   max_position_embeddings=512)),
-    "tiny-opt": ("opt", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             ffn_dim=64, word_embed_proj_dim=32, vocab_size=30522,
-                             max_position_embeddings=128)),
-    "tiny-bert": ("bert", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64, vocab_size=30522,
-                               max_position_embeddings=128)),
+    "opt-125m": _opt(768, 12, 12, 3072),
+    "opt-350m": _opt(1024, 24, 16, 4096, proj=512, do_layer_norm_before=False),
+    "opt-1.3b": _opt(2048, 24, 32, 8192),
+    "minilm-random": _bert(384, 6, 12, 1536),
+    "tiny-opt": _opt(32, 2, 2, 64, vocab=30522, positions=128),
+    "tiny-bert": _bert(32, 2, 2, 64, positions=128),
 }
 MODEL_CHOICES = ("minilm",) + tuple(PRESETS)
 

@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # One colour per method, distinct across all methods of every figure (training runs, the
 # study, zofo-bench's step and memory plots), so a method looks the same everywhere.
-COLORS = {"mezo": "tab:blue", "zo": "tab:orange", "fo-lora": "tab:green",
-          "bilevel-zofo": "tab:red", "fo-full": "tab:purple", "zo-rademacher": "tab:brown",
+COLORS = {"mezo": "tab:blue", "bilevel-zofo-adam": "tab:orange", "fo-lora": "tab:green",
+          "bilevel-zofo": "tab:red", "fo-full": "tab:purple", "mezo-rademacher": "tab:brown",
           "mezo-ref": "tab:pink", "forward": "tab:gray", "inference": "tab:olive",
           "mezo-lora": "tab:cyan"}
 # For names not in COLORS (further methods, kernel-benchmark series): unused colours first.
@@ -59,12 +59,7 @@ def plot_run(history: Sequence[dict], path, title: str = "") -> Path:
     ax2.set_xlabel("training wall time (s)")
     ax2.set_ylabel("eval accuracy")
     ax2.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_study(curves: Dict[str, List[Sequence[dict]]], path, title: str = "",
@@ -97,10 +92,7 @@ def plot_study(curves: Dict[str, List[Sequence[dict]]], path, title: str = "",
     if title:
         ax.set_title("\n".join(textwrap.fill(part, 95) for part in title.split("\n")),
                      fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 def mean_curve(runs: Sequence[Sequence[dict]], points: int = 40):
@@ -121,58 +113,59 @@ def mean_curve(runs: Sequence[Sequence[dict]], points: int = 40):
     return out
 
 
-def plot_bench(rows: Sequence[dict], path, title: str = "") -> Path:
-    """Step time split into forward and the rest (stacked bars), per model and method;
-    ``rows`` are the benchmark's step rows (model, method, forward_s, other_s)."""
-    path = Path(path)
+def _per_model(rows: Sequence[dict]):
+    """One subplot per model: (the figure, [(axis, model, the model's rows)])."""
     model_names = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(model_names), figsize=(4.2 * len(model_names), 3.8),
                              squeeze=False)
-    for ax, model in zip(axes[0], model_names):
-        sub = [r for r in rows if r["model"] == model]
-        names = [r["method"] for r in sub]
-        fwd = [r["forward_s"] * 1e3 for r in sub]
-        other = [r["other_s"] * 1e3 for r in sub]
-        xs = range(len(sub))
-        colors = [method_colors(names)[n] for n in names]
-        # one colour per method; the forward part of its bar light and hatched
-        ax.bar(xs, fwd, color=colors, alpha=0.45, hatch="//", edgecolor=colors)
-        ax.bar(xs, other, bottom=fwd, color=colors, edgecolor=colors)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("ms per step (median)")
-        ax.set_title(model, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    from matplotlib.patches import Patch
-    axes[0][0].legend(handles=[Patch(facecolor="0.6", alpha=0.45, hatch="//", edgecolor="0.4",
-                                     label="forward passes"),
-                               Patch(facecolor="0.4", label="everything else")], fontsize=8)
+    return fig, [(ax, model, [r for r in rows if r["model"] == model])
+                 for ax, model in zip(axes[0], model_names)]
+
+
+def _label_methods(ax, names: Sequence[str], ylabel: str, title: str) -> None:
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _save(fig, path, title: str = "", dpi: int = 110) -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return path
+    return Path(path)
+
+
+def plot_bench(rows: Sequence[dict], path, title: str = "") -> Path:
+    """Step time split into forward and the rest (stacked bars), per model and method;
+    ``rows`` are the benchmark's step rows (model, method, forward_s, other_s)."""
+    fig, panels = _per_model(rows)
+    for ax, model, sub in panels:
+        names = [r["method"] for r in sub]
+        fwd = [r["forward_s"] * 1e3 for r in sub]
+        other = [r["other_s"] * 1e3 for r in sub]
+        colors = [method_colors(names)[n] for n in names]
+        # one colour per method; the forward part of its bar light and hatched
+        ax.bar(range(len(sub)), fwd, color=colors, alpha=0.45, hatch="//", edgecolor=colors)
+        ax.bar(range(len(sub)), other, bottom=fwd, color=colors, edgecolor=colors)
+        _label_methods(ax, names, "ms per step (median)", model)
+    from matplotlib.patches import Patch
+    panels[0][0].legend(handles=[Patch(facecolor="0.6", alpha=0.45, hatch="//",
+                                       edgecolor="0.4", label="forward passes"),
+                                 Patch(facecolor="0.4", label="everything else")], fontsize=8)
+    return _save(fig, path, title)
 
 
 def plot_memory(rows: Sequence[dict], path, title: str = "") -> Path:
     """Peak memory above the loaded model per method (bars), per model."""
-    path = Path(path)
-    model_names = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(model_names), figsize=(4.2 * len(model_names), 3.8),
-                             squeeze=False)
-    for ax, model in zip(axes[0], model_names):
-        sub = [r for r in rows if r["model"] == model]
+    fig, panels = _per_model(rows)
+    for ax, model, sub in panels:
+        names = [r["method"] for r in sub]
         ax.bar(range(len(sub)), [r["extra_peak_bytes"] / 2**20 for r in sub],
-               color=[method_colors([r["method"] for r in sub])[r["method"]] for r in sub])
-        ax.set_xticks(range(len(sub)))
-        ax.set_xticklabels([r["method"] for r in sub], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("peak memory above loaded model (MiB)")
-        ax.set_title(f"{model} (weights {sub[0]['model_bytes'] / 2**20:.0f} MiB)", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+               color=[method_colors(names)[n] for n in names])
+        _label_methods(ax, names, "peak memory above loaded model (MiB)",
+                       f"{model} (weights {sub[0]['model_bytes'] / 2**20:.0f} MiB)")
+    return _save(fig, path, title)

@@ -1,11 +1,7 @@
 """zofo-train: few-shot fine-tuning of a sequence classifier with ZO, FO or Bilevel-ZOFO.
 
-Methods
-  bilevel-zofo  backbone by ZO-SGD (fused kernels), PEFT block by FO (Adam), bilevel penalty
-  mezo          all weights by ZO-SGD (fused kernels)
-  mezo-lora     the PEFT block (LoRA by default) by ZO-SGD
-  fo-lora       the PEFT block (LoRA by default) by Adam
-  fo-full       all weights by Adam
+Methods: those of the registry (:mod:`zofo_kernels.methods`), listed by ``zofo-train
+--help``; the long form is docs/cli.md.
 
 Example (MiniLM on SST-2, 1,000 examples, 15 minutes):
   zofo-train --model minilm --method bilevel-zofo --peft lora \\
@@ -41,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -51,57 +46,17 @@ import torch
 
 from . import checkpoint as ckpt_mod
 from . import data as data_mod
+from . import methods as methods_mod
 from . import models as models_mod
+from .measure import CountedLoss, peak_memory_bytes, peak_memory_kind
 
-METHODS = ("bilevel-zofo", "mezo", "mezo-lora", "fo-lora", "fo-full")
-
-# Per-method defaults for a ~20 M-parameter model; every one can be overridden on the
-# command line. The SST-2 study picks them by a sweep on held-out training examples.
-DEFAULTS = {
-    "mezo": dict(lr=1e-5, eps=1e-3, estimator="central"),
-    "mezo-lora": dict(lr=1e-3, eps=1e-2, estimator="central"),
-    "fo-lora": dict(lr=1e-3),
-    "fo-full": dict(lr=3e-5),
-    # lr: the SST-2 study's sweep choice (benchmarks/results/study_v2/: rms lr 1e-4 ended at
-    # 0.832 on held-out training examples after 555 outer steps, 1e-3 fell from 0.834 to
-    # 0.762); lam and the rest provisional until the study's lambda and main phases
-    "bilevel-zofo": dict(lr=1e-4, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=3,
-                         estimator="forward", theta_update="rms", order="official",
-                         penalty_batch="fresh"),
-}
+METHODS = methods_mod.names()
 HEADS = models_mod.HEADS
 
 
 # --------------------------------------------------------------------------- utilities
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return peak_rss_bytes()
-
-
-class Counter:
-    """Wraps a loss function, counting and timing its calls (forward passes)."""
-
-    def __init__(self, fn: Callable):
-        self.fn = fn
-        self.calls = 0
-        self.seconds = 0.0
-
-    def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        out = self.fn(*args, **kwargs)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        return out
-
-
-def _to(batch: dict, device: torch.device) -> dict:
+def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -131,23 +86,30 @@ class Drawn:
 class Runner(abc.ABC):
     """One method's training step over batch streams, with forward/backward counters.
 
+    The optimizer comes from the method registry (:mod:`zofo_kernels.methods`).
     ``forward_count`` counts model forward passes over a batch and ``backward_count``
     backward passes (a forward pass and its backward are counted separately)."""
 
     method: str
-    eval_model: torch.nn.Module
-    model: torch.nn.Module
     opt: Any
-    streams: Dict[str, Drawn]
     lower_adapter: Optional[str] = None  # Bilevel-ZOFO: the name of S's adapter
 
-    def __init__(self, loss_fn: Callable):
-        self.loss = Counter(loss_fn)
+    def __init__(self, method: str, model: torch.nn.Module, loss_fn: Callable,
+                 streams: Dict[str, Iterator[dict]], device: torch.device):
+        self.method = method
+        self.model = self.eval_model = model
+        self.loss = CountedLoss(loss_fn)
+        self.streams = {name: s if isinstance(s, Drawn) else Drawn(s)
+                        for name, s in streams.items()}
+        self.device = device
         self.backward_count = 0
         # under torchrun: the data-parallel driver of a ZO optimizer (DataParallelZO), or the
         # context whose gradient all-reduce a first-order runner uses
         self.data_parallel = None
         self.dist_context = None
+
+    def _next(self, stream: str) -> dict:
+        return _to_device(next(self.streams[stream]), self.device)
 
     def _optimizer_step(self, *args):
         return (self.data_parallel or self.opt).step(*args)
@@ -159,6 +121,10 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def step(self) -> float:
         """One training step; returns the step's training loss."""
+
+    def diagnostics(self) -> Optional[dict]:
+        """The last step's inside view for metrics.jsonl (None: this method has none)."""
+        return None
 
     def optimizer_state(self) -> dict:
         """What ``--resume`` needs besides the weights: the optimizer's state dict (ZO seed
@@ -172,53 +138,15 @@ class Runner(abc.ABC):
         self.backward_count = int(state["backward_count"])
 
 
-def _peft_params(model) -> List[torch.nn.Parameter]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the PEFT model has no trainable parameters")
-    return params
+class ZORunner(Runner):
+    """ZO-SGD with the fused kernels: MeZO (all weights) or ZO on a PEFT block."""
 
-
-class _OneStreamRunner(Runner):
-    """A method that trains one set of weights from one batch stream: all weights, or the
-    PEFT block when ``peft`` (ZO-SGD and Adam runners share this)."""
-
-    def __init__(self, method, model, loss_fn, batches: Iterator[dict], device, peft):
-        super().__init__(loss_fn)
-        self.method = method
-        self.model = self.eval_model = model
-        self.batches = batches if isinstance(batches, Drawn) else Drawn(batches)
-        self.streams = {"train": self.batches}
-        self.device = device
-        self.peft = peft
-
-    def _trained_params(self) -> List[torch.nn.Parameter]:
-        if self.peft:
-            return _peft_params(self.model)
-        for p in self.model.parameters():
-            p.requires_grad_(True)
-        return list(self.model.parameters())
-
-
-class ZORunner(_OneStreamRunner):
-    """ZO-SGD with the fused kernels (``zofo_kernels.optim.ZOOptimizer``): MeZO (all
-    weights, groups from ``zo_param_groups`` so biases/norms skip weight decay) or ZO on a
-    PEFT block."""
-
-    def __init__(self, method, model, loss_fn, batches: Iterator[dict], device, lr, eps,
-                 weight_decay, distribution, estimator, n_directions, seed, backend, peft):
-        super().__init__(method, model, loss_fn, batches, device, peft)
-        from .optim import ZOOptimizer, zo_param_groups
-        trained = self._trained_params()
-        # full ZO: biases and norms in a group without weight decay
-        params = ([{"params": trained, "weight_decay": weight_decay}] if peft
-                  else zo_param_groups(model, weight_decay))
-        self.opt = ZOOptimizer(params, lr=lr, eps=eps, weight_decay=weight_decay,
-                               distribution=distribution, estimator=estimator,
-                               n_directions=n_directions, seed=seed, backend=backend)
+    def __init__(self, method, model, loss_fn, batches: Iterator[dict], device, settings):
+        super().__init__(method, model, loss_fn, {"train": batches}, device)
+        self.opt = methods_mod.build_optimizer(method, model, **settings)
 
     def step(self) -> float:
-        batch = _to(next(self.batches), self.device)
+        batch = self._next("train")
         losses = []
 
         def closure():
@@ -231,16 +159,16 @@ class ZORunner(_OneStreamRunner):
         return sum(losses) / len(losses)
 
 
-class FORunner(_OneStreamRunner):
+class FORunner(Runner):
     """First-order fine-tuning with Adam: all weights (fo-full) or a PEFT block (fo-lora)."""
 
-    def __init__(self, method, model, loss_fn, batches, device, lr, weight_decay, peft):
-        super().__init__(method, model, loss_fn, batches, device, peft)
-        self.params = self._trained_params()
-        self.opt = torch.optim.Adam(self.params, lr=lr, weight_decay=weight_decay)
+    def __init__(self, method, model, loss_fn, batches, device, settings):
+        super().__init__(method, model, loss_fn, {"train": batches}, device)
+        self.opt = methods_mod.build_optimizer(method, model, **settings)
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
 
     def step(self) -> float:
-        batch = _to(next(self.batches), self.device)
+        batch = self._next("train")
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss(self.model, batch)
         loss.backward()
@@ -253,31 +181,16 @@ class FORunner(_OneStreamRunner):
 
 
 class BilevelRunner(Runner):
-    """Bilevel-ZOFO (``zofo_kernels.optim.ZOFOOptimizer``): K inner FO steps on the lower
-    copy S, one FO step on the upper copy P, one fused ZO step on the backbone."""
+    """Bilevel-ZOFO (``zofo_kernels.optim.ZOFOOptimizer``): the inner FO steps on the lower
+    copy S, one FO step on the upper copy P, one fused ZO step on the backbone.
 
-    method = "bilevel-zofo"
+    ``streams``: "lower" (D_g), "upper" (D_f) and, for a fresh B_g per upper step as in the
+    authors' code, "penalty" (a second D_g stream); without it B_g is the last lower batch."""
 
-    def __init__(self, model, loss_fn, lower: Iterator[dict], upper: Iterator[dict], device,
-                 lr, penalty: Optional[Iterator[dict]] = None, **settings):
-        """``penalty``: the stream of fresh B_g batches for the upper step (a second D_g
-        iterator, as in the authors' code); None: B_g is the last lower batch. ``settings``:
-        the keyword settings of :class:`ZOFOOptimizer`."""
-        super().__init__(loss_fn)
-        from .optim import ZOFOOptimizer
-        self.model = self.eval_model = model
-        self.lower = lower if isinstance(lower, Drawn) else Drawn(lower)
-        self.upper = upper if isinstance(upper, Drawn) else Drawn(upper)
-        self.streams = {"lower": self.lower, "upper": self.upper}
-        self.penalty = None
-        if penalty is not None:
-            self.penalty = penalty if isinstance(penalty, Drawn) else Drawn(penalty)
-            self.streams["penalty"] = self.penalty
-        self.device = device
-        self.inner_steps = settings.get("inner_steps", 10)
-        self.opt = ZOFOOptimizer.from_peft(
-            model, lambda batch: self.loss(model, batch), lr=lr,
-            peft_optimizer=torch.optim.Adam, **settings)
+    def __init__(self, model, loss_fn, streams: Dict[str, Iterator[dict]], device, settings):
+        super().__init__("bilevel-zofo", model, loss_fn, streams, device)
+        self.opt = methods_mod.build_optimizer(
+            "bilevel-zofo", model, loss_fn=lambda batch: self.loss(model, batch), **settings)
         self.lower_adapter = self.opt.adapter_names["lower"]
         self.last_result = None
 
@@ -294,21 +207,19 @@ class BilevelRunner(Runner):
         pass  # counted by the optimizer
 
     def step(self) -> float:
-        upper = _to(next(self.upper), self.device)
-        n_lower = self.inner_steps if self.penalty is not None else max(1, self.inner_steps)
-        lowers = [_to(next(self.lower), self.device) for _ in range(n_lower)]
-        if self.penalty is not None:
-            result = self._optimizer_step(upper, lowers, _to(next(self.penalty), self.device))
-        else:
-            result = self._optimizer_step(upper, lowers)
-        self.last_result = result
-        return float(result.upper_loss)
+        fresh = "penalty" in self.streams
+        upper = self._next("upper")
+        n_lower = self.opt.inner_steps if fresh else max(1, self.opt.inner_steps)
+        lowers = [self._next("lower") for _ in range(n_lower)]
+        extra = [self._next("penalty")] if fresh else []
+        self.last_result = self._optimizer_step(upper, lowers, *extra)
+        return float(self.last_result.upper_loss)
 
-    def diagnostics(self) -> dict:
+    def diagnostics(self) -> Optional[dict]:
         """The last outer step's inside view (metrics.jsonl rows of kind "bilevel")."""
         r = self.last_result
         if r is None:
-            return {}
+            return None
         return dict(f=r.upper_loss, g_upper=r.penalty_loss, g_lower=r.lower_penalty_loss,
                     gap=r.gap, objective=r.objective, projected_grads=r.projected_grads,
                     slopes=r.slopes, theta_step_rms=r.theta_step_rms,
@@ -324,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zofo-train", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Methods: " + ", ".join(METHODS) + ". Hyperparameters not given take the "
-               "method's default (see DEFAULTS in zofo_kernels/train.py).")
+        epilog="methods:\n" + "\n".join(f"  {m.name:13s} {m.summary}"
+                                         for m in methods_mod.REGISTRY.values())
+               + "\n\nHyperparameters not given take the method's default (the registry, "
+                 "zofo_kernels/methods.py).")
     p.add_argument("--model", default="minilm",
                    help="minilm, opt-125m, opt-350m, opt-1.3b, tiny-bert, tiny-opt, or a local "
                         "model folder / hub id (default: minilm)")
@@ -465,11 +378,23 @@ def resume_args(args, given: Optional[List[str]] = None):
     return merged, state
 
 
-def _hp(args, name):
-    value = getattr(args, name, None)
-    if value is None:
-        value = DEFAULTS[args.method].get(name)
-    return value
+def _setting(args, name):
+    """The setting ``name`` of this run: the command line's, else the method's default."""
+    return methods_mod.get(args.method).setting(name, getattr(args, name, None))
+
+
+# command-line settings handed to the method's optimizer when it takes them
+_OPTIMIZER_ARGS = ("lr", "eps", "weight_decay", "distribution", "estimator", "n_directions",
+                   "lam", "inner_steps", "peft_lr", "theta_update", "order", "seed", "backend")
+
+
+def optimizer_settings(args) -> dict:
+    """The keyword settings of the run's optimizer: those of ``args`` that the method takes
+    (None: the method's default), the rest from the registry."""
+    method = methods_mod.get(args.method)
+    accepted = set(method.setting_names())
+    return method.optimizer_settings(**{k: getattr(args, k, None) for k in _OPTIMIZER_ARGS
+                                        if k in accepted})
 
 
 def _validate(args) -> None:
@@ -492,36 +417,32 @@ def _validate(args) -> None:
         raise SystemExit("zofo-train: --template / --label-words need --head prompt")
 
 
-def _make_runner(args, model, device, train_enc, lower_enc, upper_enc, rank=0) -> Runner:
+def _make_runner(args, model, device, encoded: Dict[str, Any], rank: int = 0) -> Runner:
+    """The method's runner on ``model`` (wrapped with its PEFT block first if it has one).
+    ``encoded``: the "train", "lower" and "upper" example sets."""
+    method = methods_mod.get(args.method)
     loss_fn = models_mod.classification_loss
-    seed = args.seed
-    stream_seed = seed + 1000 * rank  # each data-parallel rank draws its own batches
-    peft_kwargs = dict(lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                       num_virtual_tokens=args.num_virtual_tokens)
-    if args.method in ("mezo-lora", "fo-lora", "bilevel-zofo"):
-        model = models_mod.add_peft(model, args.peft, **peft_kwargs)
+    stream_seed = args.seed + 1000 * rank  # each data-parallel rank draws its own batches
+
+    def stream(name: str, offset: int):
+        return data_mod.BatchStream(encoded[name], args.batch_size, stream_seed + offset)
+
+    if method.peft:
+        model = models_mod.add_peft(model, args.peft, lora_r=args.lora_r,
+                                    lora_alpha=args.lora_alpha,
+                                    num_virtual_tokens=args.num_virtual_tokens)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
     model.eval()  # no dropout: see the module docstring
-    if args.method == "bilevel-zofo":
-        lower = data_mod.BatchStream(lower_enc, args.batch_size, stream_seed + 1)
-        upper = data_mod.BatchStream(upper_enc, args.batch_size, stream_seed + 2)
-        penalty = (data_mod.BatchStream(lower_enc, args.batch_size, stream_seed + 3)
-                   if _hp(args, "penalty_batch") == "fresh" else None)
-        return BilevelRunner(model, loss_fn, lower, upper, device, lr=_hp(args, "lr"),
-                             penalty=penalty, eps=_hp(args, "eps"), lam=_hp(args, "lam"),
-                             inner_steps=_hp(args, "inner_steps"), peft_lr=_hp(args, "peft_lr"),
-                             estimator=_hp(args, "estimator"), weight_decay=args.weight_decay,
-                             seed=seed, backend=args.backend, distribution=args.distribution,
-                             n_directions=args.n_directions,
-                             theta_update=_hp(args, "theta_update"), order=_hp(args, "order"))
-    stream = data_mod.BatchStream(train_enc, args.batch_size, stream_seed + 1)
-    if args.method in ("mezo", "mezo-lora"):
-        return ZORunner(args.method, model, loss_fn, stream, device, lr=_hp(args, "lr"),
-                        eps=_hp(args, "eps"), weight_decay=args.weight_decay,
-                        distribution=args.distribution, estimator=_hp(args, "estimator"),
-                        n_directions=args.n_directions, seed=seed, backend=args.backend,
-                        peft=args.method == "mezo-lora")
-    return FORunner(args.method, model, loss_fn, stream, device, lr=_hp(args, "lr"),
-                    weight_decay=args.weight_decay, peft=args.method == "fo-lora")
+    settings = optimizer_settings(args)
+    if method.name == "bilevel-zofo":
+        streams = {"lower": stream("lower", 1), "upper": stream("upper", 2)}
+        if _setting(args, "penalty_batch") == "fresh":
+            streams["penalty"] = stream("lower", 3)
+        return BilevelRunner(model, loss_fn, streams, device, settings)
+    runner_cls = ZORunner if method.zeroth_order else FORunner
+    return runner_cls(method.name, model, loss_fn, stream("train", 1), device, settings)
 
 
 def run(args, given: Optional[List[str]] = None,
@@ -530,10 +451,12 @@ def run(args, given: Optional[List[str]] = None,
 
     ``on_trained(runner)`` is called on rank 0 after the last step, before anything is saved
     (the trained model is ``runner.model``). With ``args.resume`` the saved run continues
-    (see :func:`resume_args`; ``given`` lists the options set on the command line). Under ``torchrun`` (``WORLD_SIZE`` set) the run is data
-    parallel: every rank draws its own batches, ZO methods all-reduce only their losses
-    (``DataParallelZO``), first-order methods their gradients, and rank 0 alone writes the
-    outputs."""
+    (see :func:`resume_args`; ``given`` lists the options set on the command line). Under
+    ``torchrun`` (``WORLD_SIZE`` set) the run is data parallel: every rank draws its own
+    batches, ZO methods all-reduce only their losses (``DataParallelZO``), first-order
+    methods their gradients, and rank 0 alone writes the outputs. The parts, in order:
+    :func:`load_data`, :func:`build_runner`, :func:`wire_data_parallel`, :func:`train_loop`
+    (with :class:`Evaluation` on an :class:`EvalSchedule`), :func:`run_summary`."""
     resume = None
     if getattr(args, "resume", None):
         args, resume = resume_args(args, given)
@@ -631,233 +554,301 @@ def _restore(runner: Runner, folder: Path, state: dict) -> Progress:
     return Progress(**state["progress"])
 
 
-def _run(args, device, ctx, resume=None, on_trained=None) -> dict:
-    from . import distributed as dist_mod
-    out = Path(args.output)
-    initial_args = {k: v for k, v in vars(args).items() if k != "resume"}
+@dataclasses.dataclass
+class RunData:
+    """The example sets of a run (prompt-wrapped with a prompt head) and where they came
+    from. ``lower``/``upper``: Bilevel-ZOFO's D_g and D_f (other methods: ``train`` and
+    nothing); ``select``: D_f, the examples model selection reads (every method)."""
+    train: list
+    eval: list
+    lower: list
+    upper: list
+    select: list
+    eval_name: str
+    num_labels: int
+    data_seed: int
+    head: str
+    spec: Any = None  # the PromptSpec of a prompt head
+
+
+def load_data(args) -> RunData:
+    """Read and sample the run's examples as ``args`` says (``SystemExit`` on bad data)."""
     data_seed = args.seed if args.data_seed is None else args.data_seed
+    pool = data_mod.read_examples(args.train, args.text_column, args.label_column)
+    picked = data_mod.sample(pool, args.num_train + args.holdout, data_seed)
+    train_ex, held = picked[:args.num_train], picked[args.num_train:]
+    if args.holdout > 0:
+        eval_ex, eval_name = held, f"holdout of {args.train}"
+    else:
+        eval_ex = data_mod.read_examples(args.eval, args.text_column, args.label_column)
+        eval_name = args.eval
+    if args.eval_max is not None and args.eval_max < len(eval_ex):
+        eval_ex = data_mod.sample(eval_ex, args.eval_max, data_seed + 7)
+    lower_ex, upper_ex = (data_mod.split(train_ex, args.upper_fraction)
+                          if args.method == "bilevel-zofo" else (train_ex, []))
+    data = RunData(train_ex, eval_ex, lower_ex, upper_ex,
+                   data_mod.split(train_ex, args.upper_fraction)[1], str(eval_name),
+                   max(2, data_mod.num_labels(train_ex, eval_ex)), data_seed,
+                   getattr(args, "head", "random"))  # run states saved before --head existed
+    if data.head == "prompt":
+        _apply_prompt(args, data)
+    return data
 
+
+def _apply_prompt(args, data: RunData) -> None:
+    """Wrap every example set in the prompt template."""
+    from .prompting import PromptError, PromptSpec
     try:
-        pool = data_mod.read_examples(args.train, args.text_column, args.label_column)
-        picked = data_mod.sample(pool, args.num_train + args.holdout, data_seed)
-        train_ex, held = picked[:args.num_train], picked[args.num_train:]
-        if args.holdout > 0:
-            eval_ex, eval_name = held, f"holdout of {args.train}"
-        else:
-            eval_ex, eval_name = data_mod.read_examples(
-                args.eval, args.text_column, args.label_column), args.eval
-        if args.eval_max is not None and args.eval_max < len(eval_ex):
-            eval_ex = data_mod.sample(eval_ex, args.eval_max, data_seed + 7)
-        lower_ex, upper_ex = (data_mod.split(train_ex, args.upper_fraction)
-                              if args.method == "bilevel-zofo" else (train_ex, []))
-        # D_f, the examples that model selection reads (every method: see the docstring)
-        select_ex = data_mod.split(train_ex, args.upper_fraction)[1]
-        n_labels = data_mod.num_labels(train_ex, eval_ex)
-        head = getattr(args, "head", "random")  # run states saved before --head existed
-        spec = None
-        if head == "prompt":
-            from .prompting import PromptError, PromptSpec
-            try:
-                spec = PromptSpec.parse(args.template, args.label_words)
-            except PromptError as exc:
-                raise SystemExit(f"zofo-train: {exc}") from None
-            if spec.num_labels != max(2, n_labels):
-                raise SystemExit(f"zofo-train: {spec.num_labels} label words for "
-                                 f"{max(2, n_labels)} classes; give --label-words with one "
-                                 "word per class")
-            train_ex, eval_ex, lower_ex, upper_ex, select_ex = (
-                [data_mod.Example(spec.text(e.text), e.label) for e in exs]
-                for exs in (train_ex, eval_ex, lower_ex, upper_ex, select_ex))
-        loaded = models_mod.load_model(args.model, num_labels=max(2, n_labels), dtype=args.dtype,
-                                       seed=args.seed, device=str(device), head=head,
-                                       prompt=spec)
-    except (data_mod.DataError, models_mod.ModelError) as exc:
+        spec = PromptSpec.parse(args.template, args.label_words)
+    except PromptError as exc:
         raise SystemExit(f"zofo-train: {exc}") from None
+    if spec.num_labels != data.num_labels:
+        raise SystemExit(f"zofo-train: {spec.num_labels} label words for {data.num_labels} "
+                         "classes; give --label-words with one word per class")
+    for name in ("train", "eval", "lower", "upper", "select"):
+        setattr(data, name, [data_mod.Example(spec.text(e.text), e.label)
+                             for e in getattr(data, name)])
+    data.spec = spec
 
-    tok = loaded.tokenizer
-    enc = lambda ex: (data_mod.Encoded(ex, tok, args.max_length,  # noqa: E731
-                                       add_special_tokens=loaded.add_special_tokens)
-                      if ex else None)
-    train_enc, eval_enc = enc(train_ex), enc(eval_ex)
-    lower_enc, upper_enc, select_enc = enc(lower_ex), enc(upper_ex), enc(select_ex)
+
+def build_runner(args, data: RunData, loaded, device, ctx) -> Runner:
+    """The method's runner on the loaded model (this rank's batch streams)."""
+    encoded = {"train": data.train, "lower": data.lower, "upper": data.upper}
+    encoded = {k: _encode(loaded, v, args.max_length) for k, v in encoded.items()}
     torch.manual_seed(args.seed)
     try:
-        runner = _make_runner(args, loaded.model, device, train_enc, lower_enc, upper_enc,
-                              rank=ctx.rank)
+        runner = _make_runner(args, loaded.model, device, encoded, rank=ctx.rank)
     except models_mod.ModelError as exc:
         hint = ""
         if args.peft == "prefix":
             hint = (" (prefix tuning works with CAUSAL_LM task types on OPT, Llama and GPT-2 "
                     "models; zofo-train trains sequence classifiers)")
         raise SystemExit(f"zofo-train: {exc}{hint}") from None
-    progress, prior_rows = Progress(), []
-    if resume is not None:
-        folder = Path(args.resume)
-        progress = _restore(runner, folder, resume)
-        if (folder / "metrics.jsonl").is_file():
-            prior_rows = [json.loads(line) for line in
-                          (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        if ((args.steps is None or progress.step >= args.steps)
-                and (args.time_budget is None or progress.train_time >= args.time_budget)):
-            raise SystemExit(f"zofo-train --resume: the saved run already reached step "
-                             f"{progress.step} ({progress.train_time:.1f} s of training); give "
-                             "a larger --steps or --time-budget (totals for the whole run)")
-    if ctx.distributed:
-        if isinstance(runner, FORunner):
-            runner.dist_context = ctx
-        else:
-            runner.data_parallel = dist_mod.DataParallelZO(runner.opt, model=runner.model,
-                                                           context=ctx)
+    return runner
 
-    def evaluate() -> float:
-        return models_mod.accuracy(runner.eval_model, _DeviceEncoded(eval_enc, device),
-                                   args.eval_batch_size)
 
-    def select_loss() -> float:
-        return models_mod.mean_loss(runner.eval_model, _DeviceEncoded(select_enc, device),
-                                    args.eval_batch_size)
+def wire_data_parallel(runner: Runner, ctx) -> None:
+    """Under torchrun: first-order runners all-reduce their gradients, ZO runners step
+    through ``DataParallelZO`` (one all-reduce of the step's losses)."""
+    if not ctx.distributed:
+        return
+    from . import distributed as dist_mod
+    if isinstance(runner, FORunner):
+        runner.dist_context = ctx
+    else:
+        runner.data_parallel = dist_mod.DataParallelZO(runner.opt, model=runner.model,
+                                                       context=ctx)
 
-    best_files: set = set()
 
-    def record_selection(acc: float) -> dict:
-        """D_f loss now; keeps the evaluation (and, when saving, the model) at its lowest."""
-        loss = select_loss()
+def _encode(loaded, examples, max_length):
+    if not examples:
+        return None
+    return data_mod.Encoded(examples, loaded.tokenizer, max_length,
+                            add_special_tokens=loaded.add_special_tokens)
+
+
+class Evaluation:
+    """Evaluation accuracy, and model selection by the D_f loss: keeps the evaluation (and,
+    when saving, the model in ``best/``) at the lowest D_f loss seen."""
+
+    def __init__(self, args, runner: Runner, eval_enc, select_enc, device, tokenizer, ctx):
+        self.args, self.runner, self.tokenizer, self.ctx = args, runner, tokenizer, ctx
+        self.eval_set = _DeviceEncoded(eval_enc, device)
+        self.select_set = _DeviceEncoded(select_enc, device)
+        self.best_files: set = set()
+
+    def __call__(self, pr: "Progress") -> dict:
+        """Evaluate now; updates ``pr`` (accuracy, best, selection); returns the row's
+        fields."""
+        model, bs = self.runner.eval_model, self.args.eval_batch_size
+        acc = models_mod.accuracy(model, self.eval_set, bs)
+        loss = models_mod.mean_loss(model, self.select_set, bs)
+        pr.final_acc, pr.best = acc, max(pr.best, acc)
         if loss < pr.select_loss:
             pr.select_loss, pr.selected_acc, pr.selected_step = loss, acc, pr.step
-            if not args.no_save and ctx.is_main:
-                best_files.update(ckpt_mod.save_trained(out / "best", runner.model,
-                                                        tokenizer=tok, method=args.method))
-        return dict(select_loss=loss)
+            if not self.args.no_save and self.ctx.is_main:
+                self.best_files.update(ckpt_mod.save_trained(
+                    Path(self.args.output) / "best", self.runner.model,
+                    tokenizer=self.tokenizer, method=self.args.method))
+        return dict(eval_accuracy=acc, select_loss=loss)
 
-    budget = args.time_budget
-    eval_every, eval_every_steps = args.eval_every, args.eval_every_steps
-    if eval_every is None and eval_every_steps is None:
-        if budget is not None:
-            eval_every = budget / 15
-        else:
-            eval_every_steps = max(1, args.steps // 10)
 
-    from tqdm import tqdm
-    by_time = args.steps is None
-    bar = tqdm(total=int(math.ceil(budget)) if by_time else args.steps,
-               initial=int(progress.train_time) if by_time else progress.step,
-               unit="s" if by_time else "step", disable=args.no_progress or not ctx.is_main,
-               desc=f"{args.method}", dynamic_ncols=True)
-    log = MetricsLog(out / "metrics.jsonl", ctx.is_main, prior_rows)
-    pr = progress
-    t_start = time.perf_counter()
+class EvalSchedule:
+    """When to evaluate: every ``--eval-every`` training seconds and/or
+    ``--eval-every-steps`` steps (default: 15 times over the budget, or 10 times over the
+    steps), and when the run ends."""
 
-    def elapsed() -> float:
-        return round(pr.elapsed + time.perf_counter() - t_start, 3)
+    def __init__(self, args):
+        self.every_s, self.every_steps = args.eval_every, args.eval_every_steps
+        if self.every_s is None and self.every_steps is None:
+            if args.time_budget is not None:
+                self.every_s = args.time_budget / 15
+            else:
+                self.every_steps = max(1, args.steps // 10)
 
-    if resume is None:
-        pr.initial_acc = pr.final_acc = pr.best = evaluate()
-        selection = record_selection(pr.initial_acc)
-        pr.eval_time += time.perf_counter() - t_start
-        log.write(dict(kind="eval", step=0, wall_time_s=0.0, elapsed_s=round(pr.eval_time, 3),
-                       eval_accuracy=pr.initial_acc, forward_count=0, backward_count=0,
-                       **selection))
-    while True:
-        if args.steps is not None and pr.step >= args.steps:
-            break
-        if budget is not None and pr.train_time >= budget:
-            break
-        t0 = time.perf_counter()
-        loss = runner.step()
-        pr.train_time += time.perf_counter() - t0
-        if ctx.distributed and budget is not None:
-            pr.train_time = dist_mod.agree_on_max(pr.train_time, ctx)  # all ranks stop together
-        pr.step += 1
-        pr.recent.append(loss)
-        if isinstance(runner, BilevelRunner):
-            log.write(dict(kind="bilevel", step=pr.step, wall_time_s=round(pr.train_time, 3),
-                           **runner.diagnostics()))
-        if by_time:
-            bar.n = min(bar.total, int(pr.train_time))
-            bar.set_postfix(step=pr.step, loss=f"{loss:.4f}", acc=f"{pr.final_acc:.3f}")
-            bar.refresh()
-        else:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{pr.final_acc:.3f}")
-        if not math.isfinite(loss):
-            pr.nonfinite = True
-        if pr.step % args.log_every == 0 or pr.nonfinite:
-            log.write(dict(kind="train", step=pr.step, wall_time_s=round(pr.train_time, 3),
-                           elapsed_s=elapsed(), loss=loss,
-                           loss_avg=sum(pr.recent) / len(pr.recent),
-                           forward_count=runner.forward_count,
-                           backward_count=runner.backward_count))
-            pr.recent = []
-        done = ((args.steps is not None and pr.step >= args.steps)
-                or (budget is not None and pr.train_time >= budget) or pr.nonfinite)
-        due = ((eval_every is not None and pr.train_time - pr.last_eval_t >= eval_every)
-               or (eval_every_steps is not None
-                   and pr.step - pr.last_eval_step >= eval_every_steps))
-        if due or done:
-            te = time.perf_counter()
-            pr.final_acc = evaluate()
-            selection = record_selection(pr.final_acc)
-            pr.eval_time += time.perf_counter() - te
-            pr.best = max(pr.best, pr.final_acc)
-            pr.last_eval_t, pr.last_eval_step = pr.train_time, pr.step
-            log.write(dict(kind="eval", step=pr.step, wall_time_s=round(pr.train_time, 3),
-                           elapsed_s=elapsed(), eval_accuracy=pr.final_acc,
-                           forward_count=runner.forward_count,
-                           backward_count=runner.backward_count, **selection))
-        if pr.nonfinite:
-            break
-    bar.close()
-    log.close()
+    def due(self, pr: "Progress") -> bool:
+        return ((self.every_s is not None and pr.train_time - pr.last_eval_t >= self.every_s)
+                or (self.every_steps is not None
+                    and pr.step - pr.last_eval_step >= self.every_steps))
 
+
+def _finished(args, pr: "Progress") -> bool:
+    return ((args.steps is not None and pr.step >= args.steps)
+            or (args.time_budget is not None and pr.train_time >= args.time_budget))
+
+
+def _run(args, device, ctx, resume=None, on_trained=None) -> dict:
+    initial_args = {k: v for k, v in vars(args).items() if k != "resume"}
+    try:
+        data = load_data(args)
+        loaded = models_mod.load_model(args.model, num_labels=data.num_labels,
+                                       dtype=args.dtype, seed=args.seed, device=str(device),
+                                       head=data.head, prompt=data.spec)
+    except (data_mod.DataError, models_mod.ModelError) as exc:
+        raise SystemExit(f"zofo-train: {exc}") from None
+    runner = build_runner(args, data, loaded, device, ctx)
+    pr, prior_rows = Progress(), []
+    if resume is not None:
+        pr, prior_rows = _resume_progress(args, runner, resume)
+    wire_data_parallel(runner, ctx)
+    evaluation = Evaluation(args, runner, _encode(loaded, data.eval, args.max_length),
+                            _encode(loaded, data.select, args.max_length), device,
+                            loaded.tokenizer, ctx)
+    log = MetricsLog(Path(args.output) / "metrics.jsonl", ctx.is_main, prior_rows)
+    train_loop(args, runner, pr, log, evaluation, ctx, first_eval=resume is None)
     if not ctx.is_main:
         return {}
     if on_trained is not None:
         on_trained(runner)
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    pr.elapsed = elapsed()
     written: List[Path] = []
     if not args.no_save:
-        written = save_run(out, runner, tok, args, pr, initial_args)
-    summary = dict(
-        method=args.method, model=args.model, peft=args.peft if args.method in (
-            "bilevel-zofo", "mezo-lora", "fo-lora") else None,
-        eval_accuracy=pr.final_acc, best_eval_accuracy=pr.best,
-        initial_eval_accuracy=pr.initial_acc, selected_eval_accuracy=pr.selected_acc,
-        selected_step=pr.selected_step, selection_loss=pr.select_loss,
-        selection_data=f"D_f: last {args.upper_fraction:.3g} of the training sample "
-                       f"({len(select_ex)} examples)",
-        head=head, template=spec.template if spec else None,
-        label_words=list(spec.label_words) if spec else None,
-        eval_data=str(eval_name), eval_examples=len(eval_enc),
-        wall_time_s=round(pr.train_time, 3), eval_time_s=round(pr.eval_time, 3),
-        elapsed_s=pr.elapsed, steps=pr.step,
-        forward_count=runner.forward_count, backward_count=runner.backward_count,
-        peak_memory_bytes=peak_memory_bytes(device),
-        peak_memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
-        model_parameters=sum(p.numel() for p in loaded.model.parameters()),
-        num_train=len(train_ex), num_lower=len(lower_ex) if upper_ex else None,
-        num_upper=len(upper_ex) or None, seed=args.seed, data_seed=data_seed,
-        stopped_on_nonfinite_loss=pr.nonfinite, resumed_from=args.resume,
-        hyperparameters=dict(lr=_hp(args, "lr"), eps=_hp(args, "eps"),
-                             weight_decay=args.weight_decay, batch_size=args.batch_size,
-                             max_length=args.max_length, estimator=_hp(args, "estimator"),
-                             distribution=args.distribution, n_directions=args.n_directions,
-                             lam=_hp(args, "lam"), inner_steps=_hp(args, "inner_steps"),
-                             peft_lr=_hp(args, "peft_lr"), lora_r=args.lora_r,
-                             lora_alpha=args.lora_alpha, dtype=args.dtype,
-                             theta_update=_hp(args, "theta_update"), order=_hp(args, "order"),
-                             penalty_batch=_hp(args, "penalty_batch")),
-        time_budget_s=budget, max_steps=args.steps,
-        threads=torch.get_num_threads(), device=str(device), world_size=ctx.world_size,
-    )
+        written = save_run(out, runner, loaded.tokenizer, args, pr, initial_args)
+    summary = run_summary(args, data, loaded, runner, pr, device, ctx)
     from . import plotting
     plotting.plot_run(log.rows, out / "curves.png",
-                      title=f"{args.method} on {args.model} ({len(train_ex)} examples)")
-    files = sorted({str(p.relative_to(out)) for p in list(written) + sorted(best_files)}
+                      title=f"{args.method} on {args.model} ({len(data.train)} examples)")
+    files = sorted({str(p.relative_to(out)) for p in list(written)
+                    + sorted(evaluation.best_files)}
                    | {"metrics.jsonl", "summary.json", "curves.png"})
     summary.update(output=str(out.resolve()), files=files)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _resume_progress(args, runner: Runner, state: dict):
+    """(the saved run's progress, its metrics rows) with ``runner`` put where it stopped."""
+    folder = Path(args.resume)
+    pr = _restore(runner, folder, state)
+    rows = []
+    if (folder / "metrics.jsonl").is_file():
+        rows = [json.loads(line) for line in
+                (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if ((args.steps is None or pr.step >= args.steps)
+            and (args.time_budget is None or pr.train_time >= args.time_budget)):
+        raise SystemExit(f"zofo-train --resume: the saved run already reached step "
+                         f"{pr.step} ({pr.train_time:.1f} s of training); give "
+                         "a larger --steps or --time-budget (totals for the whole run)")
+    return pr, rows
+
+
+def train_loop(args, runner: Runner, pr: "Progress", log: "MetricsLog",
+               evaluation: Evaluation, ctx, first_eval: bool = True) -> None:
+    """Step until the step count or the time budget is reached (or the loss is not finite),
+    logging every ``--log-every`` steps and evaluating on ``EvalSchedule``."""
+    from tqdm import tqdm
+    from . import distributed as dist_mod
+    schedule, by_time = EvalSchedule(args), args.steps is None
+    bar = tqdm(total=int(math.ceil(args.time_budget)) if by_time else args.steps,
+               initial=int(pr.train_time) if by_time else pr.step,
+               unit="s" if by_time else "step", disable=args.no_progress or not ctx.is_main,
+               desc=f"{args.method}", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    counts = lambda: dict(forward_count=runner.forward_count,  # noqa: E731
+                          backward_count=runner.backward_count)
+    elapsed = lambda: round(pr.elapsed + time.perf_counter() - t_start, 3)  # noqa: E731
+    if first_eval:
+        fields = evaluation(pr)
+        pr.initial_acc = fields["eval_accuracy"]
+        pr.eval_time += time.perf_counter() - t_start
+        log.write(dict(kind="eval", step=0, wall_time_s=0.0, elapsed_s=round(pr.eval_time, 3),
+                       **fields, forward_count=0, backward_count=0))
+    while not _finished(args, pr):
+        t0 = time.perf_counter()
+        loss = runner.step()
+        pr.train_time += time.perf_counter() - t0
+        if ctx.distributed and args.time_budget is not None:
+            pr.train_time = dist_mod.agree_on_max(pr.train_time, ctx)  # all ranks stop together
+        pr.step += 1
+        pr.recent.append(loss)
+        pr.nonfinite = pr.nonfinite or not math.isfinite(loss)
+        inside = runner.diagnostics()
+        if inside is not None:
+            log.write(dict(kind="bilevel", step=pr.step, wall_time_s=round(pr.train_time, 3),
+                           **inside))
+        _show(bar, by_time, pr, loss)
+        if pr.step % args.log_every == 0 or pr.nonfinite:
+            log.write(dict(kind="train", step=pr.step, wall_time_s=round(pr.train_time, 3),
+                           elapsed_s=elapsed(), loss=loss,
+                           loss_avg=sum(pr.recent) / len(pr.recent), **counts()))
+            pr.recent = []
+        if schedule.due(pr) or _finished(args, pr) or pr.nonfinite:
+            te = time.perf_counter()
+            fields = evaluation(pr)
+            pr.eval_time += time.perf_counter() - te
+            pr.last_eval_t, pr.last_eval_step = pr.train_time, pr.step
+            log.write(dict(kind="eval", step=pr.step, wall_time_s=round(pr.train_time, 3),
+                           elapsed_s=elapsed(), **fields, **counts()))
+        if pr.nonfinite:
+            break
+    bar.close()
+    log.close()
+    pr.elapsed = elapsed()
+
+
+def _show(bar, by_time: bool, pr: "Progress", loss: float) -> None:
+    if by_time:
+        bar.n = min(bar.total, int(pr.train_time))
+        bar.set_postfix(step=pr.step, loss=f"{loss:.4f}", acc=f"{pr.final_acc:.3f}")
+        bar.refresh()
+    else:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{pr.final_acc:.3f}")
+
+
+def run_summary(args, data: RunData, loaded, runner: Runner, pr: "Progress", device,
+                ctx) -> dict:
+    """summary.json's fields (without the output folder and its files)."""
+    method = methods_mod.get(args.method)
+    hyper = {k: _setting(args, k) for k in ("lr", "eps", "estimator", "lam", "inner_steps",
+                                             "peft_lr", "theta_update", "order",
+                                             "penalty_batch")}
+    hyper.update(weight_decay=args.weight_decay, batch_size=args.batch_size,
+                 max_length=args.max_length, distribution=args.distribution,
+                 n_directions=args.n_directions, lora_r=args.lora_r,
+                 lora_alpha=args.lora_alpha, dtype=args.dtype)
+    spec = data.spec
+    return dict(
+        method=args.method, model=args.model, peft=args.peft if method.peft else None,
+        eval_accuracy=pr.final_acc, best_eval_accuracy=pr.best,
+        initial_eval_accuracy=pr.initial_acc, selected_eval_accuracy=pr.selected_acc,
+        selected_step=pr.selected_step, selection_loss=pr.select_loss,
+        selection_data=f"D_f: last {args.upper_fraction:.3g} of the training sample "
+                       f"({len(data.select)} examples)",
+        head=data.head, template=spec.template if spec else None,
+        label_words=list(spec.label_words) if spec else None,
+        eval_data=data.eval_name, eval_examples=len(data.eval),
+        wall_time_s=round(pr.train_time, 3), eval_time_s=round(pr.eval_time, 3),
+        elapsed_s=pr.elapsed, steps=pr.step,
+        forward_count=runner.forward_count, backward_count=runner.backward_count,
+        peak_memory_bytes=peak_memory_bytes(device), peak_memory_kind=peak_memory_kind(device),
+        model_parameters=sum(p.numel() for p in loaded.model.parameters()),
+        num_train=len(data.train), num_lower=len(data.lower) if data.upper else None,
+        num_upper=len(data.upper) or None, seed=args.seed, data_seed=data.data_seed,
+        stopped_on_nonfinite_loss=pr.nonfinite, resumed_from=args.resume,
+        hyperparameters=hyper, time_budget_s=args.time_budget, max_steps=args.steps,
+        threads=torch.get_num_threads(), device=str(device), world_size=ctx.world_size)
 
 
 class _DeviceEncoded:
@@ -871,7 +862,7 @@ class _DeviceEncoded:
 
     def batches(self, batch_size):
         for b in self.enc.batches(batch_size):
-            yield _to(b, self.device)
+            yield _to_device(b, self.device)
 
 
 # Third-party deprecation warnings that a zofo-train user cannot act on (they come from the

@@ -26,7 +26,7 @@ def make_model(method):
     cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=16, num_labels=2)
     model = BertForSequenceClassification(cfg)
-    if method == "zofo":
+    if method == "bilevel-zofo":
         from peft import LoraConfig, get_peft_model
         torch.manual_seed(1)
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
@@ -43,7 +43,8 @@ def make_trainer(out_dir, method, per_device, accumulation, save_steps=None):
         gradient_accumulation_steps=accumulation, learning_rate=1e-2, max_steps=3,
         logging_steps=1, report_to=[], seed=4, use_cpu=True, **save,
         disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant")
-    zo = ZOConfig(method=method, eps=1e-3, seed=6, lam=5.0, peft_lr=1e-2, check_every=1)
-    upper = Synthetic(12, seed=9) if method == "zofo" else None
+    bilevel = dict(lam=5.0, peft_lr=1e-2) if method == "bilevel-zofo" else {}
+    zo = ZOConfig(method=method, eps=1e-3, seed=6, check_every=1, **bilevel)
+    upper = Synthetic(12, seed=9) if method == "bilevel-zofo" else None
     return ZOFOTrainer(model=make_model(method), args=args, train_dataset=Synthetic(48, seed=3),
                        data_collator=default_data_collator, zo_config=zo, upper_dataset=upper)

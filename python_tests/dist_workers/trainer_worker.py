@@ -19,7 +19,7 @@ from zofo_kernels.distributed import tensor_checksum
 def main():
     out = sys.argv[1]
     results = {}
-    for method in ("mezo", "zofo"):
+    for method in ("mezo", "bilevel-zofo"):
         run_dir = os.path.join(out, method)
         trainer = make_trainer(run_dir, method, per_device=4, accumulation=1, save_steps=2)
         assert trainer.zo_dp is not None, "the trainer did not detect the distributed run"

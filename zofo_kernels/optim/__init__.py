@@ -4,9 +4,10 @@ variant."""
 from .layout import zo_layout, zo_numel
 from .zo import NonFiniteLossError, ZOOptimizer, step_seed, zo_param_groups
 from .meta import MetaStepResult, MetaZOFOOptimizer
-from .zofo import ZOFOOptimizer, ZOFOStepResult
+from .zofo import BilevelOptimizer, ZOFOOptimizer, ZOFOStepResult
 
 __all__ = [
+    "BilevelOptimizer",
     "MetaStepResult",
     "MetaZOFOOptimizer",
     "NonFiniteLossError",

@@ -19,10 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Union
 
-import torch
-
-from .zofo import (LEVELS, ZOFOStepResult, _BilevelBase, _adapter_names, _backbone_params,
-                   _check_lower_batches, _check_new_adapter_name, _copy_adapter,
+from .zofo import (LEVELS, BilevelOptimizer, ZOFOStepResult, _adapter_names,
+                   _backbone_params, _check_lower_batches, _check_new_adapter_name, _copy_adapter,
                    _pair_from_adapters, _remove_adapters)
 
 
@@ -57,7 +55,7 @@ def _task_spec(name, spec):
                     "select_adapter, loss_fn (or a 4-tuple in that order)")
 
 
-class MetaZOFOOptimizer(_BilevelBase):
+class MetaZOFOOptimizer(BilevelOptimizer):
     """Shared theta (ZO), one (P_t, S_t) pair per task (FO).
 
     ``tasks``: mapping task name -> dict(upper_params, lower_params, select_adapter, loss_fn)

@@ -31,7 +31,7 @@ import numbers
 import os
 import signal
 import threading
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -278,7 +278,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     for autograd but trained zeroth-order).
     """
 
-    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0,
+    def __init__(self, params, lr: float, *, eps: float = 1e-3, weight_decay: float = 0.0,
                  distribution: str = "gaussian", estimator: str = "central",
                  n_directions: int = 1, seed: Optional[int] = None,
                  stochastic_rounding: bool = True, nonfinite: str = "raise",
@@ -313,6 +313,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         # sq_avg / sq_count: the running mean of g^2 and its number of updates (normalize="rms")
         self._zo_state = {"base_seed": base_seed, "step": 0, "sq_avg": 0.0, "sq_count": 0}
         self.last_step: Optional[Dict] = None
+        # called as loss_hook(closure) for every loss evaluation of a step, returning the
+        # closure's loss (e.g. DataParallelZO reshards FSDP2 modules around it)
+        self.loss_hook: Optional[Callable[[Callable], Any]] = None
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
 
     # -- torch.optim conventions ------------------------------------------------------
@@ -351,7 +354,14 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     @property
     def base_seed(self) -> int:
+        """The seed every step's seed derives from (with the step counter)."""
         return self._zo_state["base_seed"]
+
+    @base_seed.setter
+    def base_seed(self, seed: int) -> None:
+        """Set the base seed (e.g. the one all data-parallel ranks agreed on); the steps from
+        now on derive their seeds from it."""
+        self._zo_state["base_seed"] = _int(seed, "seed", 0, contract.SEED_LIMIT)
 
     @property
     def step_count(self) -> int:
@@ -574,85 +584,30 @@ class ZOOptimizer(torch.optim.Optimizer):
         t = self._zo_state["step"]
         seed = step_seed(self._zo_state["base_seed"], t)
         units = self._units()
-        eps, q = self.eps, self.n_directions
         applied: Dict[int, Tuple[float, int]] = {}  # unit -> (scale, direction) it carries
+        hook = self.loss_hook
 
         def call() -> float:
-            return loss_value(closure())
+            return loss_value(closure() if hook is None else hook(closure))
 
-        coeffs, grad_rms, sq_state, problem = None, None, None, None
         try:
-            raw: List[float] = []
             if self.estimator == "central":
-                for k in range(q):
-                    if k == 0:
-                        self._sweep(units, applied, seed, eps, k)
-                    else:
-                        self._sweep(units, applied, seed, eps, k, restore=(eps, k - 1))
-                    raw.append(call())
-                    self._sweep(units, applied, seed, -2.0 * eps, k)
-                    raw.append(call())
+                losses, grads, loss = self._central_estimate(call, units, applied, seed)
             else:
-                raw.append(call() if initial_loss is None else initial_loss)
-                for k in range(q):
-                    if k == 0:
-                        self._sweep(units, applied, seed, eps, k)
-                    else:
-                        self._sweep(units, applied, seed, eps, k, restore=(-eps, k - 1))
-                    raw.append(call())
-            losses = self._reduce(raw)
-            finite = all(math.isfinite(v) for v in losses)
-            if self.estimator == "central":
-                grads = [(losses[2 * k] - losses[2 * k + 1]) / (2.0 * eps) for k in range(q)]
-                loss = sum(losses) / len(losses)
-            else:
-                grads = [(losses[k + 1] - losses[0]) / eps for k in range(q)]
-                loss = losses[0]
-            finite = finite and all(math.isfinite(g) for g in grads)
-            if finite:
-                coeffs, grad_rms, sq_state = self._coefficients(grads)
-                problem = self._unrepresentable(coeffs, sq_state, hyper)
-            if not finite or problem is not None:
+                losses, grads, loss = self._forward_estimate(call, units, applied, seed,
+                                                             initial_loss)
+            coeffs, grad_rms, sq_state, problem = self._plan(losses, grads, hyper)
+            if coeffs is None or problem is not None:
                 self._restore(units, applied, seed)
             else:
-                # the update sweep and the commit of the step: an interrupt waits for both
-                with _sigint_deferred():
-                    done = False
-                    try:
-                        for i, u in enumerate(units):
-                            scale, last = applied[i]
-                            lr, wd = hyper[u.group]
-                            zo_update_(u.tensors, seed, lr=lr, projected_grads=coeffs,
-                                       restore_scale=-scale, restore_direction=last,
-                                       weight_decay=wd, distribution=self.distribution,
-                                       offsets=u.offsets, backend=self.backend,
-                                       stochastic_rounding=self.stochastic_rounding)
-                            del applied[i]
-                            done = True
-                    finally:
-                        # some groups took this step's update (seed and RMS state used):
-                        # count the step, so that neither is used twice
-                        if done:
-                            self._zo_state["step"] = t + 1
-                            if sq_state is not None:
-                                self._zo_state["sq_avg"], self._zo_state["sq_count"] = sq_state
+                self._apply(units, applied, seed, coeffs, hyper, t, sq_state)
         finally:
             if applied:  # something raised: remove what is still applied, unit by unit
                 self._restore(units, applied, seed)
         skipped = coeffs is None or problem is not None
-        if skipped and self.nonfinite == "skip":
-            self._zo_state["step"] = t + 1
-        if not units and not skipped:
-            self._zo_state["step"] = t + 1
-            if sq_state is not None:
-                self._zo_state["sq_avg"], self._zo_state["sq_count"] = sq_state
-        self.last_step = dict(
-            step=t, seed=seed, projected_grads=grads, losses=losses, loss=loss,
-            update_coefficients=None if skipped else coeffs, grad_rms=grad_rms,
-            update_rms=0.0 if skipped else self._update_rms(coeffs, units, hyper),
-            skipped=skipped, estimator=self.estimator, distribution=self.distribution,
-            eps=eps, n_directions=q, numel=zo_numel(self.param_groups),
-            lr=[lr for lr, _ in hyper], weight_decay=[wd for _, wd in hyper])
+        if (skipped and self.nonfinite == "skip") or (not units and not skipped):
+            self._commit(t, None if skipped else sq_state)  # a step with nothing to update
+        self._record(t, seed, units, hyper, losses, grads, loss, coeffs, grad_rms, skipped)
         if skipped and self.nonfinite == "raise":
             what = "non-finite loss" if problem is None else problem
             raise NonFiniteLossError(
@@ -660,3 +615,78 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "updated, and the step was not counted (pass nonfinite='skip' to skip such "
                 "steps)")
         return loss
+
+    # -- the parts of a step -------------------------------------------------------------------
+    def _central_estimate(self, call, units, applied, seed):
+        """(losses, projected gradients, step loss) of the central estimator: for each
+        direction k, L(p + eps z_k) and L(p - eps z_k); the step loss is their mean."""
+        eps, raw = self.eps, []
+        for k in range(self.n_directions):
+            self._sweep(units, applied, seed, eps, k,
+                        restore=None if k == 0 else (eps, k - 1))
+            raw.append(call())
+            self._sweep(units, applied, seed, -2.0 * eps, k)
+            raw.append(call())
+        losses = self._reduce(raw)
+        grads = [(losses[2 * k] - losses[2 * k + 1]) / (2.0 * eps)
+                 for k in range(self.n_directions)]
+        return losses, grads, sum(losses) / len(losses)
+
+    def _forward_estimate(self, call, units, applied, seed, initial_loss):
+        """(losses, projected gradients, step loss) of the forward estimator: L(p) (or
+        ``initial_loss``) and L(p + eps z_k) for each direction; the step loss is L(p)."""
+        eps = self.eps
+        raw = [call() if initial_loss is None else initial_loss]
+        for k in range(self.n_directions):
+            self._sweep(units, applied, seed, eps, k,
+                        restore=None if k == 0 else (-eps, k - 1))
+            raw.append(call())
+        losses = self._reduce(raw)
+        grads = [(losses[k + 1] - losses[0]) / eps for k in range(self.n_directions)]
+        return losses, grads, losses[0]
+
+    def _plan(self, losses, grads, hyper):
+        """(update coefficients or None when a loss or slope is not finite, the RMS that
+        divided them, the new RMS state, why the update cannot be computed or None)."""
+        if not all(math.isfinite(v) for v in list(losses) + list(grads)):
+            return None, None, None, None
+        coeffs, grad_rms, sq_state = self._coefficients(grads)
+        return coeffs, grad_rms, sq_state, self._unrepresentable(coeffs, sq_state, hyper)
+
+    def _apply(self, units, applied, seed, coeffs, hyper, t, sq_state) -> None:
+        """The update sweep, fused with the removal of each unit's last perturbation, and the
+        commit of the step: an interrupt waits for both."""
+        with _sigint_deferred():
+            done = False
+            try:
+                for i, u in enumerate(units):
+                    scale, last = applied[i]
+                    lr, wd = hyper[u.group]
+                    zo_update_(u.tensors, seed, lr=lr, projected_grads=coeffs,
+                               restore_scale=-scale, restore_direction=last,
+                               weight_decay=wd, distribution=self.distribution,
+                               offsets=u.offsets, backend=self.backend,
+                               stochastic_rounding=self.stochastic_rounding)
+                    del applied[i]
+                    done = True
+            finally:
+                # some groups took this step's update (seed and RMS state used): count the
+                # step, so that neither is used twice
+                if done:
+                    self._commit(t, sq_state)
+
+    def _record(self, t, seed, units, hyper, losses, grads, loss, coeffs, grad_rms,
+                skipped) -> None:
+        """``last_step``: what the step measured and did."""
+        self.last_step = dict(
+            step=t, seed=seed, projected_grads=grads, losses=losses, loss=loss,
+            update_coefficients=None if skipped else coeffs, grad_rms=grad_rms,
+            update_rms=0.0 if skipped else self._update_rms(coeffs, units, hyper),
+            skipped=skipped, estimator=self.estimator, distribution=self.distribution,
+            eps=self.eps, n_directions=self.n_directions, numel=zo_numel(self.param_groups),
+            lr=[lr for lr, _ in hyper], weight_decay=[wd for _, wd in hyper])
+
+    def _commit(self, t: int, sq_state) -> None:
+        self._zo_state["step"] = t + 1
+        if sq_state is not None:
+            self._zo_state["sq_avg"], self._zo_state["sq_count"] = sq_state

@@ -218,10 +218,13 @@ class _Pair:
 
 # --------------------------------------------------------------------------- the machinery
 
-class _BilevelBase:
-    """Shared machinery of ZOFOOptimizer and MetaZOFOOptimizer."""
+class BilevelOptimizer:
+    """What ZOFOOptimizer and MetaZOFOOptimizer share: a backbone stepped zeroth-order by
+    ``zo`` (a :class:`ZOOptimizer`) and PEFT copies (P, S) stepped first-order by
+    :meth:`first_order_optimizers`; ``theta_update`` says how the backbone moves. Code that
+    drives either (e.g. ``DataParallelZO``) talks to this interface."""
 
-    def _setup(self, backbone_params, pairs_spec, lr, *, eps=1e-3, lam=1.0, inner_steps=10,
+    def _setup(self, backbone_params, pairs_spec, lr, *, lam=1.0, inner_steps=10,
                theta_update="rms", order="official", peft_optimizer=torch.optim.Adam,
                peft_lr=1e-3, lower_lr=None, peft_optimizer_kwargs=None, estimator="forward",
                weight_decay=0.0, **zo_kwargs):
@@ -255,7 +258,9 @@ class _BilevelBase:
             raise ValueError("include_frozen is not a Bilevel-ZOFO setting: the backbone given "
                              "is trained whatever its requires_grad (peft freezes it)")
         # theta_update="adam": the ZO optimizer only perturbs and restores (lr 0); AdamW steps
-        self.zo = ZOOptimizer(backbone_groups, lr=0.0 if adam else lr, eps=eps,
+        # the ZO settings (eps, distribution, n_directions, seed, backend, ...) go straight
+        # to ZOOptimizer, which checks them
+        self.zo = ZOOptimizer(backbone_groups, lr=0.0 if adam else lr,
                               include_frozen=True,
                               estimator=estimator, weight_decay=0.0 if adam else weight_decay,
                               normalize="rms" if self.theta_update == "rms" else "none",
@@ -711,7 +716,7 @@ def _pair_from_adapters(peft_model, upper: str, lower: str):
 
 # --------------------------------------------------------------------------- ZOFOOptimizer
 
-class ZOFOOptimizer(_BilevelBase):
+class ZOFOOptimizer(BilevelOptimizer):
     """Bilevel-ZOFO: ZO for the backbone theta, FO for the two PEFT copies P (upper) and S
     (lower). See the module docstring for the algorithm, the forward counts and the theta
     updates, and ``docs/optimizers.md`` for the data protocol.
