@@ -54,8 +54,11 @@ def test_build_optimizer_applies_the_defaults_and_the_given_settings(tiny, name,
         zo = opt.zo if cls is ZOFOOptimizer else opt
         assert zo.eps == pytest.approx(method.defaults["eps"])
         assert zo.estimator == method.defaults["estimator"]
-        other = methods.build_optimizer(name, model, loss_fn=loss_fn, lr=0.5, eps=0.25,
-                                        seed=7)
+        fresh = models.build_random("tiny-bert", seed=0)
+        fresh = models.add_peft(fresh, "lora") if method.peft else fresh
+        other = methods.build_optimizer(
+            name, fresh, lr=0.5, eps=0.25, seed=7,
+            loss_fn=(lambda b: models.classification_loss(fresh, b)) if loss_fn else None)
         other_zo = other.zo if cls is ZOFOOptimizer else other
         assert other_zo.eps == 0.25 and other_zo.base_seed == 7
     if cls is ZOFOOptimizer:

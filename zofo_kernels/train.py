@@ -419,7 +419,8 @@ def _validate(args) -> None:
 
 def _make_runner(args, model, device, encoded: Dict[str, Any], rank: int = 0) -> Runner:
     """The method's runner on ``model`` (wrapped with its PEFT block first if it has one).
-    ``encoded``: the "train", "lower" and "upper" example sets."""
+    ``encoded``: the encoded example sets its streams draw from: "lower" and "upper"
+    (Bilevel-ZOFO), "train" (the others)."""
     method = methods_mod.get(args.method)
     loss_fn = models_mod.classification_loss
     stream_seed = args.seed + 1000 * rank  # each data-parallel rank draws its own batches
@@ -613,8 +614,8 @@ def _apply_prompt(args, data: RunData) -> None:
 
 def build_runner(args, data: RunData, loaded, device, ctx) -> Runner:
     """The method's runner on the loaded model (this rank's batch streams)."""
-    encoded = {"train": data.train, "lower": data.lower, "upper": data.upper}
-    encoded = {k: _encode(loaded, v, args.max_length) for k, v in encoded.items()}
+    sets = ("lower", "upper") if args.method == "bilevel-zofo" else ("train",)
+    encoded = {k: _encode(loaded, getattr(data, k), args.max_length) for k in sets}
     torch.manual_seed(args.seed)
     try:
         runner = _make_runner(args, loaded.model, device, encoded, rank=ctx.rank)
