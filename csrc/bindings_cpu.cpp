@@ -16,6 +16,7 @@
 #include <cpuid.h>
 #endif
 
+#include "bindings_args.h"
 #include "cpu_kernels.h"
 #include "zofo_noise.h"
 
@@ -25,18 +26,24 @@
 #ifndef ZOFO_CPU_VARIANT
 #define ZOFO_CPU_VARIANT "generic"
 #endif
+#ifndef ZOFO_COMPILE_FLAGS
+#define ZOFO_COMPILE_FLAGS ""
+#endif
 
 namespace py = pybind11;
+using namespace zofo::bindings;  // seed64, direction32, check_index_range, check_q
 using zofo::cpu::Segment;
 
 namespace {
 
-std::vector<Segment> segments(const std::vector<uintptr_t>& ptrs,
+using Segments = std::vector<Segment>;
+
+Segments segments(const std::vector<uintptr_t>& ptrs,
                               const std::vector<int64_t>& numels,
                               const std::vector<int64_t>& offsets) {
   if (ptrs.size() != numels.size() || ptrs.size() != offsets.size())
     throw std::invalid_argument("ptrs, numels and offsets must have the same length");
-  std::vector<Segment> out;
+  Segments out;
   out.reserve(ptrs.size());
   for (size_t i = 0; i < ptrs.size(); ++i) {
     if (numels[i] < 0 || offsets[i] < 0)
@@ -49,15 +56,40 @@ std::vector<Segment> segments(const std::vector<uintptr_t>& ptrs,
   return out;
 }
 
-uint32_t direction32(int64_t d, const char* name) {
-  if (d < 0 || d > 0xFFFFFFFFLL)
-    throw std::invalid_argument(std::string(name) + " must be in [0, 2**32)");
-  return (uint32_t)d;
+// m.def of an operation on a list of tensors: Python passes the lists ptrs, numels and offsets
+// first; `fn` receives them checked, as Segments, then the other arguments (named by `extra`).
+template <typename... Rest, typename... Extra>
+void def_multi_tensor(py::module_& m, const char* name, void (*fn)(const Segments&, Rest...),
+                      const Extra&... extra) {
+  m.def(
+      name,
+      [fn](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& numels,
+           const std::vector<int64_t>& offsets, Rest... rest) {
+        fn(segments(ptrs, numels, offsets), rest...);
+      },
+      py::arg("ptrs"), py::arg("numels"), py::arg("offsets"), extra...);
 }
 
-uint64_t seed64(uint64_t seed) {
-  if (seed >> 63) throw std::invalid_argument("seed must be in [0, 2**63)");
-  return seed;
+void perturb(const Segments& segs, int dtype, uint64_t seed, int distribution, double scale,
+             int64_t direction, double restore_scale, int64_t restore_direction,
+             int num_threads) {
+  const uint32_t dir = direction32(direction, "direction");
+  const uint32_t rdir = direction32(restore_direction, "restore_direction");
+  py::gil_scoped_release release;
+  zofo::cpu::perturb(segs, dtype, seed64(seed), distribution, (float)scale, dir,
+                     (float)restore_scale, rdir, num_threads);
+}
+
+void update(const Segments& segs, int dtype, uint64_t seed, int distribution, double lr,
+            uintptr_t grads, int64_t q, double restore_scale, int64_t restore_direction,
+            double weight_decay, bool stochastic_rounding, int num_threads) {
+  check_q(q);
+  if (grads == 0) throw std::invalid_argument("null projected-gradient pointer");
+  const uint32_t rdir = direction32(restore_direction, "restore_direction");
+  py::gil_scoped_release release;
+  zofo::cpu::update(segs, dtype, seed64(seed), distribution, (float)lr,
+                    reinterpret_cast<const float*>(grads), q, (float)restore_scale, rdir,
+                    (float)weight_decay, stochastic_rounding, num_threads);
 }
 
 // CPUID and XGETBV: the instruction-set extensions the variants use, each true only if the
@@ -129,18 +161,13 @@ PYBIND11_MODULE(ZOFO_MODULE_NAME, m) {
   m.attr("variant") = ZOFO_CPU_VARIANT;
   m.def("cpu_features", &cpu_features,
         "Instruction-set extensions of the running CPU (CPUID) that the OS enables (XGETBV).");
-#ifdef ZOFO_COMPILE_FLAGS
   m.attr("compile_flags") = ZOFO_COMPILE_FLAGS;
-#else
-  m.attr("compile_flags") = "";
-#endif
 
   m.def(
       "noise",
       [](uintptr_t out, uint64_t seed, int64_t start, int64_t numel, int distribution,
          int64_t direction, int num_threads) {
-        if (start < 0 || numel < 0 || (numel > 0 && numel - 1 > INT64_MAX - start))
-          throw std::invalid_argument("start and numel must be non-negative, sum <= 2**63");
+        check_index_range(start, numel);
         if (numel > 0 && out == 0) throw std::invalid_argument("null output pointer");
         const uint32_t dir = direction32(direction, "direction");
         py::gil_scoped_release release;
@@ -151,44 +178,16 @@ PYBIND11_MODULE(ZOFO_MODULE_NAME, m) {
       py::arg("distribution"), py::arg("direction"), py::arg("num_threads"),
       "z for global indices [start, start + numel) into the float32 buffer at `out`.");
 
-  m.def(
-      "perturb",
-      [](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& numels,
-         const std::vector<int64_t>& offsets, int dtype, uint64_t seed, int distribution,
-         double scale, int64_t direction, double restore_scale, int64_t restore_direction,
-         int num_threads) {
-        auto segs = segments(ptrs, numels, offsets);
-        const uint32_t dir = direction32(direction, "direction");
-        const uint32_t rdir = direction32(restore_direction, "restore_direction");
-        py::gil_scoped_release release;
-        zofo::cpu::perturb(segs, dtype, seed64(seed), distribution, (float)scale, dir,
-                           (float)restore_scale, rdir, num_threads);
-      },
-      py::arg("ptrs"), py::arg("numels"), py::arg("offsets"), py::arg("dtype"), py::arg("seed"),
-      py::arg("distribution"), py::arg("scale"), py::arg("direction"),
-      py::arg("restore_scale"), py::arg("restore_direction"), py::arg("num_threads"),
-      "In place on every tensor: p = rn(rn(p + restore_scale*z_r) + scale*z).");
-
-  m.def(
-      "update",
-      [](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& numels,
-         const std::vector<int64_t>& offsets, int dtype, uint64_t seed, int distribution,
-         double lr, uintptr_t grads, int64_t q, double restore_scale, int64_t restore_direction,
-         double weight_decay, bool stochastic_rounding, int num_threads) {
-        auto segs = segments(ptrs, numels, offsets);
-        if (q < 1 || q > 0xFFFFFFFFLL) throw std::invalid_argument("q must be in [1, 2**32)");
-        if (grads == 0) throw std::invalid_argument("null projected-gradient pointer");
-        const uint32_t rdir = direction32(restore_direction, "restore_direction");
-        py::gil_scoped_release release;
-        zofo::cpu::update(segs, dtype, seed64(seed), distribution, (float)lr,
-                          reinterpret_cast<const float*>(grads), q, (float)restore_scale, rdir,
-                          (float)weight_decay, stochastic_rounding, num_threads);
-      },
-      py::arg("ptrs"), py::arg("numels"), py::arg("offsets"), py::arg("dtype"), py::arg("seed"),
-      py::arg("distribution"), py::arg("lr"), py::arg("grads"), py::arg("q"),
-      py::arg("restore_scale"), py::arg("restore_direction"), py::arg("weight_decay"),
-      py::arg("stochastic_rounding"), py::arg("num_threads"),
-      "Fused restore + ZO-SGD update in place; grads points to q float32 values.");
+  def_multi_tensor(m, "perturb", &perturb, py::arg("dtype"), py::arg("seed"),
+                   py::arg("distribution"), py::arg("scale"), py::arg("direction"),
+                   py::arg("restore_scale"), py::arg("restore_direction"), py::arg("num_threads"),
+                   "In place on every tensor: p = rn(rn(p + restore_scale*z_r) + scale*z).");
+  def_multi_tensor(m, "update", &update, py::arg("dtype"), py::arg("seed"),
+                   py::arg("distribution"), py::arg("lr"), py::arg("grads"), py::arg("q"),
+                   py::arg("restore_scale"), py::arg("restore_direction"),
+                   py::arg("weight_decay"), py::arg("stochastic_rounding"),
+                   py::arg("num_threads"),
+                   "Fused restore + ZO-SGD update in place; grads points to q float32 values.");
 
   m.def(
       "split_elements",

@@ -10,9 +10,15 @@
 #include <string>
 #include <utility>
 
+#include "bindings_args.h"
 #include "cuda_api.h"
 
+#ifndef ZOFO_CUDA_ARCHS_STR
+#define ZOFO_CUDA_ARCHS_STR ""
+#endif
+
 namespace py = pybind11;
+using namespace zofo::bindings;  // seed64, direction32, check_index_range, check_q
 
 namespace {
 
@@ -22,26 +28,11 @@ void check(int rc, const char* err) {
   if (rc != 0) throw std::runtime_error(err);
 }
 
-uint32_t direction32(int64_t d, const char* name) {
-  if (d < 0 || d > 0xFFFFFFFFLL)
-    throw std::invalid_argument(std::string(name) + " must be in [0, 2**32)");
-  return (uint32_t)d;
-}
-
-uint64_t seed64(uint64_t seed) {
-  if (seed >> 63) throw std::invalid_argument("seed must be in [0, 2**63)");
-  return seed;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "zofo_kernels CUDA kernels (raw device pointers and streams; no libtorch)";
-#ifdef ZOFO_CUDA_ARCHS_STR
   m.attr("cuda_archs") = ZOFO_CUDA_ARCHS_STR;
-#else
-  m.attr("cuda_archs") = "";
-#endif
 
   m.def(
       "device_count",
@@ -64,8 +55,7 @@ PYBIND11_MODULE(_C_cuda, m) {
       "noise",
       [](uintptr_t out, uint64_t seed, int64_t start, int64_t numel, int distribution,
          int64_t direction, int device, uintptr_t stream) {
-        if (start < 0 || numel < 0 || (numel > 0 && numel - 1 > INT64_MAX - start))
-          throw std::invalid_argument("start and numel must be non-negative, sum <= 2**63");
+        check_index_range(start, numel);
         char err[kErrLen] = {0};
         const uint32_t dir = direction32(direction, "direction");
         int rc;
@@ -109,7 +99,7 @@ PYBIND11_MODULE(_C_cuda, m) {
          int distribution, double lr, uintptr_t grads, int64_t q, double restore_scale,
          int64_t restore_direction, double weight_decay, bool stochastic_rounding, int device,
          uintptr_t stream) {
-        if (q < 1 || q > 0xFFFFFFFFLL) throw std::invalid_argument("q must be in [1, 2**32)");
+        check_q(q);
         char err[kErrLen] = {0};
         const uint32_t rdir = direction32(restore_direction, "restore_direction");
         int rc;

@@ -228,7 +228,7 @@ inline void perturb_elems(typename Storage<T>::raw_t* __restrict p, int64_t n, c
                           const float* __restrict zr, float s, float rs) {
   for (int64_t e = 0; e < n; ++e) {
     float w = Storage<T>::load(p[e]);
-    if (kRestore) w = Storage<T>::round(w + rs * zr[e]);
+    if (kRestore) w = restore_value<T>(w, rs, zr[e]);
     p[e] = Storage<T>::store(w + s * zd[e]);
   }
 }
@@ -244,12 +244,10 @@ void perturb_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, fl
                                           int j0) {
       auto* p = static_cast<typename Storage<T>::raw_t*>(segs[t].ptr) + local;
       noise_unit(seed, unit, dir, dist, zd);
-      if (restore) {
-        noise_unit(seed, unit, rdir, dist, zr);
-        perturb_elems<T, true>(p, n, zd + j0, zr + j0, s, rs);
-      } else {
-        perturb_elems<T, false>(p, n, zd + j0, zr + j0, s, rs);
-      }
+      ZOFO_BOOL_SWITCH(restore, kRestore, [&] {
+        if (kRestore) noise_unit(seed, unit, rdir, dist, zr);
+        perturb_elems<T, kRestore>(p, n, zd + j0, zr + j0, s, rs);
+      });
     });
   });
 }
@@ -260,7 +258,7 @@ inline void update_elems(typename Storage<T>::raw_t* __restrict p, int64_t n, co
                          float lr, float wd) {
   for (int64_t e = 0; e < n; ++e) {
     float w = Storage<T>::load(p[e]);
-    if (kRestore) w = Storage<T>::round(w + rs * zr[e]);
+    if (kRestore) w = restore_value<T>(w, rs, zr[e]);
     float v = update_value(w, d[e], lr, wd);
     if (kStochastic) v = stochastic_round(v, r[e], Storage<T>::kCode);
     p[e] = Storage<T>::store(v);
@@ -298,25 +296,17 @@ void update_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, flo
         }
       }
       if (stochastic) rounding_unit(seed, unit, r);
-      if (restore) {
-        if (stochastic) {
-          update_elems<T, true, true>(p, n, d + j0, zr + j0, r + j0, rs, lr, wd);
-        } else {
-          update_elems<T, true, false>(p, n, d + j0, zr + j0, r + j0, rs, lr, wd);
-        }
-      } else {
-        if (stochastic) {
-          update_elems<T, false, true>(p, n, d + j0, zr + j0, r + j0, rs, lr, wd);
-        } else {
-          update_elems<T, false, false>(p, n, d + j0, zr + j0, r + j0, rs, lr, wd);
-        }
-      }
+      ZOFO_BOOL_SWITCH(restore, kRestore, [&] {
+        ZOFO_BOOL_SWITCH(stochastic, kStochastic, [&] {
+          update_elems<T, kRestore, kStochastic>(p, n, d + j0, zr + j0, r + j0, rs, lr, wd);
+        });
+      });
     });
   });
 }
 
 void check_dtype(int dtype) {
-  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16)
+  if (!is_dtype_code(dtype))
     throw std::invalid_argument("unsupported dtype code " + std::to_string(dtype));
 }
 
@@ -353,19 +343,10 @@ void perturb(const std::vector<Segment>& segments, int dtype, uint64_t seed, int
              int num_threads) {
   check_dtype(dtype);
   check_distribution(distribution);
-  switch (dtype) {
-    case kFloat32:
-      perturb_typed<float>(segments, seed, distribution, scale, direction, restore_scale,
-                           restore_direction, num_threads);
-      break;
-    case kBFloat16:
-      perturb_typed<BF16Bits>(segments, seed, distribution, scale, direction, restore_scale,
-                              restore_direction, num_threads);
-      break;
-    default:
-      perturb_typed<F16Bits>(segments, seed, distribution, scale, direction, restore_scale,
-                             restore_direction, num_threads);
-  }
+  ZOFO_DTYPE_SWITCH(dtype, T, [&] {
+    perturb_typed<T>(segments, seed, distribution, scale, direction, restore_scale,
+                     restore_direction, num_threads);
+  });
 }
 
 void update(const std::vector<Segment>& segments, int dtype, uint64_t seed, int distribution,
@@ -375,19 +356,10 @@ void update(const std::vector<Segment>& segments, int dtype, uint64_t seed, int 
   check_dtype(dtype);
   check_distribution(distribution);
   if (q < 1) throw std::invalid_argument("update needs at least one projected gradient");
-  switch (dtype) {
-    case kFloat32:
-      update_typed<float>(segments, seed, distribution, lr, grads, q, restore_scale,
-                          restore_direction, weight_decay, stochastic_rounding, num_threads);
-      break;
-    case kBFloat16:
-      update_typed<BF16Bits>(segments, seed, distribution, lr, grads, q, restore_scale,
-                             restore_direction, weight_decay, stochastic_rounding, num_threads);
-      break;
-    default:
-      update_typed<F16Bits>(segments, seed, distribution, lr, grads, q, restore_scale,
-                            restore_direction, weight_decay, stochastic_rounding, num_threads);
-  }
+  ZOFO_DTYPE_SWITCH(dtype, T, [&] {
+    update_typed<T>(segments, seed, distribution, lr, grads, q, restore_scale,
+                    restore_direction, weight_decay, stochastic_rounding, num_threads);
+  });
 }
 
 std::vector<int64_t> split_elements(const std::vector<Segment>& segments, int num_threads) {
@@ -413,15 +385,10 @@ void sincos_f32_array(const float* in, float* sin_out, float* cos_out, int64_t n
 
 void round_to_storage(const float* in, void* out, int64_t n, int dtype) {
   check_dtype(dtype);
-  for (int64_t i = 0; i < n; ++i) {
-    if (dtype == kFloat32) {
-      static_cast<float*>(out)[i] = in[i];
-    } else if (dtype == kBFloat16) {
-      static_cast<uint16_t*>(out)[i] = f32_to_bf16(in[i]);
-    } else {
-      static_cast<uint16_t*>(out)[i] = f32_to_f16(in[i]);
-    }
-  }
+  ZOFO_DTYPE_SWITCH(dtype, T, [&] {
+    auto* o = static_cast<typename Storage<T>::raw_t*>(out);
+    for (int64_t i = 0; i < n; ++i) o[i] = Storage<T>::store(in[i]);
+  });
 }
 
 void stochastic_round_array(const float* in, const uint32_t* bits, float* out, int64_t n,

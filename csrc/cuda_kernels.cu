@@ -106,11 +106,14 @@ __device__ __forceinline__ void store_group(typename Storage<T>::raw_t* p, int64
     if (mask & (1 << m)) p[local0 + m] = Storage<T>::store(v[m]);
 }
 
-template <typename T>
-__global__ void perturb_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t num_rows,
-                               int64_t total, uint64_t seed, int distribution, float scale,
-                               uint32_t direction, float restore_scale,
-                               uint32_t restore_direction) {
+// One operation's kernel: a grid-stride loop over the work groups of a multi-tensor call.
+// Each group's elements are loaded from their row as float32 and restored,
+// w = rn(p + restore_scale * z_r), when restore_scale != 0; op.apply<T> turns them in place
+// into the values to store (PerturbOp, UpdateOp below), and they are stored.
+template <typename T, typename Op>
+__global__ void groups_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t num_rows,
+                              int64_t total, uint64_t seed, int distribution,
+                              float restore_scale, uint32_t restore_direction, Op op) {
   using R = typename Storage<T>::raw_t;
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < total; g += stride) {
@@ -118,42 +121,48 @@ __global__ void perturb_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t 
     const uint64_t group = (uint64_t)(row.offset >> 2) + (uint64_t)(g - row.first_group);
     const int64_t local0 = (int64_t)(group * 4) - row.offset;
     R* p = reinterpret_cast<R*>(row.ptr);
-    float w[4], zd[4], zr[4];
+    float w[4];
     int mask;
     const bool vec = load_group<T>(p, local0, row.numel, w, &mask);
-    noise4(seed, group, direction, distribution, zd);
     if (restore_scale != 0.0f) {
+      float zr[4];
       noise4(seed, group, restore_direction, distribution, zr);
 #pragma unroll
       for (int m = 0; m < 4; ++m) w[m] = restore_value<T>(w[m], restore_scale, zr[m]);
     }
-#pragma unroll
-    for (int m = 0; m < 4; ++m) w[m] = w[m] + scale * zd[m];
+    op.template apply<T>(seed, group, distribution, w);
     store_group<T>(p, local0, vec, mask, w);
   }
 }
 
-template <typename T>
-__global__ void update_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t num_rows,
-                              int64_t total, uint64_t seed, int distribution, float lr,
-                              const float* __restrict__ grads, int64_t q, float restore_scale,
-                              uint32_t restore_direction, float weight_decay,
-                              bool stochastic) {
-  using R = typename Storage<T>::raw_t;
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < total; g += stride) {
-    const ZofoSegmentRow row = rows[find_row(rows, num_rows, g)];
-    const uint64_t group = (uint64_t)(row.offset >> 2) + (uint64_t)(g - row.first_group);
-    const int64_t local0 = (int64_t)(group * 4) - row.offset;
-    R* p = reinterpret_cast<R*>(row.ptr);
-    float w[4], z[4], d[4];
-    int mask;
-    const bool vec = load_group<T>(p, local0, row.numel, w, &mask);
-    if (restore_scale != 0.0f) {
-      noise4(seed, group, restore_direction, distribution, z);
+// perturb: p = rn(w + scale * z), z of `direction`.
+struct PerturbOp {
+  float scale;
+  uint32_t direction;
+
+  template <typename T>
+  __device__ __forceinline__ void apply(uint64_t seed, uint64_t group, int distribution,
+                                        float w[4]) const {
+    float z[4];
+    noise4(seed, group, direction, distribution, z);
 #pragma unroll
-      for (int m = 0; m < 4; ++m) w[m] = restore_value<T>(w[m], restore_scale, z[m]);
-    }
+    for (int m = 0; m < 4; ++m) w[m] = w[m] + scale * z[m];
+  }
+};
+
+// update: d = sum_k g_k z_k (k < q, g_k read from device memory); v = w - lr * (d + wd * w);
+// p = sr(v) when `stochastic` (16-bit storage only), else rn(v).
+struct UpdateOp {
+  float lr;
+  const float* grads;
+  int64_t q;
+  float weight_decay;
+  bool stochastic;
+
+  template <typename T>
+  __device__ __forceinline__ void apply(uint64_t seed, uint64_t group, int distribution,
+                                        float w[4]) const {
+    float z[4], d[4];
     for (int64_t k = 0; k < q; ++k) {
       const float gk = grads[k];
       noise4(seed, group, (uint32_t)k, distribution, z);
@@ -165,18 +174,16 @@ __global__ void update_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t n
         for (int m = 0; m < 4; ++m) d[m] = d[m] + gk * z[m];
       }
     }
-    float v[4];
 #pragma unroll
-    for (int m = 0; m < 4; ++m) v[m] = update_value(w[m], d[m], lr, weight_decay);
+    for (int m = 0; m < 4; ++m) w[m] = update_value(w[m], d[m], lr, weight_decay);
     if (stochastic) {
       uint32_t r[4];
       block_words(seed, group, 0u, kPurposeRounding, r);
 #pragma unroll
-      for (int m = 0; m < 4; ++m) v[m] = stochastic_round(v[m], r[m], Storage<T>::kCode);
+      for (int m = 0; m < 4; ++m) w[m] = stochastic_round(w[m], r[m], Storage<T>::kCode);
     }
-    store_group<T>(p, local0, vec, mask, v);
   }
-}
+};
 
 __global__ void noise_kernel(float* __restrict__ out, int64_t start, int64_t numel,
                              int64_t total, uint64_t seed, int distribution,
@@ -201,10 +208,13 @@ int fail(cudaError_t e, const char* what, char* err, size_t errlen) {
   return (int)e == 0 ? -1 : (int)e;
 }
 
-// Grid for `total` work items on `device` (grid-stride loops cover the rest).
-int grid_for(int64_t total, int device, int* blocks, char* err, size_t errlen) {
+// Selects `device` and computes the grid for `total` work items on it (grid-stride loops
+// cover the rest).
+int prepare(int64_t total, int device, int* blocks, char* err, size_t errlen) {
+  cudaError_t e = cudaSetDevice(device);
+  if (e != cudaSuccess) return fail(e, "cudaSetDevice", err, errlen);
   int sms = 0;
-  cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return fail(e, "cudaDeviceGetAttribute", err, errlen);
   const int64_t needed = (total + kThreads - 1) / kThreads;
   const int64_t cap = (int64_t)(sms > 0 ? sms : 1) * 16;
@@ -212,16 +222,33 @@ int grid_for(int64_t total, int device, int* blocks, char* err, size_t errlen) {
   return 0;
 }
 
-int prepare(int device, char* err, size_t errlen) {
-  cudaError_t e = cudaSetDevice(device);
-  if (e != cudaSuccess) return fail(e, "cudaSetDevice", err, errlen);
-  return 0;
-}
-
 int check_launch(const char* what, char* err, size_t errlen) {
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return fail(e, what, err, errlen);
   return 0;
+}
+
+// One launch of groups_kernel<T, Op> for the storage type T of `dtype`.
+template <typename Op>
+int launch_groups(const char* what, const ZofoSegmentRow* rows, int64_t num_rows,
+                  int64_t total_groups, int dtype, uint64_t seed, int distribution,
+                  float restore_scale, uint32_t restore_direction, const Op& op, int device,
+                  void* stream, char* err, size_t errlen) {
+  if (num_rows <= 0 || total_groups <= 0) return 0;
+  int blocks = 0;
+  const int rc = prepare(total_groups, device, &blocks, err, errlen);
+  if (rc) return rc;
+  if (!is_dtype_code(dtype)) {
+    snprintf(err, errlen, "unsupported dtype code %d", dtype);
+    return -1;
+  }
+  cudaStream_t s = (cudaStream_t)stream;
+  ZOFO_DTYPE_SWITCH(dtype, T, [&] {
+    groups_kernel<T, Op><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
+                                                     distribution, restore_scale,
+                                                     restore_direction, op);
+  });
+  return check_launch(what, err, errlen);
 }
 
 }  // namespace cudak
@@ -250,11 +277,9 @@ extern "C" int zofo_cuda_noise(float* out, uint64_t seed, int64_t start, int64_t
                                int distribution, uint32_t direction, int device, void* stream,
                                char* err, size_t errlen) {
   if (numel <= 0) return 0;
-  int rc = prepare(device, err, errlen);
-  if (rc) return rc;
   const int64_t total = (start + (numel - 1)) / 4 - start / 4 + 1;  // no overflow at 2**63
   int blocks = 0;
-  rc = grid_for(total, device, &blocks, err, errlen);
+  const int rc = prepare(total, device, &blocks, err, errlen);
   if (rc) return rc;
   noise_kernel<<<blocks, kThreads, 0, (cudaStream_t)stream>>>(out, start, numel, total, seed,
                                                               distribution, direction);
@@ -266,34 +291,9 @@ extern "C" int zofo_cuda_perturb(const ZofoSegmentRow* rows, int64_t num_rows,
                                  int distribution, float scale, uint32_t direction,
                                  float restore_scale, uint32_t restore_direction, int device,
                                  void* stream, char* err, size_t errlen) {
-  if (num_rows <= 0 || total_groups <= 0) return 0;
-  int rc = prepare(device, err, errlen);
-  if (rc) return rc;
-  int blocks = 0;
-  rc = grid_for(total_groups, device, &blocks, err, errlen);
-  if (rc) return rc;
-  cudaStream_t s = (cudaStream_t)stream;
-  switch (dtype) {
-    case kFloat32:
-      perturb_kernel<float><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
-                                                        distribution, scale, direction,
-                                                        restore_scale, restore_direction);
-      break;
-    case kBFloat16:
-      perturb_kernel<BF16Bits><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
-                                                           distribution, scale, direction,
-                                                           restore_scale, restore_direction);
-      break;
-    case kFloat16:
-      perturb_kernel<F16Bits><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
-                                                          distribution, scale, direction,
-                                                          restore_scale, restore_direction);
-      break;
-    default:
-      snprintf(err, errlen, "unsupported dtype code %d", dtype);
-      return -1;
-  }
-  return check_launch("perturb kernel launch", err, errlen);
+  return launch_groups("perturb kernel launch", rows, num_rows, total_groups, dtype, seed,
+                       distribution, restore_scale, restore_direction,
+                       PerturbOp{scale, direction}, device, stream, err, errlen);
 }
 
 extern "C" int zofo_cuda_update(const ZofoSegmentRow* rows, int64_t num_rows,
@@ -302,36 +302,8 @@ extern "C" int zofo_cuda_update(const ZofoSegmentRow* rows, int64_t num_rows,
                                 float restore_scale, uint32_t restore_direction,
                                 float weight_decay, int stochastic_rounding, int device,
                                 void* stream, char* err, size_t errlen) {
-  if (num_rows <= 0 || total_groups <= 0) return 0;
-  int rc = prepare(device, err, errlen);
-  if (rc) return rc;
-  int blocks = 0;
-  rc = grid_for(total_groups, device, &blocks, err, errlen);
-  if (rc) return rc;
-  cudaStream_t s = (cudaStream_t)stream;
   const bool sr = stochastic_rounding != 0 && dtype != kFloat32;
-  switch (dtype) {
-    case kFloat32:
-      update_kernel<float><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
-                                                       distribution, lr, grads, q,
-                                                       restore_scale, restore_direction,
-                                                       weight_decay, false);
-      break;
-    case kBFloat16:
-      update_kernel<BF16Bits><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
-                                                          distribution, lr, grads, q,
-                                                          restore_scale, restore_direction,
-                                                          weight_decay, sr);
-      break;
-    case kFloat16:
-      update_kernel<F16Bits><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
-                                                         distribution, lr, grads, q,
-                                                         restore_scale, restore_direction,
-                                                         weight_decay, sr);
-      break;
-    default:
-      snprintf(err, errlen, "unsupported dtype code %d", dtype);
-      return -1;
-  }
-  return check_launch("update kernel launch", err, errlen);
+  return launch_groups("update kernel launch", rows, num_rows, total_groups, dtype, seed,
+                       distribution, restore_scale, restore_direction,
+                       UpdateOp{lr, grads, q, weight_decay, sr}, device, stream, err, errlen);
 }

@@ -14,6 +14,10 @@
 //   * stochastic rounding: the bit rule of contract.stochastic_round_bits, word i % 4 of the
 //     purpose-1 stream at block i / 4, direction 0.
 //
+// Storage<T> converts between float32 and the storage types; ZOFO_DTYPE_SWITCH and
+// ZOFO_BOOL_SWITCH turn a dtype code and a flag into template arguments (host code of both
+// builds).
+//
 // Floating point: every sum and product is a separate float32 operation. The build passes
 // -ffp-contract=off (host) and --fmad=false (nvcc) so no multiply-add is fused; nothing here
 // may be compiled with fast-math.
@@ -64,25 +68,18 @@ constexpr float kMinusTwo = -2.0f;
 
 // ----------------------------------------------------------------------------- bit casts
 
-ZOFO_HD uint32_t f2u(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t u;
-  memcpy(&u, &x, sizeof(u));
-  return u;
-#endif
+// The bits of x as a value of type To of the same size (C++20's std::bit_cast). memcpy of
+// one register-sized value compiles to a move, on the host and on the device.
+template <typename To, typename From>
+ZOFO_HD To bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  To y;
+  memcpy(&y, &x, sizeof(y));
+  return y;
 }
 
-ZOFO_HD float u2f(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float x;
-  memcpy(&x, &u, sizeof(x));
-  return x;
-#endif
-}
+ZOFO_HD uint32_t f2u(float x) { return bit_cast<uint32_t>(x); }
+ZOFO_HD float u2f(uint32_t u) { return bit_cast<float>(u); }
 
 // ----------------------------------------------------------------------------- Philox
 
@@ -261,15 +258,32 @@ ZOFO_HD uint16_t f32_to_f16(float x) {
   return (uint16_t)(h | sign);
 }
 
-// Storage conversions selected by a tag type. raw_t is the type of one stored element
-// (float, or the uint16_t bit pattern of a bfloat16/float16); load/store convert between it and
-// float32, round() is store-then-load (round to nearest even in the storage type). Plain
-// scalar types let the CPU loops vectorise.
-struct BF16Bits {};
-struct F16Bits {};
+// Storage types: float for float32, and tags for the uint16_t bit patterns of bfloat16 and
+// float16 with their exact widening and round-to-nearest-even narrowing.
+struct BF16Bits {
+  static constexpr int kCode = kBFloat16;
+  ZOFO_HD static float widen(uint16_t h) { return bf16_to_f32(h); }
+  ZOFO_HD static uint16_t narrow(float x) { return f32_to_bf16(x); }
+};
 
-template <typename T>
-struct Storage;
+struct F16Bits {
+  static constexpr int kCode = kFloat16;
+  ZOFO_HD static float widen(uint16_t h) { return f16_to_f32(h); }
+  ZOFO_HD static uint16_t narrow(float x) { return f32_to_f16(x); }
+};
+
+// Storage<T> for a storage type T: raw_t is the type of one stored element (float, or the
+// uint16_t bit pattern of a bfloat16/float16); load/store convert between it and float32,
+// round() is store-then-load (round to nearest even in the storage type). Plain scalar types
+// let the CPU loops vectorise. The primary template serves the 16-bit tags.
+template <typename Bits16>
+struct Storage {
+  using raw_t = uint16_t;
+  static constexpr int kCode = Bits16::kCode;
+  ZOFO_HD static float load(uint16_t v) { return Bits16::widen(v); }
+  ZOFO_HD static uint16_t store(float v) { return Bits16::narrow(v); }
+  ZOFO_HD static float round(float v) { return Bits16::widen(Bits16::narrow(v)); }
+};
 
 template <>
 struct Storage<float> {
@@ -280,23 +294,45 @@ struct Storage<float> {
   ZOFO_HD static float round(float v) { return v; }
 };
 
-template <>
-struct Storage<BF16Bits> {
-  using raw_t = uint16_t;
-  static constexpr int kCode = kBFloat16;
-  ZOFO_HD static float load(uint16_t v) { return bf16_to_f32(v); }
-  ZOFO_HD static uint16_t store(float v) { return f32_to_bf16(v); }
-  ZOFO_HD static float round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
-};
+// ----------------------------------------------------------------------------- static dispatch
+//
+// Runtime values to compile-time ones, in the manner of flash-attention's static_switch.h:
+// the body (a lambda) is compiled once per case with the case's type or constant in scope.
+//
+//   ZOFO_DTYPE_SWITCH(dtype, T, [&] { kernel<T>(...); });
+//   ZOFO_BOOL_SWITCH(restore, kRestore, [&] { body<kRestore>(...); });
+//
+// ZOFO_DTYPE_SWITCH takes a valid DType code (check is_dtype_code first): T is float,
+// BF16Bits or F16Bits, and any other code runs the F16Bits case.
 
-template <>
-struct Storage<F16Bits> {
-  using raw_t = uint16_t;
-  static constexpr int kCode = kFloat16;
-  ZOFO_HD static float load(uint16_t v) { return f16_to_f32(v); }
-  ZOFO_HD static uint16_t store(float v) { return f32_to_f16(v); }
-  ZOFO_HD static float round(float v) { return f16_to_f32(f32_to_f16(v)); }
-};
+constexpr bool is_dtype_code(int code) {
+  return code == kFloat32 || code == kBFloat16 || code == kFloat16;
+}
+
+#define ZOFO_DTYPE_SWITCH(CODE, TYPE, ...)      \
+  [&] {                                         \
+    if ((CODE) == ::zofo::kFloat32) {           \
+      using TYPE = float;                       \
+      return __VA_ARGS__();                     \
+    } else if ((CODE) == ::zofo::kBFloat16) {   \
+      using TYPE = ::zofo::BF16Bits;            \
+      return __VA_ARGS__();                     \
+    } else {                                    \
+      using TYPE = ::zofo::F16Bits;             \
+      return __VA_ARGS__();                     \
+    }                                           \
+  }()
+
+#define ZOFO_BOOL_SWITCH(COND, NAME, ...)       \
+  [&] {                                         \
+    if (COND) {                                 \
+      constexpr static bool NAME = true;        \
+      return __VA_ARGS__();                     \
+    } else {                                    \
+      constexpr static bool NAME = false;       \
+      return __VA_ARGS__();                     \
+    }                                           \
+  }()
 
 // ----------------------------------------------------------------------------- stochastic rounding
 
