@@ -83,6 +83,17 @@ def _block_words(seed: int, blocks: np.ndarray, direction: int, purpose: int):
     return philox4x32(lo, hi, np.uint32(direction), np.uint32(purpose), seed)
 
 
+def _covering_words(seed: int, start: int, numel: int, block: int, direction: int,
+                    purpose: int):
+    """The four word arrays of the blocks of ``block`` elements that cover global indices
+    [start, start + numel) (numel >= 1) of stream (direction, purpose), and how many indices
+    of the first block lie before ``start``."""
+    first = start // block
+    last = (start + numel - 1) // block
+    blocks = np.arange(first, last + 1, dtype=np.uint64)
+    return _block_words(seed, blocks, direction, purpose), start - first * block
+
+
 def uniform_from_words(words: np.ndarray) -> np.ndarray:
     """Triton's ``uint_to_uniform_float``: int32 view, ~x if negative, float32(x) * scale."""
     x = words.astype(np.uint32).view(np.int32)
@@ -101,15 +112,11 @@ def gaussian(seed: int, start: int, numel: int, direction: int = 0) -> np.ndarra
     """z for global indices [start, start + numel), float32."""
     if numel == 0:
         return np.zeros(0, dtype=np.float32)
-    first = start // GAUSSIAN_BLOCK
-    last = (start + numel - 1) // GAUSSIAN_BLOCK
-    blocks = np.arange(first, last + 1, dtype=np.uint64)
-    w = _block_words(seed, blocks, direction, PURPOSE_NOISE)
+    w, skip = _covering_words(seed, start, numel, GAUSSIAN_BLOCK, direction, PURPOSE_NOISE)
     u = [uniform_from_words(x) for x in w]
     n0, n1 = box_muller(u[0], u[1])
     n2, n3 = box_muller(u[2], u[3])
     lanes = np.stack([n0, n1, n2, n3], axis=1).reshape(-1)
-    skip = start - first * GAUSSIAN_BLOCK
     return np.ascontiguousarray(lanes[skip: skip + numel], dtype=np.float32)
 
 
@@ -117,12 +124,9 @@ def rademacher(seed: int, start: int, numel: int, direction: int = 0) -> np.ndar
     """z in {-1, +1} for global indices [start, start + numel), float32."""
     if numel == 0:
         return np.zeros(0, dtype=np.float32)
-    first = start // RADEMACHER_BLOCK
-    last = (start + numel - 1) // RADEMACHER_BLOCK
-    blocks = np.arange(first, last + 1, dtype=np.uint64)
-    w = np.stack(_block_words(seed, blocks, direction, PURPOSE_NOISE), axis=1)  # (nb, 4)
+    w, skip = _covering_words(seed, start, numel, RADEMACHER_BLOCK, direction, PURPOSE_NOISE)
+    w = np.stack(w, axis=1)  # (nb, 4)
     bits = np.unpackbits(w.reshape(-1).view(np.uint8), bitorder="little")  # 128 bits per block
-    skip = start - first * RADEMACHER_BLOCK
     bits = bits[skip: skip + numel]
     return np.where(bits == 1, np.float32(1.0), np.float32(-1.0)).astype(np.float32)
 
@@ -139,11 +143,8 @@ def rounding_words(seed: int, start: int, numel: int) -> np.ndarray:
     """One uint32 of stochastic-rounding bits per element (purpose 1, direction 0)."""
     if numel == 0:
         return np.zeros(0, dtype=np.uint32)
-    first = start // ROUNDING_BLOCK
-    last = (start + numel - 1) // ROUNDING_BLOCK
-    blocks = np.arange(first, last + 1, dtype=np.uint64)
-    w = np.stack(_block_words(seed, blocks, 0, PURPOSE_ROUNDING), axis=1).reshape(-1)
-    skip = start - first * ROUNDING_BLOCK
+    w, skip = _covering_words(seed, start, numel, ROUNDING_BLOCK, 0, PURPOSE_ROUNDING)
+    w = np.stack(w, axis=1).reshape(-1)
     return np.ascontiguousarray(w[skip: skip + numel])
 
 

@@ -48,6 +48,14 @@ def _is_interpreted(fn) -> bool:
 
 WINDOW_ALIGN = 128  # window starts are multiples of this (a Rademacher block)
 
+# The STORAGE and DIST codes the kernels take: zofo_noise.h's DType and Distribution, and
+# zofo_kernels.backends.base.DTYPE_CODES and DISTRIBUTION_CODES (a test checks that they agree).
+STORAGE_FLOAT32 = tl.constexpr(0)
+STORAGE_BFLOAT16 = tl.constexpr(1)
+STORAGE_FLOAT16 = tl.constexpr(2)
+DIST_GAUSSIAN = tl.constexpr(0)
+DIST_RADEMACHER = tl.constexpr(1)
+
 _UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)
 _TWO_PI = tl.constexpr(6.283185307179586)
 _UNIFORM_MIN = tl.constexpr(1.0e-7)
@@ -127,7 +135,7 @@ def _rademacher_window(seed, g0, direction, BLOCK: tl.constexpr):
 @triton.jit
 def _noise_window(seed, g0, direction, BLOCK: tl.constexpr, DIST: tl.constexpr,
                   PRECISE: tl.constexpr):
-    if DIST == 0:
+    if DIST == DIST_GAUSSIAN:
         z = _gaussian_window(seed, g0, direction, BLOCK, PRECISE)
     else:
         z = _rademacher_window(seed, g0, direction, BLOCK)
@@ -170,10 +178,10 @@ def _stochastic_round(v, r, IS_BF16: tl.constexpr):
 
 
 # --------------------------------------------------------------------------- storage conversion
-# Storage codes (as zofo_kernels.backends.base.DTYPE_CODES): 0 float32, 1 bfloat16, 2 float16.
-# bfloat16 is handled on its bit pattern (loaded and stored as uint16): the widening is exact
-# and the round-to-nearest-even narrowing is explicit, so compiled and interpreted kernels
-# round identically (the interpreter's own float32 -> bfloat16 cast truncates).
+# STORAGE is one of the STORAGE_* codes. bfloat16 is handled on its bit pattern (loaded and
+# stored as uint16): the widening is exact and the round-to-nearest-even narrowing is explicit,
+# so compiled and interpreted kernels round identically (the interpreter's own float32 ->
+# bfloat16 cast truncates).
 
 @triton.jit
 def _rne_bf16_bits(v):
@@ -187,7 +195,7 @@ def _rne_bf16_bits(v):
 @triton.jit
 def _widen(x, STORAGE: tl.constexpr):
     """Loaded storage values -> float32 (exact)."""
-    if STORAGE == 1:
+    if STORAGE == STORAGE_BFLOAT16:
         y = (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         y = x.to(tl.float32)
@@ -197,9 +205,9 @@ def _widen(x, STORAGE: tl.constexpr):
 @triton.jit
 def _narrow(v, STORAGE: tl.constexpr):
     """float32 -> storage values, rounded to nearest even."""
-    if STORAGE == 1:
+    if STORAGE == STORAGE_BFLOAT16:
         y = (_rne_bf16_bits(v) >> 16).to(tl.uint16)
-    elif STORAGE == 2:
+    elif STORAGE == STORAGE_FLOAT16:
         y = v.to(tl.float16)
     else:
         y = v
@@ -209,9 +217,9 @@ def _narrow(v, STORAGE: tl.constexpr):
 @triton.jit
 def _round_rn(v, STORAGE: tl.constexpr):
     """v rounded to nearest in the storage type, kept as float32."""
-    if STORAGE == 1:
+    if STORAGE == STORAGE_BFLOAT16:
         y = _rne_bf16_bits(v).to(tl.float32, bitcast=True)
-    elif STORAGE == 2:
+    elif STORAGE == STORAGE_FLOAT16:
         y = v.to(tl.float16).to(tl.float32)
     else:
         y = v
@@ -234,9 +242,9 @@ def _window(tensor_table, program_table, STORAGE: tl.constexpr, BLOCK: tl.conste
     first_program = tl.load(row + 4)
     g0 = first + (pid - first_program) * BLOCK
     j0 = g0 - offset
-    if STORAGE == 0:
+    if STORAGE == STORAGE_FLOAT32:
         ptr = addr.to(tl.pointer_type(tl.float32))
-    elif STORAGE == 1:
+    elif STORAGE == STORAGE_BFLOAT16:
         ptr = addr.to(tl.pointer_type(tl.uint16))
     else:
         ptr = addr.to(tl.pointer_type(tl.float16))
@@ -249,6 +257,33 @@ def _window(tensor_table, program_table, STORAGE: tl.constexpr, BLOCK: tl.conste
     j = j0 + lanes.to(tl.int64)
     full = (j0 >= 0) & (j0 + BLOCK <= numel)
     return base + lanes, j, numel, g0, full
+
+
+@triton.jit
+def _load_restored(tensor_table, program_table, seed, restore_scale, restore_direction,
+                   STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
+                   HAS_RESTORE: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's window (pointers, lanes inside the tensor, full?, start g0) and its
+    weights as float32, restored: w = rn(p + restore_scale * z_r) [if HAS_RESTORE]."""
+    ptrs, j, numel, g0, full = _window(tensor_table, program_table, STORAGE, BLOCK, ALIGNED)
+    inside = (j >= 0) & (j < numel)
+    if full:
+        w = _widen(tl.load(ptrs), STORAGE)
+    else:
+        w = _widen(tl.load(ptrs, mask=inside, other=0), STORAGE)
+    if HAS_RESTORE:
+        z_r = _noise_window(seed, g0, restore_direction, BLOCK, DIST, PRECISE)
+        w = _round_rn(w + restore_scale * z_r, STORAGE)
+    return ptrs, inside, full, g0, w
+
+
+@triton.jit
+def _store(ptrs, inside, full, p):
+    """Stores a window's storage values (all lanes when full, else those inside)."""
+    if full:
+        tl.store(ptrs, p)
+    else:
+        tl.store(ptrs, p, mask=inside)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -274,21 +309,11 @@ def perturb_kernel(tensor_table, program_table, seed: tl.int64, scale: tl.float3
                    STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                    HAS_RESTORE: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
     """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; p = rn(w + scale * z)."""
-    ptrs, j, numel, g0, full = _window(tensor_table, program_table, STORAGE, BLOCK, ALIGNED)
-    inside = (j >= 0) & (j < numel)
-    if full:
-        w = _widen(tl.load(ptrs), STORAGE)
-    else:
-        w = _widen(tl.load(ptrs, mask=inside, other=0), STORAGE)
-    if HAS_RESTORE:
-        z_r = _noise_window(seed, g0, restore_direction, BLOCK, DIST, PRECISE)
-        w = _round_rn(w + restore_scale * z_r, STORAGE)
+    ptrs, inside, full, g0, w = _load_restored(
+        tensor_table, program_table, seed, restore_scale, restore_direction,
+        STORAGE, BLOCK, DIST, HAS_RESTORE, PRECISE, ALIGNED)
     z = _noise_window(seed, g0, direction, BLOCK, DIST, PRECISE)
-    p = _narrow(w + scale * z, STORAGE)
-    if full:
-        tl.store(ptrs, p)
-    else:
-        tl.store(ptrs, p, mask=inside)
+    _store(ptrs, inside, full, _narrow(w + scale * z, STORAGE))
 
 
 @triton.jit(do_not_specialize=["seed", "q", "restore_direction"])
@@ -300,15 +325,9 @@ def update_kernel(tensor_table, program_table, seed: tl.int64, lr: tl.float32, g
                   PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
     """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; d = sum_k g_k z_k; d += wd * w;
     v = w - lr * d; p = sr(v) if STOCHASTIC else rn(v)."""
-    ptrs, j, numel, g0, full = _window(tensor_table, program_table, STORAGE, BLOCK, ALIGNED)
-    inside = (j >= 0) & (j < numel)
-    if full:
-        w = _widen(tl.load(ptrs), STORAGE)
-    else:
-        w = _widen(tl.load(ptrs, mask=inside, other=0), STORAGE)
-    if HAS_RESTORE:
-        z_r = _noise_window(seed, g0, restore_direction, BLOCK, DIST, PRECISE)
-        w = _round_rn(w + restore_scale * z_r, STORAGE)
+    ptrs, inside, full, g0, w = _load_restored(
+        tensor_table, program_table, seed, restore_scale, restore_direction,
+        STORAGE, BLOCK, DIST, HAS_RESTORE, PRECISE, ALIGNED)
     g = tl.load(grads_ptr)
     d = g * _noise_window(seed, g0, 0, BLOCK, DIST, PRECISE)
     for k in range(1, q):
@@ -318,12 +337,8 @@ def update_kernel(tensor_table, program_table, seed: tl.int64, lr: tl.float32, g
     v = w - lr * d
     if STOCHASTIC:
         r = _rounding_window(seed, g0, BLOCK)
-        v = _stochastic_round(v, r, STORAGE == 1)
-    p = _narrow(v, STORAGE)
-    if full:
-        tl.store(ptrs, p)
-    else:
-        tl.store(ptrs, p, mask=inside)
+        v = _stochastic_round(v, r, STORAGE == STORAGE_BFLOAT16)
+    _store(ptrs, inside, full, _narrow(v, STORAGE))
 
 
 # True when TRITON_INTERPRET was set as the kernels were defined: they then run on CPU tensors.

@@ -25,17 +25,27 @@ where rn rounds to the storage dtype (nearest even) and sr is
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+# The codes the native and Triton kernels take: zofo_noise.h's DType and Distribution and the
+# Triton kernels' STORAGE_* and DIST_* constants spell the same numbers (a test checks).
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DISTRIBUTION_CODES = {"gaussian": 0, "rademacher": 1}
+
+TABLE_CACHE_SIZE = 64  # launch tables a backend keeps (the least recently used go first)
 
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why."""
+
+
+class MixedDtypeError(TypeError, ValueError):
+    """Tensors of different dtypes in one backend call: a wrong dtype (TypeError) and a
+    malformed group (ValueError) at once, so that either ``except`` catches it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,3 +145,62 @@ def select(device: torch.device, requested: Optional[str], env_value: Optional[s
 
 def flat_views(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return [t.view(-1) for t in tensors]
+
+
+def check_group(tensors: List[torch.Tensor], offsets: List[int], backend: str,
+                device_type: Optional[str] = None, nonempty: bool = False) -> int:
+    """The checks every kernel backend makes on one call's group: at least one tensor, one
+    offset per tensor, one supported dtype and one device (of type ``device_type`` when given)
+    for all, contiguous storage and (``nonempty``) no empty tensor. Returns the dtype code.
+
+    :mod:`zofo_kernels.ops` only ever passes such groups; this guards direct backend calls."""
+    if not tensors:
+        raise ValueError(f"the {backend} backend needs at least one tensor")
+    if len(offsets) != len(tensors):
+        raise ValueError(f"{len(offsets)} offsets for {len(tensors)} tensors")
+    dtype, device = tensors[0].dtype, tensors[0].device
+    if dtype not in DTYPE_CODES:
+        raise TypeError(f"unsupported dtype {dtype}; expected float32, bfloat16 or float16")
+    if device_type is not None and device.type != device_type:
+        raise ValueError(f"tensors[0] is on {device}; the {backend} backend takes "
+                         f"{device_type.upper()} tensors")
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise ValueError(f"tensors[{i}] is on {t.device} but tensors[0] is on {device}: "
+                             "one call per (device, dtype) group")
+        if t.dtype != dtype:
+            raise MixedDtypeError(f"tensors[{i}] has dtype {t.dtype} but tensors[0] has {dtype}: "
+                                  "one call per (device, dtype) group")
+        if not t.is_contiguous():
+            raise ValueError(f"tensors[{i}] is not contiguous")
+        if nonempty and t.numel() == 0:
+            raise ValueError(f"tensors[{i}] is empty; leave empty tensors out")
+    return DTYPE_CODES[dtype]
+
+
+class LaunchTables:
+    """A backend's cache of launch tables (whatever describes a call's tensors to its kernels),
+    keyed on the call's layout: the device, each tensor's data pointer and size, the global
+    offsets, and ``extra`` (what else the table depends on). Holds ``size`` tables, dropping
+    the least recently used; ``builds`` counts the tables built (not served from the cache)."""
+
+    def __init__(self, size: int = TABLE_CACHE_SIZE):
+        self.size = size
+        self.builds = 0
+        self._tables: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+
+    def get(self, tensors: List[torch.Tensor], offsets: List[int], build: Callable[[], Any],
+            extra: tuple = ()) -> Any:
+        """The table of this layout: cached, or ``build()`` (then cached)."""
+        key = (str(tensors[0].device), tuple(t.data_ptr() for t in tensors),
+               tuple(t.numel() for t in tensors), tuple(int(o) for o in offsets)) + extra
+        hit = self._tables.get(key)
+        if hit is not None:
+            self._tables.move_to_end(key)
+            return hit
+        table = build()
+        self._tables[key] = table
+        self.builds += 1
+        while len(self._tables) > self.size:
+            self._tables.popitem(last=False)
+        return table

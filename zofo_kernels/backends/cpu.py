@@ -11,30 +11,10 @@ elements, split evenly across threads). The thread count follows ``torch.get_num
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 
 from .. import _native
-from .base import DISTRIBUTION_CODES, DTYPE_CODES, Backend, BackendStatus, register
-
-
-def _check_group(tensors: List[torch.Tensor], offsets: List[int]) -> int:
-    if len(tensors) != len(offsets):
-        raise ValueError(f"{len(tensors)} tensors but {len(offsets)} offsets")
-    if not tensors:
-        raise ValueError("the cpu backend needs at least one tensor")
-    dtype = tensors[0].dtype
-    if dtype not in DTYPE_CODES:
-        raise TypeError(f"unsupported dtype {dtype}; expected float32, bfloat16 or float16")
-    for i, t in enumerate(tensors):
-        if t.device.type != "cpu":
-            raise ValueError(f"tensors[{i}] is on {t.device}; the cpu backend takes CPU tensors")
-        if t.dtype != dtype:
-            raise TypeError(f"tensors[{i}] has dtype {t.dtype} but tensors[0] has {dtype}")
-        if not t.is_contiguous():
-            raise ValueError(f"tensors[{i}] is not contiguous")
-    return DTYPE_CODES[dtype]
+from .base import DISTRIBUTION_CODES, Backend, BackendStatus, check_group, register
 
 
 class CpuBackend(Backend):
@@ -83,7 +63,7 @@ class CpuBackend(Backend):
     def perturb(self, tensors, offsets, seed, distribution, scale, direction,
                 restore_scale, restore_direction):
         mod = self._native()
-        code = _check_group(tensors, offsets)
+        code = check_group(tensors, offsets, self.name, device_type="cpu")
         mod.perturb([t.data_ptr() for t in tensors], [t.numel() for t in tensors],
                     [int(o) for o in offsets], code, seed, DISTRIBUTION_CODES[distribution],
                     float(scale), direction, float(restore_scale), restore_direction,
@@ -92,7 +72,7 @@ class CpuBackend(Backend):
     def update(self, tensors, offsets, seed, distribution, lr, projected_grads,
                restore_scale, restore_direction, weight_decay, stochastic_rounding):
         mod = self._native()
-        code = _check_group(tensors, offsets)
+        code = check_group(tensors, offsets, self.name, device_type="cpu")
         grads = projected_grads.detach().to(device="cpu", dtype=torch.float32).contiguous()
         if grads.dim() != 1 or grads.numel() < 1:
             raise ValueError("projected_grads must be a 1-D tensor with at least one value")

@@ -11,15 +11,13 @@ When the package was built without CUDA, or no GPU/driver is usable, ``status()`
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import List, Tuple
 
 import torch
 
 from .. import _native
-from .base import DISTRIBUTION_CODES, DTYPE_CODES, Backend, BackendStatus, register
+from .base import DISTRIBUTION_CODES, Backend, BackendStatus, LaunchTables, check_group, register
 
-_TABLE_CACHE_SIZE = 64
 GROUP = 4  # global indices per work item (one Gaussian Philox block)
 
 
@@ -33,7 +31,7 @@ class CudaBackend(Backend):
     def __init__(self):
         self._mod, self._error = _native.cuda_module()
         self._status = None
-        self._tables: "OrderedDict[Tuple, Tuple[torch.Tensor, int]]" = OrderedDict()
+        self._tables = LaunchTables()
 
     # ------------------------------------------------------------------ availability
 
@@ -85,43 +83,19 @@ class CudaBackend(Backend):
         return device.index if device.index is not None else torch.cuda.current_device()
 
     def _table(self, tensors: List[torch.Tensor], offsets: List[int]) -> Tuple[torch.Tensor, int]:
-        device = tensors[0].device
-        key = (device.index,) + tuple((t.data_ptr(), t.numel(), int(o))
-                                      for t, o in zip(tensors, offsets))
-        hit = self._tables.get(key)
-        if hit is not None:
-            self._tables.move_to_end(key)
-            return hit
-        rows, first = [], 0
-        for t, o in zip(tensors, offsets):
-            rows.append((t.data_ptr(), t.numel(), int(o), first))
-            first += _groups(int(o), t.numel())
-        host = torch.tensor(rows, dtype=torch.int64)
-        if torch.cuda.is_available():
-            host = host.pin_memory()
-        table = host.to(device, non_blocking=True)
-        self._tables[key] = (table, first)
-        if len(self._tables) > _TABLE_CACHE_SIZE:
-            self._tables.popitem(last=False)
-        return table, first
+        """(device table of rows (pointer, numel, offset, first group), total groups)."""
 
-    @staticmethod
-    def _check_group(tensors: List[torch.Tensor], offsets: List[int]) -> int:
-        if not tensors or len(tensors) != len(offsets):
-            raise ValueError("need one offset per tensor and at least one tensor")
-        dtype, device = tensors[0].dtype, tensors[0].device
-        if dtype not in DTYPE_CODES:
-            raise TypeError(f"unsupported dtype {dtype}; expected float32, bfloat16 or float16")
-        for i, t in enumerate(tensors):
-            if t.device != device or device.type != "cuda":
-                raise ValueError(f"tensors[{i}] is on {t.device}; all must be on one CUDA device")
-            if t.dtype != dtype:
-                raise TypeError(f"tensors[{i}] has dtype {t.dtype} but tensors[0] has {dtype}")
-            if not t.is_contiguous():
-                raise ValueError(f"tensors[{i}] is not contiguous")
-            if t.numel() == 0:
-                raise ValueError(f"tensors[{i}] is empty; leave empty tensors out")
-        return DTYPE_CODES[dtype]
+        def build():
+            rows, first = [], 0
+            for t, o in zip(tensors, offsets):
+                rows.append((t.data_ptr(), t.numel(), int(o), first))
+                first += _groups(int(o), t.numel())
+            host = torch.tensor(rows, dtype=torch.int64)
+            if torch.cuda.is_available():
+                host = host.pin_memory()
+            return host.to(tensors[0].device, non_blocking=True), first
+
+        return self._tables.get(tensors, offsets, build)
 
     # ------------------------------------------------------------------ operations
 
@@ -140,7 +114,7 @@ class CudaBackend(Backend):
     def perturb(self, tensors, offsets, seed, distribution, scale, direction,
                 restore_scale, restore_direction):
         mod = self._native()
-        code = self._check_group(tensors, offsets)
+        code = check_group(tensors, offsets, self.name, device_type="cuda", nonempty=True)
         idx = self._device_index(tensors[0].device)
         table, total = self._table(tensors, offsets)
         mod.perturb(table.data_ptr(), len(tensors), total, code, seed,
@@ -151,7 +125,7 @@ class CudaBackend(Backend):
     def update(self, tensors, offsets, seed, distribution, lr, projected_grads,
                restore_scale, restore_direction, weight_decay, stochastic_rounding):
         mod = self._native()
-        code = self._check_group(tensors, offsets)
+        code = check_group(tensors, offsets, self.name, device_type="cuda", nonempty=True)
         idx = self._device_index(tensors[0].device)
         grads = projected_grads.detach().to(device=tensors[0].device,
                                             dtype=torch.float32).contiguous()

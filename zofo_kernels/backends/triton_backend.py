@@ -12,24 +12,19 @@ cached, so the repeated perturb/update calls of an optimizer step reuse them.
 
 from __future__ import annotations
 
-import collections
+import contextlib
 from typing import List, Optional
 
 import numpy as np
 import torch
 
-from .base import DISTRIBUTION_CODES, DTYPE_CODES, Backend, BackendStatus, register
-
-DIST_CODES = DISTRIBUTION_CODES
-
-
+from .base import DISTRIBUTION_CODES, Backend, BackendStatus, LaunchTables, check_group, register
 
 
 class TritonBackend(Backend):
     """``block``: elements per program (a multiple of 128); ``num_warps`` for compiled mode."""
 
     name = "triton"
-    TABLE_CACHE_SIZE = 64
 
     def __init__(self, block: int = 1024, num_warps: int = 4):
         if block < 128 or block % 128 or block & (block - 1):
@@ -38,8 +33,7 @@ class TritonBackend(Backend):
         self.num_warps = num_warps
         self._kernels = None
         self._import_error: Optional[str] = None
-        self._tables: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-        self.table_builds = 0  # how many launch tables were built (not served from the cache)
+        self._tables = LaunchTables()
 
     # ------------------------------------------------------------------ availability
 
@@ -52,6 +46,11 @@ class TritonBackend(Backend):
             else:
                 self._kernels = triton_kernels
         return self._kernels
+
+    @property
+    def table_builds(self) -> int:
+        """How many launch tables were built (not served from the cache)."""
+        return self._tables.builds
 
     @property
     def interpreted(self) -> bool:
@@ -100,17 +99,16 @@ class TritonBackend(Backend):
 
     def _table(self, tensors: List[torch.Tensor], offsets: List[int], align: int):
         """(tensor_table, program_table, programs, aligned), cached on the tensors' layout."""
+        return self._tables.get(
+            tensors, offsets, lambda: self._build_table(tensors, offsets, align),
+            extra=(align, self.block))
+
+    def _build_table(self, tensors: List[torch.Tensor], offsets: List[int], align: int):
         device = tensors[0].device
-        ptrs = tuple(t.data_ptr() for t in tensors)
-        numels = tuple(t.numel() for t in tensors)
-        key = (str(device), ptrs, numels, tuple(offsets), align, self.block)
-        hit = self._tables.get(key)
-        if hit is not None:
-            self._tables.move_to_end(key)
-            return hit
+        ptrs = [t.data_ptr() for t in tensors]
         block = self.block
         off = np.asarray(offsets, dtype=np.int64)
-        n = np.asarray(numels, dtype=np.int64)
+        n = np.asarray([t.numel() for t in tensors], dtype=np.int64)
         first = off - off % align
         count = np.where(n > 0, (off + n - first + block - 1) // block, 0)
         first_program = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
@@ -122,35 +120,13 @@ class TritonBackend(Backend):
         program_table = np.repeat(np.arange(len(tensors), dtype=np.int32), count)
         itemsize = tensors[0].element_size()
         aligned = all((p - o * itemsize) % 16 == 0 for p, o in zip(ptrs, offsets))
-        entry = (torch.from_numpy(np.ascontiguousarray(table)).to(device),
-                 torch.from_numpy(program_table).to(device), programs, aligned)
-        self._tables[key] = entry
-        self.table_builds += 1
-        while len(self._tables) > self.TABLE_CACHE_SIZE:
-            self._tables.popitem(last=False)
-        return entry
-
-    def _check_group(self, tensors: List[torch.Tensor], offsets: List[int]) -> torch.device:
-        if not tensors:
-            raise ValueError("tensors is empty")
-        if len(offsets) != len(tensors):
-            raise ValueError(f"{len(offsets)} offsets for {len(tensors)} tensors")
-        dtype, device = tensors[0].dtype, tensors[0].device
-        if dtype not in DTYPE_CODES:
-            raise TypeError(f"unsupported dtype {dtype}; expected float32, bfloat16 or float16")
-        for i, t in enumerate(tensors):
-            if t.dtype != dtype or t.device != device:
-                raise ValueError(f"tensors[{i}] is {t.dtype} on {t.device}, but tensors[0] is "
-                                 f"{dtype} on {device}: one call per (device, dtype) group")
-            if not t.is_contiguous():
-                raise ValueError(f"tensors[{i}] is not contiguous")
-        return device
+        return (torch.from_numpy(np.ascontiguousarray(table)).to(device),
+                torch.from_numpy(program_table).to(device), programs, aligned)
 
     @staticmethod
     def _device_guard(device: torch.device):
         if device.type == "cuda":
             return torch.cuda.device(device)
-        import contextlib
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ operations
@@ -166,13 +142,14 @@ class TritonBackend(Backend):
         with self._device_guard(device):
             tk.noise_kernel[(programs,)](
                 out, seed, start, numel, direction,
-                BLOCK=self.block, ALIGN=align, DIST=DIST_CODES[distribution],
+                BLOCK=self.block, ALIGN=align, DIST=DISTRIBUTION_CODES[distribution],
                 PRECISE=self._precise(), **self._launch_options())
         return out
 
     def perturb(self, tensors, offsets, seed, distribution, scale, direction,
                 restore_scale, restore_direction):
-        device = self._check_group(tensors, offsets)
+        code = check_group(tensors, offsets, self.name)
+        device = tensors[0].device
         tk = self._require(device)
         table, program_table, programs, aligned = self._table(
             tensors, offsets, tk.WINDOW_ALIGN)
@@ -182,13 +159,14 @@ class TritonBackend(Backend):
             tk.perturb_kernel[(programs,)](
                 table, program_table, seed, float(scale), direction,
                 float(restore_scale), restore_direction,
-                STORAGE=DTYPE_CODES[tensors[0].dtype], BLOCK=self.block,
-                DIST=DIST_CODES[distribution], HAS_RESTORE=restore_scale != 0.0,
+                STORAGE=code, BLOCK=self.block,
+                DIST=DISTRIBUTION_CODES[distribution], HAS_RESTORE=restore_scale != 0.0,
                 PRECISE=self._precise(), ALIGNED=aligned, **self._launch_options())
 
     def update(self, tensors, offsets, seed, distribution, lr, projected_grads,
                restore_scale, restore_direction, weight_decay, stochastic_rounding):
-        device = self._check_group(tensors, offsets)
+        code = check_group(tensors, offsets, self.name)
+        device = tensors[0].device
         tk = self._require(device)
         grads = projected_grads.detach().reshape(-1)
         if grads.numel() == 0:
@@ -204,8 +182,8 @@ class TritonBackend(Backend):
             tk.update_kernel[(programs,)](
                 table, program_table, seed, float(lr), grads, grads.numel(),
                 float(restore_scale), restore_direction, float(weight_decay),
-                STORAGE=DTYPE_CODES[dtype], BLOCK=self.block,
-                DIST=DIST_CODES[distribution], HAS_RESTORE=restore_scale != 0.0,
+                STORAGE=code, BLOCK=self.block,
+                DIST=DISTRIBUTION_CODES[distribution], HAS_RESTORE=restore_scale != 0.0,
                 STOCHASTIC=stochastic,
                 PRECISE=self._precise(), ALIGNED=aligned, **self._launch_options())
 
