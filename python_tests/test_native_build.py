@@ -32,14 +32,12 @@ import pytest
 import torch
 
 import zofo_kernels as zk
+from tolerances import GAUSS_ULPS, LOG_ULPS, SINCOS_ULPS, ulp, ulp32
 from zofo_kernels import _native, contract
 from zofo_kernels.backends import base
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DISTS = ["gaussian", "rademacher"]
-GAUSS_ULPS = 4.0
-LOG_ULPS = 1.0
-SINCOS_ULPS = 2.0
 
 C, C_ERROR = _native.cpu_module()
 needs_cpu = pytest.mark.skipif(C is None, reason=f"native CPU module unavailable: {C_ERROR}")
@@ -61,21 +59,6 @@ def cpu_mod(request, monkeypatch):
     return backend._mod
 
 
-def _ulp32(x: np.ndarray) -> np.ndarray:
-    return np.spacing(np.abs(x.astype(np.float32))).astype(np.float64)
-
-
-def _mant_bits(dtype):
-    return {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
-
-
-def storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    info = torch.finfo(dtype)
-    a = x.double().abs()
-    e = torch.floor(torch.log2(torch.clamp(a, min=info.tiny)))
-    return torch.pow(2.0, e - _mant_bits(dtype))
-
-
 def radius(seed, start, numel, direction) -> np.ndarray:
     """r = sqrt(-2 log u_a) (float64) of the pair each element belongs to."""
     if numel == 0:
@@ -94,7 +77,7 @@ def radius(seed, start, numel, direction) -> np.ndarray:
 def z_bound(seed, start, numel, direction, distribution) -> np.ndarray:
     if distribution == "rademacher":
         return np.zeros(numel)
-    return GAUSS_ULPS * _ulp32(radius(seed, start, numel, direction))
+    return GAUSS_ULPS * ulp32(radius(seed, start, numel, direction))
 
 
 def rand_weights(n, dtype, gen, std=0.02):
@@ -301,7 +284,7 @@ def test_own_log_sin_cos_against_float64(cpu_mod):
     out = np.empty_like(u)
     cpu_mod.log_f32(u.ctypes.data, out.ctypes.data, u.size)
     exact = np.log(u.astype(np.float64))
-    err = np.abs(out - exact) / _ulp32(exact)
+    err = np.abs(out - exact) / ulp32(exact)
     assert np.all(out[u == 1.0] == 0.0)
     assert err.max() <= LOG_ULPS, f"log: {err.max():.3f} ulp"
 
@@ -313,7 +296,7 @@ def test_own_log_sin_cos_against_float64(cpu_mod):
     cpu_mod.sincos_f32(t.ctypes.data, s.ctypes.data, c.ctypes.data, t.size)
     td = t.astype(np.float64)
     for got, exact, name in ((s, np.sin(td), "sin"), (c, np.cos(td), "cos")):
-        err = np.abs(got - exact) / _ulp32(np.maximum(np.abs(exact), 0.5))
+        err = np.abs(got - exact) / ulp32(np.maximum(np.abs(exact), 0.5))
         assert err.max() <= SINCOS_ULPS, f"{name}: {err.max():.3f} ulp"
         assert np.all(np.abs(got) <= 1.0)
 
@@ -465,7 +448,7 @@ def test_many_tensors_one_call_perturb(dtype, distribution, cpu_mod):
             zb = torch.from_numpy(z_bound(seed, off, a.numel(), 3, distribution)
                                   + z_bound(seed, off, a.numel(), 2, distribution))
             mid = o.double().abs() + scale * zr.abs()
-            tol = storage_ulp(mid, dtype) + storage_ulp(b, dtype) + scale * zb
+            tol = ulp(mid, dtype) + ulp(b, dtype) + scale * zb
             assert bool(((a.double() - b.double()).abs() <= tol).all()), j
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import Rows
 from zofo_kernels import checkpoint, data, models, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,17 +197,6 @@ def test_zofo_train_output_reloads_bit_identically(zofo_train_runs, case):
 
 # --------------------------------------------------------------------------- ZOFOTrainer
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
 def _trainer_data(tok, n=18):
     rows = []
     for i in range(n):
@@ -214,7 +204,7 @@ def _trainer_data(tok, n=18):
                   max_length=16)
         rows.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                      "labels": i % 2})
-    return _Rows(rows)
+    return Rows(rows)
 
 
 def make_trainer(out, method, preset="tiny-bert", peft_kind=None, **kw):

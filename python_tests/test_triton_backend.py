@@ -29,21 +29,18 @@ import pytest
 import torch
 
 import zofo_kernels as zk
+from tolerances import GAUSS_STORAGE_ULPS, GAUSS_Z_BOUND, ulp
 from zofo_kernels import contract
 from zofo_kernels.backends import base
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DISTRIBUTIONS = ["gaussian", "rademacher"]
 
-# Compiled-mode Gaussian tolerance per rounding step, in ulps of the storage dtype at the
-# result: a z a few float32 ulp away can move the value across one rounding boundary (nearest
-# or stochastic), whatever the dtype. On top of that comes the z difference itself:
-# <= 4 float32 ulp of the pair radius r (test_kernels.py derives it), r <= sqrt(-2 ln 1e-7)
-# < 8, so <= 4 * 2**-21 per unit of |scale| applied to z.
-GAUSS_STORAGE_ULPS = {torch.float32: 1.0, torch.bfloat16: 1.0, torch.float16: 1.0}
-_RADIUS_ULP = 2.0 ** -21
-MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
-MIN_NORMAL_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14}
+# Compiled-mode Gaussian tolerance (python_tests/tolerances.py): GAUSS_STORAGE_ULPS per rounding
+# step, in ulps of the storage dtype at the result (a z a few float32 ulp away can move the
+# value across one rounding boundary, nearest or stochastic, whatever the dtype), plus the z
+# difference itself: <= 4 float32 ulp of the pair radius r (test_kernels.py derives it),
+# r <= sqrt(-2 ln 1e-7) < 8, so <= GAUSS_Z_BOUND = 4 * 2**-21 per unit of |scale| applied to z.
 
 _RNG_SEED = int.from_bytes(os.urandom(4), "little")
 RNG = np.random.default_rng(_RNG_SEED)
@@ -76,13 +73,6 @@ def _note(**kw) -> str:
     return f"(test rng seed {_RNG_SEED}; " + ", ".join(f"{k}={v}" for k, v in kw.items()) + ")"
 
 
-def _storage_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    x = x.double().abs()
-    e = torch.floor(torch.log2(torch.clamp(x, min=2.0 ** -149)))
-    e = torch.clamp(e, min=MIN_NORMAL_EXP[dtype])
-    return torch.pow(2.0, e - MANTISSA_BITS[dtype])
-
-
 def _assert_same(got: torch.Tensor, want: torch.Tensor, distribution: str, what: str,
                  coef: float = 1.0, steps: int = 1):
     """Equal, or (compiled Gaussian) within ``steps`` storage roundings plus ``coef`` (the sum
@@ -100,8 +90,8 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor, distribution: str, what:
             f"{g[bad[0]].item()!r} vs {w[bad[0]].item()!r} {what}")
     else:
         big = torch.maximum(g.double().abs(), w.double().abs())
-        tol = (steps * GAUSS_STORAGE_ULPS[got.dtype] * _storage_ulp(big, got.dtype)
-               + coef * 4 * _RADIUS_ULP)
+        tol = (steps * GAUSS_STORAGE_ULPS[got.dtype] * ulp(big, got.dtype)
+               + coef * GAUSS_Z_BOUND)
         same_inf = torch.isinf(g) & (g == w)
         err = torch.where(same_inf, torch.zeros_like(big), (g.double() - w.double()).abs())
         assert torch.all(err <= tol), f"max error {err.max().item()} over tolerance {what}"
@@ -230,7 +220,7 @@ def test_noise_beyond_2_pow_32(device, distribution):
             assert torch.equal(got.cpu(), want), _note(start=start, n=n, seed=seed)
         else:  # a few float32 ulp of the Box-Muller radius (< 8)
             err = (got.cpu().double() - want.double()).abs()
-            assert torch.all(err <= 4 * _RADIUS_ULP), _note(start=start, n=n, seed=seed)
+            assert torch.all(err <= GAUSS_Z_BOUND), _note(start=start, n=n, seed=seed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -244,7 +234,7 @@ def test_noise_empty_and_tiny(device):
         if _exact(distribution):
             assert one.item() == float(want[0])
         else:
-            assert abs(one.item() - float(want[0])) <= 4 * _RADIUS_ULP
+            assert abs(one.item() - float(want[0])) <= GAUSS_Z_BOUND
 
 
 # --------------------------------------------------------------------------- multi-tensor

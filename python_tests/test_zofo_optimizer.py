@@ -10,37 +10,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import AdapterNet, with_fault
 from zofo_kernels import noise
 from zofo_kernels.optim import NonFiniteLossError, ZOFOOptimizer, ZOOptimizer
 
 # --------------------------------------------------------------------------- plain PyTorch
 
 
-class Net(torch.nn.Module):
-    """Backbone (body, head) plus two copies of a small residual adapter."""
+class Net(AdapterNet):
+    """Backbone (body, head: 3 classes) plus two copies of a small residual adapter."""
 
     def __init__(self, seed=0):
-        super().__init__()
+        super().__init__(3, ("upper", "lower"), "upper")
         g = torch.Generator().manual_seed(seed)
-        self.body = torch.nn.Linear(6, 8)
-        self.head = torch.nn.Linear(8, 3)
-        self.adapters = torch.nn.ModuleDict({"upper": torch.nn.Linear(8, 8, bias=False),
-                                             "lower": torch.nn.Linear(8, 8, bias=False)})
-        with torch.no_grad():
-            for p in list(self.body.parameters()) + list(self.head.parameters()):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            a = torch.randn(8, 8, generator=g) * 0.1
-            self.adapters["upper"].weight.copy_(a)
-            self.adapters["lower"].weight.copy_(a)
-        self.active = "upper"
+        self.randomize_(self.backbone(), g, 0.5)
+        self.randomize_([self.adapters["upper"].weight], g, 0.1)
+        self.tie_("lower", "upper")
 
-    def forward(self, x):
-        h = torch.tanh(self.body(x))
-        h = h + self.adapters[self.active](h)
-        return self.head(h)
 
-    def backbone(self):
-        return [self.body.weight, self.body.bias, self.head.weight, self.head.bias]
+def parts(net):
+    """(upper params, lower params, select_adapter, loss_fn) of a Net, for ZOFOOptimizer."""
+
+    def sel(level):
+        net.active = level
+
+    def lf(b):
+        return F.cross_entropy(net(b[0]), b[1])
+
+    return [net.adapters["upper"].weight], [net.adapters["lower"].weight], sel, lf
 
 
 def batches(seed, n, size=12):
@@ -295,26 +292,12 @@ class Boom(Exception):
 
 
 class MixedNet(Net):
-    """Net with the backbone in ``dtype`` and the adapters in float32 (as peft keeps them)."""
+    """Net with the backbone in ``dtype`` on a dyadic grid (AdapterNet.to_grid) and the
+    adapters in float32 (as peft keeps them)."""
 
     def __init__(self, dtype, seed=0):
         super().__init__(seed)
-        self.body.to(dtype)
-        self.head.to(dtype)
-        self.dtype = dtype
-        self.to_grid()
-
-    def to_grid(self):
-        """Dyadic backbone weights on a 1/64 grid in [-1, 1]: the Rademacher round trip with
-        eps = 2**-6 is then exact in every dtype."""
-        with torch.no_grad():
-            for p in self.backbone():
-                p.copy_((p.float().clamp(-1, 1) * 64).round() / 64)
-
-    def forward(self, x):
-        h = torch.tanh(self.body(x.to(self.dtype))).float()
-        h = h + self.adapters[self.active](h)
-        return self.head(h.to(self.dtype)).float()
+        self.mix(dtype)
 
 
 def _snapshot(net, opt):
@@ -347,23 +330,10 @@ def test_a_fault_at_any_call_leaves_everything_as_before(dtype, order):
             net = MixedNet(dtype)
             calls = {"n": 0, "at": None}
 
-            def select(level, net=net):
-                net.active = level
-
-            def loss_fn(batch, net=net, calls=calls, fault=fault):
-                calls["n"] += 1
-                x, y = batch
-                loss = F.cross_entropy(net(x), y)
-                if calls["n"] == calls["at"]:
-                    if fault == "raise":
-                        raise Boom("injected")
-                    if fault == "interrupt":
-                        raise KeyboardInterrupt
-                    return loss * float("nan")
-                return loss
-
+            _, _, select, loss_fn = parts(net)
             opt = ZOFOOptimizer(net.backbone(), [net.adapters["upper"].weight],
-                                [net.adapters["lower"].weight], select, loss_fn, lr=0.1,
+                                [net.adapters["lower"].weight], select,
+                                with_fault(loss_fn, fault, calls, Boom), lr=0.1,
                                 eps=2.0 ** -6, lam=0.5, inner_steps=2, order=order,
                                 distribution="rademacher", seed=1)
             opt.step(batches(1, 1)[0], batches(2, 2), batches(3, 1)[0])  # Adam states exist
@@ -444,13 +414,7 @@ def test_state_dict_resume_bit_for_bit():
 
 def test_bad_construction():
     net = Net()
-    up, low = [net.adapters["upper"].weight], [net.adapters["lower"].weight]
-
-    def sel(level):
-        net.active = level
-
-    def lf(b):
-        return F.cross_entropy(net(b[0]), b[1])
+    up, low, sel, lf = parts(net)
 
     def make(**kw):
         args = dict(backbone_params=net.backbone(), upper_params=up, lower_params=low,
@@ -677,13 +641,7 @@ def test_prefix_and_prompt_tuning_training_loss_decreases(kind, one_thread):
 
 def test_refused_input_leaves_nothing_changed():
     net = Net()
-    up, low = [net.adapters["upper"].weight], [net.adapters["lower"].weight]
-
-    def sel(level):
-        net.active = level
-
-    def lf(b):
-        return F.cross_entropy(net(b[0]), b[1])
+    up, low, sel, lf = parts(net)
 
     # the same memory as another object (p.data) is caught: storage, not identity
     with pytest.raises(ValueError, match="disjoint"):

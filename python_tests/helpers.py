@@ -1,0 +1,89 @@
+"""Small models and datasets shared by the optimizer and trainer tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Rows(torch.utils.data.Dataset):
+    """A map-style dataset over a list of ready examples (dicts of token ids and a label)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+class AdapterNet(torch.nn.Module):
+    """A backbone (body: Linear 6 -> 8, tanh; head: Linear 8 -> ``classes``) with residual
+    adapters (Linear 8 -> 8, no bias) by name: forward(x) = head(h + adapters[active](h)),
+    h = tanh(body(x)), with the backbone in ``self.dtype`` (float32 until :meth:`mix`) and the
+    adapters in float32. The modules are made in the order body, head, adapters (their default
+    initialisation draws the global RNG); subclasses set the weights with :meth:`randomize_`."""
+
+    def __init__(self, classes, adapters, active):
+        super().__init__()
+        self.body = torch.nn.Linear(6, 8)
+        self.head = torch.nn.Linear(8, classes)
+        self.adapters = torch.nn.ModuleDict(
+            {name: torch.nn.Linear(8, 8, bias=False) for name in adapters})
+        self.active = active
+        self.dtype = torch.float32
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x.to(self.dtype))).float()
+        h = h + self.adapters[self.active](h)
+        return self.head(h.to(self.dtype)).float()
+
+    def backbone(self):
+        return [self.body.weight, self.body.bias, self.head.weight, self.head.bias]
+
+    @staticmethod
+    def randomize_(params, generator, scale):
+        """Each of ``params`` in turn <- ``scale`` * standard normal values from ``generator``."""
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+    def tie_(self, adapter, to):
+        """Adapter ``adapter`` starts as a copy of adapter ``to``."""
+        with torch.no_grad():
+            self.adapters[adapter].weight.copy_(self.adapters[to].weight)
+
+    def mix(self, dtype):
+        """The backbone in ``dtype`` on the grid of :meth:`to_grid`; the adapters stay float32
+        (as peft keeps them)."""
+        self.body.to(dtype)
+        self.head.to(dtype)
+        self.dtype = dtype
+        self.to_grid()
+
+    def to_grid(self):
+        """Dyadic backbone weights on a 1/64 grid in [-1, 1]: the Rademacher round trip with
+        eps = 2**-6 is then exact in every dtype."""
+        with torch.no_grad():
+            for p in self.backbone():
+                p.copy_((p.float().clamp(-1, 1) * 64).round() / 64)
+
+
+def with_fault(loss_fn, fault, calls, error=RuntimeError):
+    """``loss_fn`` with a fault at one call: ``calls["n"]`` counts the calls, and the one at
+    which it reaches ``calls["at"]`` raises ``error("injected")`` (fault "raise"), raises
+    KeyboardInterrupt ("interrupt") or returns the loss times NaN ("nan")."""
+
+    def fn(batch):
+        calls["n"] += 1
+        loss = loss_fn(batch)
+        if calls["n"] == calls["at"]:
+            if fault == "raise":
+                raise error("injected")
+            if fault == "interrupt":
+                raise KeyboardInterrupt
+            return loss * float("nan")
+        return loss
+
+    return fn
