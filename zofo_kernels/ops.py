@@ -86,17 +86,25 @@ def check_float32(v: float, name: str, *, nonzero: bool = False) -> float:
     return v
 
 
-def _real(value, name: str, *, nonzero: bool = False) -> float:
-    if isinstance(value, torch.Tensor):
+def finite_real(value, name: str, *, allow_tensor: bool = False) -> float:
+    """``value`` as a finite Python float, or a clear error naming ``name`` (booleans are
+    refused; ``allow_tensor``: a one-element tensor is taken by its value). The one check of
+    a real-valued setting, for the kernel API and the optimizers alike."""
+    if allow_tensor and isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number, got {value!r}")
     v = float(value)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
-    return check_float32(v, name, nonzero=nonzero)
+    return v
+
+
+def _real(value, name: str, *, nonzero: bool = False) -> float:
+    """A kernel scalar: a finite real (or one-element tensor) that survives float32."""
+    return check_float32(finite_real(value, name, allow_tensor=True), name, nonzero=nonzero)
 
 
 def _distribution(distribution) -> str:

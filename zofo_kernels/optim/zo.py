@@ -38,7 +38,7 @@ import torch
 
 from .. import contract
 from ..backends import base as _backends
-from ..ops import as_float32, check_float32, perturb_, zo_update_
+from ..ops import as_float32, check_float32, finite_real, perturb_, zo_update_
 from .layout import split_by_device, zo_layout, zo_numel
 
 ESTIMATORS = ("central", "forward")
@@ -79,11 +79,8 @@ def fresh_base_seed() -> int:
 # --------------------------------------------------------------------------- validation
 
 def _real(value, name: str, *, positive=False, nonneg=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
+    """A real-valued optimizer setting: finite, and > 0 or >= 0 where asked."""
+    v = finite_real(value, name)
     if positive and not v > 0:
         raise ValueError(f"{name} must be > 0, got {v}")
     if nonneg and v < 0:
