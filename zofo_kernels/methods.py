@@ -151,11 +151,13 @@ register(Method(
     "mezo-lora", summary="the PEFT block (LoRA by default) by ZO-SGD",
     trains="the PEFT block", peft=True, zeroth_order=True, build=_build_mezo_peft,
     optimizer_classes=(ZOOptimizer,),
-    defaults=dict(lr=1e-3, eps=1e-2, estimator="central")))
+    # lr: the SST-2 sweep's choice (study_v2: 3e-4 ended at 0.758, 3e-3 collapsed to 0.556)
+    defaults=dict(lr=3e-4, eps=1e-2, estimator="central")))
 register(Method(
     "fo-lora", summary="the PEFT block (LoRA by default) by Adam",
     trains="the PEFT block", peft=True, zeroth_order=False, build=_build_adam,
-    defaults=dict(lr=1e-3, weight_decay=0.0)))
+    # lr: the SST-2 sweep's choice (study_v2: 3e-4 and 1e-3 both ended at 0.822; 3e-4 best 0.832)
+    defaults=dict(lr=3e-4, weight_decay=0.0)))
 register(Method(
     "fo-full", summary="all weights by Adam", trains="all weights", peft=False,
     zeroth_order=False, build=_build_adam, defaults=dict(lr=3e-5, weight_decay=0.0)))
