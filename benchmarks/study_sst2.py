@@ -205,8 +205,14 @@ class Study:
         missing = [r for r in ROWS if r not in chosen]
         if missing:
             raise SystemExit(f"study_sst2: the main phase needs the sweep of {missing} first")
+        # Bilevel-ZOFO and its lr-0 ablation first, side by side (same load) on every seed:
+        # the pairs that say whether the backbone's ZO step helps, so partial sittings answer
+        # that first; then the other rows
+        pair = ("bilevel-zofo", "bilevel-zofo-zo0")
+        order = [(seed, row) for seed in self.args.seeds for row in pair] + [
+            (seed, row) for seed in self.args.seeds for row in ROWS if row not in pair]
         jobs = [(f"main_{row}_seed{seed}", row, chosen[row], seed, False)
-                for seed in self.args.seeds for row in ROWS]
+                for seed, row in order]
         self.run_all(jobs)
 
     def defaults_phase(self):
