@@ -333,7 +333,8 @@ class Study:
             return []
         lines = ["## Equal wall-clock budget, dev accuracy (mean ± sd over seeds)", "",
                  "| row | setting | seeds | final | selected (D_f) | best | steps | forwards | "
-                 "peak RSS (MiB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                 "peak RSS (MiB) | largest drop from best |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         table, curves = [], {}
         for row, v in runs.items():
             ss = [s for _, s in v]
@@ -345,7 +346,8 @@ class Study:
                 f"{_ms([s['best_eval_accuracy'] for s in ss])} | "
                 f"{statistics.fmean(s['steps'] for s in ss):.0f} | "
                 f"{statistics.fmean(s['forward_count'] for s in ss):.0f} | "
-                f"{statistics.fmean(s['peak_memory_bytes'] for s in ss) / 2**20:.0f} |")
+                f"{statistics.fmean(s['peak_memory_bytes'] for s in ss) / 2**20:.0f} | "
+                f"{max(s['best_eval_accuracy'] - s['eval_accuracy'] for s in ss):.3f} |")
             for sd, s in v:
                 table.append(dict(row=row, seed=sd, **{k: s[k] for k in (
                     "eval_accuracy", "selected_eval_accuracy", "best_eval_accuracy",
@@ -378,6 +380,15 @@ class Study:
     def _verdict(self, runs, curves):
         lines = ["## Verdict on the paper's claims", ""]
         final = {row: [s["eval_accuracy"] for _, s in v] for row, v in runs.items()}
+        if "bilevel-zofo" in runs:
+            drops = {sd: s["best_eval_accuracy"] - s["eval_accuracy"]
+                     for sd, s in runs["bilevel-zofo"]}
+            worst = max(drops, key=drops.get)
+            verdict = "no run collapsed" if drops[worst] <= COLLAPSE else "collapsed"
+            lines.append(f"- **Stable at the default λ (seeds {', '.join(map(str, drops))})**: "
+                         f"{verdict}; the largest drop from a run's best to its end is "
+                         f"{drops[worst]:.3f} (seed {worst}; collapse = more than "
+                         f"{COLLAPSE:g}).")
         if "mezo" in curves and "bilevel-zofo" in curves:
             mezo = plotting.mean_curve(curves["mezo"], 200)
             best = max(a for _, a in mezo)
