@@ -169,6 +169,8 @@ def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path)
     assert "Bilevel-ZOFO 0.800 ± 0.000 vs fo-lora 0.850 ± 0.000: difference -0.050" in md
     assert "vs bilevel-zofo-zo0 0.780 ± 0.000: difference +0.020" in md
     assert "(1.20x)" in md
+    assert "**Stable at the default λ (seeds 0, 1)**: no run collapsed; the largest drop " \
+           "from a run's best to its end is 0.000" in md
     lam_rows = [l for l in md.splitlines() if l.startswith("| rms |")]
     assert [("**yes**" in l) for l in lam_rows] == [False, False, False, True]
     for f in ("study.png", "lambda.png", "diagnostics.png", "runs.csv", "lambda.csv",
