@@ -21,6 +21,8 @@ resumes run by run; ``--commit`` commits every finished run at once):
            L / (1 + lam) ("scaled-sgd") at lam 10 and 1000, their lr matched to the rms run's
            step at lam 10;
   main     every row on ``--seeds``;
+  stability the chosen Bilevel-ZOFO setting for STABILITY_STEPS outer steps on the seeds
+           other than 0 (seed 0's is the lambda phase's run), judged for collapse;
   defaults zofo-train's Bilevel-ZOFO and FO-LoRA with no hyperparameters given, 15 min each,
            side by side (run it after the defaults are set to the study's choice);
   report   tables, figures and the verdict (study.md) from whatever runs exist.
@@ -82,6 +84,8 @@ COLLAPSE = 0.05
 # the defaults phase: what a user who gives no hyperparameters gets, against FO-LoRA
 DEFAULTS_ROWS = ("bilevel-zofo", "fo-lora")
 DEFAULTS_MINUTES = 15.0
+# the stability phase: outer steps of the runs that judge collapse at the default lambda
+STABILITY_STEPS = 550
 
 
 def _flags(hp: dict) -> list:
@@ -105,8 +109,10 @@ class Study:
 
     # -- running ---------------------------------------------------------------------------
     def run(self, name: str, row: str, hp: dict, seed: int, *, holdout: bool,
-            minutes: Optional[float] = None) -> dict:
-        """One zofo-train run in its own process, skipped if its summary exists."""
+            minutes: Optional[float] = None, steps: Optional[int] = None) -> dict:
+        """One zofo-train run in its own process, skipped if its summary exists. ``steps``:
+        train for that many steps instead of a wall-clock budget (evaluating every
+        steps / evals steps)."""
         a = self.args
         rd = self.out / "runs" / name
         if (rd / "summary.json").is_file():
@@ -115,17 +121,21 @@ class Study:
         budget = (minutes or (a.sweep_minutes if holdout else a.budget_minutes)) * 60
         where = (["--holdout", str(a.holdout)] if holdout
                  else ["--eval", _rel(a.data / "dev.tsv")])
+        if steps is None:
+            length = ["--time-budget", str(budget), "--eval-every", str(budget / a.evals)]
+        else:
+            length = ["--steps", str(steps),
+                      "--eval-every-steps", str(max(1, steps // a.evals))]
         # -P: the package comes from --code (a frozen copy) when given, not from the
         # working tree, so editing the tree while a study runs cannot change its runs.
         launcher = [sys.executable, "-P", "-m", "zofo_kernels.train"]
         cmd = [*launcher, "--model", a.model,
                "--method", method, "--train", _rel(a.data / "train.tsv"),
                "--num-train", str(a.num_train), "--seed", str(seed), "--data-seed", str(seed),
-               "--time-budget", str(budget), "--eval-every", str(budget / a.evals),
-               "--output", str(rd), "--no-save", "--no-progress", "--threads",
+               *length, "--output", str(rd), "--no-save", "--no-progress", "--threads",
                str(a.threads), *where, *_flags(dict(fixed, **hp))]
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {row} {hp} seed {seed} "
-              f"({budget / 60:g} min)", flush=True)
+              f"({f'{budget / 60:g} min' if steps is None else f'{steps} steps'})", flush=True)
         log = self.out / "runs" / f"{name}.log"
         with open(log, "w") as fh:
             proc = subprocess.run(cmd, cwd=str(ROOT), stdout=fh, stderr=subprocess.STDOUT,
@@ -154,10 +164,10 @@ class Study:
         raise RuntimeError(f"could not commit {path} after {attempts} attempts")
 
     def run_all(self, jobs):
-        """jobs: (name, row, hp, seed, holdout[, minutes]); --parallel at a time."""
+        """jobs: (name, row, hp, seed, holdout[, run()'s keywords]); --parallel at a time."""
         with ThreadPoolExecutor(max_workers=self.args.parallel) as pool:
             return list(pool.map(lambda j: self.run(*j[:4], holdout=j[4],
-                                                    minutes=j[5] if len(j) > 5 else None),
+                                                    **(j[5] if len(j) > 5 else {})),
                                  jobs))
 
     # -- phases ----------------------------------------------------------------------------
@@ -218,8 +228,21 @@ class Study:
     def defaults_phase(self):
         """zofo-train as a user runs it: Bilevel-ZOFO and FO-LoRA with no hyperparameters
         given (the registry's defaults), side by side in one sitting, DEFAULTS_MINUTES each."""
-        self.run_all([(f"defaults_{row}_seed0", row, {}, 0, False, DEFAULTS_MINUTES)
-                      for row in DEFAULTS_ROWS])
+        self.run_all([(f"defaults_{row}_seed0", row, {}, 0, False,
+                       dict(minutes=DEFAULTS_MINUTES)) for row in DEFAULTS_ROWS])
+
+    def stability_runs(self):
+        """(seed, run name) of the chosen Bilevel-ZOFO setting judged for collapse over at
+        least STABILITY_STEPS outer steps: seed 0's is the lambda phase's run at the default
+        lambda, the other seeds get a run of STABILITY_STEPS steps (a 25-minute main-phase
+        run makes 450-530 outer steps, depending on the machine's speed)."""
+        return [(seed, "lambda_rms_10" if seed == 0 else f"stability_bilevel-zofo_seed{seed}")
+                for seed in self.args.seeds]
+
+    def stability_phase(self):
+        chosen = self.chosen()["bilevel-zofo"]
+        self.run_all([(name, "bilevel-zofo", chosen, seed, False, dict(steps=STABILITY_STEPS))
+                      for seed, name in self.stability_runs() if seed != 0])
 
     # -- reading ---------------------------------------------------------------------------
     def summary(self, name):
@@ -245,6 +268,7 @@ class Study:
         chosen = self.chosen()
         md += self._sweep_table(chosen)
         md += self._lambda_section()
+        md += self._stability_section()
         md += self._main_section(chosen)
         md += self._defaults_section()
         (self.out / "study.md").write_text("\n".join(md) + "\n")
@@ -302,6 +326,39 @@ class Study:
                             title="Bilevel-ZOFO on SST-2 dev, seed 0: lambda and theta update")
         return lines + ["", "Curves: `lambda.png`; inside the steps (projected gradient, gap "
                         "g_P - g_S, theta's RMS step): `diagnostics.png`.", ""]
+
+    def _stability(self):
+        """(seed, run name, summary) of the stability runs that exist."""
+        return [(seed, n, self.summary(n)) for seed, n in self.stability_runs()
+                if self.summary(n) is not None]
+
+    def _stability_section(self):
+        have = self._stability()
+        if not have:
+            return []
+        lines = ["## Stability at the default lambda (dev; seed 0: the lambda phase's run, "
+                 f"other seeds: {STABILITY_STEPS} outer steps)", "",
+                 "| seed | run | outer steps | final | best | selected (D_f) | drop from best | "
+                 "collapsed |", "|---:|---|---:|---:|---:|---:|---:|:-:|"]
+        for seed, n, s in have:
+            drop = s["best_eval_accuracy"] - s["eval_accuracy"]
+            lines.append(f"| {seed} | `{n}` | {s['steps']} | {s['eval_accuracy']:.3f} | "
+                         f"{s['best_eval_accuracy']:.3f} | {s['selected_eval_accuracy']:.3f} | "
+                         f"{drop:.3f} | {'**yes**' if drop > COLLAPSE else 'no'} |")
+        return lines + [""]
+
+    def _stability_verdict(self):
+        have = self._stability()
+        if not have:
+            return []
+        drops = {seed: s["best_eval_accuracy"] - s["eval_accuracy"] for seed, _, s in have}
+        worst = max(drops, key=drops.get)
+        verdict = "no run collapsed" if drops[worst] <= COLLAPSE else "**collapsed**"
+        fewest = min(s["steps"] for _, _, s in have)
+        return [f"- **Stable at the default λ (seeds {', '.join(map(str, drops))}, at least "
+                f"{fewest} outer steps each)**: {verdict}; the largest drop from a run's best "
+                f"to its end is {drops[worst]:.3f} (seed {worst}; collapse = more than "
+                f"{COLLAPSE:g})."]
 
     def _defaults_section(self):
         have = {row: self.summary(f"defaults_{row}_seed0") for row in DEFAULTS_ROWS}
@@ -380,15 +437,7 @@ class Study:
     def _verdict(self, runs, curves):
         lines = ["## Verdict on the paper's claims", ""]
         final = {row: [s["eval_accuracy"] for _, s in v] for row, v in runs.items()}
-        if "bilevel-zofo" in runs:
-            drops = {sd: s["best_eval_accuracy"] - s["eval_accuracy"]
-                     for sd, s in runs["bilevel-zofo"]}
-            worst = max(drops, key=drops.get)
-            verdict = "no run collapsed" if drops[worst] <= COLLAPSE else "collapsed"
-            lines.append(f"- **Stable at the default λ (seeds {', '.join(map(str, drops))})**: "
-                         f"{verdict}; the largest drop from a run's best to its end is "
-                         f"{drops[worst]:.3f} (seed {worst}; collapse = more than "
-                         f"{COLLAPSE:g}).")
+        lines += self._stability_verdict()
         if "mezo" in curves and "bilevel-zofo" in curves:
             mezo = plotting.mean_curve(curves["mezo"], 200)
             best = max(a for _, a in mezo)
@@ -482,7 +531,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--phase", default="all",
-                   choices=("sweep", "lambda", "main", "defaults", "report", "all"))
+                   choices=("sweep", "lambda", "main", "stability", "defaults", "report",
+                            "all"))
     # 25 min: a Bilevel-ZOFO outer step takes about 2.8 s on one thread with two runs on the
     # machine, and a setting is judged over at least 500 outer steps
     p.add_argument("--budget-minutes", type=float, default=25.0)
@@ -514,11 +564,12 @@ def main(argv=None) -> int:
                              "../shared/data/sst2 next to the repository)")
     args.output = args.output or ROOT / "benchmarks" / "results" / f"study_{args.tag}"
     study = Study(args)
-    phases = (("sweep", "lambda", "main", "defaults") if args.phase == "all"
+    phases = (("sweep", "lambda", "main", "stability", "defaults") if args.phase == "all"
               else (args.phase,))
     for phase in phases:
         if phase != "report":
             getattr(study, {"sweep": "sweep", "lambda": "lambda_phase", "main": "main_phase",
+                            "stability": "stability_phase",
                             "defaults": "defaults_phase"}[phase])()
     study.report()
     return 0

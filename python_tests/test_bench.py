@@ -161,6 +161,7 @@ def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path)
         pts = [(0, 0.5), (30, 0.8), (60, 0.6 if lam == 1000 else 0.79)]
         _fake_run(runs / f"lambda_rms_{lam:g}", pts,
                   dict(theta_update="rms", lam=lam, lr=1e-5), bilevel=[3.0, -4.0])
+    _fake_run(runs / "stability_bilevel-zofo_seed1", [(0, 0.5), (30, 0.9), (60, 0.8)])
     assert study.grad_rms("lambda_rms_10") == pytest.approx(math.sqrt(12.5))
     study.report()
     md = (study.out / "study.md").read_text()
@@ -169,8 +170,10 @@ def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path)
     assert "Bilevel-ZOFO 0.800 ± 0.000 vs fo-lora 0.850 ± 0.000: difference -0.050" in md
     assert "vs bilevel-zofo-zo0 0.780 ± 0.000: difference +0.020" in md
     assert "(1.20x)" in md
-    assert "**Stable at the default λ (seeds 0, 1)**: no run collapsed; the largest drop " \
-           "from a run's best to its end is 0.000" in md
+    # seed 0's stability run is lambda_rms_10 (drop 0.01, 20 steps); seed 1's collapses
+    assert "**Stable at the default λ (seeds 0, 1, at least 20 outer steps each)**: " \
+           "**collapsed**; the largest drop from a run's best to its end is 0.100 (seed 1;" in md
+    assert "| 1 | `stability_bilevel-zofo_seed1` | 20 | 0.800 | 0.900 |" in md
     lam_rows = [l for l in md.splitlines() if l.startswith("| rms |")]
     assert [("**yes**" in l) for l in lam_rows] == [False, False, False, True]
     for f in ("study.png", "lambda.png", "diagnostics.png", "runs.csv", "lambda.csv",
