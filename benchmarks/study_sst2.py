@@ -311,7 +311,7 @@ class Study:
             b = self.rows(n, "bilevel")
             diag[n] = b
             step_rms = statistics.fmean(r["theta_step_rms"] for r in b) if b else float("nan")
-            collapsed = s["best_eval_accuracy"] - s["eval_accuracy"] > COLLAPSE
+            collapsed = _drop(s) > COLLAPSE
             lines.append(f"| {hp['theta_update']} | {hp['lam']:g} | {hp['lr']:.3g} | "
                          f"{s['eval_accuracy']:.3f} | {s['best_eval_accuracy']:.3f} | "
                          f"{s['selected_eval_accuracy']:.3f} | {s['steps']} | "
@@ -341,7 +341,7 @@ class Study:
                  "| seed | run | outer steps | final | best | selected (D_f) | drop from best | "
                  "collapsed |", "|---:|---|---:|---:|---:|---:|---:|:-:|"]
         for seed, n, s in have:
-            drop = s["best_eval_accuracy"] - s["eval_accuracy"]
+            drop = _drop(s)
             lines.append(f"| {seed} | `{n}` | {s['steps']} | {s['eval_accuracy']:.3f} | "
                          f"{s['best_eval_accuracy']:.3f} | {s['selected_eval_accuracy']:.3f} | "
                          f"{drop:.3f} | {'**yes**' if drop > COLLAPSE else 'no'} |")
@@ -351,7 +351,7 @@ class Study:
         have = self._stability()
         if not have:
             return []
-        drops = {seed: s["best_eval_accuracy"] - s["eval_accuracy"] for seed, _, s in have}
+        drops = {seed: _drop(s) for seed, _, s in have}
         worst = max(drops, key=drops.get)
         verdict = "no run collapsed" if drops[worst] <= COLLAPSE else "**collapsed**"
         fewest = min(s["steps"] for _, _, s in have)
@@ -404,7 +404,7 @@ class Study:
                 f"{statistics.fmean(s['steps'] for s in ss):.0f} | "
                 f"{statistics.fmean(s['forward_count'] for s in ss):.0f} | "
                 f"{statistics.fmean(s['peak_memory_bytes'] for s in ss) / 2**20:.0f} | "
-                f"{max(s['best_eval_accuracy'] - s['eval_accuracy'] for s in ss):.3f} |")
+                f"{max(_drop(s) for s in ss):.3f} |")
             for sd, s in v:
                 table.append(dict(row=row, seed=sd, **{k: s[k] for k in (
                     "eval_accuracy", "selected_eval_accuracy", "best_eval_accuracy",
@@ -468,6 +468,11 @@ class Study:
                          f"{mem['fo-lora'] / 2**20:.0f} MiB "
                          f"({mem['bilevel-zofo'] / mem['fo-lora']:.2f}x).")
         return lines + [""]
+
+
+def _drop(summary) -> float:
+    """How far a run ended below its own best dev accuracy (a collapse if > COLLAPSE)."""
+    return summary["best_eval_accuracy"] - summary["eval_accuracy"]
 
 
 def _hp_text(hp):
