@@ -25,6 +25,9 @@ resumes run by run; ``--commit`` commits every finished run at once):
            other than 0 (seed 0's is the lambda phase's run), judged for collapse;
   defaults zofo-train's Bilevel-ZOFO and FO-LoRA with no hyperparameters given, 15 min each,
            side by side (run it after the defaults are set to the study's choice);
+  subset   the chosen Bilevel-ZOFO setting with the ZO step on a small subset of the backbone
+           (``--backbone-regex SUBSET_REGEX``, lr SUBSET_LR) on ``--seeds``: does the ZO step
+           help when it has far fewer coordinates to search?
   report   tables, figures and the verdict (study.md) from whatever runs exist.
 
   python benchmarks/study_sst2.py --phase all --budget-minutes 25 --seeds 0 1 2 --commit
@@ -37,6 +40,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -86,6 +90,16 @@ DEFAULTS_ROWS = ("bilevel-zofo", "fo-lora")
 DEFAULTS_MINUTES = 15.0
 # the stability phase: outer steps of the runs that judge collapse at the default lambda
 STABILITY_STEPS = 550
+# the subset phase. The whole-backbone ZO step added nothing over lr 0 in the main phase: a
+# forward-difference estimate along one random direction of d coordinates carries about
+# 1/sqrt(d) of the gradient, and 22.6 M coordinates over ~450 outer steps leave that signal
+# below the noise. Here theta is the LayerNorm weights, the biases and the prompt head (31 k
+# coordinates, 700x fewer). lr is set before any run (no sweep, never read off dev.tsv): under
+# theta_update="rms" a coordinate moves by about lr per step, so 1e-3 lets a LayerNorm gain
+# (about 1) drift by a few tenths over 450 consistent steps while the random part stays at
+# about 1e-3 * sqrt(450) = 0.02.
+SUBSET_REGEX = r"LayerNorm|\.bias$|label_head"
+SUBSET_LR = 1e-3
 
 
 def _flags(hp: dict) -> list:
@@ -145,7 +159,7 @@ class Study:
             raise RuntimeError(f"run {name} failed (exit {proc.returncode}):\n"
                                f"{log.read_text()[-2000:]}")
         log.unlink()
-        (rd / "command.txt").write_text(" ".join(
+        (rd / "command.txt").write_text(shlex.join(
             ["zofo-train"] + cmd[len(launcher):]).replace(str(rd), f"runs/{name}") + "\n")
         if a.commit:
             self._commit(rd, f"study {self.out.name}: run {name}")
@@ -244,6 +258,14 @@ class Study:
         self.run_all([(name, "bilevel-zofo", chosen, seed, False, dict(steps=STABILITY_STEPS))
                       for seed, name in self.stability_runs() if seed != 0])
 
+    def subset_phase(self):
+        chosen = self.chosen()
+        if "bilevel-zofo" not in chosen:
+            raise SystemExit("study_sst2: the subset phase needs the Bilevel-ZOFO sweep first")
+        hp = dict(chosen["bilevel-zofo"], lr=SUBSET_LR, backbone_regex=SUBSET_REGEX)
+        self.run_all([(f"subset_bilevel-zofo_seed{seed}", "bilevel-zofo", hp, seed, False)
+                      for seed in self.args.seeds])
+
     # -- reading ---------------------------------------------------------------------------
     def summary(self, name):
         f = self.out / "runs" / name / "summary.json"
@@ -271,6 +293,7 @@ class Study:
         md += self._stability_section()
         md += self._main_section(chosen)
         md += self._defaults_section()
+        md += self._subset_section()
         (self.out / "study.md").write_text("\n".join(md) + "\n")
         (self.out / "chosen_hyperparameters.json").write_text(json.dumps(chosen, indent=2)
                                                               + "\n")
@@ -380,6 +403,43 @@ class Study:
             gap = have["bilevel-zofo"]["eval_accuracy"] - have["fo-lora"]["eval_accuracy"]
             lines += ["", f"Bilevel-ZOFO minus FO-LoRA, final dev accuracy: {gap:+.3f}."]
         return lines + [""]
+
+    def _subset_section(self):
+        """The subset phase against the main phase's Bilevel-ZOFO and lr-0 runs, seed by
+        seed (the subset runs came in a later sitting: their pairing and load differ)."""
+        subset = {sd: self.summary(f"subset_bilevel-zofo_seed{sd}") for sd in self.args.seeds}
+        subset = {sd: s for sd, s in subset.items() if s is not None}
+        if not subset:
+            return []
+        lines = [f"## The ZO step on a subset of the backbone (dev; `--backbone-regex "
+                 f"'{SUBSET_REGEX}'`, lr {SUBSET_LR:g}, set before any run)", "",
+                 "| seed | theta | final | selected (D_f) | best | outer steps | peak RSS (MiB) |",
+                 "|---:|---|---:|---:|---:|---:|---:|"]
+        cols = {"subset (31 k weights)": "subset_bilevel-zofo_seed{}",
+                "whole backbone (22.6 M)": "main_bilevel-zofo_seed{}",
+                "none (lr 0)": "main_bilevel-zofo-zo0_seed{}"}
+        finals = {c: [] for c in cols}
+        for sd in sorted(subset):
+            have = {c: self.summary(f.format(sd)) for c, f in cols.items()}
+            for c, s in have.items():
+                if s is None:
+                    continue
+                finals[c].append(s["eval_accuracy"])
+                lines.append(f"| {sd} | {c} | {s['eval_accuracy']:.3f} | "
+                             f"{s['selected_eval_accuracy']:.3f} | "
+                             f"{s['best_eval_accuracy']:.3f} | {s['steps']} | "
+                             f"{s['peak_memory_bytes'] / 2**20:.0f} |")
+        lines.append("")
+        n = len(finals["subset (31 k weights)"])
+        if n and len(finals["none (lr 0)"]) == n:
+            d = (statistics.fmean(finals["subset (31 k weights)"])
+                 - statistics.fmean(finals["none (lr 0)"]))
+            lines.append(f"Subset minus lr 0, mean final dev accuracy over {n} seed(s): "
+                         f"{d:+.3f} (subset {_ms(finals['subset (31 k weights)'])}, lr 0 "
+                         f"{_ms(finals['none (lr 0)'])}); whole backbone minus lr 0: "
+                         f"{statistics.fmean(finals['whole backbone (22.6 M)']) - statistics.fmean(finals['none (lr 0)']):+.3f}.")
+            lines.append("")
+        return lines
 
     def _main_section(self, chosen):
         runs = {row: [(seed, self.summary(f"main_{row}_seed{seed}"))
@@ -536,8 +596,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--phase", default="all",
-                   choices=("sweep", "lambda", "main", "stability", "defaults", "report",
-                            "all"))
+                   choices=("sweep", "lambda", "main", "stability", "defaults", "subset",
+                            "report", "all"))
     # 25 min: a Bilevel-ZOFO outer step takes about 2.8 s on one thread with two runs on the
     # machine, and a setting is judged over at least 500 outer steps
     p.add_argument("--budget-minutes", type=float, default=25.0)
@@ -569,13 +629,14 @@ def main(argv=None) -> int:
                              "../shared/data/sst2 next to the repository)")
     args.output = args.output or ROOT / "benchmarks" / "results" / f"study_{args.tag}"
     study = Study(args)
-    phases = (("sweep", "lambda", "main", "stability", "defaults") if args.phase == "all"
+    phases = (("sweep", "lambda", "main", "stability", "defaults", "subset")
+              if args.phase == "all"
               else (args.phase,))
     for phase in phases:
         if phase != "report":
             getattr(study, {"sweep": "sweep", "lambda": "lambda_phase", "main": "main_phase",
-                            "stability": "stability_phase",
-                            "defaults": "defaults_phase"}[phase])()
+                            "stability": "stability_phase", "defaults": "defaults_phase",
+                            "subset": "subset_phase"}[phase])()
     study.report()
     return 0
 

@@ -162,6 +162,8 @@ def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path)
         _fake_run(runs / f"lambda_rms_{lam:g}", pts,
                   dict(theta_update="rms", lam=lam, lr=1e-5), bilevel=[3.0, -4.0])
     _fake_run(runs / "stability_bilevel-zofo_seed1", [(0, 0.5), (30, 0.9), (60, 0.8)])
+    for seed, end in ((0, 0.81), (1, 0.83)):  # subset mean 0.82 vs lr 0's 0.78: +0.040
+        _fake_run(runs / f"subset_bilevel-zofo_seed{seed}", [(0, 0.5), (300, end)])
     assert study.grad_rms("lambda_rms_10") == pytest.approx(math.sqrt(12.5))
     study.report()
     md = (study.out / "study.md").read_text()
@@ -170,6 +172,9 @@ def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path)
     assert "Bilevel-ZOFO 0.800 ± 0.000 vs fo-lora 0.850 ± 0.000: difference -0.050" in md
     assert "vs bilevel-zofo-zo0 0.780 ± 0.000: difference +0.020" in md
     assert "(1.20x)" in md
+    assert "| 1 | subset (31 k weights) | 0.830 | 0.830 | 0.830 | 10 | 100 |" in md
+    assert ("Subset minus lr 0, mean final dev accuracy over 2 seed(s): +0.040 (subset "
+            "0.820 ± 0.014, lr 0 0.780 ± 0.000); whole backbone minus lr 0: +0.020.") in md
     # seed 0's stability run is lambda_rms_10 (drop 0.01, 20 steps); seed 1's collapses
     assert "**Stable at the default λ (seeds 0, 1, at least 20 outer steps each)**: " \
            "**collapsed**; the largest drop from a run's best to its end is 0.100 (seed 1;" in md

@@ -238,3 +238,11 @@ def test_from_peft_meta_lora():
     with pytest.raises(ValueError):  # a bad setting: every adapter added is removed again
         MetaZOFOOptimizer.from_peft(pm, ["u0", "u1"], loss_fn, lr=1e-3, lam=-1.0)
     assert set(pm.peft_config) == adapters
+    with pytest.raises(ValueError, match="matches no backbone parameter"):
+        MetaZOFOOptimizer.from_peft(pm, ["u0"], loss_fn, lr=1e-3, backbone_regex="nothing")
+    assert set(pm.peft_config) == adapters
+    # theta restricted by name: only the LayerNorm weights of the backbone are ZO-trained
+    sub = MetaZOFOOptimizer.from_peft(pm, ["u0"], loss_fn, lr=1e-2, inner_steps=1, seed=0,
+                                      backbone_regex="LayerNorm")
+    theta = {names[id(p)] for g in sub.zo.param_groups for p in g["params"]}
+    assert theta == {n for n in backbone if "LayerNorm" in n}

@@ -239,6 +239,26 @@ def test_training_changes_the_weights_reproducibly(tmp_path):
 
 
 @needs_tokenizer
+def test_backbone_regex_restricts_the_zo_step_to_the_matching_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    base = ["--steps", "2", "--inner-steps", "1", "--lr", "1e-2", "--head", "prompt"]
+    sub_out, summary, _ = _run(tmp_path, "bilevel-zofo", base + ["--backbone-regex", "LayerNorm"],
+                               name="sub")
+    trained = load_file(sub_out / "model" / "model.safetensors")
+    # the run's starting backbone: the same preset, head and seed (_run's --seed 1)
+    start = models.load_model("tiny-bert", head="prompt", seed=1).model.state_dict()
+    assert trained.keys() == start.keys()
+    moved = {k for k in trained if not torch.equal(trained[k], start[k])}
+    assert moved == {k for k in trained if "LayerNorm" in k}, sorted(moved)[:5]
+    assert summary["hyperparameters"]["backbone_regex"] == "LayerNorm"
+    with pytest.raises(SystemExit, match="matches no backbone parameter"):
+        _run(tmp_path, "bilevel-zofo", base + ["--backbone-regex", "no_such_weight"], name="x")
+    with pytest.raises(SystemExit, match="a bilevel-zofo setting"):
+        _run(tmp_path, "mezo", ["--steps", "1", "--backbone-regex", "LayerNorm"], name="y")
+
+
+@needs_tokenizer
 def test_fo_full_fits_a_separable_toy_task(tmp_path):
     _, s, metrics = _run(tmp_path, "fo-full", ["--steps", "40", "--lr", "3e-3"])
     train_rows = [r for r in metrics if r["kind"] == "train"]

@@ -595,6 +595,63 @@ def test_minilm_lora_sst2_training_loss_decreases(sst2_dir, one_thread):
     assert end < 0.8 * start, (start, end)
 
 
+def _tiny_bert_lora():
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=32, num_labels=2)
+    return get_peft_model(transformers.BertForSequenceClassification(cfg).eval(),
+                          LoraConfig(task_type=TaskType.SEQ_CLS, r=2,
+                                     target_modules=["query", "value"]))
+
+
+def test_backbone_regex_trains_only_the_matching_backbone_weights():
+    pm = _tiny_bert_lora()
+    x, y = torch.randint(0, 50, (4, 6)), torch.tensor([0, 1, 1, 0])
+
+    def loss_fn(batch):
+        return pm(input_ids=batch[0], labels=batch[1]).loss
+
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    opt = ZOFOOptimizer.from_peft(pm, loss_fn, lr=1e-2, inner_steps=1, seed=0,
+                                  backbone_regex=r"LayerNorm|\.bias$")
+    names = {id(p): n for n, p in pm.named_parameters()}
+    theta = [names[id(p)] for g in opt.zo.param_groups for p in g["params"]]
+    assert theta and all("LayerNorm" in n or n.endswith(".bias") for n in theta)
+    assert not any("lora_" in n or "modules_to_save" in n for n in theta)
+    for _ in range(2):
+        opt.step((x, y), [(x, y)])
+    after = dict(pm.named_parameters())
+    adapters = ("lora_", "modules_to_save")
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    backbone_moved = {n for n in moved if not any(a in n for a in adapters)}
+    assert backbone_moved == set(theta)  # every selected weight moved, nothing else did
+    assert any("lora_" in n for n in moved)  # the adapters still train first-order
+
+
+def test_backbone_regex_errors_leave_the_model_as_given():
+    pm = _tiny_bert_lora()
+    names = [n for n, _ in pm.named_parameters()]
+
+    def loss_fn(batch):
+        return pm(input_ids=batch[0], labels=batch[1]).loss
+
+    cases = [(dict(backbone_regex="no_such_weight"), "matches no backbone parameter.*names"),
+             (dict(backbone_regex="("), "not a valid regular expression"),
+             (dict(backbone_regex=""), "non-empty"),
+             (dict(backbone_regex="bias", backbone_params=list(pm.parameters())[:1]),
+              "not both")]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ZOFOOptimizer.from_peft(pm, loss_fn, lr=1e-3, **kwargs)
+        assert set(pm.peft_config) == {"default"} and pm.active_adapter == "default"
+        assert [n for n, _ in pm.named_parameters()] == names
+    # adapter weights are never theta, whatever the pattern says
+    with pytest.raises(ValueError, match="matches no backbone parameter"):
+        ZOFOOptimizer.from_peft(pm, loss_fn, lr=1e-3, backbone_regex="lora_")
+
+
 def tiny_llama_lm():
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=2, num_attention_heads=2,

@@ -314,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--penalty-batch", default=None, choices=("fresh", "last"),
                    help="bilevel-zofo: B_g of the upper step, a fresh D_g batch (default) or "
                         "the last lower batch")
+    h.add_argument("--backbone-regex", default=None, metavar="REGEX",
+                   help="bilevel-zofo: the ZO step updates only the backbone parameters whose "
+                        "name matches REGEX (re.search), e.g. 'LayerNorm|bias|label_head'; "
+                        "the rest of the backbone stays pretrained (default: all of it)")
     h.add_argument("--lora-r", type=int, default=8)
     h.add_argument("--lora-alpha", type=int, default=16)
     h.add_argument("--num-virtual-tokens", type=int, default=None)
@@ -385,7 +389,8 @@ def _setting(args, name):
 
 # command-line settings handed to the method's optimizer when it takes them
 _OPTIMIZER_ARGS = ("lr", "eps", "weight_decay", "distribution", "estimator", "n_directions",
-                   "lam", "inner_steps", "peft_lr", "theta_update", "order", "seed", "backend")
+                   "lam", "inner_steps", "peft_lr", "theta_update", "order", "seed", "backend",
+                   "backbone_regex")
 
 
 def optimizer_settings(args) -> dict:
@@ -413,6 +418,9 @@ def _validate(args) -> None:
         raise SystemExit("zofo-train: --num-train, --batch-size and --max-length must be positive")
     if args.inner_steps is not None and args.inner_steps < 0:
         raise SystemExit("zofo-train: --inner-steps must be >= 0")
+    if getattr(args, "backbone_regex", None) is not None and args.method != "bilevel-zofo":
+        raise SystemExit("zofo-train: --backbone-regex is a bilevel-zofo setting (the subset "
+                         f"of the backbone its ZO step trains), not one of {args.method}")
     if args.head == "random" and (args.template is not None or args.label_words is not None):
         raise SystemExit("zofo-train: --template / --label-words need --head prompt")
 
@@ -441,7 +449,10 @@ def _make_runner(args, model, device, encoded: Dict[str, Any], rank: int = 0) ->
         streams = {"lower": stream("lower", 1), "upper": stream("upper", 2)}
         if _setting(args, "penalty_batch") == "fresh":
             streams["penalty"] = stream("lower", 3)
-        return BilevelRunner(model, loss_fn, streams, device, settings)
+        try:
+            return BilevelRunner(model, loss_fn, streams, device, settings)
+        except ValueError as exc:  # a setting the optimizer refuses (e.g. --backbone-regex)
+            raise SystemExit(f"zofo-train: {exc}") from None
     runner_cls = ZORunner if method.zeroth_order else FORunner
     return runner_cls(method.name, model, loss_fn, stream("train", 1), device, settings)
 
@@ -824,7 +835,7 @@ def run_summary(args, data: RunData, loaded, runner: Runner, pr: "Progress", dev
     method = methods_mod.get(args.method)
     hyper = {k: _setting(args, k) for k in ("lr", "eps", "estimator", "lam", "inner_steps",
                                              "peft_lr", "theta_update", "order",
-                                             "penalty_batch")}
+                                             "penalty_batch", "backbone_regex")}
     hyper.update(weight_decay=args.weight_decay, batch_size=args.batch_size,
                  max_length=args.max_length, distribution=args.distribution,
                  n_directions=args.n_directions, lora_r=args.lora_r,

@@ -77,12 +77,13 @@ class MetaZOFOOptimizer(BilevelOptimizer):
     @classmethod
     def from_peft(cls, peft_model, tasks: Sequence[str],
                   loss_fn: Union[Callable, Mapping[str, Callable]], lr: float, *,
-                  backbone_params=None, **settings):
+                  backbone_params=None, backbone_regex: Optional[str] = None, **settings):
         """Meta-training on a ``peft.PeftModel``: for every task name in ``tasks`` (a list of
         strings), adapters f"{task}_upper" and f"{task}_lower" are added as copies (config and
         current weights) of the model's active adapter, which stays as the template and is
         not trained. ``loss_fn`` is one callable ``loss_fn(batch)`` for all tasks or a mapping
-        task -> callable. Other settings: as :class:`MetaZOFOOptimizer`. On any failure the
+        task -> callable. theta: as :meth:`ZOFOOptimizer.from_peft` (``backbone_params`` or
+        ``backbone_regex``). Other settings: as :class:`MetaZOFOOptimizer`. On any failure the
         model is left as given."""
         _adapter_names(peft_model)
         template = peft_model.active_adapter
@@ -117,8 +118,7 @@ class MetaZOFOOptimizer(BilevelOptimizer):
                 up, low, select = _pair_from_adapters(peft_model, f"{t}_upper", f"{t}_lower")
                 specs[t] = dict(upper_params=up, lower_params=low, select_adapter=select,
                                 loss_fn=fns[t])
-            backbone = (_backbone_params(peft_model) if backbone_params is None
-                        else backbone_params)
+            backbone = _backbone_params(peft_model, backbone_params, backbone_regex)
             opt = cls(backbone, specs, lr, **settings)
         except BaseException:
             _remove_adapters(peft_model, added, template)

@@ -50,6 +50,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -683,19 +684,46 @@ def _remove_adapters(peft_model, names, active: str) -> None:
             peft_model.delete_adapter(name)
 
 
-def _backbone_params(peft_model) -> List[torch.nn.Parameter]:
-    """Every parameter that belongs to no adapter. Excluded too: peft's ``original_module``
-    copies of modules_to_save, which no forward uses while an adapter is active."""
+def _backbone_named_params(peft_model) -> List[Tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter that belongs to no adapter. Excluded too: peft's
+    ``original_module`` copies of modules_to_save, which no forward uses while an adapter is
+    active."""
     adapters = set(_adapter_names(peft_model))
     out = []
     for name, p in peft_model.named_parameters():
         parts = set(name.split("."))
         if parts & adapters or "original_module" in parts:
             continue
-        out.append(p)
+        out.append((name, p))
     if not out:
         raise ValueError("the PEFT model has no backbone parameters")
     return out
+
+
+def _backbone_params(peft_model, backbone_params=None,
+                     backbone_regex: Optional[str] = None) -> List[torch.nn.Parameter]:
+    """theta of ``from_peft``: ``backbone_params`` when given, else every non-adapter
+    parameter, or those of them whose name matches ``backbone_regex`` (``re.search``)."""
+    if backbone_regex is None:
+        return ([p for _, p in _backbone_named_params(peft_model)] if backbone_params is None
+                else backbone_params)
+    if backbone_params is not None:
+        raise ValueError("give backbone_params or backbone_regex, not both")
+    if not isinstance(backbone_regex, str) or not backbone_regex:
+        raise ValueError(f"backbone_regex must be a non-empty regular expression, got "
+                         f"{backbone_regex!r}")
+    try:
+        pattern = re.compile(backbone_regex)
+    except re.error as exc:
+        raise ValueError(f"backbone_regex {backbone_regex!r} is not a valid regular "
+                         f"expression: {exc}") from None
+    named = _backbone_named_params(peft_model)
+    chosen = [p for n, p in named if pattern.search(n)]
+    if not chosen:
+        examples = ", ".join(n for n, _ in named[:4])
+        raise ValueError(f"backbone_regex {backbone_regex!r} matches no backbone parameter "
+                         f"(names look like: {examples}, ...)")
+    return chosen
 
 
 def _pair_from_adapters(peft_model, upper: str, lower: str):
@@ -746,7 +774,8 @@ class ZOFOOptimizer(BilevelOptimizer):
 
     @classmethod
     def from_peft(cls, peft_model, loss_fn: Callable[[Any], torch.Tensor], lr: float, *,
-                  lower_adapter: Optional[str] = None, backbone_params=None, **settings):
+                  lower_adapter: Optional[str] = None, backbone_params=None,
+                  backbone_regex: Optional[str] = None, **settings):
         """Bilevel-ZOFO on a ``peft.PeftModel`` (LoRA, prefix tuning, prompt tuning, ...).
 
         The model's active adapter is P; a second adapter ``lower_adapter`` (default
@@ -755,7 +784,9 @@ class ZOFOOptimizer(BilevelOptimizer):
         of a SEQ_CLS model) are per adapter in peft, so they belong to P and S and are
         trained first-order; their shared ``original_module`` is unused and left alone. The
         backbone theta is every other parameter (or ``backbone_params`` if given, e.g.
-        :func:`zo_param_groups` of a subset). ``loss_fn(batch)`` runs ``peft_model``. Other
+        :func:`zo_param_groups` of a subset, or those whose name matches the regular
+        expression ``backbone_regex``, e.g. ``"LayerNorm|bias"``; the rest of the backbone
+        stays as it is). ``loss_fn(batch)`` runs ``peft_model``. Other
         settings: as :class:`ZOFOOptimizer`. On any failure the model is left as given.
         """
         _adapter_names(peft_model)
@@ -768,8 +799,7 @@ class ZOFOOptimizer(BilevelOptimizer):
         _copy_adapter(peft_model, upper, lower)
         try:
             up, low, select = _pair_from_adapters(peft_model, upper, lower)
-            backbone = (_backbone_params(peft_model) if backbone_params is None
-                        else backbone_params)
+            backbone = _backbone_params(peft_model, backbone_params, backbone_regex)
             opt = cls(backbone, up, low, select, loss_fn, lr, **settings)
         except BaseException:
             _remove_adapters(peft_model, [lower], upper)  # leave the model as it was given
