@@ -172,9 +172,13 @@ def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path)
     assert "Bilevel-ZOFO 0.800 ± 0.000 vs fo-lora 0.850 ± 0.000: difference -0.050" in md
     assert "vs bilevel-zofo-zo0 0.780 ± 0.000: difference +0.020" in md
     assert "(1.20x)" in md
-    assert "| 1 | subset (31 k weights) | 0.830 | 0.830 | 0.830 | 10 | 100 |" in md
+    # subset and lr-0 runs make 10 steps, the whole-backbone run 20 (three evals): at step 10
+    # it stands at 0.72 against lr 0's 0.78
+    assert ("| 1 | subset (31 k weights) | 0.830 | 0.830 | 0.830 | 10 | 100 | "
+            "0.830 (step 10) |") in md
     assert ("Subset minus lr 0, mean final dev accuracy over 2 seed(s): +0.040 (subset "
-            "0.820 ± 0.014, lr 0 0.780 ± 0.000); whole backbone minus lr 0: +0.020.") in md
+            "0.820 ± 0.014, lr 0 0.780 ± 0.000); whole backbone minus lr 0: +0.020. At equal "
+            "outer steps: subset minus lr 0 +0.040, whole backbone minus lr 0 -0.060.") in md
     # seed 0's stability run is lambda_rms_10 (drop 0.01, 20 steps); seed 1's collapses
     assert "**Stable at the default λ (seeds 0, 1, at least 20 outer steps each)**: " \
            "**collapsed**; the largest drop from a run's best to its end is 0.100 (seed 1;" in md
