@@ -162,6 +162,9 @@ def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path)
         _fake_run(runs / f"lambda_rms_{lam:g}", pts,
                   dict(theta_update="rms", lam=lam, lr=1e-5), bilevel=[3.0, -4.0])
     _fake_run(runs / "stability_bilevel-zofo_seed1", [(0, 0.5), (30, 0.9), (60, 0.8)])
+    n = study_mod.DATA_NUM_TRAIN
+    _fake_run(runs / f"data{n}_bilevel-zofo_seed0", [(0, 0.5), (300, 0.84)])
+    _fake_run(runs / f"data{n}_bilevel-zofo-zo0_seed0", [(0, 0.5), (300, 0.83)])
     for seed, end in ((0, 0.81), (1, 0.83)):  # subset mean 0.82 vs lr 0's 0.78: +0.040
         _fake_run(runs / f"subset_bilevel-zofo_seed{seed}", [(0, 0.5), (300, end)])
     assert study.grad_rms("lambda_rms_10") == pytest.approx(math.sqrt(12.5))
@@ -172,6 +175,8 @@ def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path)
     assert "Bilevel-ZOFO 0.800 ± 0.000 vs fo-lora 0.850 ± 0.000: difference -0.050" in md
     assert "vs bilevel-zofo-zo0 0.780 ± 0.000: difference +0.020" in md
     assert "(1.20x)" in md
+    assert "| bilevel-zofo-zo0 | 0.830 | 0.830 | 0.830 | 10 |" in md
+    assert "Bilevel-ZOFO minus its lr-0 ablation, final dev accuracy: +0.010" in md
     # subset and lr-0 runs make 10 steps, the whole-backbone run 20 (three evals): at step 10
     # it stands at 0.72 against lr 0's 0.78
     assert ("| 1 | subset (31 k weights) | 0.830 | 0.830 | 0.830 | 10 | 100 | "
