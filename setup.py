@@ -2,13 +2,15 @@
 
     pip install .            # or: pip install -e .;  pip wheel .;  python -m build
 
-Native modules (see CMakeLists.txt):
-  zofo_kernels._C_generic, _C_avx2, _C_avx512
+Native modules (see CMakeLists.txt), in the package of the native backend, NATIVE_PKG
+(zofo_kernels.core.backends.native):
+  _C_generic, _C_avx2, _C_avx512
                         C++ CPU kernels (OpenMP), one module per CPU variant (x86-64
                         baseline, x86-64-v3, x86-64-v4; only _C_generic on other CPUs);
                         always built. The package imports the best one the CPU runs, at
-                        load (zofo_kernels/_native.py), so one wheel runs on any x86-64.
-  zofo_kernels._C_cuda  CUDA kernels; built when ZOFO_BUILD_CUDA says so.
+                        load (zofo_kernels/core/backends/native/loader.py), so one wheel
+                        runs on any x86-64.
+  _C_cuda               CUDA kernels; built when ZOFO_BUILD_CUDA says so.
 
 Environment variables:
   ZOFO_BUILD_CUDA    1: build the CUDA module, fail if nvcc is missing; 0: skip it;
@@ -45,6 +47,8 @@ from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# the package that holds the compiled modules, beside their loader
+NATIVE_PKG = "zofo_kernels.core.backends.native"
 
 
 class CMakeExtension(Extension):
@@ -235,7 +239,7 @@ class CMakeBuild(build_ext):
         inplace = bool(self.inplace)
         super().run()  # builds into build_lib, then copies into the source tree if inplace
         if inplace:  # editable install: the package folder of the checkout is the output
-            _remove_stale_modules(os.path.join(ROOT, "zofo_kernels"),
+            _remove_stale_modules(os.path.join(ROOT, *NATIVE_PKG.split(".")),
                                   {e.name.rsplit(".", 1)[-1] for e in self.extensions})
 
     def build_extensions(self):
@@ -280,9 +284,9 @@ class CMakeBuild(build_ext):
                 raise RuntimeError(f"CMake target {ext.target} did not produce {built}")
 
 
-ext_modules = [CMakeExtension(f"zofo_kernels._C_{v}", f"_C_{v}") for v in CPU_VARIANTS]
+ext_modules = [CMakeExtension(f"{NATIVE_PKG}._C_{v}", f"_C_{v}") for v in CPU_VARIANTS]
 if BUILD_CUDA:
-    ext_modules.append(CMakeExtension("zofo_kernels._C_cuda", "_C_cuda"))
+    ext_modules.append(CMakeExtension(f"{NATIVE_PKG}._C_cuda", "_C_cuda"))
 
 if __name__ == "__main__":  # also under setuptools' PEP 517 backend; tests import the helpers
     # Metadata and dependencies: pyproject.toml [project].

@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 
 def logits(model, batch):
-    from zofo_kernels.prompting import classification_logits
+    from zofo_kernels.integrations.prompting import classification_logits
     with torch.no_grad():
         return classification_logits(model.eval(), batch).clone()
 
@@ -27,8 +27,8 @@ def batch_of(tokenizer):
 
 
 def train(sst2: Path, work: Path) -> None:
-    from zofo_kernels import models, train as train_mod
-    from zofo_kernels.hf_trainer import ZOConfig, ZOFOTrainer
+    from zofo_kernels.apps import models, train as train_mod
+    from zofo_kernels.integrations.hf_trainer import ZOConfig, ZOFOTrainer
     from transformers import TrainingArguments
 
     if not (sst2 / "train.tsv").is_file():  # no SST-2 next to the checkout: toy rows

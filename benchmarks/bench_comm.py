@@ -7,7 +7,7 @@ Run on N processes (gloo on CPU, NCCL on GPU)::
 For each method the same model and per-rank batch are used; every method's collectives are
 counted at the source:
 
-* ``mezo`` and ``mezo-q4`` (q = 1 and q = 4): :class:`zofo_kernels.distributed.DataParallelZO`
+* ``mezo`` and ``mezo-q4`` (q = 1 and q = 4): :class:`zofo_kernels.core.distributed.DataParallelZO`
   counts the loss all-reduce (and nothing else travels during a step);
 * ``bilevel-zofo``: Bilevel-ZOFO with LoRA (r = 8 on query/value + the classification head as
   P and S), ``--inner-steps`` lower steps and a fresh B_g: S/P gradient all-reduces + the
@@ -16,7 +16,7 @@ counted at the source:
   hook adds up the gradient buckets it all-reduces;
 * ``fo-lora``: the same with only the LoRA block trainable (first-order PEFT).
 
-Method names and optimizers come from the registry (:mod:`zofo_kernels.methods`).
+Method names and optimizers come from the registry (:mod:`zofo_kernels.integrations.methods`).
 
 Prints a markdown table (rank 0) and, with ``--csv PATH``, writes one row per method:
 method, trainable parameters, bytes all-reduced per step, collective calls per step, median
@@ -34,10 +34,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from zofo_kernels.data import random_batch
-from zofo_kernels.distributed import DataParallelZO, setup_from_env, shutdown
-from zofo_kernels.models import add_peft, classification_loss, load_model
-from zofo_kernels import methods
+from zofo_kernels.apps.data import random_batch
+from zofo_kernels.core.distributed import DataParallelZO, setup_from_env, shutdown
+from zofo_kernels.apps.models import add_peft, classification_loss, load_model
+from zofo_kernels.integrations import methods
 
 
 def _batches(args, rank, vocab, pad, n):
@@ -143,7 +143,7 @@ ROWS = {
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="minilm",
-                    help="minilm, minilm-random, tiny-bert, opt-125m, ... (zofo_kernels.models)")
+                    help="minilm, minilm-random, tiny-bert, opt-125m, ... (zofo_kernels.apps.models)")
     ap.add_argument("--batch", type=int, default=8, help="examples per rank")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)

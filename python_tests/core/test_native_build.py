@@ -33,8 +33,9 @@ import torch
 
 import zofo_kernels as zk
 from tolerances import GAUSS_ULPS, LOG_ULPS, SINCOS_ULPS, ulp, ulp32
-from zofo_kernels import _native, contract
-from zofo_kernels.backends import base
+from zofo_kernels.core.backends.native import loader as _native
+from zofo_kernels.core import contract
+from zofo_kernels.core.backends import base
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DISTS = ["gaussian", "rademacher"]
@@ -48,7 +49,7 @@ RUNNABLE = _native.runnable_cpu_variants()
 def cpu_mod(request, monkeypatch):
     """Each CPU variant this machine can run, as the module and as the "cpu" backend that
     zofo_kernels' ops use during the test."""
-    from zofo_kernels.backends.cpu import CpuBackend
+    from zofo_kernels.core.backends.native.cpu import CpuBackend
 
     if request.param is None:
         pytest.skip(f"native CPU module unavailable: {C_ERROR}")
@@ -132,7 +133,7 @@ def test_cpu_variants_built_and_chosen_by_cpu_features():
 def test_cpu_variant_choice_follows_features_and_env(monkeypatch):
     """The choice logic on made-up CPUs: a missing feature rules a variant out (it is never
     imported), the env variable forces one, and a bad value makes the backend unavailable."""
-    from zofo_kernels.backends.cpu import CpuBackend
+    from zofo_kernels.core.backends.native.cpu import CpuBackend
 
     full = {f: True for v in _native.REQUIRED_FEATURES.values() for f in v}
     full["x86_64"] = True
@@ -193,7 +194,7 @@ def test_cpu_variants_agree_bit_for_bit(dtype, distribution, monkeypatch):
     """Every variant this machine runs computes the same bits as the generic one: noise
     (Gaussian too: same IEEE float32 operations, no FMA contraction, no fast-math), the fused
     perturb and update (stochastic rounding included) and the element-wise header math."""
-    from zofo_kernels.backends.cpu import CpuBackend
+    from zofo_kernels.core.backends.native.cpu import CpuBackend
 
     gen = torch.Generator().manual_seed(41 + DTYPES.index(dtype))
     ts0 = _odd_tensors(gen, dtype, 60, max_numel=3000)
@@ -224,7 +225,7 @@ def test_cpu_variants_agree_bit_for_bit(dtype, distribution, monkeypatch):
 
 
 def test_cpu_status_reports_import_error(monkeypatch):
-    from zofo_kernels.backends import cpu as cpu_mod
+    from zofo_kernels.core.backends.native import cpu as cpu_mod
 
     monkeypatch.setattr(_native, "cpu_module", lambda variant=None: (None, "ImportError: boom"))
     st = cpu_mod.CpuBackend().status()
@@ -262,7 +263,7 @@ def test_cuda_module_imports_without_a_device_when_built():
 
 
 def test_cuda_status_with_missing_module(monkeypatch):
-    from zofo_kernels.backends import cuda as cuda_mod
+    from zofo_kernels.core.backends.native import cuda as cuda_mod
 
     monkeypatch.setattr(_native, "cuda_module", lambda: (None, "module zofo_kernels._C_cuda was not built"))
     st = cuda_mod.CudaBackend().status()
@@ -566,7 +567,7 @@ def test_native_rejects_bad_arguments():
     with pytest.raises(ValueError, match="q must be"):
         C.update([p], [8], [0], 0, 1, 0, 1.0, g.data_ptr(), 0, 0.0, 0, 0.0, True, 1)
     assert torch.equal(t, torch.zeros(8)), "a rejected call must not touch the weights"
-    from zofo_kernels.backends.cpu import CpuBackend
+    from zofo_kernels.core.backends.native.cpu import CpuBackend
     with pytest.raises(ValueError, match="contiguous"):
         CpuBackend().perturb([torch.zeros(4, 4).t()], [0], 1, "gaussian", 1.0, 0, 0.0, 0)
     with pytest.raises(TypeError, match="dtype"):

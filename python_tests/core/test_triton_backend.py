@@ -1,4 +1,4 @@
-"""Triton-specific checks of the triton backend, against zofo_kernels.contract / the reference.
+"""Triton-specific checks of the triton backend, against zofo_kernels.core.contract / the reference.
 
 The generic contract checks (known answers, statistics, round trip, bad input through the
 public API) live in test_kernels.py and run on every backend; this file covers what only the
@@ -30,8 +30,8 @@ import torch
 
 import zofo_kernels as zk
 from tolerances import GAUSS_STORAGE_ULPS, GAUSS_Z_BOUND, ulp
-from zofo_kernels import contract
-from zofo_kernels.backends import base
+from zofo_kernels.core import contract
+from zofo_kernels.core.backends import base
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DISTRIBUTIONS = ["gaussian", "rademacher"]
@@ -162,7 +162,7 @@ def _run_python(code: str, env_update: dict) -> str:
     env = dict(os.environ)
     env.update(env_update)
     env = {k: v for k, v in env.items() if v is not None}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, cwd=root)
@@ -195,7 +195,7 @@ def test_import_without_triton():
 
 
 def test_block_must_be_power_of_two_multiple_of_128():
-    from zofo_kernels.backends.triton_backend import TritonBackend
+    from zofo_kernels.core.backends.triton.launcher import TritonBackend
     for bad in (0, 64, 200, 384):
         with pytest.raises(ValueError, match="block"):
             TritonBackend(block=bad)
@@ -329,7 +329,7 @@ class _CountingLauncher:
 @pytest.mark.parametrize("device", DEVICES)
 def test_one_launch_per_dtype_group(device, monkeypatch):
     _need(device)
-    from zofo_kernels import triton_kernels as tk
+    from zofo_kernels.core.backends.triton import kernels as tk
     counters = {name: _CountingLauncher(getattr(tk, name))
                 for name in ("perturb_kernel", "update_kernel", "noise_kernel")}
     for name, counter in counters.items():
@@ -361,7 +361,7 @@ def test_one_launch_per_dtype_group(device, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_launch_tables_are_cached(device):
     _need(device)
-    from zofo_kernels.backends.triton_backend import TritonBackend
+    from zofo_kernels.core.backends.triton.launcher import TritonBackend
     backend = TritonBackend(block=256)
     tensors = [_weights((int(RNG.integers(1, 300)),), torch.float32).to(device)
                for _ in range(9)]
@@ -397,7 +397,7 @@ def test_launch_tables_are_cached(device):
 def test_block_size_invariance(device, distribution):
     """Results depend on (seed, index, direction) only, not on the launch shape."""
     _need(device)
-    from zofo_kernels.backends.triton_backend import TritonBackend
+    from zofo_kernels.core.backends.triton.launcher import TritonBackend
     shapes, offsets = _layout(7)
     seed = int(RNG.integers(0, 2 ** 63 - 1))
     results = []
@@ -453,7 +453,7 @@ def test_backend_rejects_bad_groups(device):
 @pytest.mark.gpu
 def test_hyperparameters_do_not_recompile():
     _need("cuda")
-    from zofo_kernels import triton_kernels as tk
+    from zofo_kernels.core.backends.triton import kernels as tk
     tensors = [_weights((1000,), torch.bfloat16).cuda(), _weights((77,), torch.bfloat16).cuda()]
     device = torch.cuda.current_device()
 
@@ -477,7 +477,7 @@ def test_aligned_vector_path(device, dtype):
     """Sizes that keep every window 16-byte aligned select the ALIGNED (vector) variant; it
     computes the same values as the masked one, including partial last windows."""
     _need(device)
-    from zofo_kernels.backends.triton_backend import TritonBackend
+    from zofo_kernels.core.backends.triton.launcher import TritonBackend
     backend = TritonBackend(block=256)
     sizes = [256, 8 * int(RNG.integers(1, 40)), 8 * int(RNG.integers(1, 40)) + 256]
     tensors = [_weights((n,), dtype).to(device) for n in sizes]

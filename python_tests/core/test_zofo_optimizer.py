@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from helpers import AdapterNet, with_fault
 from zofo_kernels import noise
-from zofo_kernels.optim import NonFiniteLossError, ZOFOOptimizer, ZOOptimizer
+from zofo_kernels.core.optim import NonFiniteLossError, ZOFOOptimizer, ZOOptimizer
 
 # --------------------------------------------------------------------------- plain PyTorch
 

@@ -12,9 +12,9 @@ import sys
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from zofo_kernels.distributed import (DataParallelZO, DivergenceError, allreduce_gradients,
+from zofo_kernels.core.distributed import (DataParallelZO, DivergenceError, allreduce_gradients,
                                       setup_from_env, shutdown, tensor_checksum)
-from zofo_kernels.optim import ZOOptimizer
+from zofo_kernels.core.optim import ZOOptimizer
 
 STEPS = 3
 BATCH = 8  # global batch; each of the 2 ranks takes 4 rows
@@ -48,7 +48,7 @@ def zofo_check(ctx, lo, hi):
     """Bilevel-ZOFO with LoRA on 2 ranks (P and S gradients all-reduced, theta by seed)
     against one process on the whole batches."""
     from peft import LoraConfig, get_peft_model
-    from zofo_kernels.optim import ZOFOOptimizer
+    from zofo_kernels.core.optim import ZOFOOptimizer
 
     def build():
         base = make_model()

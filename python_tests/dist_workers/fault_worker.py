@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from zofo_kernels.distributed import DataParallelZO, setup_from_env, shutdown
-from zofo_kernels.optim import ZOOptimizer
+from zofo_kernels.core.distributed import DataParallelZO, setup_from_env, shutdown
+from zofo_kernels.core.optim import ZOOptimizer
 
 STEPS = 6
 

@@ -19,8 +19,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from transformers import BertConfig, BertForSequenceClassification
 
-from zofo_kernels.distributed import DataParallelZO, setup_from_env, shutdown
-from zofo_kernels.optim import ZOOptimizer, zo_layout
+from zofo_kernels.core.distributed import DataParallelZO, setup_from_env, shutdown
+from zofo_kernels.core.optim import ZOOptimizer, zo_layout
 
 STEPS = 3
 BATCH = 6

@@ -2,7 +2,7 @@
 
 import sys
 
-from zofo_kernels import train
+from zofo_kernels.apps import train
 
 if __name__ == "__main__":
     sys.exit(train.main(sys.argv[1:]))

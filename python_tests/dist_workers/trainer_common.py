@@ -5,7 +5,7 @@ import torch
 from transformers import (BertConfig, BertForSequenceClassification, TrainingArguments,
                           default_data_collator)
 
-from zofo_kernels.hf_trainer import ZOConfig, ZOFOTrainer
+from zofo_kernels.integrations.hf_trainer import ZOConfig, ZOFOTrainer
 
 
 class Synthetic(torch.utils.data.Dataset):

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from trainer_common import make_trainer  # same folder
-from zofo_kernels.distributed import tensor_checksum
+from zofo_kernels.core.distributed import tensor_checksum
 
 
 def main():

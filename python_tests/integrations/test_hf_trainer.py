@@ -14,8 +14,8 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer,  # 
                           DataCollatorWithPadding, TrainingArguments)
 
 from helpers import Rows  # noqa: E402
-from zofo_kernels import checkpoint  # noqa: E402
-from zofo_kernels.hf_trainer import ZOConfig, ZOFOTrainer  # noqa: E402
+from zofo_kernels.integrations import checkpoint  # noqa: E402
+from zofo_kernels.integrations.hf_trainer import ZOConfig, ZOFOTrainer  # noqa: E402
 
 MODEL_DIR = os.path.join(os.path.dirname(minilm.__file__), "model")
 
@@ -160,7 +160,7 @@ def test_bilevel_zofo_trainer_with_lora_resumes_exactly(tmp_path, data, tokenize
                            params[f"{q}.lora_A.default_lower.weight"])
 
     ckpt = tmp_path / "z" / "checkpoint-1"
-    # backbone, P and S in the layout of zofo_kernels.checkpoint, plus the Trainer's files
+    # backbone, P and S in the layout of zofo_kernels.integrations.checkpoint, plus the Trainer's files
     assert (ckpt / checkpoint.MANIFEST).is_file() and (ckpt / "optimizer.pt").is_file()
     assert (ckpt / "model" / "model.safetensors").is_file()
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
@@ -259,9 +259,10 @@ def test_example_script_trains_saves_and_reloads(tmp_path, method, peft_kind):
     import subprocess
     import sys
 
-    from zofo_kernels import load_trained, models
+    from zofo_kernels import load_trained
+    from zofo_kernels.apps import models
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     tok = models.load_tokenizer("tiny-bert")
     model_dir = tmp_path / "tiny"
     models.build_random("tiny-bert", pad_token_id=tok.pad_token_id).save_pretrained(
@@ -295,7 +296,7 @@ def test_example_script_trains_saves_and_reloads(tmp_path, method, peft_kind):
 def test_example_script_defaults_to_the_shared_sst2_folder(sst2_dir):
     import importlib.util
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     spec = importlib.util.spec_from_file_location(
         "run_text_classification", os.path.join(root, "examples", "run_text_classification.py"))
     mod = importlib.util.module_from_spec(spec)

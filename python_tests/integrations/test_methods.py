@@ -4,8 +4,9 @@ method for zofo-train, zofo-bench, ZOFOTrainer and the communication benchmark."
 import pytest
 import torch
 
-from zofo_kernels import bench, hf_trainer, measure, methods, models, train
-from zofo_kernels.optim import ZOFOOptimizer, ZOOptimizer
+from zofo_kernels.apps import bench, measure, models, train
+from zofo_kernels.integrations import hf_trainer, methods
+from zofo_kernels.core.optim import ZOFOOptimizer, ZOOptimizer
 
 
 @pytest.fixture

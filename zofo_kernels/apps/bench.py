@@ -12,7 +12,7 @@ right before the first step (CPU: peak RSS, reset through /proc/self/clear_refs;
 
 ``zofo-bench --quick`` runs MiniLM-L6's shape with random weights on a synthetic batch
 (no data, no download) in a few minutes on two CPU cores. Everything it runs is inside the
-package (the MeZO baseline is :mod:`zofo_kernels.mezo_reference`), so an installed copy
+package (the MeZO baseline is :mod:`zofo_kernels.apps.mezo_reference`), so an installed copy
 works from any folder; it ends by naming the absolute output folder and the files written.
 """
 
@@ -33,11 +33,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import data as data_mod
-from . import measure
-from . import methods as methods_mod
-from . import models as models_mod
-from .measure import CountedLoss
+from zofo_kernels.apps import data as data_mod
+from zofo_kernels.apps import measure
+from zofo_kernels.integrations import methods as methods_mod
+from zofo_kernels.apps import models as models_mod
+from zofo_kernels.apps.measure import CountedLoss
 
 # A benchmark row: a method of the registry (zofo_kernels/methods.py) with fixed settings,
 # a forward pass, or the MeZO reference implementation (the baseline the kernels replace).
@@ -79,8 +79,8 @@ BENCH_LR = 1e-7
 
 
 def load_mezo_reference():
-    """The MeZO reference step class (:class:`zofo_kernels.mezo_reference.MeZOReference`)."""
-    from .mezo_reference import MeZOReference
+    """The MeZO reference step class (:class:`zofo_kernels.apps.mezo_reference.MeZOReference`)."""
+    from zofo_kernels.apps.mezo_reference import MeZOReference
     return MeZOReference
 
 
@@ -242,7 +242,7 @@ def _needs_peft(row: str) -> bool:
 
 
 def _backend_name(device, requested) -> str:
-    from .backends import base
+    from zofo_kernels.core.backends import base
     return base.select(device, requested, os.environ.get("ZOFO_BACKEND")).name
 
 
@@ -270,7 +270,7 @@ def memory_worker(spec: dict) -> dict:
     # dummy tensor (loads the native module), then the peak is reset.
     with torch.no_grad():
         models_mod.classification_loss(b.model, batch)
-    from . import ops
+    from zofo_kernels.core import ops
     ops.perturb_(torch.zeros(4096, device=device), 0, 0.0, backend=ns.backend)
     gc.collect()
     if device.type == "cuda":
@@ -314,7 +314,7 @@ def measure_memory(name: str, args) -> List[dict]:
                     memory_steps=args.memory_steps, batch_size=args.batch_size,
                     seq_len=args.seq_len, threads=args.threads)
         proc = subprocess.run(
-            [sys.executable, "-m", "zofo_kernels.bench", "--memory-worker", json.dumps(spec)],
+            [sys.executable, "-m", "zofo_kernels.apps.bench", "--memory-worker", json.dumps(spec)],
             capture_output=True, text=True, env=_worker_env())
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
@@ -486,7 +486,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             mem_rows += measure_memory(name, args)
     check_rows = checks(step_rows, mem_rows)
 
-    from . import plotting
+    from zofo_kernels.apps import plotting
     written = [out / f"steps_{tag}.csv", out / f"steps_{tag}.png"]
     _write_csv(written[0], step_rows)
     plotting.plot_bench(step_rows, written[1],

@@ -13,7 +13,7 @@ kept on purpose, because they are what this project is measured against:
 * weight decay skips parameters whose name contains "bias", "layer_norm" or "layernorm".
 
 Part of the package so that an installed ``zofo-bench`` has its baseline; import it as
-``from zofo_kernels.mezo_reference import MeZOReference``.
+``from zofo_kernels.apps.mezo_reference import MeZOReference``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@
 Random-init presets use the MiniLM tokenizer (BERT WordPiece, 30,522 tokens) for text.
 
 Heads (``head=``): ``"prompt"`` (default of ``zofo-train``) makes the pretrained model the
-classifier, as MeZO and Bilevel-ZOFO do (:mod:`zofo_kernels.prompting`): causal LMs score label
+classifier, as MeZO and Bilevel-ZOFO do (:mod:`zofo_kernels.integrations.prompting`): causal LMs score label
 words through their LM head, BERT-style encoders get a head initialised from their own
 embeddings of the label descriptions; the head is part of the backbone. ``"random"`` adds a
 new randomly initialised classification head (``AutoModelForSequenceClassification``), which
@@ -31,7 +31,8 @@ from typing import Optional
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from zofo_kernels.integrations.hf_models import DTYPES, accepts_past_key_values
+
 
 
 def _opt(hidden, layers, heads, ffn, proj=None, vocab=50272, positions=2048, **extra):
@@ -113,7 +114,7 @@ class Loaded:
         """How to encode this model's inputs (see prompting.causal_add_special_tokens)."""
         if not self.causal_prompt or self.tokenizer is None:
             return True
-        from .prompting import causal_add_special_tokens
+        from zofo_kernels.integrations.prompting import causal_add_special_tokens
         return causal_add_special_tokens(self.tokenizer)
 
     @property
@@ -148,7 +149,7 @@ def load_model(name: str, num_labels: int = 2, dtype: str = "float32", seed: int
                prompt=None) -> Loaded:
     """Resolve ``name`` (see the module docstring) to a classifier: a sequence-classification
     model with a new head (``head="random"``) or a prompt-based classifier of ``prompt`` (a
-    :class:`zofo_kernels.prompting.PromptSpec`; default SST-2's) with ``head="prompt"``."""
+    :class:`zofo_kernels.integrations.prompting.PromptSpec`; default SST-2's) with ``head="prompt"``."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if head not in HEADS:
@@ -214,7 +215,7 @@ def _load_prompt_model(name: str, prompt, torch_dtype, seed: int,
                               OPTForCausalLM)
     from transformers.utils import logging as hf_logging
 
-    from . import prompting
+    from zofo_kernels.integrations import prompting
     spec = prompt if prompt is not None else prompting.PromptSpec()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # the tokenizer is needed whatever with_tokenizer says: the head's initialisation and
@@ -287,7 +288,7 @@ def add_peft(model: torch.nn.Module, kind: str, lora_r: int = 8, lora_alpha: int
     The classification head stays trainable (peft's ``modules_to_save`` for SEQ_CLS)."""
     from peft import (LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType,
                       get_peft_model)
-    from .prompting import is_causal_prompt
+    from zofo_kernels.integrations.prompting import is_causal_prompt
     model_type = getattr(model.config, "model_type", "")
     # prompt-based causal LMs: the adapter only, the LM head stays in the backbone (and peft's
     # prefix tuning works there); sequence classifiers: peft copies the head into the adapter
@@ -300,7 +301,7 @@ def add_peft(model: torch.nn.Module, kind: str, lora_r: int = 8, lora_alpha: int
         cfg = LoraConfig(task_type=task, r=lora_r, lora_alpha=lora_alpha,
                          lora_dropout=0.0, target_modules=list(target_modules))
     elif kind == "prefix":
-        if task != TaskType.CAUSAL_LM and not _accepts_past_key_values(model):
+        if task != TaskType.CAUSAL_LM and not accepts_past_key_values(model):
             raise ModelError(
                 f"prefix tuning needs a model whose forward takes past_key_values; this "
                 f"{type(model).__name__} (transformers {_transformers_version()}) does not, so "
@@ -315,20 +316,6 @@ def add_peft(model: torch.nn.Module, kind: str, lora_r: int = 8, lora_alpha: int
     return get_peft_model(model, cfg)
 
 
-def _accepts_past_key_values(model: torch.nn.Module) -> bool:
-    """What peft checks before a prefix-tuning forward: the model, or its transformer
-    backbone, takes ``past_key_values``."""
-    import inspect
-
-    from transformers import PreTrainedModel
-
-    def accepts(m):
-        return "past_key_values" in inspect.signature(m.forward).parameters
-
-    return accepts(model) or any(accepts(c) for c in model.children()
-                                 if isinstance(c, PreTrainedModel))
-
-
 def _transformers_version() -> str:
     import transformers
     return transformers.__version__
@@ -336,7 +323,7 @@ def _transformers_version() -> str:
 
 def classification_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Mean cross-entropy of ``model`` on ``batch`` (input_ids, attention_mask, labels)."""
-    from .prompting import classification_logits
+    from zofo_kernels.integrations.prompting import classification_logits
     logits = classification_logits(model, batch)
     return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
 
@@ -344,7 +331,7 @@ def classification_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, encoded, batch_size: int = 64) -> float:
     """Mean cross-entropy of ``model`` over all of ``encoded`` (model selection)."""
-    from .prompting import classification_logits
+    from zofo_kernels.integrations.prompting import classification_logits
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
@@ -359,8 +346,8 @@ def mean_loss(model: torch.nn.Module, encoded, batch_size: int = 64) -> float:
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, encoded, batch_size: int = 64) -> float:
-    """Fraction of ``encoded`` (a :class:`zofo_kernels.data.Encoded`) classified correctly."""
-    from .prompting import classification_logits
+    """Fraction of ``encoded`` (a :class:`zofo_kernels.apps.data.Encoded`) classified correctly."""
+    from zofo_kernels.integrations.prompting import classification_logits
     was_training = model.training
     model.eval()
     correct = 0

@@ -1,6 +1,6 @@
 """zofo-train: few-shot fine-tuning of a sequence classifier with ZO, FO or Bilevel-ZOFO.
 
-Methods: those of the registry (:mod:`zofo_kernels.methods`), listed by ``zofo-train
+Methods: those of the registry (:mod:`zofo_kernels.integrations.methods`), listed by ``zofo-train
 --help``; the long form is docs/cli.md.
 
 Example (MiniLM on SST-2, 1,000 examples, 15 minutes):
@@ -9,7 +9,7 @@ Example (MiniLM on SST-2, 1,000 examples, 15 minutes):
       --num-train 1000 --time-budget 900 --seed 0 --output runs/bzofo
 
 Outputs in --output: metrics.jsonl (one row per log/eval event), summary.json, curves.png,
-and the trained model in the layout of :mod:`zofo_kernels.checkpoint`: ``model/`` (the
+and the trained model in the layout of :mod:`zofo_kernels.integrations.checkpoint`: ``model/`` (the
 backbone, a ``save_pretrained`` checkpoint, with the tokenizer), ``adapter/`` (PEFT methods:
 the prediction adapter, Bilevel-ZOFO's P), ``resume/`` (S, optimizer state, run state) and
 ``zofo_checkpoint.json``. ``zofo_kernels.load_trained(folder)`` reloads the trained model
@@ -44,11 +44,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from . import checkpoint as ckpt_mod
-from . import data as data_mod
-from . import methods as methods_mod
-from . import models as models_mod
-from .measure import CountedLoss, peak_memory_bytes, peak_memory_kind
+from zofo_kernels.integrations import checkpoint as ckpt_mod
+from zofo_kernels.apps import data as data_mod
+from zofo_kernels.integrations import methods as methods_mod
+from zofo_kernels.apps import models as models_mod
+from zofo_kernels.apps.measure import CountedLoss, peak_memory_bytes, peak_memory_kind
 
 METHODS = methods_mod.names()
 HEADS = models_mod.HEADS
@@ -86,7 +86,7 @@ class Drawn:
 class Runner(abc.ABC):
     """One method's training step over batch streams, with forward/backward counters.
 
-    The optimizer comes from the method registry (:mod:`zofo_kernels.methods`).
+    The optimizer comes from the method registry (:mod:`zofo_kernels.integrations.methods`).
     ``forward_count`` counts model forward passes over a batch and ``backward_count``
     backward passes (a forward pass and its backward are counted separately)."""
 
@@ -174,14 +174,14 @@ class FORunner(Runner):
         loss.backward()
         self.backward_count += 1
         if self.dist_context is not None:
-            from .distributed import allreduce_gradients
+            from zofo_kernels.core.distributed import allreduce_gradients
             allreduce_gradients(self.params, self.dist_context)
         self.opt.step()
         return float(loss.detach())
 
 
 class BilevelRunner(Runner):
-    """Bilevel-ZOFO (``zofo_kernels.optim.ZOFOOptimizer``): the inner FO steps on the lower
+    """Bilevel-ZOFO (``zofo_kernels.core.optim.ZOFOOptimizer``): the inner FO steps on the lower
     copy S, one FO step on the upper copy P, one fused ZO step on the backbone.
 
     ``streams``: "lower" (D_g), "upper" (D_f) and, for a fresh B_g per upper step as in the
@@ -478,7 +478,7 @@ def run(args, given: Optional[List[str]] = None,
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("zofo-train: --device cuda but CUDA is not available")
-    from . import distributed as dist_mod
+    from zofo_kernels.core import distributed as dist_mod
     ctx = dist_mod.setup_from_env()
     try:
         if ctx.distributed and device.type == "cuda":
@@ -536,7 +536,7 @@ class MetricsLog:
 def save_run(folder: Path, runner: Runner, tokenizer, args, progress: Progress,
              initial_args: dict) -> List[Path]:
     """Write the trained model and everything ``--resume`` needs to ``folder`` (one
-    :func:`zofo_kernels.checkpoint.save_trained` call); returns the files written."""
+    :func:`zofo_kernels.integrations.checkpoint.save_trained` call); returns the files written."""
     run_state = dict(args=initial_args, progress=dataclasses.asdict(progress),
                      streams={name: s.drawn for name, s in runner.streams.items()})
     optimizer_state = dict(runner.optimizer_state(), torch_rng=torch.get_rng_state())
@@ -609,7 +609,7 @@ def load_data(args) -> RunData:
 
 def _apply_prompt(args, data: RunData) -> None:
     """Wrap every example set in the prompt template."""
-    from .prompting import PromptError, PromptSpec
+    from zofo_kernels.integrations.prompting import PromptError, PromptSpec
     try:
         spec = PromptSpec.parse(args.template, args.label_words)
     except PromptError as exc:
@@ -644,7 +644,7 @@ def wire_data_parallel(runner: Runner, ctx) -> None:
     through ``DataParallelZO`` (one all-reduce of the step's losses)."""
     if not ctx.distributed:
         return
-    from . import distributed as dist_mod
+    from zofo_kernels.core import distributed as dist_mod
     if isinstance(runner, FORunner):
         runner.dist_context = ctx
     else:
@@ -738,7 +738,7 @@ def _run(args, device, ctx, resume=None, on_trained=None) -> dict:
     if not args.no_save:
         written = save_run(out, runner, loaded.tokenizer, args, pr, initial_args)
     summary = run_summary(args, data, loaded, runner, pr, device, ctx)
-    from . import plotting
+    from zofo_kernels.apps import plotting
     plotting.plot_run(log.rows, out / "curves.png",
                       title=f"{args.method} on {args.model} ({len(data.train)} examples)")
     files = sorted({str(p.relative_to(out)) for p in list(written)
@@ -770,7 +770,7 @@ def train_loop(args, runner: Runner, pr: "Progress", log: "MetricsLog",
     """Step until the step count or the time budget is reached (or the loss is not finite),
     logging every ``--log-every`` steps and evaluating on ``EvalSchedule``."""
     from tqdm import tqdm
-    from . import distributed as dist_mod
+    from zofo_kernels.core import distributed as dist_mod
     schedule, by_time = EvalSchedule(args), args.steps is None
     bar = tqdm(total=int(math.ceil(args.time_budget)) if by_time else args.steps,
                initial=int(pr.train_time) if by_time else pr.step,

@@ -8,7 +8,7 @@ without ever being communicated. This module provides:
 * :func:`setup_from_env` -- initialise the process group from the ``torchrun`` environment
   (gloo on CPU, NCCL on GPU) with a collective timeout, or return a single-process context;
 * :func:`broadcast_seed` -- one base seed for all ranks (the step seeds derive from it);
-* :class:`DataParallelZO` -- wraps a :class:`~zofo_kernels.optim.ZOOptimizer`: all-reduces
+* :class:`DataParallelZO` -- wraps a :class:`~zofo_kernels.core.optim.ZOOptimizer`: all-reduces
   the step's losses, broadcasts the initial parameters, checks periodically that parameters
   are still bit-identical (raising :class:`DivergenceError` otherwise), counts the bytes it
   communicates, and reshards FSDP2 modules so that perturbations of the local shards are seen;
@@ -16,7 +16,7 @@ without ever being communicated. This module provides:
 * :class:`CommStats` -- byte and call counters per kind of collective.
 
 Sharded parameters (FSDP2 ``fully_shard``, DTensor placement ``Shard(0)``) are perturbed and
-updated shard by shard: :func:`zofo_kernels.optim.layout.zo_layout` maps each local shard to its
+updated shard by shard: :func:`zofo_kernels.core.optim.layout.zo_layout` maps each local shard to its
 global offset in the noise contract, so the sharded run equals the unsharded one.
 
 Every collective issued here runs under the process group's timeout; a failure (another rank
@@ -34,7 +34,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from . import contract
+from zofo_kernels.core import contract
 
 ENV_TIMEOUT = "ZOFO_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -431,7 +431,7 @@ class DataParallelZO:
     Every ``check_every`` calls of :meth:`step` (0 disables) a checksum of every replicated
     parameter is compared across ranks and :class:`DivergenceError` is raised on divergence.
 
-    Bilevel-ZOFO (a :class:`~zofo_kernels.optim.BilevelOptimizer`: ``ZOFOOptimizer`` or
+    Bilevel-ZOFO (a :class:`~zofo_kernels.core.optim.BilevelOptimizer`: ``ZOFOOptimizer`` or
     ``MetaZOFOOptimizer``): the backbone
     step is handled as above; the first-order optimizers of the PEFT copies P and S get a
     step pre-hook that averages their gradients across ranks (one flattened all-reduce per
@@ -440,7 +440,7 @@ class DataParallelZO:
     calls of ``lower_step``/``upper_step`` are synchronised the same way.
 
     With ``model`` sharded by FSDP2 (``fully_shard``), each rank perturbs and updates only its
-    local shards (their global offsets come from :func:`zofo_kernels.optim.layout.zo_layout`);
+    local shards (their global offsets come from :func:`zofo_kernels.core.optim.layout.zo_layout`);
     the modules are resharded around every loss evaluation of a ZO step (the optimizer's
     ``loss_hook``), because FSDP2 keeps
     the root module's parameters gathered after a forward, and a perturbation written to the
@@ -454,7 +454,7 @@ class DataParallelZO:
                  context: Optional[DistContext] = None, check_every: int = 100,
                  sync_initial_parameters: bool = True,
                  fo_params: Optional[Iterable[torch.Tensor]] = None):
-        from .optim import BilevelOptimizer, ZOOptimizer
+        from zofo_kernels.core.optim import BilevelOptimizer, ZOOptimizer
         if isinstance(optimizer, BilevelOptimizer):
             if optimizer.theta_update == "adam":
                 raise ValueError("theta_update='adam' (the authors' materialised update) is not "
@@ -463,7 +463,7 @@ class DataParallelZO:
         elif isinstance(optimizer, ZOOptimizer):
             zo, fo_opts = optimizer, []
         else:
-            raise TypeError("DataParallelZO wraps a zofo_kernels.optim.ZOOptimizer or a "
+            raise TypeError("DataParallelZO wraps a zofo_kernels.core.optim.ZOOptimizer or a "
                             f"Bilevel-ZOFO optimizer, got {type(optimizer).__name__}")
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
             raise ValueError(f"check_every must be an integer >= 0, got {check_every!r}")

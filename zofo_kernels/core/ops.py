@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from . import contract
-from .backends import base
+from zofo_kernels.core import contract
+from zofo_kernels.core.backends import base
 
 TensorList = Union[torch.Tensor, Sequence[torch.Tensor]]
 

@@ -232,7 +232,7 @@ def save_trained(folder: PathLike, model, *, tokenizer=None, method: Optional[st
 def _load_backbone(folder: Path, manifest: Dict[str, Any], device, dtype):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
-    from .models import DTYPES
+    from zofo_kernels.integrations.hf_models import DTYPES
     name = manifest.get("dtype") if dtype is None else dtype
     if isinstance(name, str):
         if name not in DTYPES:
@@ -243,7 +243,7 @@ def _load_backbone(folder: Path, manifest: Dict[str, Any], device, dtype):
         raise CheckpointError(f"{source} has no config.json: the backbone is missing")
     import transformers
 
-    from . import prompting  # registers BertPromptClassifier with the Auto classes
+    from zofo_kernels.integrations import prompting  # registers BertPromptClassifier with the Auto classes
     cls = getattr(transformers, str(manifest.get("model_class")), None)
     if manifest.get("model_class") == prompting.BertPromptClassifier.__name__:
         cls = prompting.BertPromptClassifier

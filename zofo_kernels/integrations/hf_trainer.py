@@ -2,7 +2,7 @@
 
 ::
 
-    from zofo_kernels.hf_trainer import ZOConfig, ZOFOTrainer
+    from zofo_kernels.integrations.hf_trainer import ZOConfig, ZOFOTrainer
 
     trainer = ZOFOTrainer(model=model, args=training_args, train_dataset=train,
                           eval_dataset=dev, zo_config=ZOConfig(method="mezo", eps=1e-3))
@@ -12,12 +12,12 @@ Everything else of the user's script stays: ``TrainingArguments`` (``learning_ra
 learning rate of the backbone, with its scheduler and warm-up; ``weight_decay``; ``max_steps``;
 logging, evaluation and save strategies), data collators, metrics, callbacks, ``torchrun``.
 
-Methods (the zeroth-order ones of the registry, :mod:`zofo_kernels.methods`)
+Methods (the zeroth-order ones of the registry, :mod:`zofo_kernels.integrations.methods`)
 -------------------------------------------------------------------------
-* ``"mezo"``: ZO-SGD (:class:`~zofo_kernels.optim.ZOOptimizer`) on every trainable
+* ``"mezo"``: ZO-SGD (:class:`~zofo_kernels.core.optim.ZOOptimizer`) on every trainable
   parameter (biases and normalisation weights without weight decay).
 * ``"mezo-lora"``: ZO-SGD on the adapter of a ``peft.PeftModel``.
-* ``"bilevel-zofo"``: Bilevel-ZOFO (:class:`~zofo_kernels.optim.ZOFOOptimizer`) on a
+* ``"bilevel-zofo"``: Bilevel-ZOFO (:class:`~zofo_kernels.core.optim.ZOFOOptimizer`) on a
   ``peft.PeftModel``: the active adapter is P, a copy S is added, the backbone is theta.
   The training set is the lower-level data D_g; the upper-level data D_f is ``upper_dataset``
   or, if not given, a seeded third of the training set (the paper's 2 : 1 split).
@@ -35,12 +35,12 @@ Gradient accumulation (``gradient_accumulation_steps = G``)
   B_f is the next batch of D_f. One Trainer step is one outer iteration.
 
 Under ``torchrun`` (the Trainer's distributed mode) the optimizer is wrapped in
-:class:`~zofo_kernels.distributed.DataParallelZO`: each rank evaluates its own micro-batches,
+:class:`~zofo_kernels.core.distributed.DataParallelZO`: each rank evaluates its own micro-batches,
 the losses are all-reduced (16 bytes per central step), P and S gradients are all-reduced, and
 the parameters are compared across ranks every ``check_every`` steps.
 
 Saving (``save_model`` and every ``checkpoint-N``) writes the layout of
-:mod:`zofo_kernels.checkpoint`: ``model/`` (the backbone, which ZO changed, as a normal
+:mod:`zofo_kernels.integrations.checkpoint`: ``model/`` (the backbone, which ZO changed, as a normal
 ``save_pretrained`` checkpoint, with the tokenizer), ``adapter/`` (PEFT models: the prediction
 adapter, Bilevel-ZOFO's P, a normal peft folder), ``resume/lower_adapter/`` (Bilevel-ZOFO's S)
 and ``zofo_checkpoint.json``. Reload with ``zofo_kernels.load_trained(folder)`` or with
@@ -65,17 +65,17 @@ from typing import Any, Dict, List, Optional
 import torch
 from transformers import Trainer
 
-from . import checkpoint as ckpt_mod
-from . import methods as methods_mod
-from .distributed import DataParallelZO, setup_from_env
-from .optim import ZOOptimizer
+from zofo_kernels.integrations import checkpoint as ckpt_mod
+from zofo_kernels.integrations import methods as methods_mod
+from zofo_kernels.core.distributed import DataParallelZO, setup_from_env
+from zofo_kernels.core.optim import ZOOptimizer
+from zofo_kernels.integrations.hf_models import accepts_past_key_values
 
 
 def check_prefix_tuning(model) -> None:
     """Refuse prefix tuning where peft cannot inject the prefix (at construction, not at the
     first step): peft passes it as ``past_key_values``, which the model (or its transformer
     backbone) must take."""
-    from .models import _accepts_past_key_values
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict):
         return
@@ -88,7 +88,7 @@ def check_prefix_tuning(model) -> None:
         # peft's causal-LM path hands the prefix to the model's own cache argument (transformers
         # 5 renamed past_key_values to cache and still takes the old name); the other task
         # types need a forward that names past_key_values, as peft checks at the first step
-        if task == "CAUSAL_LM" or _accepts_past_key_values(base):
+        if task == "CAUSAL_LM" or accepts_past_key_values(base):
             continue
         import transformers
         raise ValueError(
@@ -110,7 +110,7 @@ _FROM_TRAINING_ARGS = {"lr": "learning_rate", "weight_decay": "weight_decay",
 class ZOConfig:
     """Zeroth-order settings that ``TrainingArguments`` has no field for.
 
-    ``method``: a zeroth-order method of the registry (:mod:`zofo_kernels.methods`):
+    ``method``: a zeroth-order method of the registry (:mod:`zofo_kernels.integrations.methods`):
     "mezo" (every trainable parameter), "mezo-lora" (the adapter of a ``PeftModel``) or
     "bilevel-zofo". ``check_every``: data-parallel divergence check period in steps (0:
     never). ``upper_fraction`` (Bilevel-ZOFO): the share of the training set used as D_f
@@ -122,9 +122,9 @@ class ZOConfig:
     "last".
 
     Every other keyword is a setting of the method's optimizer, handed through unchanged
-    (:class:`~zofo_kernels.optim.ZOOptimizer`: ``eps``, ``estimator``, ``n_directions``,
+    (:class:`~zofo_kernels.core.optim.ZOOptimizer`: ``eps``, ``estimator``, ``n_directions``,
     ``distribution``, ``seed`` (default: ``TrainingArguments.seed``), ``backend``, ...;
-    :class:`~zofo_kernels.optim.ZOFOOptimizer`: ``lam``, ``peft_lr``, ``lower_lr``,
+    :class:`~zofo_kernels.core.optim.ZOFOOptimizer`: ``lam``, ``peft_lr``, ``lower_lr``,
     ``peft_optimizer``, ``theta_update``, ``order``, ...); one not given takes the method's
     default. ``lr``, ``weight_decay`` and ``inner_steps`` come from ``TrainingArguments``
     (``learning_rate``, ``weight_decay``, ``gradient_accumulation_steps``). Reading
@@ -418,7 +418,7 @@ class ZOFOTrainer(Trainer):
             self.zo_dp.steps = int(state["dp_steps"])
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-        """The layout of :mod:`zofo_kernels.checkpoint` instead of the Trainer's root-level
+        """The layout of :mod:`zofo_kernels.integrations.checkpoint` instead of the Trainer's root-level
         weights (for a PeftModel those would be the adapter alone, and a plain
         ``PeftModel.from_pretrained`` on them would silently use the pretrained backbone)."""
         if not self.args.should_save:

@@ -5,13 +5,13 @@ zeroth-order, its default settings and how its optimizer is built. ``zofo-train`
 ``zofo-bench``, ``ZOFOTrainer`` (``ZOConfig.method``) and the communication benchmark read
 it, so a method has one name and one builder everywhere::
 
-    from zofo_kernels import methods
+    from zofo_kernels.integrations import methods
     opt = methods.build_optimizer("mezo", model, lr=1e-6, eps=1e-3)
     zofo = methods.build_optimizer("bilevel-zofo", peft_model, lr=1e-4,
                                    loss_fn=lambda batch: loss(peft_model, batch))
 
 The settings a builder takes are those of the optimizer it builds
-(:class:`~zofo_kernels.optim.ZOOptimizer`, :class:`~zofo_kernels.optim.ZOFOOptimizer`,
+(:class:`~zofo_kernels.core.optim.ZOOptimizer`, :class:`~zofo_kernels.core.optim.ZOFOOptimizer`,
 ``torch.optim.Adam``), handed through unchanged and checked there once. The method
 reference is docs/optimizers.md.
 """
@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from .optim import ZOFOOptimizer, ZOOptimizer, zo_param_groups
+from zofo_kernels.core.optim import ZOFOOptimizer, ZOOptimizer, zo_param_groups
 
 
 @dataclasses.dataclass(frozen=True)

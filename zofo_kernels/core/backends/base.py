@@ -1,6 +1,6 @@
 """What a backend implements, and the registry that finds one for a device.
 
-The public functions in :mod:`zofo_kernels.ops` validate every argument, split the tensors
+The public functions in :mod:`zofo_kernels.core.ops` validate every argument, split the tensors
 into groups of one dtype (all on one device), and call a backend once per group with:
 
 * ``tensors``: non-empty list of contiguous tensors of one dtype (float32, bfloat16, float16)
@@ -19,7 +19,7 @@ sums are separately rounded float32 operations (no fused multiply-add), in this 
               d = d + wd * w ;  v = w - lr * d ;  p = sr(v) for 16-bit storage, else rn(v)
 
 where rn rounds to the storage dtype (nearest even) and sr is
-:func:`zofo_kernels.contract.stochastic_round_bits` with the rounding-stream word of the element.
+:func:`zofo_kernels.core.contract.stochastic_round_bits` with the rounding-stream word of the element.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def check_group(tensors: List[torch.Tensor], offsets: List[int], backend: str,
     offset per tensor, one supported dtype and one device (of type ``device_type`` when given)
     for all, contiguous storage and (``nonempty``) no empty tensor. Returns the dtype code.
 
-    :mod:`zofo_kernels.ops` only ever passes such groups; this guards direct backend calls."""
+    :mod:`zofo_kernels.core.ops` only ever passes such groups; this guards direct backend calls."""
     if not tensors:
         raise ValueError(f"the {backend} backend needs at least one tensor")
     if len(offsets) != len(tensors):

@@ -10,8 +10,8 @@ from typing import List
 
 import torch
 
-from .. import contract
-from .base import Backend, BackendStatus, register
+from zofo_kernels.core import contract
+from zofo_kernels.core.backends.base import Backend, BackendStatus, register
 
 CHUNK = 1 << 18
 

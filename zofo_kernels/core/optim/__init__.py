@@ -1,10 +1,10 @@
 """Optimizers on the fused ZO kernels: ZO-SGD (MeZO-class), Bilevel-ZOFO and its meta-training
 variant."""
 
-from .layout import zo_layout, zo_numel
-from .zo import NonFiniteLossError, ZOOptimizer, step_seed, zo_param_groups
-from .meta import MetaStepResult, MetaZOFOOptimizer
-from .zofo import BilevelOptimizer, ZOFOOptimizer, ZOFOStepResult
+from zofo_kernels.core.optim.layout import zo_layout, zo_numel
+from zofo_kernels.core.optim.zo import NonFiniteLossError, ZOOptimizer, step_seed, zo_param_groups
+from zofo_kernels.core.optim.meta import MetaStepResult, MetaZOFOOptimizer
+from zofo_kernels.core.optim.zofo import BilevelOptimizer, ZOFOOptimizer, ZOFOStepResult
 
 __all__ = [
     "BilevelOptimizer",

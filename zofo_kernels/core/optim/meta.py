@@ -9,7 +9,7 @@ their own first-order optimizers. One outer step over a set T of sampled tasks:
              L_t = f_t(theta, P_t; B_f^t) + lam * [g_t(theta, P_t; B_g^t) - g_t(theta, S_t; B_g^t)]
     for t in T:  P_t steps
 
-in the order of :mod:`zofo_kernels.optim.zofo` (its docstring gives the forward counts and the
+in the order of :mod:`zofo_kernels.core.optim.zofo` (its docstring gives the forward counts and the
 theta updates), so every sampled task contributes to the single ZO update of theta (the published code kept
 only the last task's ZO gradient).
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Union
 
-from .zofo import (LEVELS, BilevelOptimizer, ZOFOStepResult, _adapter_names,
+from zofo_kernels.core.optim.zofo import (LEVELS, BilevelOptimizer, ZOFOStepResult, _adapter_names,
                    _backbone_params, _check_lower_batches, _check_new_adapter_name, _copy_adapter,
                    _pair_from_adapters, _remove_adapters)
 

@@ -1,4 +1,4 @@
-"""ZOOptimizer: zeroth-order SGD (MeZO-class) on the fused kernels of :mod:`zofo_kernels.ops`.
+"""ZOOptimizer: zeroth-order SGD (MeZO-class) on the fused kernels of :mod:`zofo_kernels.core.ops`.
 
 One two-point step with q directions (central difference)::
 
@@ -12,7 +12,7 @@ One two-point step with q directions (central difference)::
 
 Forward difference: L0 = closure() on the unperturbed weights, then L+_k as above, with
 g_k = (L+_k - L0) / eps. z_k is the contract noise of (seed, global index, direction k); the
-global index of a parameter element is given by :func:`zofo_kernels.optim.layout.zo_layout`.
+global index of a parameter element is given by :func:`zofo_kernels.core.optim.layout.zo_layout`.
 
 Step normalisation (``normalize="rms"``): the update uses g_k / r instead of g_k, where
 r = sqrt(v_hat) and v_hat is a bias-corrected running mean of g^2 (one scalar of state,
@@ -36,10 +36,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .. import contract
-from ..backends import base as _backends
-from ..ops import as_float32, check_float32, finite_real, perturb_, zo_update_
-from .layout import split_by_device, zo_layout, zo_numel
+from zofo_kernels.core import contract
+from zofo_kernels.core.backends import base as _backends
+from zofo_kernels.core.ops import as_float32, check_float32, finite_real, perturb_, zo_update_
+from zofo_kernels.core.optim.layout import split_by_device, zo_layout, zo_numel
 
 ESTIMATORS = ("central", "forward")
 NORMALIZATIONS = ("none", "rms")

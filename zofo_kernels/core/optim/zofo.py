@@ -1,7 +1,7 @@
 """ZOFOOptimizer: Bilevel-ZOFO (arXiv 2502.03604; docs/optimizers.md, "Bilevel-ZOFO").
 
 Backbone theta is trained zeroth-order with the fused kernels (an internal
-:class:`~zofo_kernels.optim.ZOOptimizer`); a PEFT block is kept in two copies, P (upper level,
+:class:`~zofo_kernels.core.optim.ZOOptimizer`); a PEFT block is kept in two copies, P (upper level,
 used for prediction) and S (lower level), both trained first-order. The objective is the
 value-function relaxation
 
@@ -55,7 +55,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .zo import (NONFINITE_POLICIES, NonFiniteLossError, ZOOptimizer, _choice, _int, _real,
+from zofo_kernels.core.optim.zo import (NONFINITE_POLICIES, NonFiniteLossError, ZOOptimizer, _choice, _int, _real,
                  loss_value)
 
 LEVELS = ("upper", "lower")
@@ -488,7 +488,7 @@ class BilevelOptimizer:
         parameters laid end to end as the noise contract says), P.grad from its pass; one
         AdamW step of both. Returns the RMS change per backbone weight of that step (from
         AdamW's moments; weight decay excluded)."""
-        from ..ops import noise
+        from zofo_kernels.core.ops import noise
         opt = self.theta_optimizer
         if st["skipped"]:
             opt.zero_grad(set_to_none=True)

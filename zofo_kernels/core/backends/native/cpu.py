@@ -1,7 +1,7 @@
 """C++ CPU backend: the kernels of ``csrc/cpu_kernels.cpp`` through a module ``_C_<variant>``.
 
 The variant (generic, avx2, avx512: the same kernels for different instruction sets, with
-bit-identical results) is chosen once per process by ``zofo_kernels._native`` from the CPU's
+bit-identical results) is chosen once per process by ``zofo_kernels.core.backends.native.loader`` from the CPU's
 features, or forced by ``ZOFO_CPU_VARIANT``; ``CpuBackend(variant=...)`` uses a named one.
 
 One call into C++ per dtype group: the tensors' data pointers, sizes and global offsets go
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native
-from .base import DISTRIBUTION_CODES, Backend, BackendStatus, check_group, register
+from zofo_kernels.core.backends.native import loader as _native
+from zofo_kernels.core.backends.base import DISTRIBUTION_CODES, Backend, BackendStatus, check_group, register
 
 
 class CpuBackend(Backend):

@@ -15,8 +15,8 @@ from typing import List, Tuple
 
 import torch
 
-from .. import _native
-from .base import DISTRIBUTION_CODES, Backend, BackendStatus, LaunchTables, check_group, register
+from zofo_kernels.core.backends.native import loader as _native
+from zofo_kernels.core.backends.base import DISTRIBUTION_CODES, Backend, BackendStatus, LaunchTables, check_group, register
 
 GROUP = 4  # global indices per work item (one Gaussian Philox block)
 

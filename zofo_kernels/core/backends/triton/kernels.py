@@ -1,6 +1,6 @@
-"""Triton kernels of the noise contract (see :mod:`zofo_kernels.contract`).
+"""Triton kernels of the noise contract (see :mod:`zofo_kernels.core.contract`).
 
-Importing this module imports Triton; :mod:`zofo_kernels.backends.triton_backend` imports it
+Importing this module imports Triton; :mod:`zofo_kernels.core.backends.triton.launcher` imports it
 lazily, so ``import zofo_kernels`` works without Triton.
 
 Work layout (multi-tensor launches). One launch serves every tensor of a (device, dtype)
@@ -21,7 +21,7 @@ of the launch satisfies (data_ptr - o * itemsize) % 16 == 0 (the host checks; tr
 16-byte aligned storage and offsets that are multiples of 8), the kernel is told so
 (ALIGNED) and that path uses 16-byte vector loads and stores.
 
-Float math follows the contract in :mod:`zofo_kernels.backends.base` (separately rounded
+Float math follows the contract in :mod:`zofo_kernels.core.backends.base` (separately rounded
 float32 operations in a fixed order); the launcher disables FMA contraction. On a GPU, log,
 sin and cos come from libdevice (accurate to a few ulp; the approximate hardware instructions
 are not), and the square root is the correctly rounded one.
@@ -49,7 +49,7 @@ def _is_interpreted(fn) -> bool:
 WINDOW_ALIGN = 128  # window starts are multiples of this (a Rademacher block)
 
 # The STORAGE and DIST codes the kernels take: zofo_noise.h's DType and Distribution, and
-# zofo_kernels.backends.base.DTYPE_CODES and DISTRIBUTION_CODES (a test checks that they agree).
+# zofo_kernels.core.backends.base.DTYPE_CODES and DISTRIBUTION_CODES (a test checks that they agree).
 STORAGE_FLOAT32 = tl.constexpr(0)
 STORAGE_BFLOAT16 = tl.constexpr(1)
 STORAGE_FLOAT16 = tl.constexpr(2)

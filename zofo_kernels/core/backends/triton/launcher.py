@@ -1,4 +1,4 @@
-"""Triton backend: the kernels of :mod:`zofo_kernels.triton_kernels`, one launch per group.
+"""Triton backend: the kernels of :mod:`zofo_kernels.core.backends.triton.kernels`, one launch per group.
 
 Runs on CUDA tensors (compiled kernels) or, when the environment variable TRITON_INTERPRET=1
 was set before Triton was imported, on CPU tensors through Triton's interpreter (how the
@@ -18,7 +18,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .base import DISTRIBUTION_CODES, Backend, BackendStatus, LaunchTables, check_group, register
+from zofo_kernels.core.backends.base import DISTRIBUTION_CODES, Backend, BackendStatus, LaunchTables, check_group, register
 
 
 class TritonBackend(Backend):
@@ -40,7 +40,7 @@ class TritonBackend(Backend):
     def _load(self):
         if self._kernels is None and self._import_error is None:
             try:
-                from .. import triton_kernels
+                from zofo_kernels.core.backends.triton import kernels as triton_kernels
             except Exception as exc:  # ImportError, or a broken Triton install
                 self._import_error = f"triton is not importable ({type(exc).__name__}: {exc})"
             else:
