@@ -9,17 +9,26 @@
 // and aligned, element by element otherwise. All indices are 64-bit. The projected gradients
 // are read from device memory, so nothing waits for the host. Compiled with --fmad=false:
 // no multiply-add contraction, as the float-math contract requires.
+//
+// The same file also compiles as plain C++ (ZOFO_CUDA_HOST_EXEC, csrc/host/): a shim stands
+// in for the CUDA runtime and a host launcher runs the kernels on the CPU, on the grid
+// computed here, for the sanitizer tests (python_tests/core/test_cuda_host.py). So the launch
+// geometry and the launch itself go through cuda_launch.h, and nothing here may need more of
+// CUDA than the shim provides.
 
+#if defined(ZOFO_CUDA_HOST_EXEC)
+#include "host/cuda_host_shim.h"
+#else
 #include <cuda_runtime.h>
+#endif
 #include <stdio.h>
 
 #include "cuda_api.h"
+#include "cuda_launch.h"
 #include "zofo_noise.h"
 
 namespace zofo {
 namespace cudak {
-
-constexpr int kThreads = 256;
 
 __device__ __forceinline__ int64_t find_row(const ZofoSegmentRow* rows, int64_t n, int64_t g) {
   int64_t lo = 0, hi = n - 1;
@@ -216,9 +225,7 @@ int prepare(int64_t total, int device, int* blocks, char* err, size_t errlen) {
   int sms = 0;
   e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return fail(e, "cudaDeviceGetAttribute", err, errlen);
-  const int64_t needed = (total + kThreads - 1) / kThreads;
-  const int64_t cap = (int64_t)(sms > 0 ? sms : 1) * 16;
-  *blocks = (int)(needed < cap ? needed : cap);
+  *blocks = grid_blocks(total, sms);
   return 0;
 }
 
@@ -244,9 +251,8 @@ int launch_groups(const char* what, const ZofoSegmentRow* rows, int64_t num_rows
   }
   cudaStream_t s = (cudaStream_t)stream;
   ZOFO_DTYPE_SWITCH(dtype, T, [&] {
-    groups_kernel<T, Op><<<blocks, kThreads, 0, s>>>(rows, num_rows, total_groups, seed,
-                                                     distribution, restore_scale,
-                                                     restore_direction, op);
+    launch_kernel(groups_kernel<T, Op>, blocks, kThreads, s, rows, num_rows, total_groups,
+                  seed, distribution, restore_scale, restore_direction, op);
   });
   return check_launch(what, err, errlen);
 }
@@ -281,8 +287,8 @@ extern "C" int zofo_cuda_noise(float* out, uint64_t seed, int64_t start, int64_t
   int blocks = 0;
   const int rc = prepare(total, device, &blocks, err, errlen);
   if (rc) return rc;
-  noise_kernel<<<blocks, kThreads, 0, (cudaStream_t)stream>>>(out, start, numel, total, seed,
-                                                              distribution, direction);
+  launch_kernel(noise_kernel, blocks, kThreads, (cudaStream_t)stream, out, start, numel, total,
+                seed, distribution, direction);
   return check_launch("noise kernel launch", err, errlen);
 }
 
