@@ -12,8 +12,15 @@ Protocol (MeZO / Bilevel-ZOFO few-shot setting, prompt-based heads):
     chosen Bilevel-ZOFO setting with theta's lr 0: does the backbone's ZO update help?), each
     with the same training wall-clock budget (``--budget-minutes``, evaluation not counted).
 
-Phases (each run is written to its own folder and skipped when it exists, so the study
-resumes run by run; ``--commit`` commits every finished run at once):
+Runs: each run writes into a scratch folder outside the study; once it finishes, its files
+(summary.json, metrics.jsonl, curves.png, command.txt) are added to the study's one archive,
+``<study>/runs.zip`` (``RunArchive``: members ``<run>/<file>``, sorted, fixed times, so the same
+runs give the same bytes), and a run the archive holds is skipped, so the study resumes run by
+run; ``--commit`` commits the archive after every finished run. The report reads the archive
+in place (nothing is unpacked); ``--phase pack`` moves run folders of an older layout
+(``<study>/runs/<run>/``) into it.
+
+Phases:
   sweep    every row's grid (``SWEEP``) on seed 0, scored on ``--holdout`` further training
            examples (never dev.tsv) by the final holdout accuracy, so a late collapse loses;
   lambda   the chosen Bilevel-ZOFO setting at lam in {1, 10, 100, 1000} (seed 0, dev), and the
@@ -30,7 +37,7 @@ resumes run by run; ``--commit`` commits every finished run at once):
   subset   the chosen Bilevel-ZOFO setting with the ZO step on a small subset of the backbone
            (``--backbone-regex SUBSET_REGEX``, lr SUBSET_LR) on ``--seeds``: does the ZO step
            help when it has far fewer coordinates to search?
-  report   tables, figures and the verdict (study.md) from whatever runs exist.
+  report   tables, figures and the verdict (study.md) from whatever runs the archive holds.
 
   python benchmarks/study_sst2.py --phase all --budget-minutes 25 --seeds 0 1 2 --commit
 """
@@ -44,12 +51,16 @@ import math
 import os
 import shlex
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -120,24 +131,129 @@ def _rel(path: Path) -> str:
     return rel if rel.startswith("..") and rel.count("..") == 1 else str(path)
 
 
+ARCHIVE = "runs.zip"
+# every member's time stamp (the earliest a zip file can hold) and mode: the archive's bytes
+# depend on its members' names and contents alone
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+_ZIP_MODE = 0o644
+
+
+class RunArchive:
+    """A study's runs in one zip file: member ``<run>/<file>`` for every file a run wrote
+    (``summary.json``, ``metrics.jsonl``, ``curves.png``, ``command.txt``), plus any loose file
+    kept with the runs (a study's log). Read in place through ``zipfile``; written whole, with
+    the members sorted by name, fixed times and modes and one compression level, so the same
+    members give the same bytes, and left untouched when a write would not change them.
+    Adding a run rewrites the archive into a temporary file that then replaces it, so a reader
+    sees either the old or the new archive, never half of one."""
+
+    _locks: Dict[str, threading.Lock] = {}
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = RunArchive._locks.setdefault(str(self.path.resolve()), threading.Lock())
+
+    # -- reading ---------------------------------------------------------------------------
+    def names(self) -> list:
+        """Every member's name, sorted."""
+        if not self.path.is_file():
+            return []
+        with zipfile.ZipFile(self.path) as zf:
+            return sorted(zf.namelist())
+
+    def members(self) -> Dict[str, bytes]:
+        if not self.path.is_file():
+            return {}
+        with zipfile.ZipFile(self.path) as zf:
+            return {n: zf.read(n) for n in zf.namelist()}
+
+    def runs(self) -> list:
+        """The runs the archive holds (those with a summary.json), sorted."""
+        return sorted(n[:-len("/summary.json")] for n in self.names()
+                      if n.count("/") == 1 and n.endswith("/summary.json"))
+
+    def __contains__(self, run: str) -> bool:
+        return f"{run}/summary.json" in self.names()
+
+    def read(self, member: str) -> Optional[bytes]:
+        """A member's bytes, None if the archive does not hold it."""
+        if not self.path.is_file():
+            return None
+        with zipfile.ZipFile(self.path) as zf:
+            try:
+                return zf.read(member)
+            except KeyError:
+                return None
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self, members: Dict[str, bytes]) -> bool:
+        """Make the archive hold exactly ``members``; False (file untouched) if it already
+        does."""
+        with self._lock:
+            return self._write(members)
+
+    def _write(self, members: Dict[str, bytes]) -> bool:
+        if self.path.is_file() and self.members() == members:
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w") as zf:
+                for name in sorted(members):
+                    info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+                    info.create_system = 3  # unix, whatever the platform
+                    info.external_attr = _ZIP_MODE << 16
+                    zf.writestr(info, members[name], compress_type=zipfile.ZIP_DEFLATED,
+                                compresslevel=9)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the archive is not
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return True
+
+    def add(self, files: Dict[str, bytes]) -> bool:
+        """Add (or replace) these members, keeping every other one."""
+        with self._lock:
+            return self._write(dict(self.members(), **files))
+
+    def add_run(self, run: str, folder: Path) -> bool:
+        """Add every file under ``folder`` as ``<run>/<relative path>``."""
+        if "/" in run or not run:
+            raise ValueError(f"bad run name {run!r}")
+        folder = Path(folder)
+        files = {f"{run}/{p.relative_to(folder).as_posix()}": p.read_bytes()
+                 for p in sorted(folder.rglob("*")) if p.is_file()}
+        if f"{run}/summary.json" not in files:
+            raise ValueError(f"{folder} holds no summary.json: not a finished run")
+        return self.add(files)
+
+
 class Study:
     def __init__(self, args):
         self.args = args
-        self.out = args.output
-        (self.out / "runs").mkdir(parents=True, exist_ok=True)
+        self.out = Path(args.output)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.archive = RunArchive(self.out / ARCHIVE)
 
     # -- running ---------------------------------------------------------------------------
     def run(self, name: str, row: str, hp: dict, seed: int, *, holdout: bool,
             minutes: Optional[float] = None, steps: Optional[int] = None,
             num_train: Optional[int] = None) -> dict:
-        """One zofo-train run in its own process, skipped if its summary exists. ``steps``:
-        train for that many steps instead of a wall-clock budget (evaluating every
-        steps / evals steps); ``num_train``: another sample size than ``--num-train``."""
+        """One zofo-train run in its own process, skipped if the archive holds it; once it
+        finishes it is recorded (``record``). ``steps``: train for that many steps instead of a
+        wall-clock budget (evaluating every steps / evals steps); ``num_train``: another sample
+        size than ``--num-train``."""
         a = self.args
-        rd = self.out / "runs" / name
-        if (rd / "summary.json").is_file():
-            return json.loads((rd / "summary.json").read_text())
+        done = self.summary(name)
+        if done is not None:
+            return done
         method, fixed = ROWS[row]
+        scratch = Path(tempfile.mkdtemp(prefix=f"zofo-study-{name}-"))
+        rd = scratch / name
         budget = (minutes or (a.sweep_minutes if holdout else a.budget_minutes)) * 60
         where = (["--holdout", str(a.holdout)] if holdout
                  else ["--eval", _rel(a.data / "dev.tsv")])
@@ -154,22 +270,47 @@ class Study:
                "--num-train", str(num_train or a.num_train), "--seed", str(seed), "--data-seed", str(seed),
                *length, "--output", str(rd), "--no-save", "--no-progress", "--threads",
                str(a.threads), *where, *_flags(dict(fixed, **hp))]
+        log = scratch / f"{name}.log"
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {row} {hp} seed {seed} "
-              f"({f'{budget / 60:g} min' if steps is None else f'{steps} steps'})", flush=True)
-        log = self.out / "runs" / f"{name}.log"
-        with open(log, "w") as fh:
-            proc = subprocess.run(cmd, cwd=str(ROOT), stdout=fh, stderr=subprocess.STDOUT,
-                                  env=dict(os.environ, HF_HUB_OFFLINE="1",
-                                           PYTHONPATH=str(a.code or ROOT)))
-        if proc.returncode != 0 or not (rd / "summary.json").is_file():
-            raise RuntimeError(f"run {name} failed (exit {proc.returncode}):\n"
-                               f"{log.read_text()[-2000:]}")
-        log.unlink()
+              f"({f'{budget / 60:g} min' if steps is None else f'{steps} steps'}; log {log})",
+              flush=True)
+        returncode = self._launch(cmd, log)
+        if returncode != 0 or not (rd / "summary.json").is_file():
+            text = log.read_text()[-2000:] if log.is_file() else ""
+            raise RuntimeError(f"run {name} failed (exit {returncode}; its files are kept in "
+                               f"{scratch}):\n{text}")
         (rd / "command.txt").write_text(shlex.join(
             ["zofo-train"] + cmd[len(launcher):]).replace(str(rd), f"runs/{name}") + "\n")
-        if a.commit:
-            self._commit(rd, f"study {self.out.name}: run {name}")
-        return json.loads((rd / "summary.json").read_text())
+        self.record(name, rd)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return self.summary(name)
+
+    def _launch(self, cmd: list, log: Path) -> int:
+        """Run one zofo-train command, its output into ``log``; the exit status."""
+        with open(log, "w") as fh:
+            return subprocess.run(cmd, cwd=str(ROOT), stdout=fh, stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, HF_HUB_OFFLINE="1",
+                                           PYTHONPATH=str(self.args.code or ROOT))).returncode
+
+    def record(self, name: str, folder: Path) -> None:
+        """Add a finished run's folder to the study's archive (and commit the archive with
+        ``--commit``): the one way a run enters the study."""
+        if self.archive.add_run(name, folder) and getattr(self.args, "commit", False):
+            self._commit(self.archive.path, f"study {self.out.name}: run {name}")
+
+    def pack(self) -> list:
+        """Move run folders of the older layout (``<study>/runs/<run>/``, each with its
+        summary.json) into the archive and delete them; the runs moved."""
+        loose = self.out / "runs"
+        moved = []
+        if loose.is_dir():
+            for rd in sorted(p for p in loose.iterdir() if (p / "summary.json").is_file()):
+                self.archive.add_run(rd.name, rd)
+                shutil.rmtree(rd)
+                moved.append(rd.name)
+            if not any(loose.iterdir()):
+                loose.rmdir()
+        return moved
 
     @staticmethod
     def _commit(path: Path, message: str, attempts: int = 20):
@@ -282,12 +423,14 @@ class Study:
 
     # -- reading ---------------------------------------------------------------------------
     def summary(self, name):
-        f = self.out / "runs" / name / "summary.json"
-        return json.loads(f.read_text()) if f.is_file() else None
+        raw = self.archive.read(f"{name}/summary.json")
+        return json.loads(raw) if raw is not None else None
 
     def rows(self, name, kind):
-        f = self.out / "runs" / name / "metrics.jsonl"
-        return [r for r in map(json.loads, f.read_text().splitlines()) if r["kind"] == kind]
+        raw = self.archive.read(f"{name}/metrics.jsonl")
+        if raw is None:
+            raise KeyError(f"{self.archive.path} holds no {name}/metrics.jsonl")
+        return [r for r in map(json.loads, raw.decode().splitlines()) if r["kind"] == kind]
 
     def grad_rms(self, name) -> float:
         gs = [g for r in self.rows(name, "bilevel") for g in r["projected_grads"]]
@@ -642,7 +785,7 @@ def main(argv=None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--phase", default="all",
                    choices=("sweep", "lambda", "main", "stability", "defaults", "subset",
-                            "data", "report", "all"))
+                            "data", "report", "pack", "all"))
     # 25 min: a Bilevel-ZOFO outer step takes about 2.8 s on one thread with two runs on the
     # machine, and a setting is judged over at least 500 outer steps
     p.add_argument("--budget-minutes", type=float, default=25.0)
@@ -660,7 +803,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=data_mod.sst2_dir())
     p.add_argument("--tag", default="v2")
     p.add_argument("--output", type=Path, default=None)
-    p.add_argument("--commit", action="store_true", help="git-commit every finished run")
+    p.add_argument("--commit", action="store_true",
+                   help="git-commit the run archive after every finished run")
     p.add_argument("--code", type=Path, default=None,
                    help="import zofo_kernels from this copy of the repository instead of "
                         "the working tree (so the tree can change while a study runs)")
@@ -668,12 +812,19 @@ def main(argv=None) -> int:
                    help="sweep only these rows (a sitting's share of the sweep)")
     args = p.parse_args(argv)
     args.sweep_minutes = args.sweep_minutes or args.budget_minutes
-    for f in ("train.tsv", "dev.tsv"):
+    for f in ("train.tsv", "dev.tsv") if args.phase not in ("report", "pack") else ():
         if not (args.data / f).is_file():
             raise SystemExit(f"study_sst2: {args.data / f} not found (SST-2 is expected at "
                              "../shared/data/sst2 next to the repository)")
     args.output = args.output or ROOT / "benchmarks" / "results" / f"study_{args.tag}"
     study = Study(args)
+    if args.phase == "pack":
+        moved = study.pack()
+        print(f"study_sst2: {len(moved)} run folder(s) moved into {study.archive.path}")
+        return 0
+    if any((study.out / "runs").glob("*/summary.json")):
+        raise SystemExit(f"study_sst2: {study.out / 'runs'} holds run folders of the older "
+                         f"layout: move them into {ARCHIVE} first (--phase pack)")
     phases = (("sweep", "lambda", "main", "stability", "defaults", "subset", "data")
               if args.phase == "all"
               else (args.phase,))

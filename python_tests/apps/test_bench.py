@@ -134,18 +134,24 @@ def _fake_run(folder, points, hp=None, bilevel=(), memory=100 * 2**20, selected=
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _record(study, name, points, **kw):
+    """A fake run made outside the study, then recorded into its archive as a finished run."""
+    folder = study.out.parent / "made" / name
+    _fake_run(folder, points, **kw)
+    study.record(name, folder)
+
+
 def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path):
     study_mod = _study_module()
     args = study_mod.argparse.Namespace(
         output=tmp_path / "study", budget_minutes=1.0, sweep_minutes=1.0, holdout=10,
         num_train=20, parallel=2, seeds=[0, 1], commit=False)
     study = study_mod.Study(args)
-    runs = study.out / "runs"
     for row, grid in study_mod.SWEEP.items():
         for i, hp in enumerate(grid):
             # setting 0 peaks higher but collapses; setting 1 ends higher: 1 is chosen
             pts = [(0, 0.5), (30, 0.9), (60, 0.55)] if i == 0 else [(0, 0.5), (60, 0.8)]
-            _fake_run(runs / f"sweep_{row}_{i}", pts, hp)
+            _record(study, f"sweep_{row}_{i}", pts, hp=hp)
     chosen = study.chosen()
     assert chosen["fo-lora"] == study_mod.SWEEP["fo-lora"][1]
     assert chosen["bilevel-zofo-zo0"] == dict(study_mod.SWEEP["bilevel-zofo"][1], lr=0.0)
@@ -155,18 +161,18 @@ def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path)
               "fo-lora": [(0, 0.5), (300, 0.85)]}
     for seed in (0, 1):
         for row, pts in curves.items():
-            _fake_run(runs / f"main_{row}_seed{seed}", pts,
-                      memory=(120 if row == "bilevel-zofo" else 100) * 2**20)
+            _record(study, f"main_{row}_seed{seed}", pts,
+                    memory=(120 if row == "bilevel-zofo" else 100) * 2**20)
     for lam in study_mod.LAMBDAS:
         pts = [(0, 0.5), (30, 0.8), (60, 0.6 if lam == 1000 else 0.79)]
-        _fake_run(runs / f"lambda_rms_{lam:g}", pts,
-                  dict(theta_update="rms", lam=lam, lr=1e-5), bilevel=[3.0, -4.0])
-    _fake_run(runs / "stability_bilevel-zofo_seed1", [(0, 0.5), (30, 0.9), (60, 0.8)])
+        _record(study, f"lambda_rms_{lam:g}", pts,
+                hp=dict(theta_update="rms", lam=lam, lr=1e-5), bilevel=[3.0, -4.0])
+    _record(study, "stability_bilevel-zofo_seed1", [(0, 0.5), (30, 0.9), (60, 0.8)])
     n = study_mod.DATA_NUM_TRAIN
-    _fake_run(runs / f"data{n}_bilevel-zofo_seed0", [(0, 0.5), (300, 0.84)])
-    _fake_run(runs / f"data{n}_bilevel-zofo-zo0_seed0", [(0, 0.5), (300, 0.83)])
+    _record(study, f"data{n}_bilevel-zofo_seed0", [(0, 0.5), (300, 0.84)])
+    _record(study, f"data{n}_bilevel-zofo-zo0_seed0", [(0, 0.5), (300, 0.83)])
     for seed, end in ((0, 0.81), (1, 0.83)):  # subset mean 0.82 vs lr 0's 0.78: +0.040
-        _fake_run(runs / f"subset_bilevel-zofo_seed{seed}", [(0, 0.5), (300, end)])
+        _record(study, f"subset_bilevel-zofo_seed{seed}", [(0, 0.5), (300, end)])
     assert study.grad_rms("lambda_rms_10") == pytest.approx(math.sqrt(12.5))
     study.report()
     md = (study.out / "study.md").read_text()
@@ -193,6 +199,9 @@ def test_study_picks_by_final_holdout_accuracy_and_reports_the_verdict(tmp_path)
     for f in ("study.png", "lambda.png", "diagnostics.png", "runs.csv", "lambda.csv",
               "sweep.csv"):
         assert (study.out / f).stat().st_size > 0, f
+    # the runs live in the study's archive alone: no run folder beside the report
+    assert not (study.out / "runs").exists()
+    assert len(study.archive.runs()) == 2 * 6 + 2 * 4 + 4 + 1 + 2 + 2
 
 
 def test_study_figure_is_written(tmp_path):
