@@ -16,16 +16,20 @@ all of them alike; on GPU each run is bracketed by torch.cuda.synchronize().
     python benchmarks/bench_kernels.py --device cuda    # on a GPU (cuda and triton backends)
     python benchmarks/bench_kernels.py --dispatch-vs-native --quick
                                   # the dispatched CPU build against a -march=native build
+    python benchmarks/bench_kernels.py --output benchmarks/results
+                                  # the committed kernels_cpu.csv (from the top of the checkout)
 
 Writes CSV rows (op, backend, dtype, distribution, numel, metric, value, device_name, date) to
-benchmarks/results/kernels_<device>.csv and prints a table of ratios (op / copy, op / MeZO).
+<output>/kernels_<device>.csv, ``--output`` being ./zofo-bench-results/ (under the current
+folder, never the checkout's committed results) unless given, or to the file ``--out`` names,
+and prints a table of ratios (op / copy, op / MeZO).
 
 ``--dispatch-vs-native`` times, round-robin in one process, the CPU variant the package chose
 at load (the portable wheel's path) and a ``-march=native`` build of the same sources (the
 package's ``_C_native`` if it was built with ZOFO_CPU_VARIANTS=auto,native, else compiled with
 CMake into a temporary folder), checks that both give the same bits, and prints the speed
 ratio native time / dispatched time per case and their geometric mean (1.0: as fast).
-CSV: benchmarks/results/kernels_cpu_dispatch.csv.
+CSV: <output>/kernels_cpu_dispatch.csv.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ LR = 1e-6
 REFERENCE_MAX_NUMEL = 1_000_000  # the numpy reference is slow; time it on small sizes only
 FIELDS = ["op", "backend", "dtype", "distribution", "numel", "metric", "value", "device_name",
           "date"]
+# where the CSV goes unless --output/--out say otherwise: relative to the current folder, as
+# zofo-bench's ./zofo-bench-results/, so a run never overwrites the checkout's committed CSVs
+DEFAULT_OUTPUT = "zofo-bench-results"
 
 
 def cpu_name() -> str:
@@ -315,7 +322,10 @@ def parse_args(argv=None):
                     help="backends to time (default: every available one for the device)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--out", help="CSV path (default benchmarks/results/kernels_<device>.csv)")
+    ap.add_argument("--output", default=DEFAULT_OUTPUT,
+                    help="folder for kernels_<device>.csv (default: ./%(default)s, under the "
+                         "current folder; the committed results: --output benchmarks/results)")
+    ap.add_argument("--out", help="CSV file path (overrides --output)")
     ap.add_argument("--dispatch-vs-native", action="store_true",
                     help="CPU: time the variant chosen at load against a -march=native build")
     ap.add_argument("--native-build-dir", default=None,
@@ -344,7 +354,7 @@ def parse_args(argv=None):
         tag = "cpu" if dev.type == "cpu" else f"cuda_{slug(torch.cuda.get_device_name(dev))}"
         if args.dispatch_vs_native:
             tag = "cpu_dispatch"
-        args.out = os.path.join(HERE, "results", f"kernels_{tag}.csv")
+        args.out = os.path.join(args.output, f"kernels_{tag}.csv")
     return args
 
 

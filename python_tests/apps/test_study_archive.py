@@ -1,6 +1,8 @@
-"""The SST-2 study's run archive (benchmarks/study_sst2.py): the committed reports regenerate
-from the archives, the archive's bytes depend on its members alone, and a study's runs are
-appended to it, run by run, and skipped on a re-run."""
+"""benchmarks/results stays small and its committed files stay as committed. The SST-2
+study's run archive (benchmarks/study_sst2.py): the committed reports regenerate from the
+archives, the archive's bytes depend on its members alone, and a study's runs are appended to
+it, run by run, and skipped on a re-run. The kernel benchmark writes under the current folder
+unless told otherwise."""
 
 import csv
 import importlib.util
@@ -33,6 +35,7 @@ def test_committed_study_keeps_its_runs_in_one_archive(study_mod, study):
     folder = RESULTS / study
     archive = study_mod.RunArchive(folder / study_mod.ARCHIVE)
     assert archive.path.is_file()
+    assert not list(RESULTS.rglob("metrics.jsonl"))  # per-run logs live in the archives
     # no per-run file beside the report: every run folder is in the archive
     assert not (folder / "runs").exists()
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == []
@@ -267,3 +270,22 @@ def test_pack_moves_run_folders_of_the_older_layout_into_the_archive(study_mod, 
     _FakeTrain()(["--output", str(out / "runs" / "sweep_mezo_2")], tmp_path / "log")
     with pytest.raises(SystemExit, match="--phase pack"):
         study_mod.main(["--phase", "report", "--output", str(out)])
+
+
+def test_kernel_benchmark_writes_under_the_current_folder(tmp_path, monkeypatch):
+    """Not into the checkout's benchmarks/results (whose kernels_cpu.csv is committed), unless
+    --output says so."""
+    spec = importlib.util.spec_from_file_location("bench_kernels_output",
+                                                  ROOT / "benchmarks" / "bench_kernels.py")
+    bk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bk)
+    monkeypatch.chdir(tmp_path)
+    args = bk.parse_args(["--device", "cpu", "--quick"])
+    assert args.out == str(Path("zofo-bench-results") / "kernels_cpu.csv")
+    assert bk.parse_args(["--device", "cpu", "--output", "benchmarks/results"]).out == \
+        str(Path("benchmarks/results") / "kernels_cpu.csv")
+    assert bk.parse_args(["--dispatch-vs-native", "--output", "r"]).out == \
+        str(Path("r") / "kernels_cpu_dispatch.csv")
+    assert bk.parse_args(["--device", "cpu", "--out", "x.csv"]).out == "x.csv"
+    bk.write_csv([], args.out)
+    assert (tmp_path / "zofo-bench-results" / "kernels_cpu.csv").is_file()
