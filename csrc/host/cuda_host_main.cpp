@@ -1,0 +1,261 @@
+// Host-execution harness of the CUDA kernels: a test-only program that runs the entry points of
+// csrc/cuda_kernels.cu -- compiled as plain C++ with host/cuda_host_shim.h, usually under
+// AddressSanitizer and UndefinedBehaviorSanitizer -- on cases read from a file, and writes
+// what they produced to another file. python_tests/core/test_cuda_host.py builds it, writes
+// the cases, and checks the results bit for bit against the noise contract.
+//
+//   cuda_host INPUT OUTPUT        run the cases of INPUT, write OUTPUT
+//   cuda_host --selftest-asan     read one element past a buffer (must be reported)
+//   cuda_host --selftest-ubsan    load a float4 from a misaligned address (must be reported)
+//
+// Files are sequences of little-endian 64-bit words ("w" below); a float travels as its bit
+// pattern in the low 32 bits of a word; a blob is a word with its byte count followed by the
+// bytes, zero-padded to a multiple of 8.
+//
+// INPUT:  w magic "ZOFOHX01", w number of cases, then per case
+//           w op (0 noise, 1 perturb, 2 update), w sms, w order_seed, w device,
+//           w seed, w distribution,
+//           noise:    w start, w numel, w direction
+//           perturb:  w dtype, w restore_scale, w restore_direction, w scale, w direction, ROWS
+//           update:   w dtype, w restore_scale, w restore_direction, w lr, w weight_decay,
+//                     w stochastic_rounding, w q, q x w projected gradient, ROWS
+//         ROWS: w num_rows, w total_groups, num_rows x (w numel, w offset, w first_group,
+//               w align), then num_rows x blob (the tensor's numel elements)
+//         align >= 0: the tensor starts `align` elements after a 64-byte boundary (the
+//         elements before it are a canary), and ends where its allocation ends, so that
+//         AddressSanitizer sees any access past it; align = -1: null pointer (numel 0).
+// OUTPUT: per case: w rc, blob error message, w number of launches, launches x (w blocks,
+//         w threads), w canaries intact (1/0), then noise: blob of numel float32; perturb,
+//         update: num_rows x blob (the tensors after the call).
+//
+// Every buffer the kernels see -- tensors, the row table, the projected gradients, the noise
+// output -- is its own heap allocation of exactly the size the GPU code may touch, the way
+// device memory of that size would be.
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <string>
+#include <vector>
+
+#include "cuda_api.h"
+#include "host/cuda_host_shim.h"
+
+namespace {
+
+constexpr uint64_t kMagic = 0x313058484F464F5Aull;  // "ZOFOHX01"
+constexpr unsigned char kCanary = 0xA5;
+
+[[noreturn]] void die(const char* what) {
+  fprintf(stderr, "cuda_host: %s\n", what);
+  exit(2);
+}
+
+struct Reader {
+  FILE* f;
+  int64_t w() {
+    int64_t v;
+    if (fread(&v, 8, 1, f) != 1) die("input ended early");
+    return v;
+  }
+  float f32() {
+    const uint32_t u = (uint32_t)w();
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+  }
+  void blob(void* dst, size_t expected) {
+    const int64_t n = w();
+    if (n != (int64_t)expected) die("blob of unexpected size");
+    if (n && fread(dst, 1, (size_t)n, f) != (size_t)n) die("input ended early");
+    char pad[8];
+    const size_t padn = (size_t)((8 - n % 8) % 8);
+    if (padn && fread(pad, 1, padn, f) != padn) die("input ended early");
+  }
+};
+
+struct Writer {
+  FILE* f;
+  void w(int64_t v) { fwrite(&v, 8, 1, f); }
+  void blob(const void* src, size_t n) {
+    w((int64_t)n);
+    if (n) fwrite(src, 1, n, f);
+    const char pad[8] = {0};
+    fwrite(pad, 1, (8 - n % 8) % 8, f);
+  }
+};
+
+// A tensor as the device would hold it: `align` canary elements, then exactly numel elements.
+struct Buffer {
+  void* base = nullptr;
+  size_t lead = 0;   // canary bytes
+  size_t bytes = 0;  // tensor bytes
+  char* data() const { return base ? (char*)base + lead : nullptr; }
+};
+
+Buffer make_buffer(int64_t numel, int64_t align, size_t esize) {
+  Buffer b;
+  if (align < 0) {
+    if (numel != 0) die("a null tensor must be empty");
+    return b;
+  }
+  b.lead = (size_t)align * esize;
+  b.bytes = (size_t)numel * esize;
+  if (posix_memalign(&b.base, 64, b.lead + b.bytes)) die("out of memory");
+  memset(b.base, kCanary, b.lead);
+  return b;
+}
+
+bool canary_intact(const Buffer& b) {
+  for (size_t i = 0; i < b.lead; ++i)
+    if (((const unsigned char*)b.base)[i] != kCanary) return false;
+  return true;
+}
+
+void run_case(Reader& in, Writer& out) {
+  const int64_t op = in.w();
+  zofo_host::State& st = zofo_host::state();
+  st.sms = (int)in.w();
+  st.order_seed = (uint64_t)in.w();
+  st.launches.clear();
+  const int device = (int)in.w();
+  const uint64_t seed = (uint64_t)in.w();
+  const int dist = (int)in.w();
+  char err[512] = {0};
+  int rc = 0;
+  bool canaries = true;
+  std::vector<Buffer> buffers;
+  std::vector<char> noise_out;
+
+  if (op == 0) {
+    const int64_t start = in.w(), numel = in.w();
+    const uint32_t dir = (uint32_t)in.w();
+    float* z = nullptr;
+    if (numel > 0) {
+      z = (float*)malloc((size_t)numel * 4);
+      if (!z) die("out of memory");
+      memset(z, 0xFF, (size_t)numel * 4);  // NaN: an element never written shows
+    }
+    rc = zofo_cuda_noise(z, seed, start, numel, dist, dir, device, nullptr, err, sizeof(err));
+    if (numel > 0) {
+      noise_out.assign((char*)z, (char*)z + numel * 4);
+      free(z);
+    }
+  } else if (op == 1 || op == 2) {
+    const int dtype = (int)in.w();
+    const float rscale = in.f32();
+    const uint32_t rdir = (uint32_t)in.w();
+    float scale = 0.0f, lr = 0.0f, wd = 0.0f;
+    uint32_t dir = 0;
+    int sr = 0;
+    int64_t q = 0;
+    float* grads = nullptr;
+    if (op == 1) {
+      scale = in.f32();
+      dir = (uint32_t)in.w();
+    } else {
+      lr = in.f32();
+      wd = in.f32();
+      sr = (int)in.w();
+      q = in.w();
+      if (q < 1) die("update needs q >= 1");
+      grads = (float*)malloc((size_t)q * 4);  // "device memory" holding exactly q values
+      if (!grads) die("out of memory");
+      for (int64_t k = 0; k < q; ++k) grads[k] = in.f32();
+    }
+    const int64_t num_rows = in.w(), total_groups = in.w();
+    const size_t esize = dtype == 0 ? 4 : 2;
+    // the device table: exactly num_rows rows
+    ZofoSegmentRow* rows = (ZofoSegmentRow*)malloc((size_t)(num_rows > 0 ? num_rows : 0) *
+                                                   sizeof(ZofoSegmentRow));
+    std::vector<int64_t> numels((size_t)num_rows);
+    for (int64_t r = 0; r < num_rows; ++r) {
+      numels[r] = in.w();
+      rows[r].numel = numels[r];
+      rows[r].offset = in.w();
+      rows[r].first_group = in.w();
+      buffers.push_back(make_buffer(numels[r], in.w(), esize));
+      rows[r].ptr = (int64_t)(uintptr_t)buffers.back().data();
+    }
+    for (int64_t r = 0; r < num_rows; ++r) {
+      if (buffers[r].bytes) in.blob(buffers[r].data(), buffers[r].bytes);
+      else in.blob(nullptr, 0);
+    }
+    if (op == 1) {
+      rc = zofo_cuda_perturb(rows, num_rows, total_groups, dtype, seed, dist, scale, dir,
+                             rscale, rdir, device, nullptr, err, sizeof(err));
+    } else {
+      rc = zofo_cuda_update(rows, num_rows, total_groups, dtype, seed, dist, lr, grads, q,
+                            rscale, rdir, wd, sr, device, nullptr, err, sizeof(err));
+    }
+    free(rows);
+    free(grads);
+  } else {
+    die("unknown op");
+  }
+
+  out.w(rc);
+  out.blob(err, rc ? strlen(err) : 0);
+  out.w((int64_t)st.launches.size());
+  for (const zofo_host::Launch& l : st.launches) {
+    out.w(l.blocks);
+    out.w(l.threads);
+  }
+  for (const Buffer& b : buffers) canaries = canaries && canary_intact(b);
+  out.w(canaries ? 1 : 0);
+  if (op == 0) {
+    out.blob(noise_out.data(), noise_out.size());
+  } else {
+    for (const Buffer& b : buffers) {
+      out.blob(b.data(), b.bytes);
+      free(b.base);
+    }
+  }
+}
+
+// Proof that the sanitizers are compiled in: each must abort the program.
+int selftest(const char* which) {
+  if (strcmp(which, "--selftest-asan") == 0) {
+    volatile size_t n = 3;  // sizes unknown to the compiler: only AddressSanitizer can tell
+    float* p = (float*)calloc(n, sizeof(float));
+    const float x = p[n];   // one past the end
+    free(p);
+    return x == 12345.0f ? 3 : 0;
+  }
+  if (strcmp(which, "--selftest-ubsan") == 0) {
+    float* base = nullptr;
+    if (posix_memalign((void**)&base, 64, 8 * sizeof(float))) die("out of memory");
+    for (int i = 0; i < 8; ++i) base[i] = (float)i;
+    float4 v = *reinterpret_cast<const float4*>(base + 1);  // 4 bytes past a 16-byte boundary
+    free(base);
+    return v.x == 12345.0f ? 3 : 0;
+  }
+  die("unknown self-test");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc == 2 && strncmp(argv[1], "--selftest-", 11) == 0) return selftest(argv[1]);
+  if (argc != 3) {
+    fprintf(stderr, "usage: cuda_host INPUT OUTPUT | --selftest-asan | --selftest-ubsan\n");
+    return 2;
+  }
+  FILE* fi = fopen(argv[1], "rb");
+  if (!fi) die("cannot open the input");
+  FILE* fo = fopen(argv[2], "wb");
+  if (!fo) die("cannot open the output");
+  Reader in{fi};
+  Writer out{fo};
+  if ((uint64_t)in.w() != kMagic) die("bad magic");
+  const int64_t cases = in.w();
+  for (int64_t c = 0; c < cases; ++c) {
+    run_case(in, out);
+    fflush(fo);  // a sanitizer abort in a later case leaves the earlier results readable
+  }
+  if (fclose(fo) != 0) die("cannot write the output");
+  fclose(fi);
+  return 0;
+}
