@@ -43,3 +43,15 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def ulp32(x: np.ndarray) -> np.ndarray:
     """:func:`ulp` in float32 of a numpy array's values rounded to float32, as float64 numpy."""
     return ulp(torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.float32).numpy()
+
+
+# A float32 dot product of n terms, summed in any order, is within gamma_n * sum|a_i b_i| of the
+# exact value, gamma_n = n u / (1 - n u), u = 2^-24 (Higham, "Accuracy and Stability of
+# Numerical Algorithms", 2nd ed., eq. 3.5). Two results of the same dot product computed by
+# different kernels (a GEMM over the whole vocabulary vs one over the label words' rows, which
+# block the sum differently) therefore differ by at most twice that.
+def dot_reorder_bound(abs_dot: torch.Tensor, n: int) -> torch.Tensor:
+    """Largest difference between two float32 evaluations of dot products of length ``n``
+    whose sums of absolute products are ``abs_dot``."""
+    u = 2.0 ** -24
+    return 2.0 * n * u / (1.0 - n * u) * abs_dot

@@ -12,6 +12,7 @@ peft = pytest.importorskip("peft")
 
 from zofo_kernels.apps import data
 from zofo_kernels.apps import models  # noqa: E402
+from tolerances import dot_reorder_bound  # noqa: E402
 from zofo_kernels.integrations.prompting import (BertPromptClassifier, PromptError, PromptSpec,  # noqa: E402
                                     classification_logits, label_token_ids)
 
@@ -49,6 +50,31 @@ def test_prompt_spec_text_descriptions_and_bad_specs():
         PromptSpec(label_words=("same", "same"))
 
 
+def _full_head_pass(model, batch):
+    """The full LM head's logits over every position, and the hidden states it was given."""
+    head = model.get_base_model().get_output_embeddings() if hasattr(
+        model, "get_base_model") else model.get_output_embeddings()
+    seen = []
+    hook = head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            full = model(input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"]).logits
+    finally:
+        hook.remove()
+    return full, seen[0], head
+
+
+def _assert_close_to_the_full_head(got, full, hidden, head, last, ids):
+    """``got`` (rows, classes) equals the full head's logits at (row, last[row], ids) up to the
+    reordering bound of a float32 dot product over the hidden size (tolerances.py)."""
+    rows = torch.arange(got.shape[0])
+    want = full[rows, last][:, ids]
+    abs_dot = hidden[rows, last].abs() @ head.weight[ids].abs().T
+    assert torch.all((got - want).abs() <= dot_reorder_bound(abs_dot, hidden.shape[-1])), (
+        got, want)
+
+
 def test_causal_logits_are_the_lm_heads_label_word_logits_at_the_last_real_token():
     loaded = models.load_model("tiny-opt", head="prompt")
     model = loaded.model
@@ -59,12 +85,12 @@ def test_causal_logits_are_the_lm_heads_label_word_logits_at_the_last_real_token
     ids = label_token_ids(loaded.tokenizer, PromptSpec())
     with torch.no_grad():
         got = classification_logits(model, batch)
-        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full, hidden, head = _full_head_pass(model, batch)
+    last = batch["attention_mask"].sum(1) - 1
     for r in range(4):
-        last = int(batch["attention_mask"][r].sum()) - 1
         # the position read is the template's last word ("was"), not padding or a terminator
-        assert loaded.tokenizer.decode(batch["input_ids"][r, last]).strip() == "was"
-        assert torch.equal(got[r], full[r, last, ids])
+        assert loaded.tokenizer.decode(batch["input_ids"][r, last[r]]).strip() == "was"
+    _assert_close_to_the_full_head(got, full, hidden, head, last, ids)
 
 
 @pytest.mark.parametrize("kind", ["lora", "prefix", "prompt"])
@@ -90,11 +116,11 @@ def test_prompt_tuning_logits_follow_the_virtual_token_shift():
     batch = encode(loaded, SENTENCES, LABELS).batch(slice(0, 4))
     ids = torch.tensor(label_token_ids(loaded.tokenizer, PromptSpec()))
     with torch.no_grad():
-        full = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         got = classification_logits(pm, batch)
+    full, hidden, head = _full_head_pass(pm, batch)
     assert full.shape[1] == batch["input_ids"].shape[1] + 3
     last = batch["attention_mask"].sum(1) - 1 + 3
-    assert torch.equal(got, full[torch.arange(4), last][:, ids])
+    _assert_close_to_the_full_head(got, full, hidden, head, last, ids)
 
 
 def test_encoder_head_is_the_descriptions_embeddings_and_stays_in_the_backbone():
@@ -152,3 +178,34 @@ def test_minilm_zero_shot_is_clearly_above_chance(sst2_dir, one_thread):
 def test_unsupported_models_are_refused_with_a_reason():
     with pytest.raises(models.ModelError, match="head"):
         models.load_model("tiny-bert", head="mlm")
+
+
+@pytest.mark.parametrize("kind", [None, "lora", "prefix", "prompt"])
+def test_label_word_logits_equal_the_full_lm_heads_and_skip_the_vocabulary(kind):
+    """The fast path (label-word rows of the LM head at the last real token only) gives the
+    full head's logits at those words, plain and under every peft kind, and never asks the
+    LM head for a vocabulary-wide product."""
+    from zofo_kernels.integrations.prompting import full_head_label_logits
+    loaded = models.load_model("tiny-opt", head="prompt")
+    model = loaded.model if kind is None else models.add_peft(loaded.model, kind)
+    batch = encode(loaded, SENTENCES, LABELS).batch(slice(0, 4))
+    head = loaded.model.get_output_embeddings()
+    widths = []
+    hook = head.register_forward_hook(lambda m, args, out: widths.append(out.numel()))
+    try:
+        with torch.no_grad():
+            fast = classification_logits(model, batch)
+    finally:
+        hook.remove()
+    full, hidden, head = _full_head_pass(model, batch)
+    shift = full.shape[1] - batch["input_ids"].shape[1]
+    last = batch["attention_mask"].sum(1) - 1 + shift
+    ids = torch.tensor(label_token_ids(loaded.tokenizer, PromptSpec()))
+    with torch.no_grad():  # the reference path reads the same full-head logits
+        assert torch.equal(full_head_label_logits(model, batch),
+                           full[torch.arange(4), last][:, ids])
+    assert widths == [0]  # the head itself computed no logit at all (over an empty sequence)
+    _assert_close_to_the_full_head(fast, full, hidden, head, last, ids)
+    models.classification_loss(model, batch).backward()  # gradients flow through the fast path
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.parameters() if p.requires_grad)

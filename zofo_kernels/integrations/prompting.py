@@ -203,17 +203,68 @@ def is_causal_prompt(model) -> bool:
     return cfg is not None and getattr(cfg, "zofo_label_token_ids", None) is not None
 
 
+def _output_head(model):
+    """The LM head (output embeddings) of a causal LM, plain or wrapped by peft."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise PromptError(f"{type(base).__name__} has no linear LM head (output embeddings) "
+                          "to score label words with")
+    return head
+
+
+def _label_word_logits(model, input_ids, mask, ids) -> torch.Tensor:
+    """(batch, classes): the LM head's logits of the label tokens ``ids`` at each row's last
+    real token, computed for those tokens only. Hooks on the LM head hand it an empty
+    sequence (so the vocabulary-wide product is never formed, at any position) and put the
+    label-word logits of the last positions in its place; the model's own post-processing
+    (e.g. Gemma's final logit soft-capping) then applies to them as to the full head's."""
+    head = _output_head(model)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    kept = {}
+
+    def keep_last_positions(module, args):
+        hidden = args[0]
+        # prompt and prefix tuning prepend virtual tokens to the sequence the head sees
+        shift = hidden.shape[1] - input_ids.shape[1]
+        kept["hidden"] = hidden[rows, mask.long().sum(1) - 1 + shift]
+        return (hidden[:, :0],) + tuple(args[1:])
+
+    def label_words_only(module, args, output):
+        bias = None if module.bias is None else module.bias[ids]
+        return F.linear(kept.pop("hidden"), module.weight[ids], bias).unsqueeze(1)
+
+    pre = head.register_forward_pre_hook(keep_last_positions)
+    post = head.register_forward_hook(label_words_only)
+    try:
+        out = model(input_ids=input_ids, attention_mask=mask)
+    finally:
+        pre.remove()
+        post.remove()
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits[:, 0, :]
+
+
 def classification_logits(model, batch: dict) -> torch.Tensor:
     """(batch, classes) logits of a prompt-based causal LM (label-word logits at the last
     real token; right padding), of a :class:`BertPromptClassifier`, or of any sequence
     classifier, plain or wrapped by peft."""
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    if is_causal_prompt(model):
+        ids = torch.tensor(_config(model).zofo_label_token_ids, device=input_ids.device)
+        return _label_word_logits(model, input_ids, mask, ids)
+    out = model(input_ids=input_ids, attention_mask=mask)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def full_head_label_logits(model, batch: dict) -> torch.Tensor:
+    """The same logits as :func:`classification_logits` for a prompt-based causal LM, read
+    off the full LM head over every position (the slow way; kept as the reference the fast
+    path is tested against)."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
     out = model(input_ids=input_ids, attention_mask=mask)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    if not is_causal_prompt(model):
-        return logits
     ids = torch.tensor(_config(model).zofo_label_token_ids, device=logits.device)
-    # prompt tuning prepends virtual tokens to the sequence the logits cover
     shift = logits.shape[1] - input_ids.shape[1]
     last = mask.long().sum(1) - 1 + shift
     rows = torch.arange(logits.shape[0], device=logits.device)
