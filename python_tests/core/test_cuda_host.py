@@ -28,13 +28,13 @@ What is compared, bit for bit, with no tolerance:
   rounding by ``contract.stochastic_round_bits``.
 * Also the existing CPU backend (same header, different kernels), where it is built.
 
-``test_mutant_is_caught`` compiles deliberately broken copies of ``cuda_kernels.cu`` (string
-patches, each asserted to apply) and asserts that each is detected, by a sanitizer or by the
-comparison: the check can fail.
+``test_mutant_is_caught`` breaks ``cuda_kernels.cu`` on purpose in a scratch copy (string
+patches, each asserted to apply; each break switched on alone at run time) and asserts that
+each break is detected, by a sanitizer or by the comparison: the check can fail.
 
 Only a missing ``g++`` skips this file (``test_matches_cpu_backend`` alone also skips when
 the CPU module is not built). Set ZOFO_TEST_SEED to replay a run's random inputs (failures
-print the seed). Runtime: about 30 s on 2 idle cores, most of it compiling the mutants.
+print the seed). Runtime: about 20 s on 2 cores (three compiles, 15 runs of the executable).
 """
 
 from __future__ import annotations
@@ -100,13 +100,9 @@ def _nice():
     return ["nice", "-n", "10"] if shutil.which("nice") else []
 
 
-def _compile(src: Path, obj: Path, mutant: bool = False) -> str:
-    """Compiles one translation unit; returns the compiler's warnings. A mutant is built with
-    -Og and without -g, which compiles a quarter faster (the same sanitizers and checks)."""
-    flags = CXXFLAGS
-    if mutant:
-        flags = [{"-O1": "-Og"}.get(f, f) for f in CXXFLAGS if f != "-g"]
-    cmd = _nice() + [GXX, *flags, "-x", "c++", "-c", str(src), "-o", str(obj)]
+def _compile(src: Path, obj: Path) -> str:
+    """Compiles one translation unit; returns the compiler's warnings."""
+    cmd = _nice() + [GXX, *CXXFLAGS, "-x", "c++", "-c", str(src), "-o", str(obj)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise AssertionError(f"compile failed: {' '.join(cmd)}\n{r.stdout}{r.stderr}")
@@ -671,11 +667,11 @@ def decode(data: bytes, cases: List[Case]) -> List[Result]:
     return out
 
 
-def run_exe(exe: Path, cases: List[Case], workdir: Path, tag: str):
+def run_exe(exe: Path, cases: List[Case], workdir: Path, tag: str, env=None):
     """(results, completed process); the executable's stderr holds any sanitizer report."""
     inp, outp = workdir / f"{tag}.in", workdir / f"{tag}.out"
     inp.write_bytes(encode(cases))
-    env = dict(os.environ, **SAN_ENV)
+    env = dict(os.environ, **SAN_ENV, **(env or {}))
     proc = subprocess.run([str(exe), str(inp), str(outp)], capture_output=True, text=True,
                           env=env, timeout=300)
     data = outp.read_bytes() if outp.exists() else b""
@@ -860,68 +856,99 @@ def test_matches_cpu_backend(suite, host_results):
 
 # ============================================================================ the check can fail
 
-# (name, original text, broken text, how it must be caught: "mismatch" = the run completes and
-# the comparison fails; any other string = the executable aborts with that sanitizer message)
+# Each mutant: (name, a snippet of cuda_kernels.cu that occurs exactly once, the expression in
+# it to break, the broken expression, how it must be caught: "mismatch" = the run completes and
+# the comparison with the contract fails; any other string = the executable aborts with that
+# sanitizer message).
 MUTANTS = [
     ("tail_reads_one_past_the_end",
      "    if (i >= 0 && i < numel) {\n      w[m] = Storage<T>::load(p[i]);",
-     "    if (i >= 0 && i <= numel) {\n      w[m] = Storage<T>::load(p[i]);",
-     "heap-buffer-overflow"),
+     "i < numel", "i <= numel", "heap-buffer-overflow"),
     ("vector_load_on_an_incomplete_group",
-     "local0 >= 0 && local0 + 4 <= numel;", "local0 >= 0 && local0 + 3 <= numel;",
+     "local0 >= 0 && local0 + 4 <= numel;", "local0 + 4 <= numel", "local0 + 3 <= numel",
      "heap-buffer-overflow"),
     ("vector_load_without_the_alignment_check",
-     "% sizeof(V) == 0", "% sizeof(R) == 0", "misaligned address"),
+     "% sizeof(V) == 0", "sizeof(V)", "sizeof(R)", "misaligned address"),
     ("binary_search_takes_the_previous_row",
-     "if (rows[mid].first_group <= g) {", "if (rows[mid].first_group < g) {", "mismatch"),
+     "if (rows[mid].first_group <= g) {", "rows[mid].first_group <= g",
+     "rows[mid].first_group < g", "mismatch"),
+    ("binary_search_reads_past_the_table",
+     "int64_t lo = 0, hi = n - 1;", "n - 1", "n", "heap-buffer-overflow"),
     ("32_bit_local_index",
-     "const int64_t local0 = (int64_t)(group * 4) - row.offset;",
-     "const int64_t local0 = (int64_t)(uint32_t)(group * 4) - row.offset;", "mismatch"),
+     "const int64_t local0 = (int64_t)(group * 4) - row.offset;", "(int64_t)(group * 4)",
+     "(int64_t)(uint32_t)(group * 4)", "mismatch"),
+    ("32_bit_group_number",
+     "(uint64_t)(row.offset >> 2) + (uint64_t)(g - row.first_group)",
+     "(uint64_t)(row.offset >> 2)", "(uint64_t)(uint32_t)(row.offset >> 2)", "mismatch"),
     ("grid_stride_skips_groups",
-     "g < total; g += stride) {\n    const ZofoSegmentRow",
-     "g < total; g += stride + 1) {\n    const ZofoSegmentRow", "mismatch"),
-    ("restore_uses_direction_0",
-     "noise4(seed, group, restore_direction, distribution, zr);",
-     "noise4(seed, group, 0u, distribution, zr);", "mismatch"),
-    ("gradient_read_past_q",
-     "for (int64_t k = 0; k < q; ++k) {", "for (int64_t k = 0; k <= q; ++k) {",
-     "heap-buffer-overflow"),
-    ("rounding_bits_from_the_noise_stream",
-     "block_words(seed, group, 0u, kPurposeRounding, r);",
-     "block_words(seed, group, 0u, kPurposeNoise, r);", "mismatch"),
-    ("stochastic_rounding_of_float32",
-     "stochastic_rounding != 0 && dtype != kFloat32;", "stochastic_rounding != 0;",
+     "g < total; g += stride) {\n    const ZofoSegmentRow", "stride", "stride + 1",
      "mismatch"),
+    ("restore_uses_direction_0",
+     "noise4(seed, group, restore_direction, distribution, zr);", "restore_direction", "0u",
+     "mismatch"),
+    ("gradient_read_past_q",
+     "for (int64_t k = 0; k < q; ++k) {", "k < q", "k <= q", "heap-buffer-overflow"),
+    ("rounding_bits_from_the_noise_stream",
+     "block_words(seed, group, 0u, kPurposeRounding, r);", "kPurposeRounding", "kPurposeNoise",
+     "mismatch"),
+    ("stochastic_rounding_of_float32",
+     "stochastic_rounding != 0 && dtype != kFloat32;", "dtype != kFloat32", "true", "mismatch"),
     ("noise_tail_writes_one_past_the_end",
-     "if (i >= 0 && i < numel) out[i] = z[m];", "if (i >= 0 && i <= numel) out[i] = z[m];",
+     "if (i >= 0 && i < numel) out[i] = z[m];", "i < numel", "i <= numel",
      "heap-buffer-overflow"),
 ]
 
+# The patched copy holds every break, each behind a run-time switch, so that one compile serves
+# them all (compiling a copy per mutant would take most of this file's time budget): the
+# environment variable ZOFO_MUTANT=k turns break k on, alone; 0 runs the original expressions.
+MUTANT_PRELUDE = """// scratch copy of cuda_kernels.cu with deliberate breaks (python_tests/core/test_cuda_host.py)
+#include <stdlib.h>
+static int zofo_mutant_from_env() {
+  const char* s = getenv("ZOFO_MUTANT");
+  return s ? atoi(s) : 0;
+}
+static const int zofo_mutant = zofo_mutant_from_env();
+#define ZOFO_MUTANT_ON(k) (zofo_mutant == (k))
+"""
+
+
+def mutated_source(src: str) -> str:
+    for k, (name, snippet, expr, broken, _) in enumerate(MUTANTS, start=1):
+        assert src.count(snippet) == 1, f"mutant {name}: its snippet must occur exactly once"
+        assert snippet.count(expr) == 1, f"mutant {name}: its expression must occur once"
+        switched = snippet.replace(expr, f"(ZOFO_MUTANT_ON({k}) ? ({broken}) : ({expr}))")
+        src = src.replace(snippet, switched)
+        assert src.count(switched) == 1, f"mutant {name}: the patch did not apply"
+    return MUTANT_PRELUDE + src
+
 
 @pytest.fixture(scope="session")
-def mutant_exes(build_dir, driver_obj):
-    """All mutants, compiled two at a time (one session-wide build)."""
-    src = KERNELS.read_text()
-
-    def build(m):
-        name, old, new, _ = m
-        assert src.count(old) == 1, f"mutant {name}: the patched text must occur exactly once"
-        d = build_dir / f"mutant_{name}"
-        d.mkdir(exist_ok=True)
-        (d / "cuda_kernels.cu").write_text(src.replace(old, new))
-        _compile(d / "cuda_kernels.cu", d / "cuda_kernels.o", mutant=True)
-        _link([d / "cuda_kernels.o", driver_obj], d / "cuda_host")
-        return name, d / "cuda_host"
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(build, MUTANTS))
+def mutant_exe(build_dir, driver_obj):
+    """The executable built from the patched scratch copy of cuda_kernels.cu."""
+    d = build_dir / "mutants"
+    d.mkdir(exist_ok=True)
+    (d / "cuda_kernels.cu").write_text(mutated_source(KERNELS.read_text()))
+    _compile(d / "cuda_kernels.cu", d / "cuda_kernels.o")
+    _link([d / "cuda_kernels.o", driver_obj], d / "cuda_host")
+    return d / "cuda_host"
 
 
-@pytest.mark.parametrize("mutant", MUTANTS, ids=[m[0] for m in MUTANTS])
-def test_mutant_is_caught(mutant, mutant_exes, suite, build_dir):
-    name, _, _, how = mutant
+def test_mutant_build_with_no_break_passes(mutant_exe, suite, build_dir):
+    """With every switch off the patched copy passes the whole suite: what the mutants below
+    fail is their break, not the patching."""
     cases, expected = suite
-    results, proc = run_exe(mutant_exes[name], cases, build_dir, f"mutant_{name}")
+    results, proc = run_exe(mutant_exe, cases, build_dir, "mutant_0", {"ZOFO_MUTANT": "0"})
+    assert proc.returncode == 0 and len(results) == len(cases), proc.stderr[-3000:]
+    bad = [c.name for c, r, e in zip(cases, results, expected) if case_failures(c, r, e)]
+    assert not bad, f"{bad[:5]} (test rng seed {_RNG_SEED})"
+
+
+@pytest.mark.parametrize("k", range(1, len(MUTANTS) + 1), ids=[m[0] for m in MUTANTS])
+def test_mutant_is_caught(k, mutant_exe, suite, build_dir):
+    name, _, _, _, how = MUTANTS[k - 1]
+    cases, expected = suite
+    results, proc = run_exe(mutant_exe, cases, build_dir, f"mutant_{k}",
+                            {"ZOFO_MUTANT": str(k)})
     if how == "mismatch":
         assert proc.returncode == 0, f"mutant {name} should run to the end:\n{proc.stderr[-3000:]}"
         assert len(results) == len(cases)
