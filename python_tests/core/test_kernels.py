@@ -601,9 +601,9 @@ def test_one_backend_call_per_dtype_group(monkeypatch):
     ref = base.get("reference")
     original = type(ref).update
 
-    def spy(self, tensors, *args):
+    def spy(self, tensors, *args, **kwargs):
         calls.append((tensors[0].dtype, len(tensors)))
-        return original(self, tensors, *args)
+        return original(self, tensors, *args, **kwargs)
 
     monkeypatch.setattr(type(ref), "update", spy)
     ts = [torch.zeros(3), torch.zeros(4, dtype=torch.bfloat16), torch.zeros(5),

@@ -9,7 +9,6 @@ backend's availability. The backend is only called once all of them have passed.
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -19,6 +18,7 @@ import torch
 
 from zofo_kernels.core import contract
 from zofo_kernels.core.backends import base
+from zofo_kernels.core.validation import kernel_scalar
 
 TensorList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -31,9 +31,6 @@ def available_backends() -> Dict[str, base.BackendStatus]:
 
 
 # --------------------------------------------------------------------------- validation
-
-F32_MAX = float(np.finfo(np.float32).max)
-
 
 def _index(value, name: str, low: int, high: int) -> int:
     if isinstance(value, torch.Tensor):
@@ -64,47 +61,6 @@ def _seed(seed) -> int:
 
 def _direction(direction, name="direction") -> int:
     return _index(direction, name, 0, contract.DIRECTION_LIMIT)
-
-
-def as_float32(v: float) -> float:
-    """``v`` rounded to float32 (round to nearest even), as a Python float (inf on overflow)."""
-    with np.errstate(over="ignore", under="ignore"):
-        return float(np.float32(v))
-
-
-def check_float32(v: float, name: str, *, nonzero: bool = False) -> float:
-    """Refuse a finite Python float that the kernels' rounding to float32 would turn into
-    +-inf, and (``nonzero``) a non-zero one that would round to 0, making the call a silent
-    no-op. Returns ``v`` unchanged."""
-    f = as_float32(v)
-    if not math.isfinite(f):
-        raise ValueError(f"{name} = {v!r} overflows float32 (the kernels compute in float32; "
-                         f"|{name}| must be at most {F32_MAX:.7g})")
-    if nonzero and v != 0.0 and f == 0.0:
-        raise ValueError(f"{name} = {v!r} rounds to 0 in float32 (the kernels compute in "
-                         "float32), so the call would silently do nothing")
-    return v
-
-
-def finite_real(value, name: str, *, allow_tensor: bool = False) -> float:
-    """``value`` as a finite Python float, or a clear error naming ``name`` (booleans are
-    refused; ``allow_tensor``: a one-element tensor is taken by its value). The one check of
-    a real-valued setting, for the kernel API and the optimizers alike."""
-    if allow_tensor and isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return v
-
-
-def _real(value, name: str, *, nonzero: bool = False) -> float:
-    """A kernel scalar: a finite real (or one-element tensor) that survives float32."""
-    return check_float32(finite_real(value, name, allow_tensor=True), name, nonzero=nonzero)
 
 
 def _distribution(distribution) -> str:
@@ -320,8 +276,8 @@ def _projected_grads(projected_grads, device: torch.device, check_finite: bool) 
     if not items:
         raise ValueError("projected_grads is empty: give one scalar per direction (q >= 1)")
     if all(not isinstance(g, torch.Tensor) for g in items):
-        return torch.tensor([_real(g, f"projected_grads[{k}]") for k, g in enumerate(items)],
-                            dtype=torch.float32, device=device)
+        return torch.tensor([kernel_scalar(g, f"projected_grads[{k}]")
+                             for k, g in enumerate(items)], dtype=torch.float32, device=device)
     parts, on_device = [], False
     for k, g in enumerate(items):
         if isinstance(g, torch.Tensor):
@@ -339,8 +295,8 @@ def _projected_grads(projected_grads, device: torch.device, check_finite: bool) 
                 on_device = True
             parts.append(g.detach().reshape(()).to(device=device, dtype=torch.float32))
         else:
-            parts.append(torch.tensor(_real(g, f"projected_grads[{k}]"), dtype=torch.float32,
-                                      device=device))
+            parts.append(torch.tensor(kernel_scalar(g, f"projected_grads[{k}]"),
+                                      dtype=torch.float32, device=device))
     grads = torch.stack(parts)
     if on_device and check_finite and not bool(torch.isfinite(grads).all()):
         raise ValueError(f"projected_grads holds a value that is not finite in float32: "
@@ -448,10 +404,10 @@ def perturb_(tensors: TensorList, seed, scale, distribution: str = "gaussian", d
     """
     tensors = _tensor_list(tensors)
     seed = _seed(seed)
-    scale = _real(scale, "scale", nonzero=True)
+    scale = kernel_scalar(scale, "scale", nonzero=True)
     distribution = _distribution(distribution)
     direction = _direction(direction)
-    restore_scale = _real(restore_scale, "restore_scale", nonzero=True)
+    restore_scale = kernel_scalar(restore_scale, "restore_scale", nonzero=True)
     if restore_scale != 0.0 and restore_direction is None:
         raise ValueError("restore_scale is set but restore_direction is not")
     restore_direction = _direction(restore_direction or 0, "restore_direction")
@@ -483,9 +439,9 @@ def zo_update_(tensors: TensorList, seed, *, lr, projected_grads, restore_scale=
     """
     tensors = _tensor_list(tensors)
     seed = _seed(seed)
-    lr = _real(lr, "lr", nonzero=True)
-    weight_decay = _real(weight_decay, "weight_decay", nonzero=True)
-    restore_scale = _real(restore_scale, "restore_scale", nonzero=True)
+    lr = kernel_scalar(lr, "lr", nonzero=True)
+    weight_decay = kernel_scalar(weight_decay, "weight_decay", nonzero=True)
+    restore_scale = kernel_scalar(restore_scale, "restore_scale", nonzero=True)
     distribution = _distribution(distribution)
     if not isinstance(stochastic_rounding, bool):
         raise TypeError("stochastic_rounding must be True or False")
@@ -500,5 +456,6 @@ def zo_update_(tensors: TensorList, seed, *, lr, projected_grads, restore_scale=
     restore_direction = q - 1 if restore_direction is None else _direction(
         restore_direction, "restore_direction")
     _run(tensors, offs, device, backend, lambda impl, ts, os_: impl.update(
-        ts, os_, seed, distribution, lr, grads, restore_scale, restore_direction, weight_decay,
-        stochastic_rounding))
+        ts, os_, seed, distribution, lr=lr, projected_grads=grads, restore_scale=restore_scale,
+        restore_direction=restore_direction, weight_decay=weight_decay,
+        stochastic_rounding=stochastic_rounding))

@@ -38,7 +38,8 @@ import torch
 
 from zofo_kernels.core import contract
 from zofo_kernels.core.backends import base as _backends
-from zofo_kernels.core.ops import as_float32, check_float32, finite_real, perturb_, zo_update_
+from zofo_kernels.core.ops import perturb_, zo_update_
+from zofo_kernels.core.validation import as_float32, check_float32, finite_real
 from zofo_kernels.core.optim.layout import split_by_device, zo_layout, zo_numel
 
 ESTIMATORS = ("central", "forward")
