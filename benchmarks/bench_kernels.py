@@ -261,7 +261,9 @@ def run_dispatch_vs_native(args) -> List[dict]:
                                                                   0.0, 0))
                         fns[f"update|{tag}|{dist}"] = (
                             lambda be=be, p=p, d=dist: be.update(
-                                [p], [0], 1234, d, LR, grads, -EPS, 0, 0.0, False))
+                                [p], [0], 1234, d, lr=LR, projected_grads=grads,
+                                restore_scale=-EPS, restore_direction=0, weight_decay=0.0,
+                                stochastic_rounding=False))
                 repeats = args.repeats if numel >= 10 ** 7 or args.quick else max(args.repeats, 9)
                 secs = time_round_robin(fns, torch.device("cpu"), args.warmup, repeats)
                 if not torch.equal(ps["d"], ps["n"]):

@@ -331,7 +331,7 @@ def test_one_launch_per_dtype_group(device, monkeypatch):
     _need(device)
     from zofo_kernels.core.backends.triton import kernels as tk
     counters = {name: _CountingLauncher(getattr(tk, name))
-                for name in ("perturb_kernel", "update_kernel", "noise_kernel")}
+                for name in ("_perturb_kernel", "_update_kernel", "_noise_kernel")}
     for name, counter in counters.items():
         monkeypatch.setattr(tk, name, counter)
 
@@ -340,21 +340,21 @@ def test_one_launch_per_dtype_group(device, monkeypatch):
     tensors.append(torch.empty(0, dtype=torch.float16, device=device))
     seed = 12345
     zk.perturb_(tensors, seed, 1e-3, "rademacher", backend="triton")
-    assert len(counters["perturb_kernel"].grids) == 3
+    assert len(counters["_perturb_kernel"].grids) == 3
     zk.perturb_(tensors, seed, -2e-3, "gaussian", backend="triton")
-    assert len(counters["perturb_kernel"].grids) == 6
+    assert len(counters["_perturb_kernel"].grids) == 6
     zk.zo_update_(tensors, seed, lr=1e-3, projected_grads=[0.5, -0.25, 2.0], backend="triton")
-    assert len(counters["update_kernel"].grids) == 3
+    assert len(counters["_update_kernel"].grids) == 3
     only_fp32 = [t for t in tensors if t.dtype == torch.float32]
     zk.perturb_(only_fp32, seed, 1e-3, backend="triton")
-    assert len(counters["perturb_kernel"].grids) == 7
+    assert len(counters["_perturb_kernel"].grids) == 7
     zk.noise(seed, 2 ** 33, 3000, backend="triton", device=device)
-    assert len(counters["noise_kernel"].grids) == 1
+    assert len(counters["_noise_kernel"].grids) == 1
     # only empty tensors: nothing to launch
     zk.perturb_([torch.empty(0, device=device)], seed, 1e-3, backend="triton")
-    assert len(counters["perturb_kernel"].grids) == 7
+    assert len(counters["_perturb_kernel"].grids) == 7
     # every program enumerates one window of one tensor: the grid covers all tensors
-    grid = counters["update_kernel"].grids[0]
+    grid = counters["_update_kernel"].grids[0]
     assert grid[0] >= sum(1 for t in tensors if t.dtype == dtypes[0] and t.numel())
 
 
@@ -372,10 +372,14 @@ def test_launch_tables_are_cached(device):
     for step in range(3):  # an optimizer step: perturb +eps, -2eps, restore + update
         backend.perturb(tensors, offsets, 100 + step, "rademacher", 1e-3, 0, 0.0, 0)
         backend.perturb(tensors, offsets, 100 + step, "rademacher", -2e-3, 0, 0.0, 0)
-        backend.update(tensors, offsets, 100 + step, "rademacher", 1e-2, g, 1e-3, 0, 0.0, True)
+        backend.update(tensors, offsets, 100 + step, "rademacher", lr=1e-2, projected_grads=g,
+                       restore_scale=1e-3, restore_direction=0, weight_decay=0.0,
+                       stochastic_rounding=True)
         ref.perturb(want, offsets, 100 + step, "rademacher", 1e-3, 0, 0.0, 0)
         ref.perturb(want, offsets, 100 + step, "rademacher", -2e-3, 0, 0.0, 0)
-        ref.update(want, offsets, 100 + step, "rademacher", 1e-2, g.cpu(), 1e-3, 0, 0.0, True)
+        ref.update(want, offsets, 100 + step, "rademacher", lr=1e-2, projected_grads=g.cpu(),
+                   restore_scale=1e-3, restore_direction=0, weight_decay=0.0,
+                   stochastic_rounding=True)
     assert backend.table_builds == 1, "repeated calls on the same tensors rebuilt the tables"
     for a, b in zip(tensors, want):
         assert torch.equal(a.cpu(), b)
@@ -412,8 +416,10 @@ def test_block_size_invariance(device, distribution):
         live = [(t, o) for t, o in zip(tensors, offsets) if t.numel()]
         ts, os_ = [t for t, _ in live], [o for _, o in live]
         backend.perturb(ts, os_, seed, distribution, 1e-2, 3, -1e-2, 2)
-        backend.update(ts, os_, seed, distribution, 1e-3,
-                       torch.tensor([1.5, -0.5], device=device), 1e-2, 1, 0.01, True)
+        backend.update(ts, os_, seed, distribution, lr=1e-3,
+                       projected_grads=torch.tensor([1.5, -0.5], device=device),
+                       restore_scale=1e-2, restore_direction=1, weight_decay=0.01,
+                       stochastic_rounding=True)
         results.append([t.cpu() for t in tensors])
         noise = backend.noise(seed, 2 ** 36 + 77, 1000, distribution, 5, torch.device(device))
         results[-1].append(noise.cpu())
@@ -440,8 +446,9 @@ def test_backend_rejects_bad_groups(device):
         BACKEND.perturb([torch.zeros(3, dtype=torch.float64, device=device)], [0], 1,
                         "gaussian", 1e-3, 0, 0.0, 0)
     with pytest.raises(ValueError, match="projected_grads"):
-        BACKEND.update([a], [0], 1, "gaussian", 1e-3, torch.zeros(0, device=device), 0.0, 0,
-                       0.0, True)
+        BACKEND.update([a], [0], 1, "gaussian", lr=1e-3,
+                       projected_grads=torch.zeros(0, device=device), restore_scale=0.0,
+                       restore_direction=0, weight_decay=0.0, stochastic_rounding=True)
     assert torch.equal(a, torch.zeros(10, device=device))
     if BACKEND.interpreted and torch.cuda.is_available():
         with pytest.raises(ValueError, match="cannot run"):
@@ -462,13 +469,13 @@ def test_hyperparameters_do_not_recompile():
 
     zk.perturb_(tensors, 1, 1e-3, backend="triton")
     zk.zo_update_(tensors, 1, lr=1e-3, projected_grads=[1.0], backend="triton")
-    before = (compiled(tk.perturb_kernel), compiled(tk.update_kernel))
+    before = (compiled(tk._perturb_kernel), compiled(tk._update_kernel))
     for k, seed in enumerate([2, 2 ** 40 + 1, 2 ** 63 - 1, 16, 1]):
         zk.perturb_(tensors, seed, 10.0 ** -k, direction=k * 1000 + 1, backend="triton")
         zk.zo_update_(tensors, seed, lr=10.0 ** -k, projected_grads=[0.5] * (k + 1),
                       weight_decay=0.1 * k, backend="triton")
     torch.cuda.synchronize()
-    assert (compiled(tk.perturb_kernel), compiled(tk.update_kernel)) == before
+    assert (compiled(tk._perturb_kernel), compiled(tk._update_kernel)) == before
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -492,12 +499,15 @@ def test_aligned_vector_path(device, dtype):
         want = [t.cpu().clone() for t in ts]
         for distribution in DISTRIBUTIONS:
             backend.perturb(ts, offs, seed, distribution, 1e-2, 1, 0.0, 0)
-            backend.update(ts, offs, seed, distribution, 1e-3,
-                           torch.tensor([0.5, 2.0], device=device), -1e-2, 1, 0.0, True)
+            backend.update(ts, offs, seed, distribution, lr=1e-3,
+                           projected_grads=torch.tensor([0.5, 2.0], device=device),
+                           restore_scale=-1e-2, restore_direction=1, weight_decay=0.0,
+                           stochastic_rounding=True)
             ref = base.get("reference")
             ref.perturb(want, offs, seed, distribution, 1e-2, 1, 0.0, 0)
-            ref.update(want, offs, seed, distribution, 1e-3, torch.tensor([0.5, 2.0]), -1e-2,
-                       1, 0.0, True)
+            ref.update(want, offs, seed, distribution, lr=1e-3,
+                       projected_grads=torch.tensor([0.5, 2.0]), restore_scale=-1e-2,
+                       restore_direction=1, weight_decay=0.0, stochastic_rounding=True)
             for a, b in zip(ts, want):
                 _assert_same(a, b, distribution, _note(seed=seed, distribution=distribution),
                              coef=2e-2 + 2.5e-3, steps=3)

@@ -84,10 +84,12 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def update(self, tensors: List[torch.Tensor], offsets: List[int], seed: int,
-               distribution: str, lr: float, projected_grads: torch.Tensor,
+               distribution: str, *, lr: float, projected_grads: torch.Tensor,
                restore_scale: float, restore_direction: int, weight_decay: float,
                stochastic_rounding: bool) -> None:
-        ...
+        """The scalars after ``distribution`` are keyword-only (as in
+        :func:`zofo_kernels.core.ops.zo_update_`): ten positional values are too easy to
+        permute."""
 
 
 _FACTORIES: Dict[str, Callable[[], Backend]] = {}

@@ -61,7 +61,7 @@ class ReferenceBackend(Backend):
             w = w + _z(seed, start, b - a, distribution, direction) * s
             flat[a:b] = w.to(flat.dtype).to(flat.device)
 
-    def update(self, tensors, offsets, seed, distribution, lr, projected_grads,
+    def update(self, tensors, offsets, seed, distribution, *, lr, projected_grads,
                restore_scale, restore_direction, weight_decay, stochastic_rounding):
         grads = projected_grads.detach().float().cpu()
         lr32, wd32 = _f32(lr), _f32(weight_decay)

@@ -69,7 +69,7 @@ class CpuBackend(Backend):
                     float(scale), direction, float(restore_scale), restore_direction,
                     torch.get_num_threads())
 
-    def update(self, tensors, offsets, seed, distribution, lr, projected_grads,
+    def update(self, tensors, offsets, seed, distribution, *, lr, projected_grads,
                restore_scale, restore_direction, weight_decay, stochastic_rounding):
         mod = self._native()
         code = check_group(tensors, offsets, self.name, device_type="cpu")

@@ -122,7 +122,7 @@ class CudaBackend(Backend):
                     float(restore_scale), restore_direction, idx,
                     torch.cuda.current_stream(idx).cuda_stream)
 
-    def update(self, tensors, offsets, seed, distribution, lr, projected_grads,
+    def update(self, tensors, offsets, seed, distribution, *, lr, projected_grads,
                restore_scale, restore_direction, weight_decay, stochastic_rounding):
         mod = self._native()
         code = check_group(tensors, offsets, self.name, device_type="cuda", nonempty=True)

@@ -287,9 +287,12 @@ def _store(ptrs, inside, full, p):
 
 
 # --------------------------------------------------------------------------- kernels
+#
+# Private: their parameter lists are the launch ABI (9 to 16 values, in this order), and
+# only :class:`zofo_kernels.core.backends.triton.launcher.TritonBackend` launches them.
 
 @triton.jit(do_not_specialize=["seed", "start", "numel", "direction"])
-def noise_kernel(out_ptr, seed: tl.int64, start: tl.int64, numel: tl.int64,
+def _noise_kernel(out_ptr, seed: tl.int64, start: tl.int64, numel: tl.int64,
                  direction: tl.uint32,
                  BLOCK: tl.constexpr, ALIGN: tl.constexpr, DIST: tl.constexpr,
                  PRECISE: tl.constexpr):
@@ -304,7 +307,7 @@ def noise_kernel(out_ptr, seed: tl.int64, start: tl.int64, numel: tl.int64,
 
 
 @triton.jit(do_not_specialize=["seed", "direction", "restore_direction"])
-def perturb_kernel(tensor_table, program_table, seed: tl.int64, scale: tl.float32,
+def _perturb_kernel(tensor_table, program_table, seed: tl.int64, scale: tl.float32,
                    direction: tl.uint32, restore_scale: tl.float32, restore_direction: tl.uint32,
                    STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                    HAS_RESTORE: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
@@ -317,7 +320,7 @@ def perturb_kernel(tensor_table, program_table, seed: tl.int64, scale: tl.float3
 
 
 @triton.jit(do_not_specialize=["seed", "q", "restore_direction"])
-def update_kernel(tensor_table, program_table, seed: tl.int64, lr: tl.float32, grads_ptr,
+def _update_kernel(tensor_table, program_table, seed: tl.int64, lr: tl.float32, grads_ptr,
                   q: tl.int32, restore_scale: tl.float32, restore_direction: tl.uint32,
                   weight_decay: tl.float32,
                   STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,

@@ -140,7 +140,7 @@ class TritonBackend(Backend):
         align = tk.WINDOW_ALIGN  # windows start on a Philox block boundary
         programs = (start % align + numel + self.block - 1) // self.block
         with self._device_guard(device):
-            tk.noise_kernel[(programs,)](
+            tk._noise_kernel[(programs,)](
                 out, seed, start, numel, direction,
                 BLOCK=self.block, ALIGN=align, DIST=DISTRIBUTION_CODES[distribution],
                 PRECISE=self._precise(), **self._launch_options())
@@ -156,14 +156,14 @@ class TritonBackend(Backend):
         if programs == 0:
             return
         with self._device_guard(device):
-            tk.perturb_kernel[(programs,)](
+            tk._perturb_kernel[(programs,)](
                 table, program_table, seed, float(scale), direction,
                 float(restore_scale), restore_direction,
                 STORAGE=code, BLOCK=self.block,
                 DIST=DISTRIBUTION_CODES[distribution], HAS_RESTORE=restore_scale != 0.0,
                 PRECISE=self._precise(), ALIGNED=aligned, **self._launch_options())
 
-    def update(self, tensors, offsets, seed, distribution, lr, projected_grads,
+    def update(self, tensors, offsets, seed, distribution, *, lr, projected_grads,
                restore_scale, restore_direction, weight_decay, stochastic_rounding):
         code = check_group(tensors, offsets, self.name)
         device = tensors[0].device
@@ -179,7 +179,7 @@ class TritonBackend(Backend):
         dtype = tensors[0].dtype
         stochastic = bool(stochastic_rounding) and dtype != torch.float32
         with self._device_guard(device):
-            tk.update_kernel[(programs,)](
+            tk._update_kernel[(programs,)](
                 table, program_table, seed, float(lr), grads, grads.numel(),
                 float(restore_scale), restore_direction, float(weight_decay),
                 STORAGE=code, BLOCK=self.block,
