@@ -621,7 +621,7 @@ def test_sigint_during_the_update_sweep_completes_the_step_then_interrupts(monke
     """Item 1: a SIGINT that arrives while group 1 of 3 is updated is held back until the
     update sweep and the step's commit are done; the result equals an uninterrupted step."""
     import signal
-    from zofo_kernels.core.optim import zo as zo_module
+    from zofo_kernels.core.optim import zo_functional as zo_module
 
     model, x, y, opt = _dyadic_opt()
     ref_model, _, _, ref = _dyadic_opt()
@@ -650,7 +650,7 @@ def test_kernel_failure_in_the_update_sweep_restores_exactly_the_groups_not_upda
     """Item 1: the update of group 1 (of 3) fails: group 0 keeps its update, groups 1 and 2
     come back bit for bit (they carried the perturbation, not an update), and the step counts
     (its seed was used)."""
-    from zofo_kernels.core.optim import zo as zo_module
+    from zofo_kernels.core.optim import zo_functional as zo_module
 
     model, x, y, opt = _dyadic_opt()
     ref_model, _, _, ref = _dyadic_opt()

@@ -1,4 +1,7 @@
-"""ZOFOOptimizer: Bilevel-ZOFO (arXiv 2502.03604; docs/optimizers.md, "Bilevel-ZOFO").
+"""BilevelOptimizer: the machinery of Bilevel-ZOFO (arXiv 2502.03604; docs/optimizers.md,
+"Bilevel-ZOFO"), shared by :class:`~zofo_kernels.core.optim.ZOFOOptimizer` (one PEFT pair) and
+:class:`~zofo_kernels.core.optim.MetaZOFOOptimizer` (one pair per task), and its result type
+:class:`ZOFOStepResult`.
 
 Backbone theta is trained zeroth-order with the fused kernels (an internal
 :class:`~zofo_kernels.core.optim.ZOOptimizer`); a PEFT block is kept in two copies, P (upper level,
@@ -49,19 +52,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
-import re
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from zofo_kernels.core.optim.zo import (NONFINITE_POLICIES, NonFiniteLossError, ZOOptimizer, _choice, _int, _real,
-                 loss_value)
+from zofo_kernels.core.optim import first_order
+from zofo_kernels.core.optim.adam_theta import adam_theta_step, theta_adamw
+from zofo_kernels.core.optim.peft_pair import LEVELS, PeftPair, param_list
+from zofo_kernels.core.optim.zo import NONFINITE_POLICIES, NonFiniteLossError, ZOOptimizer
+from zofo_kernels.core.validation import choice, integer, real
 
-LEVELS = ("upper", "lower")
 THETA_UPDATES = ("rms", "sgd", "scaled-sgd", "adam")
 ORDERS = ("official", "p-first")
-PEFT_DTYPES = (torch.float32, torch.float64)
+_COUNTERS = ("forward_count", "backward_count", "outer_steps")
 
 
 @dataclasses.dataclass
@@ -110,27 +113,19 @@ class ZOFOStepResult:
 
 # --------------------------------------------------------------------------- checks
 
-def _param_list(params, name: str) -> List[torch.Tensor]:
-    """Flatten parameters or parameter groups into a list of tensors (for checks)."""
-    if isinstance(params, torch.Tensor):
-        raise TypeError(f"{name} must be an iterable of parameters or parameter groups, "
-                        "not a single tensor")
-    out = []
-    for item in params:
-        if isinstance(item, dict):
-            ps = item.get("params")
-            ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
-            out.extend(ps)
-        else:
-            out.append(item)
-    for p in out:
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{name} contains a {type(p).__name__}, not a tensor")
-        if not p.is_leaf:
-            raise ValueError(f"{name} contains a non-leaf tensor")
-    if not out:
-        raise ValueError(f"{name} is empty")
-    return out
+def check_lower_batches(lower_batches, inner_steps: int, need_penalty: bool) -> list:
+    """``lower_batches`` of one outer step: a list of ``inner_steps`` batches (one more when
+    ``need_penalty`` and ``inner_steps == 0``: the last lower batch is then B_g)."""
+    if not isinstance(lower_batches, list):
+        raise TypeError("lower_batches must be a list of batches (one per lower step), got a "
+                        f"{type(lower_batches).__name__}; wrap a single batch as [batch]")
+    need = inner_steps + (1 if need_penalty and inner_steps == 0 else 0)
+    if len(lower_batches) != need:
+        extra = (" (no penalty_batch given: the last lower batch is B_g)"
+                 if need_penalty and inner_steps == 0 else "")
+        raise ValueError(f"lower_batches must hold {need} batch(es) (inner_steps="
+                         f"{inner_steps}){extra}, got {len(lower_batches)}")
+    return lower_batches
 
 
 def _byte_span(t: torch.Tensor) -> Tuple[int, int, int]:
@@ -161,60 +156,76 @@ def _check_disjoint(owners: Sequence[Tuple[str, Sequence[torch.Tensor]]]) -> Non
                              "lower parameters must be disjoint tensors")
 
 
-def _check_lower_batches(lower_batches, inner_steps: int, need_penalty: bool) -> list:
-    if not isinstance(lower_batches, list):
-        raise TypeError("lower_batches must be a list of batches (one per lower step), got a "
-                        f"{type(lower_batches).__name__}; wrap a single batch as [batch]")
-    need = inner_steps + (1 if need_penalty and inner_steps == 0 else 0)
-    if len(lower_batches) != need:
-        extra = (" (no penalty_batch given: the last lower batch is B_g)"
-                 if need_penalty and inner_steps == 0 else "")
-        raise ValueError(f"lower_batches must hold {need} batch(es) (inner_steps="
-                         f"{inner_steps}){extra}, got {len(lower_batches)}")
-    return lower_batches
+def _check_peft_optimizer(peft_optimizer) -> None:
+    if not (isinstance(peft_optimizer, type)
+            and issubclass(peft_optimizer, torch.optim.Optimizer)):
+        raise TypeError("peft_optimizer must be a torch.optim.Optimizer subclass "
+                        f"(e.g. torch.optim.Adam), got {peft_optimizer!r}")
+    if issubclass(peft_optimizer, ZOOptimizer):
+        raise TypeError("peft_optimizer must be a first-order optimizer (e.g. "
+                        "torch.optim.Adam); ZOOptimizer trains the backbone here")
 
 
-# --------------------------------------------------------------------------- one PEFT pair
+def _checked_counters(opt: "BilevelOptimizer", state_dict) -> Dict[str, int]:
+    """The counters of a state dict saved by ``opt``'s kind of optimizer, after checking that
+    it matches ``opt`` (settings, PEFT pairs, theta_update)."""
+    if not isinstance(state_dict, dict):
+        raise TypeError("state_dict must be a dict saved by state_dict()")
+    missing = {"zo", "pairs", *_COUNTERS} - set(state_dict)
+    if missing:
+        raise KeyError(f"state dict lacks {sorted(missing)}")
+    differ = [f"{k}: saved {state_dict[k]!r}, this optimizer {getattr(opt, k)!r}"
+              for k in opt._SETTINGS if k in state_dict and state_dict[k] != getattr(opt, k)]
+    if differ:
+        raise ValueError("the state dict was saved by a differently configured optimizer ("
+                         + "; ".join(differ) + "); resuming would follow another trajectory")
+    if not isinstance(state_dict["pairs"], dict) or set(state_dict["pairs"]) != set(opt.pairs):
+        raise ValueError(f"state dict has PEFT pairs "
+                         f"{sorted(map(str, state_dict['pairs']))}, this optimizer has "
+                         f"{sorted(map(str, opt.pairs))}")
+    counters = {k: state_dict[k] for k in _COUNTERS}
+    for k, v in counters.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"state dict {k} must be a non-negative integer, got {v!r}")
+    if (opt.theta_optimizer is not None) != ("theta_optimizer" in state_dict):
+        raise ValueError("theta_update='adam' state and this optimizer's theta_update "
+                         "do not match")
+    return counters
 
-class _Pair:
-    """One (P, S) PEFT pair with its optimizers, adapter switch and loss."""
 
-    def __init__(self, name, upper, lower, select_adapter, loss_fn, opt_cls, upper_lr,
-                 lower_lr, opt_kwargs, upper_optimizer=True):
-        self.name = name
-        upper_groups, lower_groups = list(upper), list(lower)
-        self.upper = _param_list(upper_groups, f"upper_params ({name})")
-        self.lower = _param_list(lower_groups, f"lower_params ({name})")
-        if len(self.upper) != len(self.lower) or any(
-                a.shape != b.shape for a, b in zip(self.upper, self.lower)):
-            raise ValueError(f"upper and lower parameters of {name!r} must be two copies of the "
-                             "same PEFT block (same number of tensors, same shapes, same order)")
-        for a, b in zip(self.upper, self.lower):
-            if a.dtype != b.dtype or a.device != b.device:
-                raise ValueError(f"upper and lower parameters of {name!r} must have the same "
-                                 f"dtypes and devices (got {a.dtype} on {a.device} and "
-                                 f"{b.dtype} on {b.device})")
-        for p in self.upper + self.lower:
-            if not p.is_floating_point():
-                raise TypeError("PEFT parameters must be floating point")
-            if p.dtype not in PEFT_DTYPES:
-                raise TypeError(
-                    f"PEFT parameters of {name!r} are {p.dtype}: P and S are trained "
-                    "first-order with Adam, whose eps and second moments underflow in 16-bit "
-                    "types. Keep the adapter in float32 (peft does so by default, "
-                    "autocast_adapter_dtype=True) and the backbone in 16 bits if you like")
-        if not callable(select_adapter):
-            raise TypeError("select_adapter must be callable: select_adapter('upper'|'lower')")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable: loss_fn(batch) -> scalar loss tensor")
-        self.select_adapter = select_adapter
-        self.loss_fn = loss_fn
-        self.opt_upper = (opt_cls(upper_groups, lr=upper_lr, **opt_kwargs)
-                          if upper_optimizer else None)
-        self.opt_lower = opt_cls(lower_groups, lr=lower_lr, **opt_kwargs)
+def _load_all_or_nothing(loads) -> None:
+    """``o.load_state_dict(s)`` for every (o, s) of ``loads``; if one fails, every one is put
+    back as it was and the error propagates."""
+    saved = [copy.deepcopy(o.state_dict()) for o, _ in loads]
+    try:
+        for o, s in loads:
+            o.load_state_dict(s)
+    except BaseException:
+        for (o, _), s in zip(loads, saved):
+            o.load_state_dict(s)
+        raise
 
-    def optimizers(self) -> List[torch.optim.Optimizer]:
-        return [o for o in (self.opt_upper, self.opt_lower) if o is not None]
+
+def _fill_result(res: ZOFOStepResult, terms: List[Dict[str, float]], *, reuse: bool,
+                 estimator: str, lam: float, eps: float) -> None:
+    """Complete one pair's ``res`` from ``terms``, its {"f", "gp", "gs"} at each evaluation of
+    the ZO step: the objective where P's pass could not give it (``reuse`` False), and the
+    slopes of the three terms (forward estimator)."""
+    if not reuse and terms:
+        if estimator == "central":  # no unperturbed evaluation at all
+            res.objective = sum(t["f"] + lam * (t["gp"] - t["gs"]) for t in terms) / len(terms)
+        else:  # p-first: the first evaluation is at the unperturbed theta, new P
+            first = terms[0]
+            res.lower_penalty_loss = first["gs"]
+            res.gap = res.penalty_loss - first["gs"]
+            res.objective = first["f"] + lam * (first["gp"] - first["gs"])
+    if estimator == "forward" and len(terms) > (0 if reuse else 1):
+        base = ({"f": res.upper_loss, "gp": res.penalty_loss, "gs": res.lower_penalty_loss}
+                if reuse else terms[0])
+        res.slopes = [{"f": (t["f"] - base["f"]) / eps,
+                       "g_upper": (t["gp"] - base["gp"]) / eps,
+                       "g_lower": (t["gs"] - base["gs"]) / eps}
+                      for t in (terms if reuse else terms[1:])]
 
 
 # --------------------------------------------------------------------------- the machinery
@@ -225,82 +236,57 @@ class BilevelOptimizer:
     :meth:`first_order_optimizers`; ``theta_update`` says how the backbone moves. Code that
     drives either (e.g. ``DataParallelZO``) talks to this interface."""
 
+    _SETTINGS = ("lam", "inner_steps", "theta_update", "order")
+
     def _setup(self, backbone_params, pairs_spec, lr, *, lam=1.0, inner_steps=10,
                theta_update="rms", order="official", peft_optimizer=torch.optim.Adam,
                peft_lr=1e-3, lower_lr=None, peft_optimizer_kwargs=None, estimator="forward",
                weight_decay=0.0, **zo_kwargs):
-        self.lam = _real(lam, "lam", nonneg=True)
-        self.inner_steps = _int(inner_steps, "inner_steps", 0)
-        self.theta_update = _choice(theta_update, "theta_update", THETA_UPDATES)
-        self.order = _choice(order, "order", ORDERS)
+        self.lam = real(lam, "lam", nonneg=True)
+        self.inner_steps = integer(inner_steps, "inner_steps", 0)
+        self.theta_update = choice(theta_update, "theta_update", THETA_UPDATES)
+        self.order = choice(order, "order", ORDERS)
         if self.theta_update == "adam" and self.order != "official":
             raise ValueError("theta_update='adam' steps theta and P with one Adam after the ZO "
                              "estimate: it needs order='official'")
-        if not (isinstance(peft_optimizer, type)
-                and issubclass(peft_optimizer, torch.optim.Optimizer)):
-            raise TypeError("peft_optimizer must be a torch.optim.Optimizer subclass "
-                            f"(e.g. torch.optim.Adam), got {peft_optimizer!r}")
-        if issubclass(peft_optimizer, ZOOptimizer):
-            raise TypeError("peft_optimizer must be a first-order optimizer (e.g. "
-                            "torch.optim.Adam); ZOOptimizer trains the backbone here")
-        peft_lr = _real(peft_lr, "peft_lr", nonneg=True)
-        lower_lr = peft_lr if lower_lr is None else _real(lower_lr, "lower_lr", nonneg=True)
+        _check_peft_optimizer(peft_optimizer)
+        peft_lr = real(peft_lr, "peft_lr", nonneg=True)
+        lower_lr = peft_lr if lower_lr is None else real(lower_lr, "lower_lr", nonneg=True)
         kwargs = {} if peft_optimizer_kwargs is None else dict(peft_optimizer_kwargs)
         if "lr" in kwargs:
             raise ValueError("give the PEFT learning rate as peft_lr / lower_lr, not in "
                              "peft_optimizer_kwargs")
-        self.nonfinite = _choice(zo_kwargs.get("nonfinite", "raise"), "nonfinite",
-                                 NONFINITE_POLICIES)
+        self.nonfinite = choice(zo_kwargs.get("nonfinite", "raise"), "nonfinite",
+                                NONFINITE_POLICIES)
         backbone_groups = list(backbone_params)
-        backbone = _param_list(backbone_groups, "backbone_params")
+        backbone = param_list(backbone_groups, "backbone_params")
         adam = self.theta_update == "adam"
-        weight_decay = _real(weight_decay, "weight_decay", nonneg=True)
+        weight_decay = real(weight_decay, "weight_decay", nonneg=True)
         if "include_frozen" in zo_kwargs:
             raise ValueError("include_frozen is not a Bilevel-ZOFO setting: the backbone given "
                              "is trained whatever its requires_grad (peft freezes it)")
         # theta_update="adam": the ZO optimizer only perturbs and restores (lr 0); AdamW steps
         # the ZO settings (eps, distribution, n_directions, seed, backend, ...) go straight
         # to ZOOptimizer, which checks them
-        self.zo = ZOOptimizer(backbone_groups, lr=0.0 if adam else lr,
-                              include_frozen=True,
+        self.zo = ZOOptimizer(backbone_groups, lr=0.0 if adam else lr, include_frozen=True,
                               estimator=estimator, weight_decay=0.0 if adam else weight_decay,
                               normalize="rms" if self.theta_update == "rms" else "none",
                               **zo_kwargs)
-        self.pairs: Dict[Any, _Pair] = {}
-        for name, (upper, lower, select, loss_fn) in pairs_spec.items():
-            self.pairs[name] = _Pair(name, upper, lower, select, loss_fn, peft_optimizer,
-                                     peft_lr, lower_lr, kwargs, upper_optimizer=not adam)
+        self.pairs: Dict[Any, PeftPair] = {
+            name: PeftPair(name, upper, lower, select, loss_fn, opt_cls=peft_optimizer,
+                           upper_lr=peft_lr, lower_lr=lower_lr, opt_kwargs=kwargs,
+                           upper_optimizer=not adam)
+            for name, (upper, lower, select, loss_fn) in pairs_spec.items()}
         _check_disjoint([("backbone", backbone)] + [
             (f"{n!r} {lv}", getattr(p, lv)) for n, p in self.pairs.items() for lv in LEVELS])
         self._backbone = backbone
-        self.theta_optimizer = None
-        if adam:
-            lr = _real(lr, "lr", nonneg=True)
-            self.theta_optimizer = torch.optim.AdamW(
-                [{"params": backbone, "weight_decay": weight_decay}]
-                + [{"params": pr.upper, "weight_decay": 0.0} for pr in self.pairs.values()],
-                lr=lr)
-        self.forward_count = 0
-        self.backward_count = 0
-        self.outer_steps = 0
+        self.theta_optimizer = (theta_adamw(backbone, [p.upper for p in self.pairs.values()],
+                                            real(lr, "lr", nonneg=True), weight_decay)
+                                if adam else None)
+        self.forward_count = self.backward_count = self.outer_steps = 0
 
-    # -- helpers ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _only_trainable(self, trainable: Sequence[torch.Tensor]):
-        """Inside: requires_grad is True exactly for ``trainable`` among the managed tensors."""
-        managed = list(self._backbone) + [p for pr in self.pairs.values()
-                                          for p in pr.upper + pr.lower]
-        saved = [p.requires_grad for p in managed]
-        keep = {id(p) for p in trainable}
-        try:
-            for p in managed:
-                p.requires_grad_(id(p) in keep)
-            yield
-        finally:
-            for p, flag in zip(managed, saved):
-                p.requires_grad_(flag)
-
-    def _loss(self, pair: _Pair, batch) -> torch.Tensor:
+    # -- the first-order steps ---------------------------------------------------------------
+    def _loss(self, pair: PeftPair, batch) -> torch.Tensor:
         self.forward_count += 1
         loss = pair.loss_fn(batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -312,72 +298,58 @@ class BilevelOptimizer:
             raise NonFiniteLossError(message + " (pass nonfinite='skip' to skip such steps)")
 
     def _backprop(self, params, losses, what: str) -> Optional[List[float]]:
-        """Backpropagate the weighted ``losses`` (thunks with weights) into ``params``' .grad,
-        one at a time so that only one forward graph is alive (FO-PEFT's activation peak).
-        Returns the unweighted values, or None (grads cleared) for a non-finite loss under
-        nonfinite='skip'."""
-        values = []
-        for p in params:
-            p.grad = None
-        with self._only_trainable(params), torch.enable_grad():
-            for weight, thunk in losses:
-                loss = thunk()
-                value = loss_value(loss)
-                values.append(value)
-                if not math.isfinite(value):
-                    for p in params:
-                        p.grad = None
-                    self._nonfinite(f"non-finite {what} loss ({value}); no update made")
-                    return None
-                (loss * weight if weight != 1.0 else loss).backward()
-                self.backward_count += 1
-                del loss
-        if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params):
-            for p in params:
-                p.grad = None
-            self._nonfinite(f"non-finite {what} gradient (finite loss {values}); no update "
-                            "made")
-            return None
+        """:func:`~zofo_kernels.core.optim.first_order.backprop` with every tensor this
+        optimizer manages frozen but ``params``; counts the backward passes."""
+        managed = list(self._backbone) + [p for pr in self.pairs.values()
+                                          for p in pr.upper + pr.lower]
+        values, backwards = first_order.backprop(params, losses, managed=managed,
+                                                 on_nonfinite=self._nonfinite, what=what)
+        self.backward_count += backwards
         return values
 
-    def _fo_update(self, opt: torch.optim.Optimizer, params,
-                   what: str) -> Optional[List[torch.Tensor]]:
-        """``opt.step()`` on gradients already in ``params``; undone if it wrote a non-finite
-        weight. Returns the weights from before the step when it was kept, else None."""
-        before = [p.detach().clone() for p in params]
-        state = copy.deepcopy(opt.state_dict())
-        opt.step()
-        for p in params:
-            p.grad = None
-        if all(bool(torch.isfinite(p).all()) for p in params):
-            return before
-        with torch.no_grad():
-            for p, b in zip(params, before):
-                p.copy_(b)
-        opt.load_state_dict(state)
-        self._nonfinite(f"the first-order {what} step produced non-finite weights; undone")
-        return None
-
-    def _lower(self, pair: _Pair, lower_batch) -> float:
+    def _lower(self, pair: PeftPair, lower_batch) -> float:
         try:
             pair.select_adapter("lower")
             values = self._backprop(pair.lower, [(1.0, lambda: self._loss(pair, lower_batch))],
                                     "lower-level")
             if values is None:
                 return float("nan")
-            self._fo_update(pair.opt_lower, pair.lower, "lower-level")
+            first_order.guarded_step(pair.opt_lower, pair.lower, on_nonfinite=self._nonfinite,
+                                     what="lower-level")
             return values[0]
         finally:
             pair.select_adapter("upper")
 
-    def _upper_grad(self, pair: _Pair, upper_batch, penalty_batch):
-        """P.grad = grad_P [f + lam * g_P]; returns (f, g_P) or None (skipped)."""
+    def _upper_pass(self, pair: PeftPair, upper_batch, penalty_batch) -> ZOFOStepResult:
+        """P.grad = grad_P [f + lam * g_P]; the result holds f and g_P (NaN: skipped)."""
         pair.select_adapter("upper")
-        return self._backprop(pair.upper, [(1.0, lambda: self._loss(pair, upper_batch)),
-                                           (self.lam, lambda: self._loss(pair, penalty_batch))],
-                              "upper-level")
+        values = self._backprop(pair.upper, [(1.0, lambda: self._loss(pair, upper_batch)),
+                                             (self.lam, lambda: self._loss(pair, penalty_batch))],
+                                "upper-level")
+        res = ZOFOStepResult()
+        res.upper_loss, res.penalty_loss = values if values is not None else (float("nan"),) * 2
+        return res
 
-    def _terms(self, pair: _Pair, upper_batch, penalty_batch, which=("f", "gp", "gs")):
+    def _step_p(self, plan, results) -> List[Tuple[PeftPair, List[torch.Tensor]]]:
+        """P's first-order step, made before theta's update (the step's commit point) so that
+        anything that can fail happens first; under order="official" the new P is set aside
+        (returned) and the ZO step sees the old one, as in the authors' code."""
+        stepped_p = []
+        if self.theta_optimizer is None:
+            for (pair, _, _), res in zip(plan, results):
+                if res.upper_loss != res.upper_loss:  # skipped: no gradient
+                    continue
+                old = first_order.guarded_step(pair.opt_upper, pair.upper,
+                                               on_nonfinite=self._nonfinite, what="upper-level")
+                if old is not None and self.order == "official":
+                    stepped_p.append((pair, [p.detach().clone() for p in pair.upper]))
+                    with torch.no_grad():
+                        for p, o in zip(pair.upper, old):
+                            p.copy_(o)
+        return stepped_p
+
+    # -- the zeroth-order step ---------------------------------------------------------------
+    def _terms(self, pair: PeftPair, upper_batch, penalty_batch, which=("f", "gp", "gs")):
         """Some of f(theta, P; B_f), g(theta, P; B_g), g(theta, S; B_g), no grad, float64."""
         out = {}
         try:
@@ -394,45 +366,17 @@ class BilevelOptimizer:
             pair.select_adapter("upper")
         return out
 
-    def _objective_scale(self) -> float:
-        return 1.0 / (1.0 + self.lam) if self.theta_update == "scaled-sgd" else 1.0
-
-    def _outer(self, plan: List[Tuple[_Pair, Any, Any]]) -> Tuple[List[ZOFOStepResult], dict]:
-        """The upper step for every (pair, B_f, B_g) of ``plan`` and one ZO step of theta on the
-        sum of their objectives. Returns per-pair results and the ZO step's summary."""
-        results = []
-        for pair, bf, bg in plan:
-            values = self._upper_grad(pair, bf, bg)
-            res = ZOFOStepResult()
-            if values is not None:
-                res.upper_loss, res.penalty_loss = values
-            else:
-                res.upper_loss = res.penalty_loss = float("nan")
-            results.append(res)
-        # P's first-order step is made now, so that anything that can fail happens before
-        # theta's update (the step's commit point); under order="official" the new P is set
-        # aside and the ZO step sees the old one, as in the authors' code.
-        stepped_p = []
-        if self.theta_optimizer is None:
-            for (pair, _, _), res in zip(plan, results):
-                if res.upper_loss != res.upper_loss:  # skipped: no gradient
-                    continue
-                old = self._fo_update(pair.opt_upper, pair.upper, "upper-level")
-                if old is not None and self.order == "official":
-                    stepped_p.append((pair, [p.detach().clone() for p in pair.upper]))
-                    with torch.no_grad():
-                        for p, o in zip(pair.upper, old):
-                            p.copy_(o)
-        reuse = self.order == "official" and self.zo.estimator == "forward"
-        scale = self._objective_scale()
-        if reuse:  # L0 from the values of P's pass plus one forward of g(theta, S; B_g)
-            total0 = 0.0
-            for (pair, bf, bg), res in zip(plan, results):
-                res.lower_penalty_loss = float(self._terms(pair, bf, bg, ("gs",))["gs"])
-                res.gap = res.penalty_loss - res.lower_penalty_loss
-                res.objective = res.upper_loss + self.lam * res.gap
-                total0 += res.objective
-        evaluations: List[List[Dict[str, float]]] = []
+    def _zo_step(self, plan, results, evaluations: List, reuse: bool) -> float:
+        """One ZO step of theta on the sum of the pairs' objectives; every evaluation's terms
+        are appended to ``evaluations``. ``reuse``: L0 from the values of P's pass plus one
+        forward of g(theta, S; B_g) per pair."""
+        scale = 1.0 / (1.0 + self.lam) if self.theta_update == "scaled-sgd" else 1.0
+        total0 = 0.0
+        for (pair, bf, bg), res in zip(plan, results) if reuse else ():
+            res.lower_penalty_loss = float(self._terms(pair, bf, bg, ("gs",))["gs"])
+            res.gap = res.penalty_loss - res.lower_penalty_loss
+            res.objective = res.upper_loss + self.lam * res.gap
+            total0 += res.objective
 
         def closure():
             terms, total = [], None
@@ -445,82 +389,37 @@ class BilevelOptimizer:
             return total * scale
 
         try:
-            objective = self.zo.step(closure, initial_loss=total0 * scale if reuse else None)
+            return self.zo.step(closure, initial_loss=total0 * scale if reuse else None)
         finally:
             for pair, _, _ in plan:
                 pair.select_adapter("upper")
+
+    def _outer(self, plan: List[Tuple[PeftPair, Any, Any]]) -> Tuple[List[ZOFOStepResult], dict]:
+        """The upper step for every (pair, B_f, B_g) of ``plan`` and one ZO step of theta on the
+        sum of their objectives. Returns per-pair results and the ZO step's summary."""
+        results = [self._upper_pass(pair, bf, bg) for pair, bf, bg in plan]
+        stepped_p = self._step_p(plan, results)
+        reuse = self.order == "official" and self.zo.estimator == "forward"
+        evaluations: List[List[Dict[str, float]]] = []
+        objective = self._zo_step(plan, results, evaluations, reuse)
         with torch.no_grad():  # theta has its update: P takes its own
             for pair, new in stepped_p:
                 for p, n in zip(pair.upper, new):
                     p.copy_(n)
         st = self.zo.last_step
-        eps = self.zo.eps
-        for i, ((pair, _, _), res) in enumerate(zip(plan, results)):
-            if not reuse and evaluations:
-                if self.zo.estimator == "central":  # no unperturbed evaluation at all
-                    res.objective = sum(
-                        e[i]["f"] + self.lam * (e[i]["gp"] - e[i]["gs"]) for e in evaluations
-                    ) / len(evaluations)
-                else:  # p-first: the first evaluation is at the unperturbed theta, new P
-                    first = evaluations[0][i]
-                    res.lower_penalty_loss = first["gs"]
-                    res.gap = res.penalty_loss - first["gs"]
-                    res.objective = first["f"] + self.lam * (first["gp"] - first["gs"])
-            if self.zo.estimator == "forward" and len(evaluations) > (0 if reuse else 1):
-                base = ({"f": res.upper_loss, "gp": res.penalty_loss,
-                         "gs": res.lower_penalty_loss} if reuse else evaluations[0][i])
-                plus = evaluations[1:] if not reuse else evaluations
-                res.slopes = [{"f": (e[i]["f"] - base["f"]) / eps,
-                               "g_upper": (e[i]["gp"] - base["gp"]) / eps,
-                               "g_lower": (e[i]["gs"] - base["gs"]) / eps} for e in plus]
+        for i, res in enumerate(results):
+            _fill_result(res, [e[i] for e in evaluations], reuse=reuse,
+                         estimator=self.zo.estimator, lam=self.lam, eps=self.zo.eps)
         summary = dict(objective=objective, projected_grads=list(st["projected_grads"]),
                        skipped=st["skipped"], theta_step_rms=st["update_rms"])
         if self.theta_optimizer is not None:
-            summary["theta_step_rms"] = self._adam_step(st)
+            summary["theta_step_rms"] = adam_theta_step(self.theta_optimizer, self.zo, st)
         for res in results:
-            res.projected_grads = summary["projected_grads"]
-            res.theta_step_rms = summary["theta_step_rms"]
-            res.skipped = summary["skipped"]
+            res.projected_grads, res.theta_step_rms, res.skipped = (
+                summary["projected_grads"], summary["theta_step_rms"], summary["skipped"])
         return results, summary
 
-    def _adam_step(self, st: dict) -> float:
-        """theta_update='adam': theta.grad = sum_k c_k z_k (materialised from the step's seed,
-        parameters laid end to end as the noise contract says), P.grad from its pass; one
-        AdamW step of both. Returns the RMS change per backbone weight of that step (from
-        AdamW's moments; weight decay excluded)."""
-        from zofo_kernels.core.ops import noise
-        opt = self.theta_optimizer
-        if st["skipped"]:
-            opt.zero_grad(set_to_none=True)
-            return 0.0
-        offset = 0
-        for group in self.zo.param_groups:
-            for p in group["params"]:
-                grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                for k, c in enumerate(st["update_coefficients"]):
-                    z = noise(st["seed"], offset, p.numel(), self.zo.distribution, k,
-                              device=p.device)
-                    grad.add_(z.view(p.shape), alpha=c)
-                p.grad = grad.to(p.dtype)
-                offset += p.numel()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        beta1, beta2 = opt.param_groups[0]["betas"]
-        total, n = 0.0, 0
-        with torch.no_grad():
-            for group in opt.param_groups[:1]:  # the backbone group
-                for p in group["params"]:
-                    state = opt.state[p]
-                    t = float(state["step"])
-                    # |lr * m_hat / (sqrt(v_hat) + eps)|^2 summed, with one float32 temporary
-                    tmp = state["exp_avg_sq"].float().sqrt()
-                    tmp.div_(math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-                    torch.div(state["exp_avg"].float(), tmp, out=tmp)
-                    total += float(tmp.pow_(2).sum()) * (group["lr"] / (1 - beta1 ** t)) ** 2
-                    n += p.numel()
-                    del tmp
-        return math.sqrt(total / max(1, n))
-
+    # -- the interface -----------------------------------------------------------------------
     def first_order_optimizers(self) -> List[torch.optim.Optimizer]:
         """Every first-order optimizer this optimizer steps (S's and P's; under
         theta_update='adam' the AdamW of theta and P)."""
@@ -530,24 +429,17 @@ class BilevelOptimizer:
     @contextlib.contextmanager
     def _atomic(self):
         """Everything an outer step changes besides theta, put back if the step raises."""
-        pairs = [(p, [t.detach().clone() for t in p.upper + p.lower],
-                  [copy.deepcopy(o.state_dict()) for o in p.optimizers()])
-                 for p in self.pairs.values()]
+        pairs = [(p, p.snapshot()) for p in self.pairs.values()]
         zo_state = dict(self.zo._zo_state)
-        counters = (self.forward_count, self.backward_count, self.outer_steps)
+        counters = {k: getattr(self, k) for k in _COUNTERS}
         try:
             yield
         except BaseException:
-            with torch.no_grad():
-                for pair, weights, states in pairs:
-                    for t, w in zip(pair.upper + pair.lower, weights):
-                        t.copy_(w)
-                        t.grad = None
-                    for o, s in zip(pair.optimizers(), states):
-                        o.load_state_dict(s)
-                    pair.select_adapter("upper")
+            for pair, snapshot in pairs:
+                pair.restore(snapshot)
             self.zo._zo_state = zo_state
-            self.forward_count, self.backward_count, self.outer_steps = counters
+            for k, v in counters.items():
+                setattr(self, k, v)
             raise
 
     def eval_mode(self):
@@ -556,300 +448,28 @@ class BilevelOptimizer:
             pair.select_adapter("upper")
         return self
 
-    # -- checkpointing -----------------------------------------------------------------------
-    _SETTINGS = ("lam", "inner_steps", "theta_update", "order")
-
     def state_dict(self) -> Dict[str, Any]:
         """theta's ZO state (seed counter, RMS state) and settings, the P and S optimizer
         states (and theta's AdamW state under theta_update='adam'), the counters. The weights
         themselves (theta, P, S) are the model's: save the model's state_dict."""
-        sd = {
-            "zo": self.zo.state_dict(),
-            "pairs": {name: {"upper": p.opt_upper.state_dict() if p.opt_upper else None,
-                             "lower": p.opt_lower.state_dict()}
-                      for name, p in self.pairs.items()},
-            "forward_count": self.forward_count,
-            "backward_count": self.backward_count,
-            "outer_steps": self.outer_steps,
-        }
-        sd.update({k: getattr(self, k) for k in self._SETTINGS})
+        sd = {"zo": self.zo.state_dict(),
+              "pairs": {name: {"upper": p.opt_upper.state_dict() if p.opt_upper else None,
+                               "lower": p.opt_lower.state_dict()}
+                        for name, p in self.pairs.items()},
+              **{k: getattr(self, k) for k in _COUNTERS + self._SETTINGS}}
         if self.theta_optimizer is not None:
             sd["theta_optimizer"] = self.theta_optimizer.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Validate everything, then apply; on any failure nothing is changed."""
-        if not isinstance(state_dict, dict):
-            raise TypeError("state_dict must be a dict saved by state_dict()")
-        missing = {"zo", "pairs", "forward_count", "backward_count", "outer_steps"} - set(
-            state_dict)
-        if missing:
-            raise KeyError(f"state dict lacks {sorted(missing)}")
-        differ = [f"{k}: saved {state_dict[k]!r}, this optimizer {getattr(self, k)!r}"
-                  for k in self._SETTINGS if k in state_dict and state_dict[k] != getattr(self, k)]
-        if differ:
-            raise ValueError("the state dict was saved by a differently configured optimizer ("
-                             + "; ".join(differ) + "); resuming would follow another trajectory")
-        if not isinstance(state_dict["pairs"], dict) or set(state_dict["pairs"]) != set(
-                self.pairs):
-            raise ValueError(f"state dict has PEFT pairs "
-                             f"{sorted(map(str, state_dict['pairs']))}, this optimizer has "
-                             f"{sorted(map(str, self.pairs))}")
-        counters = {k: state_dict[k] for k in ("forward_count", "backward_count", "outer_steps")}
-        for k, v in counters.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"state dict {k} must be a non-negative integer, got {v!r}")
-        if (self.theta_optimizer is not None) != ("theta_optimizer" in state_dict):
-            raise ValueError("theta_update='adam' state and this optimizer's theta_update "
-                             "do not match")
+        counters = _checked_counters(self, state_dict)
         optimizers = [(p.opt_upper, state_dict["pairs"][n]["upper"]) for n, p in
                       self.pairs.items() if p.opt_upper is not None]
         optimizers += [(p.opt_lower, state_dict["pairs"][n]["lower"])
                        for n, p in self.pairs.items()]
         if self.theta_optimizer is not None:
             optimizers.append((self.theta_optimizer, state_dict["theta_optimizer"]))
-        saved = [copy.deepcopy(o.state_dict()) for o, _ in optimizers]
-        saved_zo = copy.deepcopy(self.zo.state_dict())
-        try:
-            for o, s in optimizers:
-                o.load_state_dict(s)
-            self.zo.load_state_dict(state_dict["zo"])
-        except BaseException:
-            for (o, _), s in zip(optimizers, saved):
-                o.load_state_dict(s)
-            self.zo.load_state_dict(saved_zo)
-            raise
-        self.forward_count = counters["forward_count"]
-        self.backward_count = counters["backward_count"]
-        self.outer_steps = counters["outer_steps"]
-
-
-# --------------------------------------------------------------------------- PEFT helpers
-
-def _adapter_names(peft_model) -> List[str]:
-    cfg = getattr(peft_model, "peft_config", None)
-    if not isinstance(cfg, dict) or not hasattr(peft_model, "set_adapter"):
-        raise TypeError("from_peft needs a peft.PeftModel (got "
-                        f"{type(peft_model).__name__})")
-    return list(cfg)
-
-
-def _adapter_params(peft_model, adapter: str):
-    """{name with the adapter component removed: parameter} of one adapter."""
-    out = {}
-    for name, p in peft_model.named_parameters():
-        parts = name.split(".")
-        if adapter in parts:
-            key = ".".join(x for x in parts if x != adapter)
-            out[key] = p
-    return out
-
-
-def _check_new_adapter_name(peft_model, name: str) -> None:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"adapter names must be non-empty strings, got {name!r}")
-    if name in peft_model.peft_config:
-        raise ValueError(f"the model already has an adapter named {name!r}")
-    modules = {part for n, _ in peft_model.named_modules() for part in n.split(".")}
-    if name in modules:
-        raise ValueError(f"adapter name {name!r} is also the name of a module of the model; "
-                         "peft would confuse the two: choose another name")
-
-
-def _copy_adapter(peft_model, source: str, target: str) -> None:
-    """Add adapter ``target`` with ``source``'s config and a copy of its current weights. On
-    failure the model is left without ``target``."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    _check_new_adapter_name(peft_model, target)
-    try:
-        peft_model.add_adapter(target, copy.deepcopy(peft_model.peft_config[source]))
-        sd = get_peft_model_state_dict(peft_model, adapter_name=source)
-        set_peft_model_state_dict(peft_model, sd, adapter_name=target)
-        src, dst = _adapter_params(peft_model, source), _adapter_params(peft_model, target)
-        if set(src) != set(dst):
-            raise RuntimeError(f"adapter copy {target!r} does not mirror {source!r}")
-        with torch.no_grad():  # exact copy, whatever the loader did (e.g. dtype casts)
-            for k, p in src.items():
-                dst[k].copy_(p)
-    except BaseException:
-        _remove_adapters(peft_model, [target], source)
-        raise
-
-
-def _remove_adapters(peft_model, names, active: str) -> None:
-    peft_model.set_adapter(active)
-    for name in names:
-        if name in peft_model.peft_config:
-            peft_model.delete_adapter(name)
-
-
-def _backbone_named_params(peft_model) -> List[Tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) of every parameter that belongs to no adapter. Excluded too: peft's
-    ``original_module`` copies of modules_to_save, which no forward uses while an adapter is
-    active."""
-    adapters = set(_adapter_names(peft_model))
-    out = []
-    for name, p in peft_model.named_parameters():
-        parts = set(name.split("."))
-        if parts & adapters or "original_module" in parts:
-            continue
-        out.append((name, p))
-    if not out:
-        raise ValueError("the PEFT model has no backbone parameters")
-    return out
-
-
-def _backbone_params(peft_model, backbone_params=None,
-                     backbone_regex: Optional[str] = None) -> List[torch.nn.Parameter]:
-    """theta of ``from_peft``: ``backbone_params`` when given, else every non-adapter
-    parameter, or those of them whose name matches ``backbone_regex`` (``re.search``)."""
-    if backbone_regex is None:
-        return ([p for _, p in _backbone_named_params(peft_model)] if backbone_params is None
-                else backbone_params)
-    if backbone_params is not None:
-        raise ValueError("give backbone_params or backbone_regex, not both")
-    if not isinstance(backbone_regex, str) or not backbone_regex:
-        raise ValueError(f"backbone_regex must be a non-empty regular expression, got "
-                         f"{backbone_regex!r}")
-    try:
-        pattern = re.compile(backbone_regex)
-    except re.error as exc:
-        raise ValueError(f"backbone_regex {backbone_regex!r} is not a valid regular "
-                         f"expression: {exc}") from None
-    named = _backbone_named_params(peft_model)
-    chosen = [p for n, p in named if pattern.search(n)]
-    if not chosen:
-        examples = ", ".join(n for n, _ in named[:4])
-        raise ValueError(f"backbone_regex {backbone_regex!r} matches no backbone parameter "
-                         f"(names look like: {examples}, ...)")
-    return chosen
-
-
-def _pair_from_adapters(peft_model, upper: str, lower: str):
-    up, low = _adapter_params(peft_model, upper), _adapter_params(peft_model, lower)
-    if not up:
-        raise ValueError(f"adapter {upper!r} has no parameters")
-    keys = sorted(up)
-    if set(keys) != set(low):
-        raise ValueError(f"adapters {upper!r} and {lower!r} do not have the same parameters")
-
-    def select(level: str):
-        if level not in LEVELS:
-            raise ValueError(f"level must be 'upper' or 'lower', got {level!r}")
-        peft_model.set_adapter(upper if level == "upper" else lower)
-
-    return [up[k] for k in keys], [low[k] for k in keys], select
-
-
-# --------------------------------------------------------------------------- ZOFOOptimizer
-
-class ZOFOOptimizer(BilevelOptimizer):
-    """Bilevel-ZOFO: ZO for the backbone theta, FO for the two PEFT copies P (upper) and S
-    (lower). See the module docstring for the algorithm, the forward counts and the theta
-    updates, and ``docs/optimizers.md`` for the data protocol.
-
-    Parameters: ``backbone_params`` (parameters or parameter groups of theta; groups may set
-    their own lr / weight_decay), ``upper_params`` / ``lower_params`` (P and S, two copies of
-    the same PEFT block, float32), ``select_adapter(level)`` (makes the model's forward use P
-    for "upper", S for "lower"), ``loss_fn(batch)`` (scalar loss of the model on a batch),
-    ``lr`` (theta's learning rate). Keyword-only: ``eps``, ``lam`` (penalty weight lambda),
-    ``inner_steps`` (lower steps per outer step; the paper's K - 1), ``theta_update``
-    ("rms" | "sgd" | "scaled-sgd" | "adam"), ``order`` ("official" | "p-first"),
-    ``peft_optimizer`` (torch.optim class for P and S), ``peft_lr`` (lr of P, and of S unless
-    ``lower_lr`` is given), ``peft_optimizer_kwargs``, ``estimator`` (default "forward", as the
-    authors), ``weight_decay``, and every other setting of :class:`ZOOptimizer`
-    (n_directions, distribution, seed, stochastic_rounding, nonfinite, loss_reduce, backend,
-    rms_beta), handed to it unchanged.
-    """
-
-    def __init__(self, backbone_params, upper_params, lower_params,
-                 select_adapter: Callable[[str], None], loss_fn: Callable[[Any], torch.Tensor],
-                 lr: float, **settings):
-        self._setup(backbone_params, {"default": (upper_params, lower_params, select_adapter,
-                                                  loss_fn)}, lr, **settings)
-        self.pair = self.pairs["default"]
-        self.peft_model = None
-        self.eval_mode()
-
-    @classmethod
-    def from_peft(cls, peft_model, loss_fn: Callable[[Any], torch.Tensor], lr: float, *,
-                  lower_adapter: Optional[str] = None, backbone_params=None,
-                  backbone_regex: Optional[str] = None, **settings):
-        """Bilevel-ZOFO on a ``peft.PeftModel`` (LoRA, prefix tuning, prompt tuning, ...).
-
-        The model's active adapter is P; a second adapter ``lower_adapter`` (default
-        f"{active}_lower") is added with the same config and a copy of P's current weights,
-        and is S. Modules in the config's ``modules_to_save`` (e.g. the classification head
-        of a SEQ_CLS model) are per adapter in peft, so they belong to P and S and are
-        trained first-order; their shared ``original_module`` is unused and left alone. The
-        backbone theta is every other parameter (or ``backbone_params`` if given, e.g.
-        :func:`zo_param_groups` of a subset, or those whose name matches the regular
-        expression ``backbone_regex``, e.g. ``"LayerNorm|bias"``; the rest of the backbone
-        stays as it is). ``loss_fn(batch)`` runs ``peft_model``. Other
-        settings: as :class:`ZOFOOptimizer`. On any failure the model is left as given.
-        """
-        _adapter_names(peft_model)
-        upper = peft_model.active_adapter
-        if not isinstance(upper, str):
-            raise ValueError("the PEFT model must have exactly one active adapter")
-        lower = f"{upper}_lower" if lower_adapter is None else lower_adapter
-        if not isinstance(lower, str) or not lower or lower == upper:
-            raise ValueError("lower_adapter must be a new adapter name")
-        _copy_adapter(peft_model, upper, lower)
-        try:
-            up, low, select = _pair_from_adapters(peft_model, upper, lower)
-            backbone = _backbone_params(peft_model, backbone_params, backbone_regex)
-            opt = cls(backbone, up, low, select, loss_fn, lr, **settings)
-        except BaseException:
-            _remove_adapters(peft_model, [lower], upper)  # leave the model as it was given
-            raise
-        opt.peft_model = peft_model
-        opt.adapter_names = {"upper": upper, "lower": lower}
-        return opt
-
-    @property
-    def upper_params(self):
-        return self.pair.upper
-
-    @property
-    def lower_params(self):
-        return self.pair.lower
-
-    @property
-    def upper_optimizer(self):
-        """P's optimizer (under theta_update='adam': the AdamW shared with theta)."""
-        return self.pair.opt_upper or self.theta_optimizer
-
-    @property
-    def lower_optimizer(self):
-        return self.pair.opt_lower
-
-    def lower_step(self, lower_batch) -> ZOFOStepResult:
-        """One first-order step of S on g(theta, S; lower_batch)."""
-        with self._atomic():
-            return ZOFOStepResult(lower_losses=[self._lower(self.pair, lower_batch)])
-
-    def upper_step(self, upper_batch, penalty_batch) -> ZOFOStepResult:
-        """P's first-order step on f + lam*g and the fused ZO step of theta on L, with
-        B_f = ``upper_batch`` and B_g = ``penalty_batch``."""
-        with self._atomic():
-            (res,), _ = self._outer([(self.pair, upper_batch, penalty_batch)])
-            self.outer_steps += 1
-        return res
-
-    def step(self, upper_batch, lower_batches: list, penalty_batch=None) -> ZOFOStepResult:
-        """One outer iteration: ``inner_steps`` lower steps on ``lower_batches`` (a list, in
-        order), then the upper step with B_f = ``upper_batch`` and B_g = ``penalty_batch``: a
-        fresh batch of D_g, as the authors' code draws it from a second D_g iterator. Without
-        ``penalty_batch`` B_g is the last lower batch (which S has just trained on, so
-        g(theta, S; B_g) is biased low); with ``inner_steps == 0`` ``lower_batches`` then holds
-        that one batch."""
-        batches = _check_lower_batches(lower_batches, self.inner_steps, penalty_batch is None)
-        bg = batches[-1] if penalty_batch is None else penalty_batch
-        with self._atomic():
-            lower_losses = [self._lower(self.pair, b) for b in batches[:self.inner_steps]]
-            (res,), _ = self._outer([(self.pair, upper_batch, bg)])
-            res.lower_losses = lower_losses
-            self.outer_steps += 1
-        return res
+        _load_all_or_nothing(optimizers + [(self.zo, state_dict["zo"])])
+        for k, v in counters.items():
+            setattr(self, k, v)

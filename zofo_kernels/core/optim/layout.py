@@ -22,6 +22,35 @@ def zo_numel(param_groups: Sequence[Mapping]) -> int:
     return sum(p.numel() for g in param_groups for p in g["params"])
 
 
+def _dtensor_entry(p, pos: int) -> Tuple[torch.Tensor, int]:
+    """(local shard, its global offset) of a DTensor parameter whose first element sits at
+    ``pos`` in the canonical layout."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in p.placements:
+        if type(placement) is Replicate or (type(placement) is Shard and placement.dim == 0):
+            continue
+        raise ValueError(
+            f"ZO parameter of global shape {tuple(p.shape)} has placements "
+            f"{p.placements}: only Replicate and Shard(0) (FSDP2 fully_shard) keep a local "
+            "shard one contiguous range of the global noise index; reshard it along dim 0")
+    local = p.detach().to_local()
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
+                                                          p.placements)
+    if tuple(local.shape) != tuple(shape):
+        raise ValueError(
+            f"local shard of shape {tuple(local.shape)} does not match the shape "
+            f"{tuple(shape)} that the placements {p.placements} give for global shape "
+            f"{tuple(p.shape)}")
+    if p.dim() == 0 or local.numel() == 0:
+        return local, pos
+    row_numel = 1
+    for n in p.shape[1:]:
+        row_numel *= n
+    return local, pos + offset[0] * row_numel
+
+
 def zo_layout(param_groups: Sequence[Mapping], trainable_only: bool = False) -> Layout:
     """Per group, the list of ``(tensor to update in place, global offset)``.
 
@@ -42,34 +71,6 @@ def zo_layout(param_groups: Sequence[Mapping], trainable_only: bool = False) -> 
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without DTensor: every parameter is a plain tensor
         DTensor = ()
-
-    def _dtensor_entry(p, pos: int) -> Tuple[torch.Tensor, int]:
-        """(local shard, its global offset) of a DTensor parameter whose first element sits at
-        ``pos`` in the canonical layout."""
-        from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        for placement in p.placements:
-            if type(placement) is Replicate or (type(placement) is Shard and placement.dim == 0):
-                continue
-            raise ValueError(
-                f"ZO parameter of global shape {tuple(p.shape)} has placements "
-                f"{p.placements}: only Replicate and Shard(0) (FSDP2 fully_shard) keep a local "
-                "shard one contiguous range of the global noise index; reshard it along dim 0")
-        local = p.detach().to_local()
-        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
-                                                              p.placements)
-        if tuple(local.shape) != tuple(shape):
-            raise ValueError(
-                f"local shard of shape {tuple(local.shape)} does not match the shape "
-                f"{tuple(shape)} that the placements {p.placements} give for global shape "
-                f"{tuple(p.shape)}")
-        if p.dim() == 0 or local.numel() == 0:
-            return local, pos
-        row_numel = 1
-        for n in p.shape[1:]:
-            row_numel *= n
-        return local, pos + offset[0] * row_numel
 
     out: Layout = []
     pos = 0

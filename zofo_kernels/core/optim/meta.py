@@ -9,9 +9,9 @@ their own first-order optimizers. One outer step over a set T of sampled tasks:
              L_t = f_t(theta, P_t; B_f^t) + lam * [g_t(theta, P_t; B_g^t) - g_t(theta, S_t; B_g^t)]
     for t in T:  P_t steps
 
-in the order of :mod:`zofo_kernels.core.optim.zofo` (its docstring gives the forward counts and the
-theta updates), so every sampled task contributes to the single ZO update of theta (the published code kept
-only the last task's ZO gradient).
+in the order of :mod:`zofo_kernels.core.optim.bilevel` (its docstring gives the forward counts
+and the theta updates), so every sampled task contributes to the single ZO update of theta
+(the published code kept only the last task's ZO gradient).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Union
 
-from zofo_kernels.core.optim.zofo import (LEVELS, BilevelOptimizer, ZOFOStepResult, _adapter_names,
-                   _backbone_params, _check_lower_batches, _check_new_adapter_name, _copy_adapter,
-                   _pair_from_adapters, _remove_adapters)
+from zofo_kernels.core.optim.bilevel import BilevelOptimizer, ZOFOStepResult, check_lower_batches
+from zofo_kernels.core.optim.peft_adapters import (adapter_names, check_new_adapter_name,
+                                                   copy_adapter, pair_from_adapters,
+                                                   remove_adapters, select_backbone)
+from zofo_kernels.core.optim.peft_pair import LEVELS
 
 
 @dataclasses.dataclass
@@ -85,7 +87,7 @@ class MetaZOFOOptimizer(BilevelOptimizer):
         task -> callable. theta: as :meth:`ZOFOOptimizer.from_peft` (``backbone_params`` or
         ``backbone_regex``). Other settings: as :class:`MetaZOFOOptimizer`. On any failure the
         model is left as given."""
-        _adapter_names(peft_model)
+        adapter_names(peft_model)
         template = peft_model.active_adapter
         if not isinstance(template, str):
             raise ValueError("the PEFT model must have exactly one active adapter (the template)")
@@ -107,21 +109,21 @@ class MetaZOFOOptimizer(BilevelOptimizer):
             raise TypeError("loss_fn must be callable or a mapping task -> callable")
         for t in names:
             for lv in LEVELS:
-                _check_new_adapter_name(peft_model, f"{t}_{lv}")
+                check_new_adapter_name(peft_model, f"{t}_{lv}")
         added = []
         try:
             specs = {}
             for t in names:
                 for lv in LEVELS:
                     added.append(f"{t}_{lv}")
-                    _copy_adapter(peft_model, template, f"{t}_{lv}")
-                up, low, select = _pair_from_adapters(peft_model, f"{t}_upper", f"{t}_lower")
+                    copy_adapter(peft_model, template, f"{t}_{lv}")
+                up, low, select = pair_from_adapters(peft_model, f"{t}_upper", f"{t}_lower")
                 specs[t] = dict(upper_params=up, lower_params=low, select_adapter=select,
                                 loss_fn=fns[t])
-            backbone = _backbone_params(peft_model, backbone_params, backbone_regex)
+            backbone = select_backbone(peft_model, backbone_params, backbone_regex)
             opt = cls(backbone, specs, lr, **settings)
         except BaseException:
-            _remove_adapters(peft_model, added, template)
+            remove_adapters(peft_model, added, template)
             raise
         opt.peft_model = peft_model
         opt.template_adapter = template
@@ -164,7 +166,7 @@ class MetaZOFOOptimizer(BilevelOptimizer):
                 raise ValueError(f"task {task!r}: expected (upper_batch, lower_batches"
                                  "[, penalty_batch])")
             penalty = item[2] if len(item) == 3 else None
-            lowers = _check_lower_batches(item[1], self.inner_steps, penalty is None)
+            lowers = check_lower_batches(item[1], self.inner_steps, penalty is None)
             plan[task] = (pair, item[0], lowers, lowers[-1] if penalty is None else penalty)
         with self._atomic():
             lower_losses = {task: [self._lower(pair, b) for b in lowers[:self.inner_steps]]
