@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import zofo_kernels as zk
-from tolerances import GAUSS_ULPS, ulp
+from tolerances import GAUSS_ULPS, PRINTED_8_DIGITS, ulp
 from zofo_kernels.core import contract
 from zofo_kernels.core.backends import base
 
@@ -107,7 +107,7 @@ def test_noise_known_answers(backend, device):
         assert z.dtype == torch.float32 and z.device.type == device
         # known answers are printed to 8 significant digits
         torch.testing.assert_close(z.cpu().double(), torch.tensor(expected, dtype=torch.float64),
-                                   rtol=2e-7, atol=1e-7)
+                                   **PRINTED_8_DIGITS)
     for seed, start, k, signs in RADE_KNOWN:
         z = zk.noise(seed, start, len(signs), "rademacher", k, backend=backend, device=device)
         assert "".join("+" if v > 0 else "-" for v in z.cpu().tolist()) == signs
