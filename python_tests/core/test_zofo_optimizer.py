@@ -3,8 +3,10 @@ with a known solution, safety, resume, counters, and HF peft models (LoRA, prefi
 
 import copy
 import csv
+import dataclasses
 import os
 import random
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -415,35 +417,69 @@ def test_state_dict_resume_bit_for_bit():
 
 # --------------------------------------------------------------------------- construction
 
-def test_bad_construction():
+@dataclasses.dataclass
+class Refused:
+    """A construction ZOFOOptimizer refuses: what replaces the valid arguments (a dict, or a
+    function of the Net's (backbone, P, S) for cases that need its tensors), the error and a
+    pattern of its message."""
+    name: str
+    change: Any
+    error: type
+    match: Optional[str] = None
+
+
+def _parameter(*shape, dtype=torch.float32):
+    return torch.nn.Parameter(torch.zeros(*shape, dtype=dtype))
+
+
+REFUSED = [
+    Refused("negative lam", dict(lam=-1.0), ValueError),
+    Refused("negative inner_steps", dict(inner_steps=-1), ValueError),
+    Refused("optimizer by name", dict(peft_optimizer="adam"), TypeError),
+    Refused("lr in the optimizer kwargs", dict(peft_optimizer_kwargs={"lr": 0.1}), ValueError),
+    Refused("select_adapter not callable", dict(select_adapter=None), TypeError),
+    Refused("unknown estimator", dict(estimator="sideways"), ValueError),
+    Refused("eps 0", dict(eps=0.0), ValueError),
+    Refused("ZO optimizer for P and S", dict(peft_optimizer=ZOOptimizer), TypeError,
+            "first-order"),
+    Refused("unknown theta_update", dict(theta_update="momentum"), ValueError, "theta_update"),
+    Refused("S not a copy of P", dict(lower_params=[_parameter(3)]), ValueError,
+            "same PEFT block"),
+    # 16-bit PEFT copies: Adam's eps underflows in float16, refused with the remedy
+    Refused("16-bit P and S", lambda theta, up, low: dict(
+        upper_params=[_parameter(8, 8, dtype=torch.float16)],
+        lower_params=[_parameter(8, 8, dtype=torch.float16)]), TypeError, "float32"),
+    Refused("S in another dtype", dict(lower_params=[_parameter(8, 8, dtype=torch.float64)]),
+            ValueError, "same dtypes"),
+    Refused("a backbone weight as P", lambda theta, up, low: dict(
+        upper_params=[theta[0]], lower_params=[_parameter(8, 6)]), ValueError, "disjoint"),
+    # the same memory as another object (p.data) is caught: storage, not identity
+    Refused("P's memory in the backbone", lambda theta, up, low: dict(
+        backbone_params=theta + [up[0].data]), ValueError, "disjoint"),
+    Refused("a view of a backbone weight", lambda theta, up, low: dict(
+        backbone_params=theta + [theta[0].data[:2]]), ValueError, "disjoint"),
+]
+
+
+def make_refused(case: Refused):
     net = Net()
     up, low, sel, lf = parts(net)
+    args = dict(backbone_params=net.backbone(), upper_params=up, lower_params=low,
+                select_adapter=sel, loss_fn=lf, lr=0.1)
+    args.update(case.change(net.backbone(), up, low) if callable(case.change) else case.change)
+    return ZOFOOptimizer(**args)
 
-    def make(**kw):
-        args = dict(backbone_params=net.backbone(), upper_params=up, lower_params=low,
-                    select_adapter=sel, loss_fn=lf, lr=0.1)
-        args.update(kw)
-        return ZOFOOptimizer(**args)
 
-    with pytest.raises(ValueError):
-        make(lam=-1.0)
-    with pytest.raises(ValueError):
-        make(inner_steps=-1)
-    with pytest.raises(TypeError):
-        make(peft_optimizer="adam")
-    with pytest.raises(ValueError):
-        make(peft_optimizer_kwargs={"lr": 0.1})
-    with pytest.raises(ValueError, match="disjoint"):
-        make(upper_params=[net.body.weight], lower_params=[torch.nn.Parameter(torch.zeros(8, 6))])
-    with pytest.raises(ValueError, match="same PEFT block"):
-        make(lower_params=[torch.nn.Parameter(torch.zeros(3))])
-    with pytest.raises(TypeError):
-        make(select_adapter=None)
-    with pytest.raises(ValueError):
-        make(estimator="sideways")
-    with pytest.raises(ValueError):
-        make(eps=0.0)
-    opt = make(inner_steps=2)
+@pytest.mark.parametrize("case", REFUSED, ids=[c.name for c in REFUSED])
+def test_bad_construction(case):
+    with pytest.raises(case.error, match=case.match):
+        make_refused(case)
+
+
+def test_wrong_number_of_lower_batches():
+    net = Net()
+    up, low, sel, lf = parts(net)
+    opt = ZOFOOptimizer(net.backbone(), up, low, sel, lf, lr=0.1, inner_steps=2)
     with pytest.raises(ValueError, match="2 batch"):
         opt.step(batches(0, 1)[0], batches(1, 3))
 
@@ -703,23 +739,6 @@ def test_refused_input_leaves_nothing_changed():
     net = Net()
     up, low, sel, lf = parts(net)
 
-    # the same memory as another object (p.data) is caught: storage, not identity
-    with pytest.raises(ValueError, match="disjoint"):
-        ZOFOOptimizer(net.backbone() + [up[0].data], up, low, sel, lf, lr=0.1)
-    with pytest.raises(ValueError, match="disjoint"):
-        ZOFOOptimizer(net.backbone() + [net.body.weight.data[:2]], up, low, sel, lf, lr=0.1)
-    # 16-bit PEFT copies: Adam's eps underflows in float16, refused with the remedy
-    half = [torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.float16)) for _ in range(2)]
-    with pytest.raises(TypeError, match="float32"):
-        ZOFOOptimizer(net.backbone(), half[:1], half[1:], sel, lf, lr=0.1)
-    with pytest.raises(ValueError, match="same dtypes"):
-        ZOFOOptimizer(net.backbone(), up, [torch.nn.Parameter(torch.zeros(8, 8,
-                                                                           dtype=torch.float64))],
-                      sel, lf, lr=0.1)
-    with pytest.raises(TypeError, match="first-order"):
-        ZOFOOptimizer(net.backbone(), up, low, sel, lf, lr=0.1, peft_optimizer=ZOOptimizer)
-    with pytest.raises(ValueError, match="theta_update"):
-        ZOFOOptimizer(net.backbone(), up, low, sel, lf, lr=0.1, theta_update="momentum")
     with pytest.raises(TypeError):  # tuning settings are keyword-only
         ZOFOOptimizer(net.backbone(), up, low, sel, lf, 0.1, 1e-3)
     opt = ZOFOOptimizer(net.backbone(), up, low, sel, lf, lr=0.1, inner_steps=1, seed=0)
