@@ -45,12 +45,12 @@ def train(sst2: Path, work: Path) -> None:
     trained = {}
     for name, extra in (("bilevel-lora", []), ("bilevel-prompt-tuning", ["--peft", "prompt"])):
         out = work / name
-        args = train_mod.build_parser().parse_args([
+        config = train_mod.parse([
             "--model", "tiny-bert", "--method", "bilevel-zofo", "--train",
             str(sst2 / "train.tsv"), "--eval", str(sst2 / "dev.tsv"), "--eval-max", "32",
             "--num-train", "48", "--steps", "3", "--inner-steps", "2", "--lr", "1e-2",
             "--output", str(out), "--no-progress", "--threads", "1", *extra])
-        train_mod.run(args, on_trained=lambda r, n=name: trained.__setitem__(
+        train_mod.run(config, on_trained=lambda r, n=name: trained.__setitem__(
             n, logits(r.model, batch)))
     # ZOFOTrainer, Bilevel-ZOFO on a LoRA model
     model = models.add_peft(models.load_model("tiny-bert", head="prompt").model, "lora")

@@ -274,7 +274,7 @@ def test_time_budget_and_holdout(tmp_path):
     rows = _toy_rows(80)
     tr = _write_tsv(tmp_path / "train.tsv", rows)
     out = tmp_path / "budget"
-    s = train.run(train.build_parser().parse_args([
+    s = train.run(train.parse([
         "--model", "tiny-bert", "--method", "fo-lora", "--train", str(tr), "--holdout", "16",
         "--num-train", "32", "--batch-size", "4", "--max-length", "16", "--time-budget", "1.5",
         "--output", str(out), "--no-progress", "--log-every", "1"]))
@@ -352,6 +352,49 @@ def test_bad_command_lines(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         train.main(["--method", "mezo", "--train", str(tmp_path / "x.tsv"), "--eval", "y.tsv",
                     "--steps", "1", "--output", str(tmp_path / "o")])
+
+
+def test_the_command_line_becomes_one_frozen_resolved_run_configuration(tmp_path, monkeypatch):
+    """parse: argv -> RunConfig, once: the method looked up once, its defaults merged once,
+    the evaluation period resolved; the run takes the RunConfig and nothing else."""
+    import dataclasses
+
+    from zofo_kernels.integrations import methods
+    lookups = []
+    real_get = methods.get
+    monkeypatch.setattr(methods, "get", lambda *a, **k: lookups.append(a) or real_get(*a, **k))
+    config = train.parse(["--method", "bilevel-zofo", "--train", "t.tsv", "--eval", "e.tsv",
+                          "--steps", "20", "--output", str(tmp_path), "--lam", "3",
+                          "--seed", "5", "--peft", "prompt"])
+    assert lookups == [("bilevel-zofo",)]
+    assert isinstance(config, train.RunConfig)
+    assert config.method is real_get("bilevel-zofo")
+    assert isinstance(config.settings, methods.BilevelSettings)
+    s = config.settings
+    assert (s.lam, s.seed, s.lr, s.inner_steps, s.penalty_batch) == (
+        3.0, 5, methods.get("bilevel-zofo").defaults["lr"], 3, "fresh")
+    assert config.schedule.eval_every_steps == 2 and config.schedule.eval_every is None
+    assert config.model.peft == "prompt" and config.data.split and config.data.data_seed == 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.settings.lam = 1.0
+    fo = train.parse(["--method", "fo-lora", "--train", "t.tsv", "--eval", "e.tsv",
+                      "--time-budget", "30", "--output", str(tmp_path), "--lam", "3"])
+    assert fo.settings == methods.AdamSettings(lr=methods.get("fo-lora").defaults["lr"])
+    assert fo.schedule.eval_every == 2.0 and not fo.data.split
+    assert fo.setting("lam") is None  # not a setting of fo-lora: ignored, as before
+    with pytest.raises(TypeError, match="RunConfig"):
+        train.run(train.build_parser().parse_args(["--method", "mezo"]))
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "zofo_kernels.apps.train", "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "usage: zofo-train" in res.stdout and "bilevel-zofo" in res.stdout
 
 
 # --------------------------------------------------------------------------- under torchrun

@@ -81,7 +81,18 @@ def test_bad_names_and_settings_are_refused_clearly(tiny):
     assert {"lam", "peft_lr", "theta_update", "eps", "seed", "n_directions"} <= set(names)
     assert "include_frozen" not in names and "normalize" not in names
     assert "penalty_batch" in names  # a data setting: not handed to the optimizer
-    assert "penalty_batch" not in methods.get("bilevel-zofo").optimizer_settings()
+    handed = {}
+
+    def from_peft(model, loss_fn, **kwargs):
+        handed.update(kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(methods.ZOFOOptimizer, "from_peft", from_peft)
+        methods.build_optimizer("bilevel-zofo", tiny, loss_fn=len, penalty_batch="last")
+    assert handed and "penalty_batch" not in handed
+    with pytest.raises(TypeError, match="lam is not a setting of method 'mezo'"):
+        methods.get("mezo").resolve(lam=1.0)
+    with pytest.raises(TypeError, match="takes ZOSettings"):
+        methods.get("mezo").build(tiny, methods.get("fo-full").resolve())
 
 
 def test_zoconfig_hands_settings_through_and_refuses_what_the_method_does_not_take():
@@ -132,3 +143,69 @@ def test_peak_memory_helpers_read_this_process():
     assert measure.peak_rss_bytes() >= rss > 0
     assert measure.peak_memory_bytes(torch.device("cpu")) > 0
     assert measure.peak_memory_kind(torch.device("cpu")) == "peak RSS"
+
+
+def test_each_method_is_a_recipe_on_one_frozen_settings_dataclass():
+    """The registry's route: resolve (the one merge of defaults) gives a frozen settings
+    dataclass; build hands it to the method's recipe, a plain function of this module."""
+    import dataclasses
+    recipes = {"bilevel-zofo": methods.bilevel_zofo, "mezo": methods.mezo,
+               "mezo-lora": methods.mezo_peft, "fo-lora": methods.adam, "fo-full": methods.adam}
+    kinds = {"bilevel-zofo": methods.BilevelSettings, "mezo": methods.ZOSettings,
+             "mezo-lora": methods.ZOSettings, "fo-lora": methods.AdamSettings,
+             "fo-full": methods.AdamSettings}
+    for name in methods.names():
+        method = methods.get(name)
+        assert method.recipe is recipes[name] and method.settings_type is kinds[name]
+        settings = method.resolve(lr=0.5)
+        assert type(settings) is kinds[name] and settings.lr == 0.5
+        assert method.setting_names() == tuple(
+            f.name for f in dataclasses.fields(kinds[name]))
+        for key, value in method.defaults.items():
+            if key != "lr":
+                assert getattr(settings, key) == value  # the method's defaults, applied
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            settings.lr = 1.0
+    with pytest.raises(TypeError):
+        methods.get("mezo").defaults["lr"] = 1.0  # the registry's defaults are read-only
+
+
+def test_the_settings_defaults_are_the_optimizers_own(tiny):
+    """A recipe names every setting explicitly, so the settings dataclasses repeat the
+    optimizers' defaults: a setting nobody gives builds the optimizer a bare call builds."""
+    import dataclasses
+    import inspect
+    sig = inspect.signature(ZOOptimizer.__init__).parameters
+    for cls in (methods.ZOSettings, methods.ZOStepSettings):
+        for f in dataclasses.fields(cls):
+            if f.name != "lr":
+                assert sig[f.name].default == f.default, (cls.__name__, f.name)
+    assert set(sig) - {"self", "params"} == {f.name for f in dataclasses.fields(
+        methods.ZOSettings)}  # every keyword of ZOOptimizer is a ZO-SGD setting
+
+    def built(make):
+        model = models.add_peft(models.build_random("tiny-bert", seed=0), "lora")
+        return make(model, lambda b: models.classification_loss(model, b))
+    bare = built(lambda m, loss: ZOFOOptimizer.from_peft(m, loss, lr=0.1, seed=3))
+    ours = built(lambda m, loss: methods.bilevel_zofo(
+        m, methods.BilevelSettings(lr=0.1, seed=3), loss))
+    for name in ("lam", "inner_steps", "theta_update", "order"):
+        assert getattr(ours, name) == getattr(bare, name), name
+    for name in ("eps", "estimator", "distribution", "n_directions", "stochastic_rounding",
+                 "nonfinite", "normalize", "rms_beta", "include_frozen", "backend"):
+        assert getattr(ours.zo, name) == getattr(bare.zo, name), name
+    assert ours.adapter_names == bare.adapter_names
+    assert _same_state(ours.state_dict(), bare.state_dict())
+    bare_adam = torch.optim.Adam(tiny.parameters(), lr=0.1)
+    ours_adam = methods.adam(tiny, methods.AdamSettings(lr=0.1))
+    assert ours_adam.defaults == bare_adam.defaults
+
+
+def _same_state(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    return a == b

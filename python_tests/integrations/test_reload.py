@@ -166,8 +166,7 @@ def zofo_train_runs(tmp_path_factory):
         def keep(runner, key=key):
             trained[key] = _logits(runner.model, batch)
 
-        args = train.build_parser().parse_args(_argv(tmp, method, out, preset, extra))
-        train.run(args, on_trained=keep)
+        train.run(train.parse(_argv(tmp, method, out, preset, extra)), on_trained=keep)
         head = "random" if "random" in extra else "prompt"
         jobs[key] = {"folder": str(out), "preset": preset, "seed": 1, "head": head,
                      "causal": head == "prompt" and preset == "tiny-opt"}

@@ -39,8 +39,9 @@ from zofo_kernels.integrations import methods as methods_mod
 from zofo_kernels.apps import models as models_mod
 from zofo_kernels.apps.measure import CountedLoss
 
-# A benchmark row: a method of the registry (zofo_kernels/methods.py) with fixed settings,
-# a forward pass, or the MeZO reference implementation (the baseline the kernels replace).
+# A benchmark row: a method of the registry (zofo_kernels/integrations/methods.py) with fixed
+# settings, a forward pass, or the MeZO reference implementation (the baseline the kernels
+# replace).
 ROWS = {
     "forward": (None, {}),
     "mezo": ("mezo", {}),
@@ -126,9 +127,8 @@ class Bench:
         else:
             self._step = self._fo
         peft_model = self.model
-        self.opt = methods_mod.build_optimizer(name, peft_model,
-                                               loss_fn=lambda b: self.forward(peft_model, b),
-                                               **settings)
+        self.opt = method.build(peft_model, method.resolve(**settings),
+                                loss_fn=lambda b: self.forward(peft_model, b))
         self.model.eval()
 
     def _inference(self):

@@ -121,23 +121,30 @@ class ZOConfig:
     last one is also B_g); default: "fresh" when ``gradient_accumulation_steps >= 2``, else
     "last".
 
-    Every other keyword is a setting of the method's optimizer, handed through unchanged
-    (:class:`~zofo_kernels.core.optim.ZOOptimizer`: ``eps``, ``estimator``, ``n_directions``,
-    ``distribution``, ``seed`` (default: ``TrainingArguments.seed``), ``backend``, ...;
-    :class:`~zofo_kernels.core.optim.ZOFOOptimizer`: ``lam``, ``peft_lr``, ``lower_lr``,
-    ``peft_optimizer``, ``theta_update``, ``order``, ...); one not given takes the method's
+    Every other keyword is a setting of the method's optimizer: a field of its settings
+    dataclass in the registry (:class:`~zofo_kernels.integrations.methods.ZOSettings`:
+    ``eps``, ``estimator``, ``n_directions``, ``distribution``, ``seed`` (default:
+    ``TrainingArguments.seed``), ``backend``, ...;
+    :class:`~zofo_kernels.integrations.methods.BilevelSettings`: ``lam``, ``peft_lr``,
+    ``lower_lr``, ``peft_optimizer``, ``theta_update``, ``order``, ...), handed to the
+    optimizer by the method's recipe and checked there; one not given takes the method's
     default. ``lr``, ``weight_decay`` and ``inner_steps`` come from ``TrainingArguments``
     (``learning_rate``, ``weight_decay``, ``gradient_accumulation_steps``). Reading
-    ``config.<setting>`` gives the value the optimizer will get (None: the optimizer's own).
+    ``config.<setting>`` gives this config's value or the method's default (``seed``: None
+    means ``TrainingArguments.seed``); :meth:`resolve` gives all of them under the Trainer's
+    arguments.
     """
 
     def __init__(self, method: str = "mezo", *, check_every: int = 100,
                  upper_fraction: float = 1.0 / 3.0, penalty_batch: Optional[str] = None,
                  **settings):
-        if method in methods_mod.REGISTRY and not methods_mod.get(method).zeroth_order:
+        registered = methods_mod.REGISTRY.get(method)
+        if registered is not None and not registered.zeroth_order:
             raise ValueError(f"ZOConfig.method {method!r} is first-order: train it with the "
                              f"plain transformers.Trainer (ZOFOTrainer runs {', '.join(METHODS)})")
-        self.method = methods_mod.get(method, among=METHODS).name
+        # the registry's entry, looked up once: its settings, defaults and recipe
+        self.method_spec = methods_mod.get(method, among=METHODS)
+        self.method = self.method_spec.name
         if not 0.0 < upper_fraction < 1.0:
             raise ValueError(f"upper_fraction must be in (0, 1), got {upper_fraction}")
         if penalty_batch not in (None, "fresh", "last"):
@@ -147,7 +154,7 @@ class ZOConfig:
         if owned:
             raise ValueError("set " + ", ".join(f"TrainingArguments.{_FROM_TRAINING_ARGS[k]}"
                                                 f" (not ZOConfig {k}=)" for k in owned))
-        accepted = set(methods_mod.get(self.method).setting_names())
+        accepted = set(self.method_spec.setting_names())
         unknown = sorted(set(settings) - accepted)
         if unknown:
             raise TypeError(f"ZOConfig: {', '.join(unknown)} is not a setting of method "
@@ -159,13 +166,12 @@ class ZOConfig:
         self.settings = dict(settings)
 
     def __getattr__(self, name: str):
-        settings = self.__dict__.get("settings")
-        if settings is None or name.startswith("_"):
+        settings, spec = self.__dict__.get("settings"), self.__dict__.get("method_spec")
+        if settings is None or spec is None or name.startswith("_"):
             raise AttributeError(name)
-        method = methods_mod.get(self.__dict__["method"])
-        if name not in method.setting_names():
+        if name not in spec.setting_names():
             raise AttributeError(f"ZOConfig has no setting {name!r}")
-        return method.setting(name, settings.get(name))
+        return getattr(spec.resolve(**settings), name)
 
     def __repr__(self) -> str:
         given = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
@@ -173,12 +179,16 @@ class ZOConfig:
                 f"upper_fraction={self.upper_fraction:g}, penalty_batch={self.penalty_batch!r}"
                 + (f", {given}" if given else "") + ")")
 
-    def optimizer_settings(self, args) -> Dict[str, Any]:
-        """The settings of the method's optimizer under ``TrainingArguments`` ``args``."""
-        given = dict(self.settings, lr=args.learning_rate, weight_decay=args.weight_decay)
+    def resolve(self, args, **trainer_settings):
+        """The method's settings (its frozen settings dataclass) under ``TrainingArguments``
+        ``args``: one merge of the method's defaults, this config's settings and the
+        Trainer's (``lr``, ``weight_decay``, ``seed`` unless given here, and
+        ``trainer_settings``, e.g. Bilevel-ZOFO's ``inner_steps``)."""
+        given = dict(self.settings, lr=args.learning_rate, weight_decay=args.weight_decay,
+                     **trainer_settings)
         if given.get("seed") is None:
             given["seed"] = args.seed
-        return methods_mod.get(self.method).optimizer_settings(**given)
+        return self.method_spec.resolve(**given)
 
 
 class _TrainerOptimizer(torch.optim.Optimizer):
@@ -270,10 +280,11 @@ class ZOFOTrainer(Trainer):
         self.upper_dataset = upper_dataset
 
     def _build_zo(self) -> None:
-        """The method's optimizer from the registry, wrapped data-parallel under torchrun."""
+        """The method's optimizer (the registry's recipe on the settings of
+        :meth:`ZOConfig.resolve`), wrapped data-parallel under torchrun."""
         cfg, args, model = self.zo_config, self.args, self.model
-        settings = cfg.optimizer_settings(args)
-        if methods_mod.get(cfg.method).peft and not hasattr(model, "peft_config"):
+        method = cfg.method_spec
+        if method.peft and not hasattr(model, "peft_config"):
             raise TypeError(f"method={cfg.method!r} needs a peft.PeftModel (wrap the model "
                             "with peft.get_peft_model first)")
         if self._bilevel:
@@ -284,12 +295,11 @@ class ZOFOTrainer(Trainer):
                 raise ValueError("ZOConfig.penalty_batch='fresh' takes the last micro-batch of "
                                  "each accumulation window as B_g: set "
                                  "gradient_accumulation_steps >= 2 (the paper's K)")
-            settings["inner_steps"] = gas - 1 if self._fresh_penalty else gas
-            self.zo_optimizer = methods_mod.build_optimizer(
-                cfg.method, model, loss_fn=self._zofo_loss, **settings)
+            settings = cfg.resolve(args, inner_steps=gas - 1 if self._fresh_penalty else gas)
+            self.zo_optimizer = method.build(model, settings, loss_fn=self._zofo_loss)
             self._zo = self.zo_optimizer.zo
         else:
-            self.zo_optimizer = methods_mod.build_optimizer(cfg.method, model, **settings)
+            self.zo_optimizer = method.build(model, cfg.resolve(args))
             self._zo = self.zo_optimizer
         self.zo_context = setup_from_env()
         self.zo_dp = None
@@ -390,19 +400,8 @@ class ZOFOTrainer(Trainer):
 
     def _upper_stream(self, skip: int):
         ds, sampler = self._upper_loader()
-        bs = self.args.per_device_train_batch_size
-        for epoch in itertools.count():
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-                order = list(sampler)
-            else:
-                g = torch.Generator().manual_seed(self.args.seed + 7919 * (epoch + 1))
-                order = torch.randperm(len(ds), generator=g).tolist()
-            for a in range(0, len(order), bs):
-                if skip > 0:
-                    skip -= 1
-                    continue
-                yield self.data_collator([ds[i] for i in order[a:a + bs]])
+        return upper_batches(ds, sampler, self.data_collator,
+                             self.args.per_device_train_batch_size, self.args.seed, skip)
 
     # -- state -----------------------------------------------------------------------------
     def _zo_trainer_state(self) -> Dict[str, Any]:
@@ -449,30 +448,49 @@ class ZOFOTrainer(Trainer):
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs:
             logs.pop("grad_norm", None)  # always 0: the ZO step leaves no gradients
-            logs.update(self._zo_log_entries())
+            logs.update(zo_log_entries(self.zo_last_step, self._bilevel))
         super().log(logs, start_time)
 
-    def _zo_log_entries(self) -> Dict[str, float]:
-        """The last step's ZO quantities that were computed (None ones are left out)."""
-        st = self.zo_last_step
-        if not st:
-            return {}
-        out: Dict[str, float] = {}
-        grads = st.get("projected_grads") or []
-        if grads:
-            out["zo_projected_grad"] = float(sum(grads) / len(grads))
-        names = {"upper_loss": "upper_loss", "penalty_loss": "penalty_loss",
-                 "lower_penalty_loss": "lower_penalty_loss", "gap": "gap",
-                 "theta_step_rms": "theta_step_rms", "comm_bytes": "comm_bytes_per_step"}
-        if not self._bilevel:
-            names = {"update_rms": "theta_step_rms", "comm_bytes": "comm_bytes_per_step"}
-        for key, name in names.items():
-            value = st.get(key)
-            if value is not None:
-                out[name] = float(value)
-        if st.get("lower_losses"):
-            out["lower_loss"] = float(st["lower_losses"][-1])
-        return out
+def upper_batches(ds, sampler, collator, batch_size: int, seed: int, skip: int = 0):
+    """The D_f batches, endlessly, from batch number ``skip`` on: each pass over ``ds`` in the
+    ``sampler``'s order for its epoch (under torchrun), else reshuffled with a seed that
+    depends only on the pass number, so a resumed run draws the same batches."""
+    for epoch in itertools.count():
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+        else:
+            g = torch.Generator().manual_seed(seed + 7919 * (epoch + 1))
+            order = torch.randperm(len(ds), generator=g).tolist()
+        for a in range(0, len(order), batch_size):
+            if skip > 0:
+                skip -= 1
+                continue
+            yield collator([ds[i] for i in order[a:a + batch_size]])
+
+
+def zo_log_entries(last_step: Dict[str, Any], bilevel: bool) -> Dict[str, float]:
+    """The logged ZO quantities of the last step (``ZOFOTrainer.zo_last_step``) that were
+    computed (None ones are left out)."""
+    st = last_step
+    if not st:
+        return {}
+    out: Dict[str, float] = {}
+    grads = st.get("projected_grads") or []
+    if grads:
+        out["zo_projected_grad"] = float(sum(grads) / len(grads))
+    names = {"upper_loss": "upper_loss", "penalty_loss": "penalty_loss",
+             "lower_penalty_loss": "lower_penalty_loss", "gap": "gap",
+             "theta_step_rms": "theta_step_rms", "comm_bytes": "comm_bytes_per_step"}
+    if not bilevel:
+        names = {"update_rms": "theta_step_rms", "comm_bytes": "comm_bytes_per_step"}
+    for key, name in names.items():
+        value = st.get(key)
+        if value is not None:
+            out[name] = float(value)
+    if st.get("lower_losses"):
+        out["lower_loss"] = float(st["lower_losses"][-1])
+    return out
 
 
 def _n_examples(batch) -> int:

@@ -1,0 +1,284 @@
+"""zofo-train: few-shot fine-tuning of a sequence classifier with ZO, FO or Bilevel-ZOFO.
+
+The command line, read once: :func:`parse` parses ``argv``, merges a ``--resume`` folder's
+saved options, checks them and builds the run's frozen
+:class:`~zofo_kernels.apps.train.config.RunConfig`; :func:`main` runs it and prints where
+its outputs are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from zofo_kernels.apps import models as models_mod
+from zofo_kernels.apps.train import config as config_mod
+from zofo_kernels.apps.train.config import Resume, RunConfig
+from zofo_kernels.apps.train.run import run
+from zofo_kernels.integrations import checkpoint as ckpt_mod
+from zofo_kernels.integrations import methods as methods_mod
+
+METHODS = methods_mod.names()
+HEADS = models_mod.HEADS
+
+# settings a resumed run may change; every other one must stay as saved
+RESUME_OVERRIDABLE = ("steps", "time_budget", "output", "resume", "no_progress", "threads",
+                      "eval_every", "eval_every_steps", "log_every", "no_save", "backend",
+                      "eval_batch_size")
+# options of run states saved before the option existed, where the old behaviour differs
+# from the option's default (--head: a new classification head)
+SAVED_BEFORE_THE_OPTION = {"head": "random"}
+
+
+# --------------------------------------------------------------------------- the parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zofo-train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="methods:\n" + "\n".join(f"  {m.name:13s} {m.summary}"
+                                         for m in methods_mod.REGISTRY.values())
+               + "\n\nHyperparameters not given take the method's default (the registry, "
+                 "zofo_kernels/integrations/methods.py).")
+    _add_model_options(p)
+    _add_data_options(p)
+    _add_run_options(p)
+    _add_hyperparameters(p.add_argument_group("hyperparameters"))
+    _add_runtime_options(p)
+    return p
+
+
+def _add_model_options(p) -> None:
+    p.add_argument("--model", default="minilm",
+                   help="minilm, opt-125m, opt-350m, opt-1.3b, tiny-bert, tiny-opt, or a local "
+                        "model folder / hub id (default: minilm)")
+    p.add_argument("--method", choices=METHODS, help="training method (required)")
+    p.add_argument("--peft", default="lora", choices=models_mod.PEFT_KINDS,
+                   help="PEFT block for bilevel-zofo, mezo-lora and fo-lora (default: lora)")
+    p.add_argument("--head", default="prompt", choices=HEADS,
+                   help="prompt: classify through the pretrained model with a template and "
+                        "label words (the head is in the backbone); random: a new "
+                        "classification head (default: prompt)")
+    p.add_argument("--template", default=None,
+                   help='prompt head: the template, with {sentence} once (default: '
+                        '"{sentence} It was")')
+    p.add_argument("--label-words", default=None,
+                   help="prompt head: one word per class, comma-separated, in class order "
+                        "(default: terrible,great)")
+
+
+def _add_data_options(p) -> None:
+    p.add_argument("--train",
+                   help="training data (required): .tsv/.csv/.jsonl file or a datasets name")
+    p.add_argument("--eval", default=None,
+                   help="evaluation data (same formats); optional with --holdout")
+    p.add_argument("--text-column", default="sentence")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--num-train", type=int, default=1000,
+                   help="few-shot sample size drawn from --train with --data-seed (default 1000)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="also draw this many further training examples (disjoint from the "
+                        "sample) and evaluate on them instead of --eval (model selection)")
+    p.add_argument("--upper-fraction", type=float, default=1 / 3,
+                   help="bilevel-zofo: share of the sample used as upper-level set D_f (1/3)")
+    p.add_argument("--eval-max", type=int, default=None,
+                   help="evaluate on at most this many examples (a seeded sample)")
+
+
+def _add_run_options(p) -> None:
+    p.add_argument("--steps", type=int, default=None, help="number of training steps")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="training wall-clock budget in seconds (evaluation time not counted)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the few-shot sample (default: --seed)")
+    p.add_argument("--output", help="output folder (required; created)")
+    p.add_argument("--resume", default=None, metavar="FOLDER",
+                   help="continue the run saved in FOLDER (its output folder) bit for bit; "
+                        "--steps / --time-budget then give the new totals; the other settings "
+                        "are the saved ones (--output defaults to FOLDER)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--eval-every", type=float, default=None,
+                   help="evaluate every this many training seconds (default: budget/15, or "
+                        "every steps/10 steps when only --steps is given)")
+    p.add_argument("--eval-every-steps", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=10, help="write a loss row every N steps")
+
+
+def _add_hyperparameters(h) -> None:
+    """The optimizer settings (named as the registry's settings dataclasses name them) and the
+    PEFT block's size."""
+    h.add_argument("--lr", type=float, default=None,
+                   help="learning rate (ZO: of the ZO-updated weights; FO: Adam's)")
+    h.add_argument("--eps", type=float, default=None, help="ZO perturbation scale")
+    h.add_argument("--weight-decay", type=float, default=0.0)
+    h.add_argument("--distribution", default="gaussian", choices=("gaussian", "rademacher"))
+    h.add_argument("--estimator", default=None, choices=("central", "forward"),
+                   help="ZO estimator (default: central for mezo/mezo-lora as in MeZO, "
+                        "forward for bilevel-zofo as in the Bilevel-ZOFO code)")
+    h.add_argument("--n-directions", type=int, default=1)
+    h.add_argument("--lam", type=float, default=None, help="bilevel-zofo penalty weight")
+    h.add_argument("--inner-steps", type=int, default=None,
+                   help="bilevel-zofo: lower (S) steps per outer step; the paper's K is "
+                        "inner_steps + 1")
+    h.add_argument("--peft-lr", type=float, default=None, help="bilevel-zofo Adam lr of P and S")
+    h.add_argument("--theta-update", default=None, choices=("rms", "sgd", "scaled-sgd", "adam"),
+                   help="bilevel-zofo: the backbone's update (default rms: ZO-SGD on the "
+                        "projected gradient over its running RMS; adam: the authors' "
+                        "materialised Adam on theta and P, three backbone-sized buffers)")
+    h.add_argument("--order", default=None, choices=("official", "p-first"),
+                   help="bilevel-zofo: official (P's gradient, the ZO step reusing f and g_P, "
+                        "then P's step) or p-first (P steps before the ZO step)")
+    h.add_argument("--penalty-batch", default=None, choices=("fresh", "last"),
+                   help="bilevel-zofo: B_g of the upper step, a fresh D_g batch (default) or "
+                        "the last lower batch")
+    h.add_argument("--backbone-regex", default=None, metavar="REGEX",
+                   help="bilevel-zofo: the ZO step updates only the backbone parameters whose "
+                        "name matches REGEX (re.search), e.g. 'LayerNorm|bias|label_head'; "
+                        "the rest of the backbone stays pretrained (default: all of it)")
+    h.add_argument("--lora-r", type=int, default=8)
+    h.add_argument("--lora-alpha", type=int, default=16)
+    h.add_argument("--num-virtual-tokens", type=int, default=None)
+
+
+def _add_runtime_options(p) -> None:
+    p.add_argument("--backend", default=None, help="kernel backend (default: fastest available)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=tuple(models_mod.DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-save", action="store_true",
+                   help="do not write the trained weights (sweeps and studies)")
+
+
+# --------------------------------------------------------------------------- argv -> RunConfig
+
+def parse(argv: Sequence[str]) -> RunConfig:
+    """The run's configuration from a command line: parsed, merged with the saved options of
+    a ``--resume`` folder, checked (``SystemExit`` naming the option), resolved once."""
+    argv = list(argv)
+    options = vars(build_parser().parse_args(argv))
+    resume = None
+    if options["resume"]:
+        options, resume = resumed_options(options, given_options(argv))
+    validate(options)
+    try:
+        return config_mod.build(options, resume)
+    except (TypeError, ValueError) as exc:  # e.g. a saved method name no longer registered
+        raise SystemExit(f"zofo-train: {exc}") from None
+
+
+def given_options(argv: Sequence[str]) -> List[str]:
+    """The destinations of the options that ``argv`` sets explicitly."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return sorted(vars(probe.parse_args(list(argv))))
+
+
+def resumed_options(options: Dict[str, Any], given: Sequence[str]
+                    ) -> Tuple[Dict[str, Any], Resume]:
+    """(the saved run's options with the allowed overrides from ``options``, where it
+    stopped). ``given``: the options set on the command line."""
+    folder = Path(options["resume"])
+    try:
+        manifest = ckpt_mod.read_manifest(folder)
+    except ckpt_mod.CheckpointError as exc:
+        raise SystemExit(f"zofo-train --resume: {exc}") from None
+    if not manifest.get("run_state") or not manifest.get("optimizer"):
+        raise SystemExit(f"zofo-train --resume: {folder} holds no zofo-train run state "
+                         f"({ckpt_mod.RUN_STATE_FILE}); only zofo-train output folders resume "
+                         "this way (ZOFOTrainer checkpoints: "
+                         "Trainer.train(resume_from_checkpoint))")
+    state = json.loads((folder / manifest["run_state"]).read_text())
+    saved = dict(vars(build_parser().parse_args([])), **SAVED_BEFORE_THE_OPTION)
+    saved.update(state["args"])
+    changed = [k for k in given if k not in RESUME_OVERRIDABLE
+               and options[k] != saved.get(k)]
+    if changed:
+        raise SystemExit(
+            "zofo-train --resume: these settings differ from the saved run and cannot change "
+            "when resuming: " + ", ".join(f"--{k.replace('_', '-')} (saved {saved.get(k)!r}, "
+                                          f"given {options[k]!r})" for k in changed))
+    merged = dict(saved, resume=str(folder))
+    merged.update({k: options[k] for k in given if k in RESUME_OVERRIDABLE})
+    if "output" not in given or options["output"] is None:
+        merged["output"] = str(folder)
+    return merged, Resume(str(folder), state["progress"], state["streams"])
+
+
+def validate(o: Dict[str, Any]) -> None:
+    """``SystemExit`` for a missing, contradictory or out-of-range option."""
+    for name in ("method", "train", "output"):
+        if o[name] is None:
+            raise SystemExit(f"zofo-train: --{name} is required (or --resume FOLDER)")
+    if o["steps"] is None and o["time_budget"] is None:
+        raise SystemExit("zofo-train: give --steps and/or --time-budget")
+    if o["steps"] is not None and o["steps"] <= 0:
+        raise SystemExit("zofo-train: --steps must be positive")
+    if o["time_budget"] is not None and o["time_budget"] <= 0:
+        raise SystemExit("zofo-train: --time-budget must be positive")
+    if o["eval"] is None and o["holdout"] <= 0:
+        raise SystemExit("zofo-train: give --eval FILE or --holdout N")
+    if o["num_train"] <= 0 or o["batch_size"] <= 0 or o["max_length"] <= 0:
+        raise SystemExit("zofo-train: --num-train, --batch-size and --max-length must be positive")
+    if o["inner_steps"] is not None and o["inner_steps"] < 0:
+        raise SystemExit("zofo-train: --inner-steps must be >= 0")
+    if o["backbone_regex"] is not None and o["method"] != "bilevel-zofo":
+        raise SystemExit("zofo-train: --backbone-regex is a bilevel-zofo setting (the subset "
+                         f"of the backbone its ZO step trains), not one of {o['method']}")
+    if o["head"] == "random" and (o["template"] is not None or o["label_words"] is not None):
+        raise SystemExit("zofo-train: --template / --label-words need --head prompt")
+
+
+# --------------------------------------------------------------------------- the entry point
+
+# Third-party deprecation warnings that a zofo-train user cannot act on (they come from the
+# installed transformers / peft, not from anything the user passed). Matched by category and
+# message; filtered in the command-line entry points only.
+THIRD_PARTY_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (FutureWarning, r"`past_key_values` is deprecated and will be removed"),
+)
+
+
+def filter_third_party_warnings() -> None:
+    import warnings
+    for category, message in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def print_outputs(summary: dict, stream=None) -> None:
+    """The output folder and the files a run wrote (after its JSON line)."""
+    stream = stream or sys.stdout
+    out = Path(summary["output"])
+    files = summary["files"]
+    weights = [f for f in files if f.endswith((".safetensors", ".pt"))]
+    print(f"output folder: {out}", file=stream)
+    kinds = [("weights", ", ".join(weights) if weights else "not saved (--no-save)"),
+             ("metrics", "metrics.jsonl"), ("summary", "summary.json"), ("plot", "curves.png")]
+    for label, what in kinds:
+        print(f"  {label:8s} {what}", file=stream)
+    if weights:
+        print(f"  reload   zofo_kernels.load_trained({str(out)!r}); continue with "
+              f"zofo-train --resume {out} --steps N", file=stream)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    filter_third_party_warnings()
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # per-file save/load bars; the run has its own bar
+    config = parse(sys.argv[1:] if argv is None else argv)
+    summary = run(config)
+    if not summary:  # a data-parallel rank other than 0: rank 0 reports
+        return 0
+    print(json.dumps({k: summary[k] for k in (
+        "method", "eval_accuracy", "best_eval_accuracy", "wall_time_s", "steps",
+        "peak_memory_bytes")}))
+    print_outputs(summary)
+    return 0
