@@ -15,11 +15,11 @@
 Random-init presets use the MiniLM tokenizer (BERT WordPiece, 30,522 tokens) for text.
 
 Heads (``head=``): ``"prompt"`` (default of ``zofo-train``) makes the pretrained model the
-classifier, as MeZO and Bilevel-ZOFO do (:mod:`zofo_kernels.integrations.prompting`): causal LMs score label
-words through their LM head, BERT-style encoders get a head initialised from their own
-embeddings of the label descriptions; the head is part of the backbone. ``"random"`` adds a
-new randomly initialised classification head (``AutoModelForSequenceClassification``), which
-PEFT methods train as part of the adapter.
+classifier, as MeZO and Bilevel-ZOFO do (:mod:`zofo_kernels.integrations.prompting`):
+causal LMs score label words through their LM head, BERT-style encoders get a head
+initialised from their own embeddings of the label descriptions; the head is part of the
+backbone. ``"random"`` adds a new randomly initialised classification head
+(``AutoModelForSequenceClassification``), which PEFT methods train as part of the adapter.
 """
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ def load_model(name: str, num_labels: int = 2, dtype: str = "float32", seed: int
                prompt=None) -> Loaded:
     """Resolve ``name`` (see the module docstring) to a classifier: a sequence-classification
     model with a new head (``head="random"``) or a prompt-based classifier of ``prompt`` (a
-    :class:`zofo_kernels.integrations.prompting.PromptSpec`; default SST-2's) with ``head="prompt"``."""
+    :class:`zofo_kernels.integrations.prompting.PromptSpec`; default SST-2's) with
+    ``head="prompt"``."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if head not in HEADS:
@@ -211,8 +212,6 @@ def _resolve_local(name: str) -> str:
 def _load_prompt_model(name: str, prompt, torch_dtype, seed: int,
                        with_tokenizer: bool) -> Loaded:
     """The prompt-based classifier for ``name`` (see the module docstring)."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, BertModel, OPTConfig,
-                              OPTForCausalLM)
     from transformers.utils import logging as hf_logging
 
     from zofo_kernels.integrations import prompting
@@ -224,41 +223,7 @@ def _load_prompt_model(name: str, prompt, torch_dtype, seed: int,
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        if name in PRESETS:
-            family, kw = PRESETS[name]
-            torch.manual_seed(seed)
-            if family == "opt":
-                model = OPTForCausalLM(OPTConfig(pad_token_id=tok.pad_token_id, **kw))
-            else:
-                from transformers import BertConfig
-                model = prompting.bert_prompt_classifier(
-                    BertConfig(pad_token_id=tok.pad_token_id, **kw), spec)
-            pretrained = False
-        else:
-            path = _resolve_local(name)
-            try:
-                cfg = AutoConfig.from_pretrained(path)
-            except (OSError, ValueError) as exc:
-                raise ModelError(f"cannot load model {name!r} offline ({exc})") from None
-            family = cfg.model_type
-            pretrained = True
-            if family == prompting.BertPromptConfig.model_type:
-                raise ModelError(f"{name} is already a prompt-based classifier: load it with "
-                                 "zofo_kernels.load_trained or head='random'")
-            if family == "bert":
-                torch.manual_seed(seed)
-                model = prompting.bert_prompt_classifier(cfg, spec)
-                encoder = BertModel.from_pretrained(path, add_pooling_layer=False)
-                model.bert.load_state_dict(encoder.state_dict())
-                del encoder
-            elif family in CAUSAL_FAMILIES or any(
-                    a.endswith("ForCausalLM") for a in (cfg.architectures or [])):
-                model = AutoModelForCausalLM.from_pretrained(path)
-            else:
-                raise ModelError(
-                    f"prompt-based heads support causal LMs ({', '.join(CAUSAL_FAMILIES)}) "
-                    f"and BERT encoders; {name} is a {family!r} model: use head='random'")
-            _own_weights(model)
+        model, family, pretrained = _build_prompt_model(name, spec, tok, seed)
     finally:
         hf_logging.set_verbosity(verbosity)
     causal = not isinstance(model, prompting.BertPromptClassifier)
@@ -276,6 +241,46 @@ def _load_prompt_model(name: str, prompt, torch_dtype, seed: int,
     return Loaded(model, tok if with_tokenizer else None, name,
                   "opt" if name in PRESETS and causal else family, pretrained,
                   head="prompt", causal_prompt=causal)
+
+
+def _build_prompt_model(name: str, spec, tok, seed: int):
+    """(the prompt-based model for ``name`` before its head is set up, its family, whether it
+    holds pretrained weights): a random-init preset, or a local BERT encoder / causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BertModel, OPTConfig, OPTForCausalLM
+
+    from zofo_kernels.integrations import prompting
+    if name in PRESETS:
+        family, kw = PRESETS[name]
+        torch.manual_seed(seed)
+        if family == "opt":
+            return OPTForCausalLM(OPTConfig(pad_token_id=tok.pad_token_id, **kw)), family, False
+        from transformers import BertConfig
+        return prompting.bert_prompt_classifier(
+            BertConfig(pad_token_id=tok.pad_token_id, **kw), spec), family, False
+    path = _resolve_local(name)
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {name!r} offline ({exc})") from None
+    family = cfg.model_type
+    if family == prompting.BertPromptConfig.model_type:
+        raise ModelError(f"{name} is already a prompt-based classifier: load it with "
+                         "zofo_kernels.load_trained or head='random'")
+    if family == "bert":
+        torch.manual_seed(seed)
+        model = prompting.bert_prompt_classifier(cfg, spec)
+        encoder = BertModel.from_pretrained(path, add_pooling_layer=False)
+        model.bert.load_state_dict(encoder.state_dict())
+        del encoder
+    elif family in CAUSAL_FAMILIES or any(
+            a.endswith("ForCausalLM") for a in (cfg.architectures or [])):
+        model = AutoModelForCausalLM.from_pretrained(path)
+    else:
+        raise ModelError(
+            f"prompt-based heads support causal LMs ({', '.join(CAUSAL_FAMILIES)}) "
+            f"and BERT encoders; {name} is a {family!r} model: use head='random'")
+    _own_weights(model)
+    return model, family, True
 
 
 PEFT_KINDS = ("lora", "prefix", "prompt")

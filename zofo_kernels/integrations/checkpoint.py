@@ -151,6 +151,24 @@ def _save_adapter(model, adapter: str, target: Path, base_model: Optional[str]) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _save_adapters(model, folder: Path, lower_adapter: Optional[str]) -> Dict[str, Any]:
+    """Write a PeftModel's active adapter P to ``adapter/`` and, if named, the lower adapter S
+    to ``resume/lower_adapter/``; returns their manifest entries."""
+    upper = model.active_adapter
+    if not isinstance(upper, str):
+        raise ValueError("the PEFT model must have exactly one active adapter (P)")
+    # AutoPeftModel*.from_pretrained(adapter/) loads the backbone from here
+    base_ref = str((folder / BACKBONE_DIR).resolve())
+    _save_adapter(model, upper, folder / ADAPTER_DIR, base_ref)
+    entries = dict(adapter=ADAPTER_DIR, adapter_name=upper,
+                   peft_type=str(model.peft_config[upper].peft_type.value))
+    if lower_adapter is not None:
+        (folder / RESUME_DIR).mkdir(exist_ok=True)
+        _save_adapter(model, lower_adapter, folder / LOWER_ADAPTER_DIR, base_ref)
+        entries.update(lower_adapter=LOWER_ADAPTER_DIR, lower_adapter_name=lower_adapter)
+    return entries
+
+
 def _dtype_name(model) -> str:
     for p in _backbone_module(model).parameters():
         return str(p.dtype).replace("torch.", "")
@@ -197,18 +215,7 @@ def save_trained(folder: PathLike, model, *, tokenizer=None, method: Optional[st
         shutil.rmtree(out)
     backbone.save_pretrained(str(out), state_dict=backbone_state_dict(model))
     if peft:
-        upper = model.active_adapter
-        if not isinstance(upper, str):
-            raise ValueError("the PEFT model must have exactly one active adapter (P)")
-        # AutoPeftModel*.from_pretrained(adapter/) loads the backbone from here
-        base_ref = str(out.resolve())
-        _save_adapter(model, upper, folder / ADAPTER_DIR, base_ref)
-        manifest.update(adapter=ADAPTER_DIR, adapter_name=upper,
-                        peft_type=str(model.peft_config[upper].peft_type.value))
-        if lower_adapter is not None:
-            (folder / RESUME_DIR).mkdir(exist_ok=True)
-            _save_adapter(model, lower_adapter, folder / LOWER_ADAPTER_DIR, base_ref)
-            manifest.update(lower_adapter=LOWER_ADAPTER_DIR, lower_adapter_name=lower_adapter)
+        manifest.update(_save_adapters(model, folder, lower_adapter))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
         manifest["tokenizer"] = BACKBONE_DIR
@@ -243,7 +250,8 @@ def _load_backbone(folder: Path, manifest: Dict[str, Any], device, dtype):
         raise CheckpointError(f"{source} has no config.json: the backbone is missing")
     import transformers
 
-    from zofo_kernels.integrations import prompting  # registers BertPromptClassifier with the Auto classes
+    # (prompting registers BertPromptClassifier with the Auto classes)
+    from zofo_kernels.integrations import prompting
     cls = getattr(transformers, str(manifest.get("model_class")), None)
     if manifest.get("model_class") == prompting.BertPromptClassifier.__name__:
         cls = prompting.BertPromptClassifier

@@ -417,8 +417,8 @@ class ZOFOTrainer(Trainer):
             self.zo_dp.steps = int(state["dp_steps"])
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-        """The layout of :mod:`zofo_kernels.integrations.checkpoint` instead of the Trainer's root-level
-        weights (for a PeftModel those would be the adapter alone, and a plain
+        """The layout of :mod:`zofo_kernels.integrations.checkpoint` instead of the Trainer's
+        root-level weights (for a PeftModel those would be the adapter alone, and a plain
         ``PeftModel.from_pretrained`` on them would silently use the pretrained backbone)."""
         if not self.args.should_save:
             return
