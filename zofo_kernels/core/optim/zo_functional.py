@@ -1,5 +1,6 @@
-"""The ZO-SGD step as plain functions, beside the thin :class:`~zofo_kernels.core.optim.zo.ZOOptimizer`
-that holds its state (as torch's functional ``sgd()`` sits beside ``torch.optim.SGD``).
+"""The ZO-SGD step as plain functions, beside the thin class that holds its state,
+:class:`~zofo_kernels.core.optim.zo.ZOOptimizer` (as torch's functional ``sgd()`` sits beside
+``torch.optim.SGD``).
 
 A step, in the order the class calls these::
 
