@@ -122,6 +122,23 @@ def test_load_model_errors():
         models.load_model("tiny-bert", dtype="int8", with_tokenizer=False)
 
 
+@pytest.mark.parametrize("head", ["prompt", "random"])
+def test_an_unknown_model_name_fails_at_once_listing_the_known_names(monkeypatch, head):
+    """Not a preset, not a folder: refused before anything is asked of the hub (which would
+    retry for about a minute offline), with the names that would work."""
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked for an unknown name")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(models.ModelError) as err:
+        models.load_model("gemma3-270mm", head=head)
+    assert "not found" in str(err.value)
+    for name in ("minilm", "gemma3-270m", "tiny-opt"):
+        assert name in str(err.value)
+
+
 def test_peft_kinds_train_only_the_block():
     m = models.build_random("tiny-bert")
     pm = models.add_peft(m, "lora")

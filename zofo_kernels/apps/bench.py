@@ -423,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="embedded default: random-init MiniLM shape, synthetic batch, few repeats")
     p.add_argument("--models", nargs="+", default=None,
-                   help="minilm, minilm-random, opt-125m, opt-350m, opt-1.3b, tiny-bert, "
-                        "tiny-opt or model folders (default: minilm; --quick: minilm-random)")
+                   help=f"{', '.join(models_mod.MODEL_CHOICES)} or model folders "
+                        "(default: minilm; --quick: minilm-random)")
     p.add_argument("--model", dest="models_single", default=None,
                    help="one model (same as --models NAME)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

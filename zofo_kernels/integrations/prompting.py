@@ -257,6 +257,28 @@ def classification_logits(model, batch: dict) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
+CONTENT_FREE = "N/A"
+
+
+@torch.no_grad()
+def content_free_logits(model, tokenizer, spec: PromptSpec, add_special_tokens: bool = True,
+                        device=None) -> torch.Tensor:
+    """(classes,) logits of the template filled with the content-free input "N/A" (Zhao et
+    al. 2021, "Calibrate before use"): subtracting them from every input's logits removes the
+    prompt's own preference for one label word (the argmax is the same as with the label
+    words' log-probabilities, whose per-input normaliser cancels)."""
+    enc = tokenizer([spec.text(CONTENT_FREE)], return_tensors="pt",
+                    add_special_tokens=add_special_tokens)
+    batch = {k: enc[k].to(device) if device is not None else enc[k]
+             for k in ("input_ids", "attention_mask")}
+    was_training = model.training
+    model.eval()
+    try:
+        return classification_logits(model, batch)[0]
+    finally:
+        model.train(was_training)
+
+
 def full_head_label_logits(model, batch: dict) -> torch.Tensor:
     """The same logits as :func:`classification_logits` for a prompt-based causal LM, read
     off the full LM head over every position (the slow way; kept as the reference the fast

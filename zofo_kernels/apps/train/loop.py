@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import List
@@ -25,6 +26,7 @@ class Progress:
     eval_time: float = 0.0
     elapsed: float = 0.0       # wall-clock seconds spent by earlier processes of this run
     initial_acc: float = float("nan")
+    initial_acc_calibrated: float = float("nan")  # prompt heads: minus content-free logits
     final_acc: float = float("nan")
     best: float = -1.0
     last_eval_t: float = 0.0
@@ -67,11 +69,28 @@ class Evaluation:
     when saving, the model in ``best/``) at the lowest D_f loss seen."""
 
     def __init__(self, config: RunConfig, runner: Runner, eval_enc, select_enc, device,
-                 tokenizer, ctx):
+                 tokenizer, ctx, spec=None, add_special_tokens: bool = True):
         self.config, self.runner, self.tokenizer, self.ctx = config, runner, tokenizer, ctx
         self.eval_set = DeviceEncoded(eval_enc, device)
         self.select_set = DeviceEncoded(select_enc, device)
         self.best_files: set = set()
+        self.spec, self.device, self.add_special_tokens = spec, device, add_special_tokens
+
+    def zero_shot(self, pr: Progress, acc: float) -> str:
+        """The zero-shot line: the accuracy before training and, for a prompt head, the same
+        calibrated by a content-free input (recorded in ``pr``)."""
+        pr.initial_acc = acc
+        line = f"zero-shot accuracy: {acc:.4f}"
+        if self.spec is not None:
+            from zofo_kernels.integrations.prompting import CONTENT_FREE, content_free_logits
+            model = self.runner.eval_model
+            offset = content_free_logits(model, self.tokenizer, self.spec,
+                                         self.add_special_tokens, self.device)
+            pr.initial_acc_calibrated = models_mod.accuracy(
+                model, self.eval_set, self.config.data.eval_batch_size, offset=offset)
+            line += (f" (calibrated by the content-free input {CONTENT_FREE!r}: "
+                     f"{pr.initial_acc_calibrated:.4f})")
+        return line + f" on {len(self.eval_set)} examples"
 
     def __call__(self, pr: Progress) -> dict:
         """Evaluate now; updates ``pr`` (accuracy, best, selection); returns the row's
@@ -108,7 +127,9 @@ def train_loop(config: RunConfig, runner: Runner, pr: Progress, log: MetricsLog,
     elapsed = lambda: round(pr.elapsed + time.perf_counter() - t_start, 3)  # noqa: E731
     if first_eval:
         fields = evaluation(pr)
-        pr.initial_acc = fields["eval_accuracy"]
+        line = evaluation.zero_shot(pr, fields["eval_accuracy"])
+        if ctx.is_main:
+            print(line, file=sys.stderr, flush=True)
         pr.eval_time += time.perf_counter() - t_start
         log.write(dict(kind="eval", step=0, wall_time_s=0.0, elapsed_s=round(pr.eval_time, 3),
                        **fields, forward_count=0, backward_count=0))

@@ -71,7 +71,8 @@ def train_and_report(config: RunConfig, device, ctx, on_trained=None) -> dict:
     max_length = config.data.max_length
     evaluation = Evaluation(config, runner, encode(loaded, data.eval, max_length),
                             encode(loaded, data.select, max_length), device,
-                            loaded.tokenizer, ctx)
+                            loaded.tokenizer, ctx, spec=data.spec,
+                            add_special_tokens=loaded.add_special_tokens)
     out = Path(config.output)
     log = MetricsLog(out / "metrics.jsonl", ctx.is_main, prior_rows)
     train_loop(config, runner, pr, log, evaluation, ctx, first_eval=config.resume is None)
@@ -173,7 +174,9 @@ def run_summary(config: RunConfig, data: RunData, loaded, runner: Runner, pr: Pr
     return dict(
         method=config.method.name, model=config.model.name, peft=config.model.peft,
         eval_accuracy=pr.final_acc, best_eval_accuracy=pr.best,
-        initial_eval_accuracy=pr.initial_acc, selected_eval_accuracy=pr.selected_acc,
+        initial_eval_accuracy=pr.initial_acc,
+        initial_eval_accuracy_calibrated=pr.initial_acc_calibrated,
+        selected_eval_accuracy=pr.selected_acc,
         selected_step=pr.selected_step, selection_loss=pr.select_loss,
         selection_data=f"D_f: last {config.data.upper_fraction:.3g} of the training sample "
                        f"({len(data.select)} examples)",
