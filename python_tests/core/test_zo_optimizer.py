@@ -629,6 +629,17 @@ def test_sigint_during_the_update_sweep_completes_the_step_then_interrupts(monke
     import signal
     from zofo_kernels.core.optim import zo_functional as zo_module
 
+    # the test sets the handler it needs: a shell's background job (cmd &, nohup) starts
+    # Python with SIGINT ignored, and an ignored SIGINT is (rightly) never delivered
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _sigint_during_update(monkeypatch, zo_module)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_during_update(monkeypatch, zo_module):
+    import signal
     model, x, y, opt = _dyadic_opt()
     ref_model, _, _, ref = _dyadic_opt()
 
