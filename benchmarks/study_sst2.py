@@ -66,6 +66,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from zofo_kernels.apps import data as data_mod  # noqa: E402
+
+# the SST-2 copy beside the repository (../shared/data/sst2), the study's default data
+SST2_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
 from zofo_kernels.apps import plotting  # noqa: E402
 
 # study row -> (zofo-train method, flags every setting of the row has)
@@ -800,7 +803,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
     p.add_argument("--evals", type=int, default=12, help="evaluations per run")
-    p.add_argument("--data", type=Path, default=data_mod.sst2_dir())
+    p.add_argument("--data", type=Path, default=SST2_DEFAULT)
     p.add_argument("--tag", default="v2")
     p.add_argument("--output", type=Path, default=None)
     p.add_argument("--commit", action="store_true",

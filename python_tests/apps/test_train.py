@@ -85,11 +85,8 @@ def test_sample_is_seeded_and_split_is_two_to_one():
         data.sample(ex, 301, 0)
 
 
-def test_sst2_files_when_present():
-    folder = data.sst2_dir()
-    if not (folder / "dev.tsv").is_file():
-        pytest.skip(f"SST-2 not found at {folder}")
-    dev = data.read_examples(folder / "dev.tsv")
+def test_sst2_files_when_present(sst2_dir):
+    dev = data.read_examples(Path(sst2_dir) / "dev.tsv")
     assert len(dev) == 872
     assert {e.label for e in dev} == {0, 1}
 
@@ -208,7 +205,7 @@ def _run(tmp_path, method, extra=(), n=48, name="run"):
 
 
 # forwards / backwards per step: central ZO 2/0, FO 1/1, Bilevel-ZOFO with inner_steps=2 and
-# q=1 (zofo_kernels/optim/zofo.py, order="official"): 2 lower FO (2/2) + P's pass on f and g_P
+# q=1 (zofo_kernels/core/optim/bilevel.py, order="official"): 2 lower FO (2/2) + P's pass on f and g_P
 # (2 forwards, 2 backwards) + g at S for L0 (1, f and g_P reused) + forward-difference ZO on
 # the 3-forward objective (3/0): inner_steps + 3 + 3q forwards.
 EXPECTED_COUNTS = {"mezo": (2, 0), "mezo-lora": (2, 0), "fo-lora": (1, 1), "fo-full": (1, 1),

@@ -22,19 +22,6 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-#: Where the SST-2 copy used by tests, examples and the study lives, relative to the repo root.
-SST2_RELATIVE = Path("..") / "shared" / "data" / "sst2"
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
-
-
-def sst2_dir() -> Path:
-    """The SST-2 folder (``../shared/data/sst2`` next to the repository); may not exist."""
-    return Path(os.path.normpath(repo_root() / SST2_RELATIVE))
-
-
 @dataclasses.dataclass
 class Example:
     text: str

@@ -20,7 +20,7 @@ or, in two steps (what ``zofo-train`` and ``ZOFOTrainer`` do)::
 
 A settings dataclass lists the keyword settings of the optimizer its recipes build, with that
 optimizer's own defaults (a test checks that they agree); the values are checked once, by the
-optimizer. The method reference is docs/optimizers.md.
+optimizer. The method reference is docs/optimizers/.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""BilevelOptimizer: the machinery of Bilevel-ZOFO (arXiv 2502.03604; docs/optimizers.md,
-"Bilevel-ZOFO"), shared by :class:`~zofo_kernels.core.optim.ZOFOOptimizer` (one PEFT pair) and
+"""BilevelOptimizer: the machinery of Bilevel-ZOFO (arXiv 2502.03604;
+docs/optimizers/zofo.md), shared by :class:`~zofo_kernels.core.optim.ZOFOOptimizer` (one PEFT pair) and
 :class:`~zofo_kernels.core.optim.MetaZOFOOptimizer` (one pair per task), and its result type
 :class:`ZOFOStepResult`.
 
@@ -42,7 +42,7 @@ theta's update (``theta_update``):
 An outer step is atomic: if anything raises during it (a loss function, a non-finite loss
 under ``nonfinite="raise"``, an interrupt), P, S, their optimizer states, theta's ZO state and
 every counter are put back as they were before the call (theta itself is restored by the ZO
-step's own guarantee, see docs/optimizers.md, "Safety guarantees") and the error propagates.
+step's own guarantee, see docs/optimizers/zo-sgd.md, "Safety guarantees") and the error propagates.
 The first-order steps of P and S must leave finite weights: a step that would write NaN/inf is
 undone and reported as a non-finite loss.
 """

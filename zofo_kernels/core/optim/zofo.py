@@ -1,4 +1,4 @@
-"""ZOFOOptimizer: Bilevel-ZOFO (arXiv 2502.03604; docs/optimizers.md, "Bilevel-ZOFO") with one
+"""ZOFOOptimizer: Bilevel-ZOFO (arXiv 2502.03604; docs/optimizers/zofo.md) with one
 PEFT pair, P and S.
 
 The algorithm, the forward counts per outer step and theta's updates: the docstring of
@@ -21,7 +21,7 @@ from zofo_kernels.core.optim.peft_adapters import (adapter_names, copy_adapter,
 class ZOFOOptimizer(BilevelOptimizer):
     """Bilevel-ZOFO: ZO for the backbone theta, FO for the two PEFT copies P (upper) and S
     (lower). See :mod:`zofo_kernels.core.optim.bilevel` for the algorithm, the forward counts
-    and the theta updates, and ``docs/optimizers.md`` for the data protocol.
+    and the theta updates, and ``docs/optimizers/zofo.md`` for the data protocol.
 
     Parameters: ``backbone_params`` (parameters or parameter groups of theta; groups may set
     their own lr / weight_decay), ``upper_params`` / ``lower_params`` (P and S, two copies of
