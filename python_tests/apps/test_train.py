@@ -326,9 +326,14 @@ def test_a_failed_run_leaves_no_output_folder(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    with pytest.raises(SystemExit, match="asked for 1000 examples"):
+    # a folder holding files zofo-train did not write is refused before anything loads
+    with pytest.raises(SystemExit, match="notes.txt.*--overwrite"):
         train.main(["--method", "mezo", "--train", str(rows), "--eval", str(rows),
                     "--steps", "1", "--output", str(mine)])
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    with pytest.raises(SystemExit, match="asked for 1000 examples"):
+        train.main(["--method", "mezo", "--train", str(rows), "--eval", str(rows),
+                    "--steps", "1", "--output", str(mine), "--overwrite"])
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 

@@ -25,13 +25,41 @@ import itertools
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 COMPLETE = "zofo_complete.json"
 TMP_TAG = ".zofo-tmp-"
 OLD_TAG = ".zofo-old"
 _counter = itertools.count()
+# tests only: ZOFO_TEST_CRASH="<point>#<k>" kills the process (SIGKILL) the k-th time it passes
+# <point>; "<point>#<k>=enospc" raises a disk-full OSError there instead, "=sigterm" /
+# "=sigint" sends that signal; several, comma-separated (see crash_point)
+CRASH_ENV = "ZOFO_TEST_CRASH"
+crash_counts: Dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """A named moment of a save or a training run where the kill tests strike: with
+    ``ZOFO_TEST_CRASH`` unset (always, outside the tests) it does nothing. The real code path
+    runs up to the moment; the process then dies by SIGKILL (or meets a full disk, or
+    receives SIGTERM / SIGINT)."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    crash_counts[name] = crash_counts.get(name, 0) + 1
+    for item in spec.split(","):
+        where, _, action = item.partition("=")
+        point, _, nth = where.partition("#")
+        if point != name or crash_counts[name] != int(nth or 1):
+            continue
+        if action == "enospc":
+            raise OSError(28, "No space left on device (ZOFO_TEST_CRASH)")
+        if action in ("sigterm", "sigint"):
+            os.kill(os.getpid(), getattr(signal, action.upper()))
+            continue
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class IncompleteFolderError(RuntimeError):
@@ -60,13 +88,14 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sync_tree(folder: Path) -> Dict[str, Dict[str, object]]:
+def _sync_tree(folder: Path, recorded: Optional[Callable[[str], bool]] = None
+               ) -> Dict[str, Dict[str, object]]:
     """fsync every file and folder under ``folder``; each file's size and sha256 by its
-    relative path."""
+    relative path (only the files ``recorded(relative path)`` selects, when given)."""
     files = {}
     for path in _files_under(folder):
         rel = path.relative_to(folder).as_posix()
-        if rel == COMPLETE:
+        if rel == COMPLETE or (recorded is not None and not recorded(rel)):
             continue
         _fsync_path(path)
         files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
@@ -75,9 +104,11 @@ def _sync_tree(folder: Path) -> Dict[str, Dict[str, object]]:
     return files
 
 
-def write_complete_record(folder: Path) -> None:
-    """Sync ``folder`` and write its completion record last."""
-    files = _sync_tree(folder)
+def write_complete_record(folder: Path,
+                          recorded: Optional[Callable[[str], bool]] = None) -> None:
+    """Sync ``folder`` and write its completion record last (listing the files that
+    ``recorded(relative path)`` selects; every file by default)."""
+    files = _sync_tree(folder, recorded)
     record = folder / COMPLETE
     with open(record, "w") as fh:
         json.dump({"version": 1, "files": files}, fh, indent=1, sort_keys=True)
@@ -138,11 +169,38 @@ def recover(target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def is_temporary(name: str) -> bool:
+    """A name :func:`replace_folder` uses while it works (never a folder's content)."""
+    return TMP_TAG in name or name.endswith(OLD_TAG)
+
+
+def link_tree(source: Path, dest: Path, skip: Sequence[str] = ()) -> None:
+    """Put ``source``'s entries (but the top-level names in ``skip`` and temporary ones) into
+    the folder ``dest`` as hard links (copies where the file system has none): carrying
+    files over into a new version of a folder costs no copy and keeps the old one intact."""
+    for entry in sorted(source.iterdir()):
+        if entry.name in skip or is_temporary(entry.name):
+            continue
+        out = dest / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), out)
+        elif entry.is_dir():
+            out.mkdir()
+            link_tree(entry, out)
+        else:
+            try:
+                os.link(entry, out)
+            except OSError:
+                shutil.copy2(entry, out)
+
+
 @contextlib.contextmanager
-def replace_folder(target: Path) -> Iterator[Path]:
+def replace_folder(target: Path, *, recorded: Optional[Callable[[str], bool]] = None
+                   ) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``target``; when the block ends without an
-    error, seal it (completion record) and swap it in for ``target``. On an error the
-    temporary folder is removed and ``target`` is left exactly as it was."""
+    error, seal it (completion record: every file, or those ``recorded(relative path)``
+    selects) and swap it in for ``target``. On an error the temporary folder is removed and
+    ``target`` is left exactly as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
@@ -150,14 +208,18 @@ def replace_folder(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        write_complete_record(tmp)
+        crash_point("durable:written")
+        write_complete_record(tmp, recorded)
+        crash_point("durable:sealed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = target.with_name(target.name + OLD_TAG)
     if target.exists():
         os.rename(target, old)
+        crash_point("durable:old-moved")
     os.rename(tmp, target)
     _fsync_path(target.parent)
+    crash_point("durable:swapped")
     if old.exists():
         shutil.rmtree(old)

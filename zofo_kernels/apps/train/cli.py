@@ -27,7 +27,8 @@ HEADS = models_mod.HEADS
 # settings a resumed run may change; every other one must stay as saved
 RESUME_OVERRIDABLE = ("steps", "time_budget", "output", "resume", "no_progress", "threads",
                       "eval_every", "eval_every_steps", "log_every", "no_save", "backend",
-                      "eval_batch_size")
+                      "eval_batch_size", "checkpoint_every", "checkpoint_every_steps",
+                      "overwrite")
 # options of run states saved before the option existed, where the old behaviour differs
 # from the option's default (--head: a new classification head)
 SAVED_BEFORE_THE_OPTION = {"head": "random"}
@@ -108,6 +109,14 @@ def _add_run_options(p) -> None:
                         "every steps/10 steps when only --steps is given)")
     p.add_argument("--eval-every-steps", type=int, default=None)
     p.add_argument("--log-every", type=int, default=10, help="write a loss row every N steps")
+    p.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
+                   help="write a resumable checkpoint to --output every this many seconds of "
+                        "the run (crash-safe; 0: only at the end; default 300)")
+    p.add_argument("--checkpoint-every-steps", type=int, default=None, metavar="N",
+                   help="also write one every N steps")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --output holds (another run, or files not written by "
+                        "zofo-train); without it such a folder is refused")
 
 
 def _add_hyperparameters(h) -> None:
@@ -167,6 +176,7 @@ def parse(argv: Sequence[str]) -> RunConfig:
     if options["resume"]:
         options, resume = resumed_options(options, given_options(argv))
     validate(options)
+    check_output(options)
     try:
         return config_mod.build(options, resume)
     except (TypeError, ValueError) as exc:  # e.g. a saved method name no longer registered
@@ -186,18 +196,13 @@ def resumed_options(options: Dict[str, Any], given: Sequence[str]
     """(the saved run's options with the allowed overrides from ``options``, where it
     stopped). ``given``: the options set on the command line."""
     folder = Path(options["resume"])
-    try:
-        manifest = ckpt_mod.read_manifest(folder)
-    except ckpt_mod.CheckpointError as exc:
-        raise SystemExit(f"zofo-train --resume: {exc}") from None
-    if not manifest.get("run_state") or not manifest.get("optimizer"):
-        raise SystemExit(f"zofo-train --resume: {folder} holds no zofo-train run state "
-                         f"({ckpt_mod.RUN_STATE_FILE}); only zofo-train output folders resume "
-                         "this way (ZOFOTrainer checkpoints: "
-                         "Trainer.train(resume_from_checkpoint))")
-    state = json.loads((folder / manifest["run_state"]).read_text())
+    state = read_run_state(folder)
     saved = dict(vars(build_parser().parse_args([])), **SAVED_BEFORE_THE_OPTION)
     saved.update(state["args"])
+    unknown = sorted(set(saved) - set(vars(build_parser().parse_args([]))))
+    if unknown:
+        raise SystemExit(f"zofo-train --resume: {folder / ckpt_mod.RUN_STATE_FILE} holds "
+                         f"options this zofo-train does not know: {', '.join(unknown)}")
     changed = [k for k in given if k not in RESUME_OVERRIDABLE
                and options[k] != saved.get(k)]
     if changed:
@@ -209,31 +214,114 @@ def resumed_options(options: Dict[str, Any], given: Sequence[str]
     merged.update({k: options[k] for k in given if k in RESUME_OVERRIDABLE})
     if "output" not in given or options["output"] is None:
         merged["output"] = str(folder)
-    return merged, Resume(str(folder), state["progress"], state["streams"])
+    return merged, Resume(str(folder), state["progress"], state["streams"],
+                          state.get("metrics_rows"))
+
+
+def read_run_state(folder: Path) -> Dict[str, Any]:
+    """``resume/run_state.json`` of a zofo-train folder, checked (the folder's completion
+    record, the fields and their types); ``SystemExit`` naming the file and the problem."""
+    try:
+        manifest = ckpt_mod.read_manifest(folder)
+    except ckpt_mod.CheckpointError as exc:
+        raise SystemExit(f"zofo-train --resume: {exc}") from None
+    if not manifest.get("run_state") or not manifest.get("optimizer"):
+        raise SystemExit(f"zofo-train --resume: {folder} holds no zofo-train run state "
+                         f"({ckpt_mod.RUN_STATE_FILE}); only zofo-train output folders resume "
+                         "this way (ZOFOTrainer checkpoints: "
+                         "Trainer.train(resume_from_checkpoint))")
+    path = folder / manifest["run_state"]
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        for key, kind in (("args", dict), ("progress", dict), ("streams", dict)):
+            if not isinstance(state.get(key), kind):
+                raise ValueError(f"{key!r} is missing or not a {kind.__name__}")
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"zofo-train --resume: {path} is damaged ({exc})") from None
+    return state
 
 
 def validate(o: Dict[str, Any]) -> None:
-    """``SystemExit`` for a missing, contradictory or out-of-range option."""
+    """``SystemExit`` for a missing, contradictory or out-of-range option (before anything is
+    loaded)."""
     for name in ("method", "train", "output"):
         if o[name] is None:
             raise SystemExit(f"zofo-train: --{name} is required (or --resume FOLDER)")
     if o["steps"] is None and o["time_budget"] is None:
         raise SystemExit("zofo-train: give --steps and/or --time-budget")
-    if o["steps"] is not None and o["steps"] <= 0:
-        raise SystemExit("zofo-train: --steps must be positive")
-    if o["time_budget"] is not None and o["time_budget"] <= 0:
-        raise SystemExit("zofo-train: --time-budget must be positive")
     if o["eval"] is None and o["holdout"] <= 0:
         raise SystemExit("zofo-train: give --eval FILE or --holdout N")
-    if o["num_train"] <= 0 or o["batch_size"] <= 0 or o["max_length"] <= 0:
-        raise SystemExit("zofo-train: --num-train, --batch-size and --max-length must be positive")
-    if o["inner_steps"] is not None and o["inner_steps"] < 0:
-        raise SystemExit("zofo-train: --inner-steps must be >= 0")
+    _validate_ranges(o)
     if o["backbone_regex"] is not None and o["method"] != "bilevel-zofo":
         raise SystemExit("zofo-train: --backbone-regex is a bilevel-zofo setting (the subset "
                          f"of the backbone its ZO step trains), not one of {o['method']}")
     if o["head"] == "random" and (o["template"] is not None or o["label_words"] is not None):
         raise SystemExit("zofo-train: --template / --label-words need --head prompt")
+    _validate_device(o["device"])
+
+
+def check_output(o: Dict[str, Any]) -> None:
+    """Refuse an --output folder that holds anything (another run, files not written by
+    zofo-train) unless it is the folder being resumed or --overwrite is given."""
+    out = Path(o["output"])
+    if o.get("resume") and out.resolve() == Path(o["resume"]).resolve():
+        return
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"zofo-train: --output {out} exists and is not a folder")
+    if o.get("overwrite") or not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if (out / ckpt_mod.MANIFEST).is_file() or (out / "metrics.jsonl").is_file():
+        raise SystemExit(f"zofo-train: --output {out} already holds a run (e.g. {entries[0]}): "
+                         f"continue it with --resume {out}, choose another --output, or give "
+                         "--overwrite to replace it")
+    raise SystemExit(f"zofo-train: --output {out} holds files not written by zofo-train (e.g. "
+                     f"{entries[0]}): choose another --output, or give --overwrite to replace "
+                     "them")
+
+
+def _bad(option: str, value: Any, want: str) -> SystemExit:
+    return SystemExit(f"zofo-train: --{option.replace('_', '-')} {value!r}: {want}")
+
+
+def _validate_ranges(o: Dict[str, Any]) -> None:
+    import math
+    positive_ints = ("steps", "num_train", "batch_size", "max_length", "log_every",
+                     "eval_batch_size", "eval_every_steps", "checkpoint_every_steps",
+                     "n_directions", "eval_max", "lora_r", "lora_alpha", "num_virtual_tokens",
+                     "threads")
+    for name in positive_ints:
+        if o.get(name) is not None and o[name] <= 0:
+            raise _bad(name, o[name], "must be a positive whole number")
+    for name in ("holdout", "inner_steps"):
+        if o.get(name) is not None and o[name] < 0:
+            raise _bad(name, o[name], "must be >= 0")
+    for name in ("time_budget", "eval_every", "lr", "eps", "peft_lr", "lam"):
+        value = o.get(name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise _bad(name, value, "must be a finite number > 0")
+    for name in ("weight_decay", "checkpoint_every"):
+        value = o.get(name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise _bad(name, value, "must be a finite number >= 0")
+    if not 0.0 < o["upper_fraction"] < 1.0:
+        raise _bad("upper_fraction", o["upper_fraction"], "must lie strictly between 0 and 1")
+
+
+def _validate_device(device: str) -> None:
+    import torch
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise _bad("device", device, "must be cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise _bad("device", device, "CUDA is not available on this machine")
 
 
 # --------------------------------------------------------------------------- the entry point
@@ -274,7 +362,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # per-file save/load bars; the run has its own bar
     config = parse(sys.argv[1:] if argv is None else argv)
-    summary = run(config)
+    try:
+        summary = run(config)
+    except KeyboardInterrupt:  # a second SIGINT / SIGTERM: stopped at once
+        print(f"zofo-train: stopped at once; {config.output} keeps its last complete "
+              "checkpoint (if one was written): continue with zofo-train --resume "
+              f"{config.output}", file=sys.stderr, flush=True)
+        return 130
     if not summary:  # a data-parallel rank other than 0: rank 0 reports
         return 0
     print(json.dumps({k: summary[k] for k in (

@@ -58,6 +58,15 @@ class Schedule:
     eval_every: Optional[float]
     eval_every_steps: Optional[int]
     log_every: int
+    checkpoint_every: float = 0.0              # seconds of the run between checkpoints (0: off)
+    checkpoint_every_steps: Optional[int] = None
+
+    def checkpoint_due(self, step: int, last_step: int, seconds_since: float) -> bool:
+        """A periodic checkpoint is due (``seconds_since`` the last one, or the run's
+        start)."""
+        return ((self.checkpoint_every > 0 and seconds_since >= self.checkpoint_every)
+                or (self.checkpoint_every_steps is not None
+                    and step - last_step >= self.checkpoint_every_steps))
 
     def finished(self, step: int, train_time: float) -> bool:
         """The run has made its steps or spent its budget."""
@@ -78,6 +87,7 @@ class Resume:
     folder: str
     progress: Mapping[str, Any]
     streams: Mapping[str, int]
+    metrics_rows: Optional[int] = None   # metrics.jsonl rows the checkpoint had written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +105,7 @@ class RunConfig:
     device: str
     threads: Optional[int]
     resume: Optional[Resume]
+    overwrite: bool              # --overwrite: what --output holds is replaced
     # the options as given (None where not given; without --resume): written to
     # resume/run_state.json, which --resume reads back, compares and resolves again
     options: Mapping[str, Any]
@@ -111,7 +122,8 @@ def _schedule(o: Mapping[str, Any]) -> Schedule:
             every_s = o["time_budget"] / 15
         else:
             every_steps = max(1, o["steps"] // 10)
-    return Schedule(o["steps"], o["time_budget"], every_s, every_steps, o["log_every"])
+    return Schedule(o["steps"], o["time_budget"], every_s, every_steps, o["log_every"],
+                    float(o.get("checkpoint_every") or 0.0), o.get("checkpoint_every_steps"))
 
 
 def build(options: Mapping[str, Any], resume: Optional[Resume] = None) -> RunConfig:
@@ -137,5 +149,5 @@ def build(options: Mapping[str, Any], resume: Optional[Resume] = None) -> RunCon
     return RunConfig(method=method, settings=settings, seed=o["seed"], data=data, model=model,
                      schedule=_schedule(o), output=o["output"], save=not o["no_save"],
                      progress_bar=not o["no_progress"], device=o["device"],
-                     threads=o["threads"], resume=resume,
+                     threads=o["threads"], resume=resume, overwrite=bool(o.get("overwrite")),
                      options=types.MappingProxyType(o))

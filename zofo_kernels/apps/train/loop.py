@@ -9,13 +9,14 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Optional
 
 from zofo_kernels.apps import models as models_mod
 from zofo_kernels.apps.train.config import RunConfig
 from zofo_kernels.apps.train.inputs import DeviceEncoded
 from zofo_kernels.apps.train.runners import Runner
 from zofo_kernels.integrations import checkpoint as ckpt_mod
+from zofo_kernels.integrations import durable
 
 
 @dataclasses.dataclass
@@ -62,6 +63,13 @@ class MetricsLog:
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+            self._fh = None
+
+    def reopen(self) -> None:
+        """After a save swapped the output folder: append to the file now in its place."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = open(self.path, "a")
 
 
 class Evaluation:
@@ -109,11 +117,15 @@ class Evaluation:
 
 
 def train_loop(config: RunConfig, runner: Runner, pr: Progress, log: MetricsLog,
-               evaluation: Evaluation, ctx, first_eval: bool = True) -> None:
+               evaluation: Evaluation, ctx, first_eval: bool = True, *,
+               checkpoint: Optional[Callable[[Progress], None]] = None,
+               stop=None) -> bool:
     """Step until the step count or the time budget is reached (or the loss is not finite),
-    logging every ``--log-every`` steps and evaluating when the schedule says."""
+    logging every ``--log-every`` steps and evaluating when the schedule says.
+    ``checkpoint(progress)`` writes a resumable checkpoint; it is called when the schedule's
+    checkpoint period has passed and when ``stop`` (a StopRequest) was requested, after which
+    the loop ends. Returns True when it ended on ``stop``."""
     from tqdm import tqdm
-    from zofo_kernels.core import distributed as dist_mod
     sched = config.schedule
     by_time = sched.steps is None
     bar = tqdm(total=int(math.ceil(sched.time_budget)) if by_time else sched.steps,
@@ -121,50 +133,94 @@ def train_loop(config: RunConfig, runner: Runner, pr: Progress, log: MetricsLog,
                unit="s" if by_time else "step",
                disable=not config.progress_bar or not ctx.is_main,
                desc=config.method.name, dynamic_ncols=True)
-    t_start = time.perf_counter()
-    counts = lambda: dict(forward_count=runner.forward_count,  # noqa: E731
-                          backward_count=runner.backward_count)
-    elapsed = lambda: round(pr.elapsed + time.perf_counter() - t_start, 3)  # noqa: E731
+    clock = _Clock(pr)
     if first_eval:
         fields = evaluation(pr)
         line = evaluation.zero_shot(pr, fields["eval_accuracy"])
         if ctx.is_main:
             print(line, file=sys.stderr, flush=True)
-        pr.eval_time += time.perf_counter() - t_start
+        pr.eval_time += time.perf_counter() - clock.start
         log.write(dict(kind="eval", step=0, wall_time_s=0.0, elapsed_s=round(pr.eval_time, 3),
                        **fields, forward_count=0, backward_count=0))
+    stopped = False
     while not sched.finished(pr.step, pr.train_time):
-        t0 = time.perf_counter()
-        loss = runner.step()
-        pr.train_time += time.perf_counter() - t0
-        if ctx.distributed and sched.time_budget is not None:
-            pr.train_time = dist_mod.agree_on_max(pr.train_time, ctx)  # all ranks stop together
-        pr.step += 1
-        pr.recent.append(loss)
-        pr.nonfinite = pr.nonfinite or not math.isfinite(loss)
-        inside = runner.diagnostics()
-        if inside is not None:
-            log.write(dict(kind="bilevel", step=pr.step, wall_time_s=round(pr.train_time, 3),
-                           **inside))
+        durable.crash_point("loop:before-step")
+        loss = _one_step(runner, pr, ctx, sched)
+        durable.crash_point("loop:after-step")
+        _record_step(config, runner, pr, log, evaluation, clock, loss)
         show(bar, by_time, pr, loss)
-        if pr.step % sched.log_every == 0 or pr.nonfinite:
-            log.write(dict(kind="train", step=pr.step, wall_time_s=round(pr.train_time, 3),
-                           elapsed_s=elapsed(), loss=loss,
-                           loss_avg=sum(pr.recent) / len(pr.recent), **counts()))
-            pr.recent = []
-        if (sched.eval_due(pr.step, pr.train_time, pr.last_eval_step, pr.last_eval_t)
-                or sched.finished(pr.step, pr.train_time) or pr.nonfinite):
-            te = time.perf_counter()
-            fields = evaluation(pr)
-            pr.eval_time += time.perf_counter() - te
-            pr.last_eval_t, pr.last_eval_step = pr.train_time, pr.step
-            log.write(dict(kind="eval", step=pr.step, wall_time_s=round(pr.train_time, 3),
-                           elapsed_s=elapsed(), **fields, **counts()))
-        if pr.nonfinite:
+        if pr.nonfinite or sched.finished(pr.step, pr.train_time):
+            break  # the end of the run: its final save follows
+        stopped = stop is not None and _agreed(stop.requested, ctx)
+        due = sched.checkpoint_due(pr.step, clock.checkpoint_step,
+                                   time.monotonic() - clock.checkpoint_t)
+        if checkpoint is not None and (stopped or due):
+            checkpoint(dataclasses.replace(pr, elapsed=clock.elapsed()))
+            log.reopen()
+            clock.checkpoint_step, clock.checkpoint_t = pr.step, time.monotonic()
+        if stopped:
             break
     bar.close()
     log.close()
-    pr.elapsed = elapsed()
+    pr.elapsed = clock.elapsed()
+    return stopped
+
+
+class _Clock:
+    """A run's timers in this process: the loop's start, the last checkpoint."""
+
+    def __init__(self, pr: Progress):
+        self.pr = pr
+        self.start = time.perf_counter()
+        self.checkpoint_t, self.checkpoint_step = time.monotonic(), pr.step
+
+    def elapsed(self) -> float:
+        return round(self.pr.elapsed + time.perf_counter() - self.start, 3)
+
+
+def _agreed(flag: bool, ctx) -> bool:
+    """``flag`` on any rank (every rank stops at the same step under torchrun)."""
+    if not ctx.distributed:
+        return flag
+    from zofo_kernels.core import distributed as dist_mod
+    return dist_mod.agree_on_max(1.0 if flag else 0.0, ctx) > 0
+
+
+def _one_step(runner: Runner, pr: Progress, ctx, sched) -> float:
+    t0 = time.perf_counter()
+    loss = runner.step()
+    pr.train_time += time.perf_counter() - t0
+    if ctx.distributed and sched.time_budget is not None:
+        from zofo_kernels.core import distributed as dist_mod
+        pr.train_time = dist_mod.agree_on_max(pr.train_time, ctx)  # all ranks stop together
+    pr.step += 1
+    pr.recent.append(loss)
+    pr.nonfinite = pr.nonfinite or not math.isfinite(loss)
+    return loss
+
+
+def _record_step(config: RunConfig, runner: Runner, pr: Progress, log: MetricsLog,
+                 evaluation: Evaluation, clock: _Clock, loss: float) -> None:
+    """The step's metrics rows, and the evaluation when one is due."""
+    sched = config.schedule
+    counts = dict(forward_count=runner.forward_count, backward_count=runner.backward_count)
+    inside = runner.diagnostics()
+    if inside is not None:
+        log.write(dict(kind="bilevel", step=pr.step, wall_time_s=round(pr.train_time, 3),
+                       **inside))
+    if pr.step % sched.log_every == 0 or pr.nonfinite:
+        log.write(dict(kind="train", step=pr.step, wall_time_s=round(pr.train_time, 3),
+                       elapsed_s=clock.elapsed(), loss=loss,
+                       loss_avg=sum(pr.recent) / len(pr.recent), **counts))
+        pr.recent = []
+    if (sched.eval_due(pr.step, pr.train_time, pr.last_eval_step, pr.last_eval_t)
+            or sched.finished(pr.step, pr.train_time) or pr.nonfinite):
+        te = time.perf_counter()
+        fields = evaluation(pr)
+        pr.eval_time += time.perf_counter() - te
+        pr.last_eval_t, pr.last_eval_step = pr.train_time, pr.step
+        log.write(dict(kind="eval", step=pr.step, wall_time_s=round(pr.train_time, 3),
+                       elapsed_s=clock.elapsed(), **fields, **counts))
 
 
 def show(bar, by_time: bool, pr: Progress, loss: float) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -13,11 +17,13 @@ import torch
 from zofo_kernels.apps import data as data_mod
 from zofo_kernels.apps import models as models_mod
 from zofo_kernels.apps.measure import peak_memory_bytes, peak_memory_kind
+from zofo_kernels.apps.train import stopping
 from zofo_kernels.apps.train.config import RunConfig
 from zofo_kernels.apps.train.inputs import RunData, encode, load_data
 from zofo_kernels.apps.train.loop import Evaluation, MetricsLog, Progress, train_loop
 from zofo_kernels.apps.train.runners import Runner, make_runner, wire_data_parallel
 from zofo_kernels.integrations import checkpoint as ckpt_mod
+from zofo_kernels.integrations import durable
 
 # the optimizer settings summary.json reports (None where the method has none)
 SUMMARY_SETTINGS = ("lr", "eps", "estimator", "lam", "inner_steps", "peft_lr", "theta_update",
@@ -74,8 +80,17 @@ def train_and_report(config: RunConfig, device, ctx, on_trained=None) -> dict:
                             loaded.tokenizer, ctx, spec=data.spec,
                             add_special_tokens=loaded.add_special_tokens)
     out = Path(config.output)
+    if ctx.is_main:
+        clear_for_overwrite(config)
     log = MetricsLog(out / "metrics.jsonl", ctx.is_main, prior_rows)
-    train_loop(config, runner, pr, log, evaluation, ctx, first_eval=config.resume is None)
+    save = None
+    if config.save and ctx.is_main:
+        save = lambda p: save_run(config, runner, loaded.tokenizer, p, len(log.rows))  # noqa
+    with stopping.stop_on_signals() as stop:
+        stopped = train_loop(config, runner, pr, log, evaluation, ctx,
+                             first_eval=config.resume is None, checkpoint=save, stop=stop)
+    if stopped:
+        raise SystemExit(stopped_message(config, stop, pr, ctx, saved=save is not None))
     if not ctx.is_main:
         return {}
     if on_trained is not None:
@@ -83,7 +98,7 @@ def train_and_report(config: RunConfig, device, ctx, on_trained=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     written: List[Path] = []
     if config.save:
-        written = save_run(config, runner, loaded.tokenizer, pr)
+        written = save_run(config, runner, loaded.tokenizer, pr, len(log.rows))
     summary = run_summary(config, data, loaded, runner, pr, device, ctx)
     from zofo_kernels.apps import plotting
     plotting.plot_run(log.rows, out / "curves.png", title=f"{config.method.name} on "
@@ -92,8 +107,42 @@ def train_and_report(config: RunConfig, device, ctx, on_trained=None) -> dict:
                     + sorted(evaluation.best_files)}
                    | {"metrics.jsonl", "summary.json", "curves.png"})
     summary.update(output=str(out.resolve()), files=files)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_file(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def write_file(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all (a temporary file, fsync, rename)."""
+    tmp = path.with_name(path.name + durable.TMP_TAG + str(os.getpid()))
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def clear_for_overwrite(config: RunConfig) -> None:
+    """--overwrite: what the output folder holds goes (unless it is the folder resumed)."""
+    out = Path(config.output)
+    resumed = config.resume is not None and out.resolve() == Path(config.resume.folder).resolve()
+    if config.overwrite and out.exists() and not resumed:
+        old = out.with_name(out.name + durable.OLD_TAG)
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        shutil.rmtree(old)
+
+
+def stopped_message(config: RunConfig, stop, pr: Progress, ctx, saved: bool) -> int:
+    """Print how the stopped run continues (rank 0); the exit status."""
+    if ctx.is_main:
+        out = Path(config.output)
+        length = (f"--steps {config.schedule.steps}" if config.schedule.steps is not None
+                  else f"--time-budget {config.schedule.time_budget:g}")
+        how = (f"checkpoint written to {out}; continue with: zofo-train --resume {out} {length}"
+               if saved else "no checkpoint written (--no-save)")
+        print(f"zofo-train: stopped by {stop.name} after step {pr.step}; {how}",
+              file=sys.stderr, flush=True)
+    return stopping.EXIT_STOPPED
 
 
 def build_runner(config: RunConfig, data: RunData, loaded, device, ctx) -> Runner:
@@ -111,13 +160,18 @@ def build_runner(config: RunConfig, data: RunData, loaded, device, ctx) -> Runne
         raise SystemExit(f"zofo-train: {exc}{hint}") from None
 
 
-def save_run(config: RunConfig, runner: Runner, tokenizer, progress: Progress) -> List[Path]:
+def save_run(config: RunConfig, runner: Runner, tokenizer, progress: Progress,
+             metrics_rows: Optional[int] = None) -> List[Path]:
     """Write the trained model and everything ``--resume`` needs to the output folder (one
-    :func:`zofo_kernels.integrations.checkpoint.save_trained` call); returns the files
-    written. ``run_state.json`` holds the options (``args``: what ``--resume`` reads back),
-    the progress and the batch-stream positions."""
-    run_state = dict(args=dict(config.options), progress=dataclasses.asdict(progress),
-                     streams={name: s.drawn for name, s in runner.streams.items()})
+    crash-safe :func:`zofo_kernels.integrations.checkpoint.save_trained` call: the final save
+    and every periodic checkpoint); returns the files written. ``run_state.json`` holds the
+    options (``args``: what ``--resume`` reads back), the progress, the batch-stream
+    positions and the number of metrics.jsonl rows written so far (a resumed run drops the
+    rows after them)."""
+    args = {k: v for k, v in config.options.items() if k != "overwrite"}
+    run_state = dict(args=args, progress=dataclasses.asdict(progress),
+                     streams={name: s.drawn for name, s in runner.streams.items()},
+                     metrics_rows=metrics_rows)
     optimizer_state = dict(runner.optimizer_state(), torch_rng=torch.get_rng_state())
     return ckpt_mod.save_trained(Path(config.output), runner.model, tokenizer=tokenizer,
                                  method=config.method.name, lower_adapter=runner.lower_adapter,
@@ -126,35 +180,85 @@ def save_run(config: RunConfig, runner: Runner, tokenizer, progress: Progress) -
 
 def restore(runner: Runner, config: RunConfig) -> Progress:
     """Put ``runner`` (freshly built from the saved options) where the saved run stopped:
-    weights, optimizer state, counters, batch-stream positions."""
+    weights, optimizer state, counters, batch-stream positions. Everything is checked before
+    the model is touched (``SystemExit`` naming the file and the problem)."""
     resume = config.resume
     folder = Path(resume.folder)
+    progress = checked_progress(resume, runner, config)
+    path = folder / ckpt_mod.OPTIMIZER_FILE
+    try:
+        opt_state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(opt_state, dict) or "optimizer" not in opt_state:
+            raise ValueError("no optimizer state in it")
+        rng = opt_state["torch_rng"]
+    except Exception as exc:  # torch.load's unpickler raises many kinds
+        raise SystemExit(f"zofo-train --resume: {path} is damaged "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                         ) from None
     try:
         ckpt_mod.load_weights_into(runner.model, folder)
     except ckpt_mod.CheckpointError as exc:
         raise SystemExit(f"zofo-train --resume: {exc}") from None
-    opt_state = torch.load(folder / ckpt_mod.OPTIMIZER_FILE, map_location="cpu",
-                           weights_only=True)
     runner.load_optimizer_state(opt_state)
-    torch.set_rng_state(opt_state["torch_rng"])
-    if set(resume.streams) != set(runner.streams):
-        raise SystemExit(f"zofo-train --resume: {folder} saved the batch streams "
-                         f"{sorted(resume.streams)}, this method has {sorted(runner.streams)}")
+    torch.set_rng_state(rng)
     for name, drawn in resume.streams.items():
         runner.streams[name].skip(int(drawn))
     if hasattr(runner.opt, "eval_mode"):
         runner.opt.eval_mode()
-    return Progress(**resume.progress)
+    return progress
+
+
+def checked_progress(resume, runner: Runner, config: RunConfig) -> Progress:
+    """The saved progress, its fields in range, and the batch-stream positions the saved
+    step count implies."""
+    where = Path(resume.folder) / ckpt_mod.RUN_STATE_FILE
+    try:
+        pr = Progress(**resume.progress)
+        if not (isinstance(pr.step, int) and pr.step >= 0):
+            raise ValueError(f"step {pr.step!r} is not a count >= 0")
+        for name in ("train_time", "eval_time", "elapsed"):
+            value = getattr(pr, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} {value!r} is not a finite time >= 0")
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"zofo-train --resume: {where} is damaged ({exc})") from None
+    expected = stream_positions(runner, config, pr.step)
+    given = {k: v for k, v in resume.streams.items()}
+    if given != expected:
+        raise SystemExit(f"zofo-train --resume: {where} is damaged (batch-stream positions "
+                         f"{given} do not match step {pr.step}: expected {expected})")
+    return pr
+
+
+def stream_positions(runner: Runner, config: RunConfig, step: int) -> dict:
+    """How many batches each stream has handed out after ``step`` steps."""
+    if "upper" not in runner.streams:
+        return {name: step for name in runner.streams}
+    fresh = "penalty" in runner.streams
+    inner = config.settings.inner_steps
+    out = {"upper": step, "lower": step * (inner if fresh else max(1, inner))}
+    if fresh:
+        out["penalty"] = step
+    return out
 
 
 def resume_progress(config: RunConfig, runner: Runner):
-    """(the saved run's progress, its metrics rows) with ``runner`` put where it stopped."""
+    """(the saved run's progress, its metrics rows up to the checkpoint) with ``runner`` put
+    where it stopped."""
     folder = Path(config.resume.folder)
     pr = restore(runner, config)
     rows = []
-    if (folder / "metrics.jsonl").is_file():
-        rows = [json.loads(line) for line in
-                (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    path = folder / "metrics.jsonl"
+    if path.is_file():
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+        except ValueError as exc:
+            raise SystemExit(f"zofo-train --resume: {path} is damaged ({exc})") from None
+    if config.resume.metrics_rows is not None:
+        rows = rows[:int(config.resume.metrics_rows)]
+    else:  # saved before the count was kept: the rows up to the saved step
+        rows = [r for r in rows if isinstance(r, dict) and r.get("step", 0) <= pr.step]
     steps, budget = config.schedule.steps, config.schedule.time_budget
     if (steps is None or pr.step >= steps) and (budget is None or pr.train_time >= budget):
         raise SystemExit(f"zofo-train --resume: the saved run already reached step "
