@@ -33,7 +33,7 @@ class DataError(ValueError):
 
 
 def _rows_delimited(path: Path, delimiter: str) -> Tuple[List[str], List[dict]]:
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark
         # SST-2 sentences contain quote characters; TSV files are read without quoting.
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
         reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
@@ -44,7 +44,7 @@ def _rows_delimited(path: Path, delimiter: str) -> Tuple[List[str], List[dict]]:
 
 def _rows_jsonl(path: Path) -> Tuple[List[str], List[dict]]:
     rows, columns = [], []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
@@ -83,21 +83,31 @@ def _rows_hub(name: str) -> Tuple[List[str], List[dict], str]:
     return list(ds.column_names), [dict(r) for r in ds], spec
 
 
+def _rows_of_file(path: Path) -> Tuple[List[str], List[dict]]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tsv", ".tab"):
+            return _rows_delimited(path, "\t")
+        if suffix == ".csv":
+            return _rows_delimited(path, ",")
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            return _rows_jsonl(path)
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start:exc.start + 1]
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {bad!r}); save the file "
+                        "as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    raise DataError(f"{path}: unknown file type {suffix!r}; use .tsv, .csv or .jsonl")
+
+
 def read_examples(source, text_column: str = "sentence", label_column: str = "label",
                   limit: Optional[int] = None) -> List[Example]:
     """Read (text, label) examples from a TSV/CSV/JSONL file or a datasets name."""
     source = str(source)
     path = Path(source)
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in (".tsv", ".tab"):
-            columns, rows = _rows_delimited(path, "\t")
-        elif suffix == ".csv":
-            columns, rows = _rows_delimited(path, ",")
-        elif suffix in (".jsonl", ".json", ".ndjson"):
-            columns, rows = _rows_jsonl(path)
-        else:
-            raise DataError(f"{path}: unknown file type {suffix!r}; use .tsv, .csv or .jsonl")
+        columns, rows = _rows_of_file(path)
         where = str(path)
     elif path.exists():
         raise DataError(f"{path} is a directory, not a data file")

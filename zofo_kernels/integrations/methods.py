@@ -188,6 +188,12 @@ class Method:
         if not isinstance(settings, self.settings_type):
             raise TypeError(f"method {self.name!r} takes {self.settings_type.__name__} "
                             f"(Method.resolve), got {type(settings).__name__}")
+        if self.peft and not (isinstance(getattr(model, "peft_config", None), dict)
+                              and hasattr(model, "set_adapter")):
+            raise TypeError(f"method {self.name!r} trains a PEFT block, and this "
+                            f"{type(model).__name__} has none: wrap it with "
+                            "peft.get_peft_model first (or use a method that trains every "
+                            "weight)")
         return self.recipe(model, settings, loss_fn)
 
 

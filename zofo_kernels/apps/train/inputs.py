@@ -74,6 +74,21 @@ def apply_prompt(config: RunConfig, data: RunData) -> None:
     data.spec = spec
 
 
+def check_label_words(tokenizer, spec) -> None:
+    """``SystemExit`` when two label words are the same to the model's tokenizer (an uncased
+    model reads "great" and "Great" alike: the two classes would be identical)."""
+    if spec is None or tokenizer is None:
+        return
+    seen = {}
+    for word in spec.label_words:
+        ids = tuple(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
+        if ids in seen:
+            raise SystemExit(f"zofo-train: --label-words {seen[ids]!r} and {word!r} are the same "
+                             "to this model's tokenizer (the two classes would be identical); "
+                             "choose words that differ")
+        seen[ids] = word
+
+
 def encode(loaded, examples, max_length: int):
     """``examples`` tokenized by the loaded model's tokenizer (None for no examples)."""
     if not examples:

@@ -19,7 +19,7 @@ from zofo_kernels.apps import models as models_mod
 from zofo_kernels.apps.measure import peak_memory_bytes, peak_memory_kind
 from zofo_kernels.apps.train import stopping
 from zofo_kernels.apps.train.config import RunConfig
-from zofo_kernels.apps.train.inputs import RunData, encode, load_data
+from zofo_kernels.apps.train.inputs import RunData, check_label_words, encode, load_data
 from zofo_kernels.apps.train.loop import Evaluation, MetricsLog, Progress, train_loop
 from zofo_kernels.apps.train.runners import Runner, make_runner, wire_data_parallel
 from zofo_kernels.integrations import checkpoint as ckpt_mod
@@ -69,6 +69,7 @@ def train_and_report(config: RunConfig, device, ctx, on_trained=None) -> dict:
                                        device=str(device), head=data.head, prompt=data.spec)
     except (data_mod.DataError, models_mod.ModelError) as exc:
         raise SystemExit(f"zofo-train: {exc}") from None
+    check_label_words(loaded.tokenizer, data.spec)
     runner = build_runner(config, data, loaded, device, ctx)
     pr, prior_rows = Progress(), []
     if config.resume is not None:
