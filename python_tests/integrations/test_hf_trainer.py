@@ -305,3 +305,82 @@ def test_example_script_defaults_to_the_shared_sst2_folder(sst2_dir):
     assert os.path.samefile(args.data_dir, sst2_dir)
     rows = mod.read_tsv(mod.Path(args.data_dir) / "dev.tsv")
     assert len(rows) == 872 and {label for _, label in rows} == {0, 1}
+
+
+# --------------------------------------------------------------------------- crash safety
+
+def _killed_train(make_trainer, spec):
+    """``make_trainer().train()`` in a forked child that dies by SIGKILL at the named moment
+    (``durable.crash_point``); the child's wait status."""
+    import signal
+    from zofo_kernels.integrations import durable
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.environ[durable.CRASH_ENV] = spec
+            durable.crash_counts.clear()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            make_trainer().train()
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (spec, status)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data, tokenizer):
+    zo = ZOConfig(method="mezo", eps=1e-3, seed=5)
+    kw = dict(max_steps=6, save_strategy="steps", save_steps=2)
+    full = _trainer(tmp_path_factory.mktemp("full"), data, tokenizer, zo, **kw)
+    full.train()
+    return zo, kw, _params(full)
+
+
+@pytest.mark.parametrize("spec", ["trainer:checkpoint-written#2", "durable:sealed#2",
+                                  "save:backbone#2"])
+def test_trainer_killed_while_checkpointing_resumes_from_the_last_complete_one(
+        tmp_path, data, tokenizer, uninterrupted, spec):
+    """SIGKILL while checkpoint-4 is written (the Trainer's files not yet sealed; our layout
+    sealed but not swapped in; the backbone half written): train(resume_from_checkpoint=True)
+    passes over it, resumes from checkpoint-2 and ends bit for bit as the uninterrupted run."""
+    zo, kw, pf = uninterrupted
+    out = tmp_path / "run"
+    _killed_train(lambda: _trainer(out, data, tokenizer, zo, **kw), spec)
+    resumed = _trainer(out, data, tokenizer, zo, **kw)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.zo_optimizer.step_count == 6
+    pr = _params(resumed)
+    assert all(torch.equal(pf[n], pr[n]) for n in pf)
+
+
+def test_trainer_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
+        tmp_path, data, tokenizer, monkeypatch):
+    from zofo_kernels.integrations import durable
+    zo = ZOConfig(method="mezo", eps=1e-3, seed=5)
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    monkeypatch.setenv(durable.CRASH_ENV, "save:backbone#2=enospc")
+    durable.crash_counts.clear()
+    with pytest.raises(OSError, match="No space left"):
+        _trainer(tmp_path / "run", data, tokenizer, zo, **kw).train()
+    monkeypatch.delenv(durable.CRASH_ENV)
+    from zofo_kernels.integrations.hf_trainer import last_complete_checkpoint
+    assert last_complete_checkpoint(tmp_path / "run").endswith("checkpoint-2")
+    checkpoint.load_trained(tmp_path / "run" / "checkpoint-2")
+
+
+def test_save_model_never_deletes_files_it_did_not_write(tmp_path, data, tokenizer):
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "thesis.tex").write_text("mine")
+    (out / "notes.txt").write_text("mine too")
+    trainer = _trainer(out, data, tokenizer, ZOConfig(method="mezo", eps=1e-3), max_steps=1)
+    with pytest.raises(checkpoint.CheckpointError, match="thesis.tex.*overwrite"):
+        trainer.save_model()
+    assert (out / "model" / "thesis.tex").read_text() == "mine"
+    (out / "model" / "thesis.tex").unlink()
+    trainer.save_model()
+    trainer.save_model()
+    assert (out / "notes.txt").read_text() == "mine too"
+    checkpoint.load_trained(out)

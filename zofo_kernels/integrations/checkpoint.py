@@ -286,6 +286,9 @@ def save_trained(folder: PathLike, model, *, tokenizer=None, method: Optional[st
     """
     model = _unwrap(model)
     folder = Path(folder)
+    if folder.name in ("", ".", "..") or folder.resolve() == Path.cwd().resolve():
+        raise CheckpointError(f"cannot save into {folder} (the current folder or one above "
+                              "it is replaced whole by a save): give a subfolder")
     peft = is_peft_model(model)
     if lower_adapter is not None and not (peft and lower_adapter in model.peft_config):
         raise ValueError(f"lower_adapter {lower_adapter!r} is not an adapter of the model")

@@ -95,7 +95,7 @@ def _sync_tree(folder: Path, recorded: Optional[Callable[[str], bool]] = None
     files = {}
     for path in _files_under(folder):
         rel = path.relative_to(folder).as_posix()
-        if rel == COMPLETE or (recorded is not None and not recorded(rel)):
+        if rel == COMPLETE or TMP_TAG in rel or (recorded is not None and not recorded(rel)):
             continue
         _fsync_path(path)
         files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
@@ -110,11 +110,13 @@ def write_complete_record(folder: Path,
     ``recorded(relative path)`` selects; every file by default)."""
     files = _sync_tree(folder, recorded)
     record = folder / COMPLETE
-    with open(record, "w") as fh:
+    partial = folder / (COMPLETE + TMP_TAG)  # then renamed: a record is whole or absent
+    with open(partial, "w") as fh:
         json.dump({"version": 1, "files": files}, fh, indent=1, sort_keys=True)
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
+    os.replace(partial, record)
     _fsync_path(folder)
 
 

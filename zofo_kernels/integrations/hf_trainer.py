@@ -60,12 +60,14 @@ from __future__ import annotations
 
 import itertools
 import os
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 from transformers import Trainer
 
 from zofo_kernels.integrations import checkpoint as ckpt_mod
+from zofo_kernels.integrations import durable
 from zofo_kernels.integrations import methods as methods_mod
 from zofo_kernels.core.distributed import DataParallelZO, setup_from_env
 from zofo_kernels.core.optim import ZOOptimizer
@@ -434,6 +436,31 @@ class ZOFOTrainer(Trainer):
                                         "global_step": int(self.state.global_step)})
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's ``checkpoint-N``, sealed: once the Trainer has written all of it
+        (this layout, then optimizer, scheduler, RNG and trainer state) a completion record of
+        every file is written last, before older checkpoints are rotated away; resuming takes
+        the newest sealed one (:func:`last_complete_checkpoint`)."""
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            seal_checkpoint(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"),
+                            run_dir, limit, self.state.best_model_checkpoint)
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest complete
+        (sealed) checkpoint, and a named one must be complete (ValueError otherwise)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        elif resume_from_checkpoint:
+            check_checkpoint(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             **kwargs)
+
     def _load_weights(self, folder: str, model=None) -> None:
         ckpt_mod.load_weights_into(model if model is not None else self.model, folder)
         if self._bilevel:
@@ -450,6 +477,55 @@ class ZOFOTrainer(Trainer):
             logs.pop("grad_norm", None)  # always 0: the ZO step leaves no gradients
             logs.update(zo_log_entries(self.zo_last_step, self._bilevel))
         super().log(logs, start_time)
+
+def seal_checkpoint(folder: str, run_dir: str, limit, best) -> None:
+    """Write the completion record of a Trainer checkpoint (every file), then rotate the
+    older ones away as the Trainer would (``save_total_limit``)."""
+    from transformers.trainer_utils import rotate_checkpoints
+    if os.path.isdir(folder):
+        durable.crash_point("trainer:checkpoint-written")
+        durable.write_complete_record(Path(folder))
+    rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                       best_model_checkpoint=best, use_mtime=True)
+
+
+def check_checkpoint(folder) -> None:
+    """ValueError unless ``folder`` is a complete Trainer checkpoint of this package (sealed,
+    with the Trainer's state), or one of an earlier version (no record, a format-1
+    manifest)."""
+    folder = Path(folder)
+    try:
+        manifest = ckpt_mod.read_manifest(folder, verify=False)
+        if (folder / durable.COMPLETE).exists():
+            files = durable.recorded_files(folder)
+            if "trainer_state.json" not in files:
+                raise ckpt_mod.CheckpointError(
+                    f"{folder} was not completely written (its Trainer state is missing)")
+        elif int(manifest.get("version", 0)) >= 2:
+            raise ckpt_mod.CheckpointError(f"{folder} was not completely written")
+    except (ckpt_mod.CheckpointError, durable.IncompleteFolderError) as exc:
+        raise ValueError(f"cannot resume from {folder}: {exc}") from None
+
+
+def last_complete_checkpoint(output_dir) -> str:
+    """The newest ``checkpoint-N`` of ``output_dir`` that is complete (a checkpoint cut short
+    by a crash is passed over); ValueError if there is none."""
+    import re
+    steps = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = re.fullmatch(r"checkpoint-(\d+)", name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                steps.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, folder in sorted(steps, reverse=True):
+        try:
+            check_checkpoint(folder)
+        except ValueError:
+            continue
+        return folder
+    raise ValueError(f"No valid checkpoint found in output directory ({output_dir}): none is "
+                     "complete")
+
 
 def upper_batches(ds, sampler, collator, batch_size: int, seed: int, skip: int = 0):
     """The D_f batches, endlessly, from batch number ``skip`` on: each pass over ``ds`` in the
