@@ -217,3 +217,38 @@ def test_sigterm_to_a_long_run_exits_soon_and_the_folder_resumes(reference, tmp_
     assert step >= 2
     assert train.main(["--resume", str(out), "--steps", str(step + 1), "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 1
+
+
+@pytest.mark.skipif(not os.environ.get("ZOFO_DIST_KILL_TEST"),
+                    reason="three torchrun jobs (80 s on two cores): run by .ci/run's signal "
+                           "stage (ZOFO_DIST_KILL_TEST=1)")
+def test_torchrun_two_ranks_killed_then_resumed_is_bit_identical(tmp_path):
+    """Two data-parallel ranks SIGKILLed after step 3 (rank 0 wrote the checkpoint of step
+    2); the job resumed under torchrun ends where an uninterrupted two-rank job ends."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from dist_workers.launch import torchrun, worker
+
+    rows = ["sentence\tlabel"] + [f"{'good fun' if i % 2 else 'dull mess'} {i}\t{i % 2}"
+                                  for i in range(48)]
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+    def job(out, *extra, env=None):
+        return torchrun(worker("train_worker.py"), [
+            "--model", "tiny-bert", "--method", "mezo", "--train", str(tsv), "--eval", str(tsv),
+            "--num-train", "32", "--batch-size", "4", "--max-length", "16", "--steps", "4",
+            "--checkpoint-every-steps", "2", "--eval-every-steps", "2", "--no-progress",
+            "--output", str(out), *extra], timeout=180, env=env)
+
+    full = job(tmp_path / "full")
+    assert full.returncode == 0, full.stdout[-3000:]
+    killed = job(tmp_path / "run", env={durable.CRASH_ENV: "loop:after-step#3"})
+    assert killed.returncode != 0
+    assert json.loads((tmp_path / "run" / ckpt_mod.RUN_STATE_FILE).read_text()
+                      )["progress"]["step"] == 2
+    resumed = torchrun(worker("train_worker.py"), ["--resume", str(tmp_path / "run"), "--steps",
+                                                   "4", "--no-progress"], timeout=180)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _rows(tmp_path / "full") == _rows(tmp_path / "run")

@@ -338,12 +338,11 @@ def uninterrupted(tmp_path_factory, data, tokenizer):
     return zo, kw, _params(full)
 
 
-@pytest.mark.parametrize("spec", ["trainer:checkpoint-written#2", "durable:sealed#2",
-                                  "save:backbone#2"])
+@pytest.mark.parametrize("spec", ["trainer:checkpoint-written#2", "durable:sealed#2"])
 def test_trainer_killed_while_checkpointing_resumes_from_the_last_complete_one(
         tmp_path, data, tokenizer, uninterrupted, spec):
     """SIGKILL while checkpoint-4 is written (the Trainer's files not yet sealed; our layout
-    sealed but not swapped in; the backbone half written): train(resume_from_checkpoint=True)
+    sealed but not swapped in): train(resume_from_checkpoint=True)
     passes over it, resumes from checkpoint-2 and ends bit for bit as the uninterrupted run."""
     zo, kw, pf = uninterrupted
     out = tmp_path / "run"
