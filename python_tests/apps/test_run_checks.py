@@ -67,6 +67,13 @@ def test_finding9_label_words_the_tokenizer_cannot_tell_apart_are_refused(tmp_pa
         train.main(_argv(tmp_path, out, "--label-words", "great,Great"))
 
 
+def test_finding9_eps_is_not_handed_to_adam(tmp_path):
+    argv = _argv(tmp_path, tmp_path / "out", "--eps", "1e-3")
+    argv[argv.index("mezo")] = "fo-full"
+    with pytest.raises(SystemExit, match="--eps is the ZO perturbation scale; fo-full"):
+        train.main(argv)
+
+
 def test_finding9_mezo_lora_without_an_adapter_is_refused():
     from zofo_kernels.integrations import methods
     with pytest.raises(TypeError, match="PEFT block.*get_peft_model"):

@@ -257,6 +257,9 @@ def validate(o: Dict[str, Any]) -> None:
     if o["backbone_regex"] is not None and o["method"] != "bilevel-zofo":
         raise SystemExit("zofo-train: --backbone-regex is a bilevel-zofo setting (the subset "
                          f"of the backbone its ZO step trains), not one of {o['method']}")
+    if o["eps"] is not None and not methods_mod.get(o["method"]).zeroth_order:
+        raise SystemExit(f"zofo-train: --eps is the ZO perturbation scale; {o['method']} trains "
+                         "by Adam and takes no --eps (Adam's own eps stays at its default)")
     if o["head"] == "random" and (o["template"] is not None or o["label_words"] is not None):
         raise SystemExit("zofo-train: --template / --label-words need --head prompt")
     _validate_device(o["device"])
