@@ -87,3 +87,18 @@ def with_fault(loss_fn, fault, calls, error=RuntimeError):
         return loss
 
     return fn
+
+
+def full_head_label_logits(model, batch: dict) -> torch.Tensor:
+    """The label-word logits of a prompt-based causal LM read off the full LM head over every
+    position: the slow way, the reference the library's label-rows-only path is tested
+    against."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    out = model(input_ids=input_ids, attention_mask=mask)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ids = torch.tensor(base.config.zofo_label_token_ids, device=logits.device)
+    shift = logits.shape[1] - input_ids.shape[1]
+    last = mask.long().sum(1) - 1 + shift
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, last][:, ids]

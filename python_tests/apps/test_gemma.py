@@ -22,8 +22,8 @@ from tolerances import dot_reorder_bound  # noqa: E402
 from zofo_kernels.apps import gemma, models  # noqa: E402
 from zofo_kernels.apps import train as train_mod  # noqa: E402
 from zofo_kernels.integrations import durable  # noqa: E402
-from zofo_kernels.integrations.prompting import (classification_logits,  # noqa: E402
-                                                 full_head_label_logits)
+from helpers import full_head_label_logits  # noqa: E402
+from zofo_kernels.integrations.prompting import classification_logits  # noqa: E402
 
 SENTENCES = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate",
              "an utterly charming and hilarious film", "it 's a bore"]

@@ -185,7 +185,7 @@ def test_label_word_logits_equal_the_full_lm_heads_and_skip_the_vocabulary(kind)
     """The fast path (label-word rows of the LM head at the last real token only) gives the
     full head's logits at those words, plain and under every peft kind, and never asks the
     LM head for a vocabulary-wide product."""
-    from zofo_kernels.integrations.prompting import full_head_label_logits
+    from helpers import full_head_label_logits
     loaded = models.load_model("tiny-opt", head="prompt")
     model = loaded.model if kind is None else models.add_peft(loaded.model, kind)
     batch = encode(loaded, SENTENCES, LABELS).batch(slice(0, 4))

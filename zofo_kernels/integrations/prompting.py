@@ -277,17 +277,3 @@ def content_free_logits(model, tokenizer, spec: PromptSpec, add_special_tokens: 
         return classification_logits(model, batch)[0]
     finally:
         model.train(was_training)
-
-
-def full_head_label_logits(model, batch: dict) -> torch.Tensor:
-    """The same logits as :func:`classification_logits` for a prompt-based causal LM, read
-    off the full LM head over every position (the slow way; kept as the reference the fast
-    path is tested against)."""
-    input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    out = model(input_ids=input_ids, attention_mask=mask)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    ids = torch.tensor(_config(model).zofo_label_token_ids, device=logits.device)
-    shift = logits.shape[1] - input_ids.shape[1]
-    last = mask.long().sum(1) - 1 + shift
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, last][:, ids]
