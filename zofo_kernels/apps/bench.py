@@ -13,7 +13,8 @@ right before the first step (CPU: peak RSS, reset through /proc/self/clear_refs;
 ``zofo-bench --quick`` runs MiniLM-L6's shape with random weights on a synthetic batch
 (no data, no download) in a few minutes on two CPU cores. Everything it runs is inside the
 package (the MeZO baseline is :mod:`zofo_kernels.apps.mezo_reference`), so an installed copy
-works from any folder; it ends by naming the absolute output folder and the files written.
+works from any folder; it writes into ``--output`` (default ``./zofo-bench-results`` under
+the current folder) and ends by naming the absolute output folder and the files written.
 """
 
 from __future__ import annotations
@@ -441,8 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="kernel backend for ZO (default: fastest)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--output", default=None,
-                   help="folder for CSV/PNG/markdown (default: ./benchmarks/results when run "
-                        "from the top of the source checkout, else ./zofo-bench-results)")
+                   help="folder for CSV/PNG/markdown (default: ./zofo-bench-results under the "
+                        "current folder, wherever that is; the checkout's committed results "
+                        "are written only when named, e.g. --output benchmarks/results)")
     p.add_argument("--tag", default=None, help="file name tag (default: quick or full)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -510,12 +512,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def default_output() -> Path:
-    """``benchmarks/results`` when run from the top of the source checkout (the folder the
-    README quotes), else ``zofo-bench-results``; both relative to the current folder."""
-    here = Path.cwd()
-    if (here / "benchmarks" / "results").is_dir() and (here / "zofo_kernels").is_dir():
-        return here / "benchmarks" / "results"
-    return here / "zofo-bench-results"
+    """``./zofo-bench-results`` under the current folder, also at the top of the source
+    checkout: a run never overwrites the committed ``benchmarks/results`` unless ``--output``
+    names it."""
+    return Path.cwd() / "zofo-bench-results"
 
 
 if __name__ == "__main__":
