@@ -33,12 +33,20 @@ Reload, exactly (bit-identical logits)::
 
     model, tokenizer = zofo_kernels.load_trained("D")          # eval mode, P active
 
-or with the plain transformers / peft calls::
+or, in a process without zofo_kernels, with the plain transformers / peft calls::
 
     from transformers import AutoModelForSequenceClassification
     from peft import PeftModel
-    model = AutoModelForSequenceClassification.from_pretrained("D/model")
+    model = AutoModelForSequenceClassification.from_pretrained("D/model",
+                                                               trust_remote_code=True)
     model = PeftModel.from_pretrained(model, "D/adapter")      # PEFT runs: P
+
+(prompt-based causal LMs: ``AutoModelForCausalLM``, the label words' logits at the last real
+token, the ids in ``config.zofo_label_token_ids``). The encoder prompt head is a custom
+architecture: its self-contained code (torch and transformers only,
+:mod:`zofo_kernels.integrations.modeling_zofo_prompt`) is saved into ``D/model`` and named in
+``config.json``'s ``auto_map``, so transformers runs it with ``trust_remote_code=True``.
+:func:`load_trained` never runs code from a folder: it uses the package's own classes.
 """
 
 from __future__ import annotations

@@ -27,15 +27,16 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertModel
-from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.models.bert.modeling_bert import BertPreTrainedModel
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
+
+# the encoder prompt head lives in a self-contained module (torch and transformers only) that
+# save_pretrained copies into every saved folder, so that a saved model loads without
+# zofo_kernels (``trust_remote_code=True``); the SST-2 prompt is defined there too
+from zofo_kernels.integrations.modeling_zofo_prompt import (SST2_LABEL_WORDS, SST2_TEMPLATE,
+                                                             BertPromptClassifier,
+                                                             BertPromptConfig)
 
 SENTENCE_FIELD = "{sentence}"
-
-# The SST-2 prompt of MeZO (Malladi et al. 2023) and the Bilevel-ZOFO code.
-SST2_TEMPLATE = "{sentence} It was"
-SST2_LABEL_WORDS = ("terrible", "great")
 
 
 class PromptError(ValueError):
@@ -83,65 +84,8 @@ class PromptSpec:
 
 # --------------------------------------------------------------------------- encoders
 
-class BertPromptConfig(BertConfig):
-    """A BERT encoder's config plus the prompt head's settings."""
-
-    model_type = "zofo-bert-prompt"
-
-    def __init__(self, label_words: Sequence[str] = SST2_LABEL_WORDS,
-                 template: str = SST2_TEMPLATE, head_temperature: float = 20.0, **kwargs):
-        super().__init__(**kwargs)
-        self.label_words = list(label_words)
-        self.template = template
-        # (not "temperature": transformers reads that name as a generation setting)
-        self.head_temperature = float(head_temperature)
-
-
-class BertPromptClassifier(BertPreTrainedModel):
-    """BERT encoder -> mean pooling -> L2 normalisation -> ``label_head`` (see the module
-    docstring). The head is named so that peft does not treat it as a classifier to copy into
-    each adapter (``modules_to_save``): it stays in the backbone."""
-
-    config_class = BertPromptConfig
-
-    def __init__(self, config: BertPromptConfig):
-        super().__init__(config)
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self.label_head = torch.nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    def pooled(self, input_ids=None, attention_mask=None, token_type_ids=None,
-               inputs_embeds=None) -> torch.Tensor:
-        """The normalised mean of the token states over the attention mask."""
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                        token_type_ids=token_type_ids, inputs_embeds=inputs_embeds)
-        h = out.last_hidden_state
-        if attention_mask is None:
-            mask = torch.ones(h.shape[:2], dtype=h.dtype, device=h.device)
-        else:
-            mask = attention_mask.to(h.dtype)
-        mean = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
-        return F.normalize(mean.float(), dim=-1).to(h.dtype)
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
-                inputs_embeds=None, labels=None, **unused):
-        logits = self.label_head(self.pooled(input_ids, attention_mask, token_type_ids,
-                                             inputs_embeds))
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-
-    @torch.no_grad()
-    def init_head_from_descriptions(self, tokenizer, spec: PromptSpec) -> None:
-        """Row c of the head <- temperature * pooled embedding of description c; bias 0."""
-        enc = tokenizer(spec.descriptions(), padding=True, return_tensors="pt").to(self.device)
-        was = self.training
-        self.eval()
-        emb = self.pooled(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
-        self.train(was)
-        self.label_head.weight.copy_(self.config.head_temperature * emb.float())
-        self.label_head.bias.zero_()
-
-
+# in this process the Auto classes know the head without the saved code (trust_remote_code
+# stays unset or False: the local classes are used, the copy in a saved folder is never run)
 AutoConfig.register(BertPromptConfig.model_type, BertPromptConfig)
 AutoModelForSequenceClassification.register(BertPromptConfig, BertPromptClassifier)
 
@@ -150,8 +94,11 @@ def bert_prompt_classifier(encoder_config: BertConfig, spec: PromptSpec,
                            temperature: float = 20.0) -> BertPromptClassifier:
     """An uninitialised :class:`BertPromptClassifier` with ``encoder_config``'s shape."""
     fields = encoder_config.to_dict()
+    # _name_or_path / auto_map: the encoder's folder and code are not this model's (peft would
+    # otherwise take the encoder's folder for this model's and read its config.json as a
+    # BertPromptConfig: "a model of type 'bert' to instantiate a model of type ...")
     for key in ("model_type", "architectures", "num_labels", "id2label", "label2id",
-                "transformers_version"):
+                "transformers_version", "_name_or_path", "auto_map"):
         fields.pop(key, None)
     cfg = BertPromptConfig(label_words=spec.label_words, template=spec.template,
                            head_temperature=temperature, num_labels=spec.num_labels, **fields)
@@ -184,10 +131,12 @@ def causal_add_special_tokens(tokenizer) -> bool:
 
 
 def set_causal_prompt(model, tokenizer, spec: PromptSpec) -> None:
-    """Make a causal LM a prompt-based classifier of ``spec`` (config fields only)."""
+    """Make a causal LM a prompt-based classifier of ``spec`` (config fields only: a saved
+    model says how to use it with transformers alone, see docs/saving.md)."""
     model.config.zofo_label_token_ids = label_token_ids(tokenizer, spec)
     model.config.zofo_label_words = list(spec.label_words)
     model.config.zofo_template = spec.template
+    model.config.zofo_add_special_tokens = causal_add_special_tokens(tokenizer)
     model.config.num_labels = spec.num_labels
 
 
