@@ -18,7 +18,8 @@ counted at the source:
 
 Method names and optimizers come from the registry (:mod:`zofo_kernels.integrations.methods`).
 
-Prints a markdown table (rank 0) and, with ``--csv PATH``, writes one row per method:
+Prints a markdown table (rank 0) and writes nothing unless ``--csv PATH`` asks for one row per
+method (a relative PATH is under the current folder):
 method, trainable parameters, bytes all-reduced per step, collective calls per step, median
 step time. Bytes are payload bytes per rank (what each rank contributes to its all-reduces).
 """
@@ -140,7 +141,7 @@ ROWS = {
 }
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="minilm",
                     help="minilm, minilm-random, tiny-bert, opt-125m, ... (zofo_kernels.apps.models)")
@@ -149,24 +150,33 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--inner-steps", type=int, default=2,
-                    help="Bilevel-ZOFO: lower steps per outer step (the paper's K - 1)")
+                    help="Bilevel-ZOFO: inner_steps, the first-order steps of the lower copy "
+                         "S per outer step (default 2)")
     ap.add_argument("--methods", default=",".join(ROWS),
                     help="comma-separated rows: " + ", ".join(ROWS))
-    ap.add_argument("--csv", default=None, help="write the rows to this CSV file (rank 0)")
-    args = ap.parse_args()
+    ap.add_argument("--csv", default=None,
+                    help="write the rows to this CSV file (rank 0; default: none, nothing is "
+                         "written, the table is printed)")
+    args = ap.parse_args(argv)
+    for m in args.methods.split(","):
+        if m not in ROWS:
+            ap.error(f"unknown method {m!r}; expected one of {', '.join(ROWS)}")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     ctx = setup_from_env()
     if not ctx.distributed:
         raise SystemExit("run under torchrun with --nproc_per_node >= 2")
-    loaded = load_model(args.model, with_tokenizer=True, device=str(ctx.device))
+    loaded = load_model(args.model, with_tokenizer=True, device=str(ctx.device),
+                        head="random")  # a new classification head, as measured so far
     base = loaded.model
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer is not None else None
     batches = [{k: v.to(ctx.device) for k, v in b.items()}
                for b in _batches(args, ctx.rank, base.config.vocab_size, pad, 8)]
     rows = []
     for m in args.methods.split(","):
-        if m not in ROWS:
-            raise SystemExit(f"unknown method {m!r}; expected one of {', '.join(ROWS)}")
         rows.append(ROWS[m](base, batches, ctx, args))
     if ctx.is_main:
         ref = next((r["bytes_per_step"] for r in rows if r["method"].startswith("fo-full")), None)

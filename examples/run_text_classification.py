@@ -15,7 +15,8 @@ MiniLM-L6 that ``zofo_kernels.apps.models.minilm_dir()`` finds (package gt-all-m
 training examples. ``--method bilevel-zofo`` wraps the model with a LoRA (or prompt-tuning) adapter:
 the backbone is trained zeroth-order, the adapter's two copies P and S first-order.
 
-The output folder holds ``model/`` (backbone), ``adapter/`` (P, PEFT runs),
+The script writes into ``--output-dir`` only (a relative path is under the current folder,
+wherever the script lives): ``model/`` (backbone), ``adapter/`` (P, PEFT runs),
 ``resume/lower_adapter/`` (S), ``zofo_checkpoint.json`` and ``eval_results.json``. Reload it
 with ``zofo_kernels.load_trained(folder)`` or the plain calls printed at the end.
 """
@@ -38,7 +39,8 @@ DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "sst2"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", required=True, help="where the trained model is saved")
+    p.add_argument("--output-dir", required=True,
+                   help="where the trained model is saved (relative: under the current folder)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA),
                    help="folder with train.tsv and dev.tsv (default: ../shared/data/sst2 "
                         "relative to the repository root)")
@@ -53,9 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--inner-steps", type=int, default=None,
-                   help="bilevel-zofo: the paper's K, the Trainer's gradient_accumulation_steps "
-                        "(K - 1 lower steps, then the upper step on a fresh batch; default "
-                        "5); mezo: accumulation (1)")
+                   help="the Trainer's gradient_accumulation_steps G; bilevel-zofo: each "
+                        "outer step makes G - 1 lower steps (inner_steps = G - 1), then the "
+                        "upper step on a fresh batch (default 5, inner_steps 4); mezo: "
+                        "accumulation (default 1)")
     p.add_argument("--learning-rate", type=float, default=None,
                    help="ZO learning rate of the backbone (default: 1e-5 for both; under "
                         "bilevel-zofo's theta_update=rms a weight moves by about this much per "
