@@ -342,24 +342,73 @@ def test_prefix_tuning_is_refused_before_anything_is_written(tmp_path):
     if accepts_past_key_values(models.build_random("tiny-bert")):
         pytest.skip("this transformers' BERT takes past_key_values: prefix tuning can run")
     out = tmp_path / "prefix"
-    with pytest.raises(SystemExit, match="CAUSAL_LM task types on OPT, Llama and GPT-2"):
+    with pytest.raises(SystemExit, match="runs prefix tuning on causal LMs with --head prompt"
+                                         ".*--model tiny-bert with --head random cannot"):
         _run(tmp_path, "fo-lora", ["--steps", "1", "--peft", "prefix"], name="prefix")
     assert not (tmp_path / "prefix_fo-lora").exists() and not out.exists()
 
 
-def test_cli_filters_only_the_known_third_party_warnings():
+@needs_tokenizer
+def test_prefix_tuning_runs_where_the_refusal_says_without_a_warning(tmp_path):
+    """What the refusal recommends runs: a causal LM (tiny-opt) with the prompt head. peft
+    hands the prefix over as past_key_values, which transformers deprecates: that notice is
+    silenced around the forwards, and nothing else warns."""
     import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train.filter_third_party_warnings()
-        models.build_random("tiny-bert").is_gradient_checkpointing  # transformers' FutureWarning
-        warnings.warn("`past_key_values` is deprecated and will be removed in version 5.40.0 "
-                      "for `OPTForCausalLM.forward`. Use `cache` instead.", FutureWarning)
-        warnings.warn("`is_gradient_checkpointing` is deprecated", UserWarning)  # other category
-        warnings.warn("something else is deprecated", FutureWarning)             # other message
-    assert [(w.category, str(w.message)) for w in caught] == [
-        (UserWarning, "`is_gradient_checkpointing` is deprecated"),
-        (FutureWarning, "something else is deprecated")]
+        _, summary, _ = _run(tmp_path, "bilevel-zofo", [
+            "--model", "tiny-opt", "--head", "prompt", "--peft", "prefix", "--steps", "2",
+            "--inner-steps", "1"])
+    assert summary["steps"] == 2 and summary["peft"] == "prefix"
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+
+
+def _peft_notices(model):
+    """The two deprecation notices: transformers' own, as peft's read of
+    model.is_gradient_checkpointing raises it, and the one of a past_key_values argument."""
+    import warnings
+    model.is_gradient_checkpointing
+    warnings.warn("`past_key_values` is deprecated and will be removed in version 5.40.0 "
+                  "for `OPTForCausalLM.forward`. Use `cache` instead.", FutureWarning)
+
+
+def test_library_notices_are_silenced_only_where_they_arise():
+    """integrations/library_warnings: one category and one message each, only inside the
+    block that wraps the call, only for prefix-tuned models around a forward; other
+    warnings, and the same ones outside, are shown."""
+    import warnings
+
+    from zofo_kernels.integrations import library_warnings
+    bert = models.build_random("tiny-bert")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        with library_warnings.silenced("is_gradient_checkpointing", "past_key_values"):
+            _peft_notices(bert)
+            warnings.warn("`is_gradient_checkpointing` is deprecated", UserWarning)
+            warnings.warn("something else is deprecated", FutureWarning)
+        assert warnings.filters == filters  # nothing installed process-wide
+        with library_warnings.forward_of(bert):  # no prefix-tuning adapter: nothing silenced
+            warnings.warn("`past_key_values` is deprecated and will be removed in version "
+                          "5.40.0 for `OPTForCausalLM.forward`.", FutureWarning)
+        pm = models.add_peft(bert, "lora")  # peft's read of the property: silenced
+        assert not library_warnings.has_prefix_tuning(pm)
+    assert [(w.category, str(w.message)[:40]) for w in caught] == [
+        (UserWarning, "`is_gradient_checkpointing` is deprecate"),
+        (FutureWarning, "something else is deprecated"),
+        (FutureWarning, "`past_key_values` is deprecated and will")]
+
+
+@needs_tokenizer
+def test_load_model_defaults_to_the_prompt_head_in_eval_mode():
+    """One default for the head: load_model's is zofo-train's (prompt); every model comes
+    back in eval mode (dropout off), the random-head presets too."""
+    import inspect
+    assert inspect.signature(models.load_model).parameters["head"].default == "prompt"
+    assert train.build_parser().get_default("head") == "prompt"
+    loaded = models.load_model("tiny-bert")
+    assert loaded.head == "prompt" and not loaded.model.training
+    assert not models.load_model("tiny-opt", head="random").model.training
 
 
 def test_bad_command_lines(tmp_path):

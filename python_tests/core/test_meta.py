@@ -230,8 +230,11 @@ def test_from_peft_meta_lora():
     assert changed == {0: True, 1: False, 2: True}
     assert any(not torch.equal(p, q) for p, q in
                zip([p for g in opt.zo.param_groups for p in g["params"]], theta0))
+    pm.train()
     opt.eval_mode("t1")
     assert pm.active_adapter == "t1_upper"
+    assert not any(m.training for m in pm.modules())  # eval mode: dropout off
+    assert (opt.lam, opt.inner_steps) == (10.0, 1)  # lam: the shared default (ZOFOOptimizer's)
     with pytest.raises(ValueError, match="'t0_upper'"):
         MetaZOFOOptimizer.from_peft(pm, ["t0"], loss_fn, lr=1e-3)  # adapters exist already
     adapters = set(pm.peft_config)

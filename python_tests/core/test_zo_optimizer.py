@@ -859,3 +859,88 @@ def test_frozen_parameters_are_skipped_unless_include_frozen():
     with pytest.raises(ValueError, match="include_frozen"):
         opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
     assert opt.step_count == 0
+
+
+# --------------------------------------------------------------------------- forgotten eval()
+
+class WithDropout(torch.nn.Module):
+    """Tiny with dropout: a module (nn.Dropout) or, as OPT and others write it, a call of
+    F.dropout(x, p, training=self.training) in the forward."""
+
+    def __init__(self, p=0.1, functional=False):
+        super().__init__()
+        self.tiny, self.p, self.functional = Tiny(), p, functional
+        self.drop = torch.nn.Dropout(p)
+
+    def forward(self, x):
+        h = self.tiny.fc1(x)
+        if self.functional:
+            h = torch.nn.functional.dropout(h, p=self.p, training=self.training)
+        else:
+            h = self.drop(h)
+        return self.tiny.fc2(torch.tanh(self.tiny.norm(h)))
+
+
+def _steps_warnings(model, steps=2, **kw):
+    """The ActiveDropoutWarnings of ``steps`` steps of a fresh ZOOptimizer on ``model``."""
+    import warnings
+
+    from zofo_kernels.core.optim.dropout_check import ActiveDropoutWarning
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    opt = ZOOptimizer(model.parameters(), lr=1e-3, seed=0, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    assert opt.step_count == steps and opt.dropout_checked
+    return [w for w in caught if issubclass(w.category, ActiveDropoutWarning)]
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("estimator", ["central", "forward"])
+def test_a_loss_with_active_dropout_warns_once_at_the_first_step(functional, estimator):
+    """A forgotten model.eval(): every loss evaluation draws a new dropout mask, so the
+    loss differences are noise. The first step says so, once, naming the fix."""
+    caught = _steps_warnings(WithDropout(functional=functional).train(), steps=3,
+                             estimator=estimator)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "dropout" in message and "p = 0.1" in message and "model.eval()" in message
+    assert "noise" in message
+
+
+@pytest.mark.parametrize("model", [WithDropout().eval(), WithDropout(functional=True).eval(),
+                                   WithDropout(p=0.0).train(), Tiny().train()],
+                         ids=["eval", "eval-functional", "p=0", "no-dropout"])
+def test_no_dropout_warning_in_eval_mode_or_without_active_dropout(model):
+    assert _steps_warnings(model) == []
+
+
+def test_the_dropout_check_does_not_change_the_step():
+    """The watched first evaluation computes exactly what an unwatched one does."""
+    runs = []
+    for watched in (True, False):
+        model, x, y = make_problem(3)
+        opt = ZOOptimizer(model.parameters(), lr=0.05, seed=5)
+        opt.dropout_checked = not watched
+        loss = opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+        runs.append((loss, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_a_first_step_that_raises_is_checked_again_at_the_next():
+    model = WithDropout().train()
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    opt = ZOOptimizer(model.parameters(), lr=1e-3, seed=0)
+
+    def failing():
+        raise RuntimeError("data loader broke")
+    with pytest.raises(RuntimeError):
+        opt.step(failing)
+    assert not opt.dropout_checked
+    from zofo_kernels.core.optim.dropout_check import ActiveDropoutWarning
+    with pytest.warns(ActiveDropoutWarning):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    assert opt.dropout_checked

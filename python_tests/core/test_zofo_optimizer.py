@@ -249,7 +249,7 @@ def test_adam_theta_update_materialises_the_authors_update():
 @pytest.mark.parametrize("order,estimator", [("official", "forward"), ("p-first", "forward"),
                                              ("official", "central")])
 def test_counters_grad_flags_and_no_backbone_grad(order, estimator):
-    """The documented counts per outer step, K = inner_steps = 3, q = 2:
+    """The documented counts per outer step, inner_steps = 3, q = 2:
     official/forward inner + 3 + 3q forwards; p-first/forward inner + 5 + 3q; central
     inner + 2 + 6q; backwards inner + 2 throughout."""
     net = Net()
@@ -820,3 +820,59 @@ def test_a_first_order_step_that_would_write_non_finite_weights_is_refused_and_u
             opt.step(batches(1, 1)[0], batches(2, 1), batches(3, 1)[0])
         assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()), case
         assert opt.outer_steps == 0 and opt.forward_count == 0 and opt.zo.step_count == 0
+
+
+# --------------------------------------------------------------------------- defaults, eval mode
+
+def test_the_defaults_are_the_method_registrys():
+    """lr 1e-4, lam 10, inner_steps 3: the SST-2 study's choice, which zofo-train and the
+    registry use (python_tests/integrations/test_methods.py checks that they agree)."""
+    net = Net(0)
+    up, low, sel, lf = parts(net)
+    opt = ZOFOOptimizer(net.backbone(), up, low, sel, lf)
+    assert opt.zo.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert (opt.lam, opt.inner_steps, opt.theta_update, opt.order) == (10.0, 3, "rms",
+                                                                       "official")
+    assert opt.zo.estimator == "forward" and opt.zo.eps == pytest.approx(1e-3)
+
+
+def _bert_lora_loss(pm):
+    return lambda batch: pm(input_ids=batch[0], labels=batch[1]).loss
+
+
+def test_eval_mode_selects_p_and_puts_the_model_in_eval_mode():
+    pm = _tiny_bert_lora()
+    opt = ZOFOOptimizer.from_peft(pm, _bert_lora_loss(pm), lr=1e-3, inner_steps=1, seed=0)
+    pm.train()
+    opt.pair.select_adapter("lower")
+    assert opt.eval_mode() is opt
+    assert pm.active_adapter == "default"
+    assert not any(m.training for m in pm.modules())  # dropout off everywhere
+    # built from parameters, the optimizer does not know the model: P is selected, that is all
+    net = Net(0).train()
+    up, low, sel, lf = parts(net)
+    plain = ZOFOOptimizer(net.backbone(), up, low, sel, lf)
+    net.active = "lower"
+    plain.eval_mode()
+    assert net.active == "upper" and net.training
+
+
+def _dropout_warnings(pm, steps=2):
+    import warnings
+
+    from zofo_kernels.core.optim.dropout_check import ActiveDropoutWarning
+    x, y = torch.randint(0, 50, (4, 6)), torch.tensor([0, 1, 1, 0])
+    opt = ZOFOOptimizer.from_peft(pm, _bert_lora_loss(pm), lr=1e-3, inner_steps=1, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            opt.step((x, y), [(x, y)], (x, y))
+    return [str(w.message) for w in caught if issubclass(w.category, ActiveDropoutWarning)]
+
+
+def test_from_peft_on_a_model_in_training_mode_warns_once_about_dropout():
+    """BERT's dropout (p 0.1) left on: the first outer step says so once (its ZO step's loss
+    ran dropout); in eval mode nothing is said."""
+    caught = _dropout_warnings(_tiny_bert_lora().train(), steps=3)
+    assert len(caught) == 1 and "model.eval()" in caught[0] and "p = 0.1" in caught[0]
+    assert _dropout_warnings(_tiny_bert_lora()) == []

@@ -145,9 +145,11 @@ def test_bilevel_zofo_trainer_with_lora_resumes_exactly(tmp_path, data, tokenize
     assert ["lower_loss" in h for h in logs if "loss" in h] == [True, False]
     assert any("eval_loss" in h for h in logs)
     zofo = full.zo_optimizer
-    # K = gradient_accumulation_steps = 2: the window's last micro-batch is the upper step's
-    # fresh B_g, the others are lower steps. 11 lower examples make 3 micro-batches per epoch,
+    # gradient_accumulation_steps = 2 with penalty_batch "fresh" (the default for G >= 2):
+    # the window's last micro-batch is the upper step's fresh B_g, the others are lower
+    # steps (inner_steps = G - 1 = 1). 11 lower examples make 3 micro-batches per epoch,
     # i.e. windows of 2 (one lower step) and 1 (the epoch's remainder: no lower step)
+    assert zofo.inner_steps == 1
     assert zofo.outer_steps == 2 and zofo.backward_count == (1 + 0) + 2 * 2
 
     # theta (ZO), P and S (FO) all moved; P and S are different copies
@@ -170,6 +172,39 @@ def test_bilevel_zofo_trainer_with_lora_resumes_exactly(tmp_path, data, tokenize
     pf, pr = _params(full), _params(resumed)
     assert all(torch.equal(pf[n], pr[n]) for n in pf), [n for n in pf
                                                          if not torch.equal(pf[n], pr[n])][:3]
+
+
+@pytest.mark.parametrize("accumulation,penalty,inner", [(3, None, 2), (3, "fresh", 2),
+                                                         (3, "last", 3), (1, None, 1)])
+def test_accumulation_gives_the_documented_inner_steps(tmp_path, data, tokenizer,
+                                                       accumulation, penalty, inner):
+    """docs/trainer.md, "What gradient accumulation means": G micro-batches per window are
+    G - 1 lower steps and a fresh B_g ("fresh", the default for G >= 2) or G lower steps, the
+    last also B_g ("last", the default for G = 1)."""
+    zo = ZOConfig(method="bilevel-zofo", penalty_batch=penalty)
+    trainer = _trainer(tmp_path, data, tokenizer, zo, lora=True,
+                       gradient_accumulation_steps=accumulation)
+    assert trainer.zo_optimizer.inner_steps == inner
+    assert trainer.zo_optimizer.lam == 10.0  # the registry's default
+    if accumulation == 1:
+        with pytest.raises(ValueError, match="gradient_accumulation_steps >= 2"):
+            _trainer(tmp_path, data, tokenizer, ZOConfig(method="bilevel-zofo",
+                                                         penalty_batch="fresh"), lora=True)
+
+
+def test_a_cpu_run_shows_no_warning_and_trains_in_eval_mode(tmp_path, data, tokenizer):
+    """Pinned memory is off on a CPU run (torch would warn that no accelerator is found), the
+    model trains in eval mode (no dropout warning), and nothing else warns."""
+    import warnings
+    trainer = _trainer(tmp_path, data, tokenizer, ZOConfig(method="bilevel-zofo", seed=1),
+                       lora=True, max_steps=1, gradient_accumulation_steps=2)
+    assert trainer.args.dataloader_pin_memory is False and trainer.args.max_grad_norm == 0
+    trainer.model.train()  # as a user's script may leave it: training_step sets eval mode
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+        trainer.evaluate()
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
 
 
 def test_configuration_errors(tmp_path, data, tokenizer):
@@ -211,7 +246,13 @@ def test_prefix_tuning_on_a_causal_lm_trains(tmp_path):
                           train_dataset=Rows(rows),
                           zo_config=ZOConfig(method="bilevel-zofo", seed=2))
     before = model.get_base_model().model.decoder.embed_tokens.weight.detach().clone()
-    trainer.train()
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    # peft hands the prefix over as past_key_values, which transformers deprecates: that
+    # notice is silenced around the forward (integrations/library_warnings.py), nothing else
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
     loss = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(loss) == 1 and loss[0] > 0
     assert not torch.equal(before, model.get_base_model().model.decoder.embed_tokens.weight)
@@ -236,7 +277,8 @@ def test_trainer_under_torchrun_matches_one_process_with_accumulation(tmp_path):
         # checkpoint/resume under torchrun: bit-identical to the uninterrupted run
         assert r0[method]["resume_bit_identical"] and r1[method]["resume_bit_identical"]
     assert r0["mezo"]["comm"] == [16.0] * 3  # two float64 losses per central step
-    # Bilevel-ZOFO, K = 1: one S step and one P step all-reduce the LoRA block + head
+    # Bilevel-ZOFO, gradient_accumulation_steps = 1 (penalty_batch "last", inner_steps 1):
+    # one S step and one P step all-reduce the LoRA block + head
     # (1,090 floats each), plus two losses
     assert r0["bilevel-zofo"]["comm"] == [2 * 1090 * 4 + 16.0] * 3
 

@@ -186,11 +186,12 @@ def test_the_settings_defaults_are_the_optimizers_own(tiny):
     def built(make):
         model = models.add_peft(models.build_random("tiny-bert", seed=0), "lora")
         return make(model, lambda b: models.classification_loss(model, b))
-    bare = built(lambda m, loss: ZOFOOptimizer.from_peft(m, loss, lr=0.1, seed=3))
+    bare = built(lambda m, loss: ZOFOOptimizer.from_peft(m, loss, seed=3))
     ours = built(lambda m, loss: methods.bilevel_zofo(
-        m, methods.BilevelSettings(lr=0.1, seed=3), loss))
+        m, methods.BilevelSettings(seed=3), loss))
     for name in ("lam", "inner_steps", "theta_update", "order"):
         assert getattr(ours, name) == getattr(bare, name), name
+    assert ours.zo.param_groups[0]["lr"] == bare.zo.param_groups[0]["lr"]
     for name in ("eps", "estimator", "distribution", "n_directions", "stochastic_rounding",
                  "nonfinite", "normalize", "rms_beta", "include_frozen", "backend"):
         assert getattr(ours.zo, name) == getattr(bare.zo, name), name
@@ -209,3 +210,20 @@ def _same_state(a, b):
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def test_one_set_of_defaults_for_bilevel_zofo(tmp_path):
+    """The registry's measured defaults (the SST-2 study's lr 1e-4, lam 10, inner_steps 3)
+    are the settings dataclass's and ZOFOOptimizer's own: zofo-train, ZOConfig, the Python
+    API and a bare ZOFOOptimizer(...) agree."""
+    method = methods.get("bilevel-zofo")
+    bare = methods.BilevelSettings()
+    for key, value in method.defaults.items():
+        assert getattr(bare, key) == value, key
+    assert method.resolve() == bare
+    assert (bare.lr, bare.lam, bare.inner_steps) == (1e-4, 10.0, 3)
+    parser = train.build_parser()
+    given = train.parse(["--method", "bilevel-zofo", "--train", "x.tsv", "--eval", "x.tsv",
+                         "--steps", "1", "--output", str(tmp_path / "out")]).settings
+    assert given == bare
+    assert "default 3" in next(a.help for a in parser._actions if a.dest == "inner_steps")

@@ -64,7 +64,8 @@ DESCRIPTIONS = {
     "mezo-ref": "MeZO reference step (torch.normal per parameter, 4 sweeps)",
     "fo-full": "FO full fine-tuning step (Adam)",
     "fo-lora": "FO-LoRA step (Adam, r=8 on q/v)",
-    "bilevel-zofo": "Bilevel-ZOFO outer step (LoRA r=8, K inner FO steps, forward-difference ZO)",
+    "bilevel-zofo": "Bilevel-ZOFO outer step (LoRA r=8, inner_steps FO steps of S, "
+                    "forward-difference ZO)",
     "bilevel-zofo-adam": "Bilevel-ZOFO outer step with the authors' update (theta.grad = g*z "
                          "materialised, AdamW on theta and P: three backbone-sized buffers)",
 }
@@ -169,8 +170,9 @@ def _batch(loaded: models_mod.Loaded, args, device) -> dict:
 
 
 def _model(name: str, args, device) -> models_mod.Loaded:
+    # a new classification head: the shapes every benchmark result so far was measured on
     return models_mod.load_model(name, dtype=args.dtype, seed=0, with_tokenizer=False,
-                                 device=str(device))
+                                 device=str(device), head="random")
 
 
 def _pct(values: List[float], q: float) -> float:
@@ -434,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10; quick 3)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--inner-steps", type=int, default=1,
-                   help="Bilevel-ZOFO inner steps K per outer step (default 1)")
+                   help="Bilevel-ZOFO: inner_steps, the first-order steps of the lower copy S "
+                        "per outer step (default 1)")
     p.add_argument("--memory-steps", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--device", default="cpu")

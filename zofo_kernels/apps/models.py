@@ -18,8 +18,8 @@
 
 Random-init presets use the MiniLM tokenizer (BERT WordPiece, 30,522 tokens) for text.
 
-Heads (``head=``): ``"prompt"`` (default of ``zofo-train``) makes the pretrained model the
-classifier, as MeZO and Bilevel-ZOFO do (:mod:`zofo_kernels.integrations.prompting`):
+Heads (``head=``): ``"prompt"`` (the default, here and in ``zofo-train``) makes the pretrained
+model the classifier, as MeZO and Bilevel-ZOFO do (:mod:`zofo_kernels.integrations.prompting`):
 causal LMs score label words through their LM head, BERT-style encoders get a head
 initialised from their own embeddings of the label descriptions; the head is part of the
 backbone. ``"random"`` adds a new randomly initialised classification head
@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from zofo_kernels.integrations import library_warnings
 from zofo_kernels.integrations.hf_models import DTYPES, accepts_past_key_values
 
 
@@ -161,12 +162,13 @@ def build_random(name: str, num_labels: int = 2, dtype: torch.dtype = torch.floa
 
 
 def load_model(name: str, num_labels: int = 2, dtype: str = "float32", seed: int = 0,
-               with_tokenizer: bool = True, device: str = "cpu", head: str = "random",
+               with_tokenizer: bool = True, device: str = "cpu", head: str = "prompt",
                prompt=None) -> Loaded:
-    """Resolve ``name`` (see the module docstring) to a classifier: a sequence-classification
-    model with a new head (``head="random"``) or a prompt-based classifier of ``prompt`` (a
-    :class:`zofo_kernels.integrations.prompting.PromptSpec`; default SST-2's) with
-    ``head="prompt"``."""
+    """Resolve ``name`` (see the module docstring) to a classifier: a prompt-based
+    classifier of ``prompt`` (a :class:`zofo_kernels.integrations.prompting.PromptSpec`;
+    default SST-2's) with ``head="prompt"`` (the default, as ``zofo-train``'s), or a
+    sequence-classification model with a new random head (``head="random"``). The model is
+    returned in eval mode."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if head not in HEADS:
@@ -203,7 +205,7 @@ def load_model(name: str, num_labels: int = 2, dtype: str = "float32", seed: int
         if tok is not None and model.config.pad_token_id is None:
             model.config.pad_token_id = tok.pad_token_id
         loaded = Loaded(model, tok, name, model.config.model_type, True)
-    loaded.model.to(device)
+    loaded.model.to(device).eval()  # no dropout (a random preset is built in training mode)
     return loaded
 
 
@@ -341,7 +343,8 @@ def add_peft(model: torch.nn.Module, kind: str, lora_r: int = 8, lora_alpha: int
         cfg = PromptTuningConfig(task_type=task, num_virtual_tokens=num_virtual_tokens or 10)
     else:
         raise ValueError(f"unknown PEFT kind {kind!r}; expected one of {', '.join(PEFT_KINDS)}")
-    return get_peft_model(model, cfg)
+    with library_warnings.peft_wrapping():
+        return get_peft_model(model, cfg)
 
 
 def _transformers_version() -> str:
@@ -351,20 +354,25 @@ def _transformers_version() -> str:
 
 def classification_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Mean cross-entropy of ``model`` on ``batch`` (input_ids, attention_mask, labels)."""
+    return torch.nn.functional.cross_entropy(logits_of(model, batch).float(), batch["labels"])
+
+
+def logits_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The class logits of ``model`` on ``batch`` (prompting.classification_logits; for a
+    prefix-tuned causal LM without peft's deprecation notice, see library_warnings)."""
     from zofo_kernels.integrations.prompting import classification_logits
-    logits = classification_logits(model, batch)
-    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+    with library_warnings.forward_of(model):
+        return classification_logits(model, batch)
 
 
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, encoded, batch_size: int = 64) -> float:
     """Mean cross-entropy of ``model`` over all of ``encoded`` (model selection)."""
-    from zofo_kernels.integrations.prompting import classification_logits
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for batch in encoded.batches(batch_size):
-        logits = classification_logits(model, batch)
+        logits = logits_of(model, batch)
         total += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
                                                          reduction="sum"))
         n += int(batch["labels"].numel())
@@ -377,12 +385,11 @@ def accuracy(model: torch.nn.Module, encoded, batch_size: int = 64,
              offset: Optional[torch.Tensor] = None) -> float:
     """Fraction of ``encoded`` (a :class:`zofo_kernels.apps.data.Encoded`) classified correctly;
     with ``offset`` (classes,), the logits minus it (calibration by a content-free input)."""
-    from zofo_kernels.integrations.prompting import classification_logits
     was_training = model.training
     model.eval()
     correct = 0
     for batch in encoded.batches(batch_size):
-        logits = classification_logits(model, batch)
+        logits = logits_of(model, batch)
         if offset is not None:
             logits = logits - offset
         correct += int((logits.argmax(-1) == batch["labels"]).sum())

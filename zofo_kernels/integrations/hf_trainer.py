@@ -30,9 +30,11 @@ Gradient accumulation (``gradient_accumulation_steps = G``)
   loss evaluation runs the G micro-batches and averages their losses (weighted by examples),
   so the step equals a ZO step on the concatenated batch, at the activation memory of one
   micro-batch. A step costs 2qG forwards (central) or (q + 1)G (forward).
-* Bilevel-ZOFO: G is the number of inner (lower-level) steps K: every micro-batch makes one
-  first-order step of S; the window's last micro-batch is also B_g of the upper step, whose
-  B_f is the next batch of D_f. One Trainer step is one outer iteration.
+* Bilevel-ZOFO: one Trainer step is one outer iteration; its B_f is the next batch of D_f.
+  With ``ZOConfig.penalty_batch="fresh"`` (the default when G >= 2) the window's first G - 1
+  micro-batches are the lower steps of S (``inner_steps = G - 1``) and the last one is only
+  B_g of the upper step, a batch S has not trained on. With ``"last"`` (the default when
+  G = 1) all G micro-batches are lower steps (``inner_steps = G``) and the last is also B_g.
 
 Under ``torchrun`` (the Trainer's distributed mode) the optimizer is wrapped in
 :class:`~zofo_kernels.core.distributed.DataParallelZO`: each rank evaluates its own micro-batches,
@@ -67,7 +69,7 @@ import torch
 from transformers import Trainer
 
 from zofo_kernels.integrations import checkpoint as ckpt_mod
-from zofo_kernels.integrations import durable
+from zofo_kernels.integrations import durable, library_warnings
 from zofo_kernels.integrations import methods as methods_mod
 from zofo_kernels.core.distributed import DataParallelZO, setup_from_env
 from zofo_kernels.core.optim import ZOOptimizer
@@ -116,12 +118,11 @@ class ZOConfig:
     "mezo" (every trainable parameter), "mezo-lora" (the adapter of a ``PeftModel``) or
     "bilevel-zofo". ``check_every``: data-parallel divergence check period in steps (0:
     never). ``upper_fraction`` (Bilevel-ZOFO): the share of the training set used as D_f
-    when no ``upper_dataset`` is given. ``penalty_batch`` (Bilevel-ZOFO): "fresh" (the last
-    micro-batch of each accumulation window is B_g of the upper step and is not a lower
-    step, so with ``gradient_accumulation_steps = K`` an outer step is the paper's K - 1
-    lower steps plus the upper step) or "last" (every micro-batch is a lower step and the
-    last one is also B_g); default: "fresh" when ``gradient_accumulation_steps >= 2``, else
-    "last".
+    when no ``upper_dataset`` is given. ``penalty_batch`` (Bilevel-ZOFO), with
+    ``gradient_accumulation_steps = G``: "fresh" (the last micro-batch of each window is B_g
+    of the upper step and is not a lower step: ``inner_steps = G - 1``; needs G >= 2) or
+    "last" (every micro-batch is a lower step and the last one is also B_g:
+    ``inner_steps = G``); default: "fresh" when G >= 2, else "last".
 
     Every other keyword is a setting of the method's optimizer: a field of its settings
     dataclass in the registry (:class:`~zofo_kernels.integrations.methods.ZOSettings`:
@@ -131,7 +132,8 @@ class ZOConfig:
     ``lower_lr``, ``peft_optimizer``, ``theta_update``, ``order``, ...), handed to the
     optimizer by the method's recipe and checked there; one not given takes the method's
     default. ``lr``, ``weight_decay`` and ``inner_steps`` come from ``TrainingArguments``
-    (``learning_rate``, ``weight_decay``, ``gradient_accumulation_steps``). Reading
+    (``learning_rate``, ``weight_decay``, and ``gradient_accumulation_steps`` through
+    ``penalty_batch`` as above). Reading
     ``config.<setting>`` gives this config's value or the method's default (``seed``: None
     means ``TrainingArguments.seed``); :meth:`resolve` gives all of them under the Trainer's
     arguments.
@@ -246,8 +248,7 @@ class ZOFOTrainer(Trainer):
             raise TypeError("zo_config must be a ZOConfig")
         super().__init__(*args, **kwargs)
         check_prefix_tuning(self.model)
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            self.args.max_grad_norm = 0.0  # ZO has no gradients to clip
+        adapt_training_args(self.args)
         self._window_batches: List[Dict[str, Any]] = []  # MeZO: this window's micro-batches
         self._window_lower_losses: List[float] = []      # Bilevel-ZOFO: its lower steps' losses
         self._window_stepped = False
@@ -296,7 +297,7 @@ class ZOFOTrainer(Trainer):
             if self._fresh_penalty and gas < 2:
                 raise ValueError("ZOConfig.penalty_batch='fresh' takes the last micro-batch of "
                                  "each accumulation window as B_g: set "
-                                 "gradient_accumulation_steps >= 2 (the paper's K)")
+                                 "gradient_accumulation_steps >= 2 (G - 1 lower steps and B_g)")
             settings = cfg.resolve(args, inner_steps=gas - 1 if self._fresh_penalty else gas)
             self.zo_optimizer = method.build(model, settings, loss_fn=self._zofo_loss)
             self._zo = self.zo_optimizer.zo
@@ -315,6 +316,10 @@ class ZOFOTrainer(Trainer):
         return self.optimizer
 
     # -- losses ----------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        with library_warnings.forward_of(model):  # a prefix-tuned causal LM: peft's notice
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
     def _batch_loss(self, model, inputs) -> torch.Tensor:
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
@@ -477,6 +482,17 @@ class ZOFOTrainer(Trainer):
             logs.pop("grad_norm", None)  # always 0: the ZO step leaves no gradients
             logs.update(zo_log_entries(self.zo_last_step, self._bilevel))
         super().log(logs, start_time)
+
+
+def adapt_training_args(args) -> None:
+    """What a ZO run changes in the user's ``TrainingArguments``: ``max_grad_norm`` 0 (there
+    are no gradients to clip) and, on a CPU run, ``dataloader_pin_memory`` False (pinned
+    memory only speeds up copies to an accelerator; torch warns when there is none)."""
+    if args.max_grad_norm and args.max_grad_norm > 0:
+        args.max_grad_norm = 0.0
+    if args.dataloader_pin_memory and args.device.type == "cpu":
+        args.dataloader_pin_memory = False
+
 
 def seal_checkpoint(folder: str, run_dir: str, limit, best) -> None:
     """Write the completion record of a Trainer checkpoint (every file), then rotate the

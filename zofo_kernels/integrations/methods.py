@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from zofo_kernels.core.optim import ZOFOOptimizer, ZOOptimizer, zo_param_groups
+from zofo_kernels.core.optim import ZOFOOptimizer, ZOOptimizer, bilevel, zo_param_groups
 
 
 # --------------------------------------------------------------------------- settings
@@ -72,14 +72,15 @@ class ZOSettings(ZOStepSettings):
 @dataclasses.dataclass(frozen=True)
 class BilevelSettings(ZOStepSettings):
     """Bilevel-ZOFO: :meth:`ZOFOOptimizer.from_peft <zofo_kernels.core.optim.ZOFOOptimizer.
-    from_peft>`'s settings (its defaults). ``normalize`` and ``include_frozen`` of the ZO step
-    are not among them: ``ZOFOOptimizer`` sets them from ``theta_update``.
-    ``penalty_batch`` is no optimizer setting: it says how the caller draws B_g, the upper
-    step's D_g batch ("fresh": a batch of its own, as the authors' code does; "last": the
-    last lower batch)."""
+    from_peft>`'s settings (its defaults, ``lr`` included). ``normalize`` and
+    ``include_frozen`` of the ZO step are not among them: ``ZOFOOptimizer`` sets them from
+    ``theta_update``. ``penalty_batch`` is no optimizer setting: it says how the caller draws
+    B_g, the upper step's D_g batch ("fresh": a batch of its own, as the authors' code does;
+    "last": the last lower batch)."""
+    lr: float = bilevel.DEFAULT_LR
     estimator: str = "forward"
-    lam: float = 1.0
-    inner_steps: int = 10
+    lam: float = bilevel.DEFAULT_LAM
+    inner_steps: int = bilevel.DEFAULT_INNER_STEPS
     theta_update: str = "rms"
     order: str = "official"
     peft_optimizer: type = torch.optim.Adam
@@ -220,7 +221,8 @@ register(Method(
     # the SST-2 study's choice (benchmarks/results/study_v2/): the sweep's lr (rms lr 1e-4
     # ended at 0.832 on held-out training examples after 555 outer steps, 1e-3 fell from
     # 0.834 to 0.762); lam 10: the lambda phase found rms stable at 1-1000 (dev 0.825, 0.825,
-    # 0.811, 0.819), lam 1 and 10 tied
+    # 0.811, 0.819), lam 1 and 10 tied. ZOFOOptimizer's own defaults are these values
+    # (core/optim/bilevel.py DEFAULT_*; a test checks that they agree)
     defaults=dict(lr=1e-4, eps=1e-3, peft_lr=1e-3, lam=10.0, inner_steps=3,
                   estimator="forward", theta_update="rms", order="official",
                   penalty_batch="fresh")))

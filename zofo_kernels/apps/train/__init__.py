@@ -38,10 +38,9 @@ checkpoint by D_f loss); with saving on, that model is also written to ``best/``
 """
 
 from zofo_kernels.apps.train.cli import (HEADS, METHODS, build_parser,  # noqa: F401
-                                         filter_third_party_warnings, main, parse,
-                                         print_outputs)
+                                         main, parse, print_outputs)
 from zofo_kernels.apps.train.config import RunConfig  # noqa: F401
 from zofo_kernels.apps.train.run import run  # noqa: F401
 
-__all__ = ["HEADS", "METHODS", "RunConfig", "build_parser", "filter_third_party_warnings",
-           "main", "parse", "print_outputs", "run"]
+__all__ = ["HEADS", "METHODS", "RunConfig", "build_parser", "main", "parse", "print_outputs",
+           "run"]

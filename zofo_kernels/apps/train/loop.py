@@ -16,7 +16,7 @@ from zofo_kernels.apps.train.config import RunConfig
 from zofo_kernels.apps.train.inputs import DeviceEncoded
 from zofo_kernels.apps.train.runners import Runner
 from zofo_kernels.integrations import checkpoint as ckpt_mod
-from zofo_kernels.integrations import durable
+from zofo_kernels.integrations import durable, library_warnings
 
 
 @dataclasses.dataclass
@@ -92,8 +92,9 @@ class Evaluation:
         if self.spec is not None:
             from zofo_kernels.integrations.prompting import CONTENT_FREE, content_free_logits
             model = self.runner.eval_model
-            offset = content_free_logits(model, self.tokenizer, self.spec,
-                                         self.add_special_tokens, self.device)
+            with library_warnings.forward_of(model):
+                offset = content_free_logits(model, self.tokenizer, self.spec,
+                                             self.add_special_tokens, self.device)
             pr.initial_acc_calibrated = models_mod.accuracy(
                 model, self.eval_set, self.config.data.eval_batch_size, offset=offset)
             line += (f" (calibrated by the content-free input {CONTENT_FREE!r}: "
@@ -224,11 +225,14 @@ def _record_step(config: RunConfig, runner: Runner, pr: Progress, log: MetricsLo
 
 
 def show(bar, by_time: bool, pr: Progress, loss: float) -> None:
-    """The progress bar after a step."""
+    """The progress bar after a step (and its evaluation, if one was due): the step's loss
+    and the latest evaluation's accuracy with its step, drawn once, all of the same
+    moment."""
+    fields = dict(loss=f"{loss:.4f}", eval_acc=f"{pr.final_acc:.3f}@{pr.last_eval_step}")
     if by_time:
         bar.n = min(bar.total, int(pr.train_time))
-        bar.set_postfix(step=pr.step, loss=f"{loss:.4f}", acc=f"{pr.final_acc:.3f}")
+        bar.set_postfix(step=pr.step, **fields, refresh=False)
         bar.refresh()
     else:
+        bar.set_postfix(**fields, refresh=False)  # then one draw, by update
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{pr.final_acc:.3f}")

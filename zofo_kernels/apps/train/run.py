@@ -156,8 +156,10 @@ def build_runner(config: RunConfig, data: RunData, loaded, device, ctx) -> Runne
     except models_mod.ModelError as exc:
         hint = ""
         if config.model.peft == "prefix":
-            hint = (" (prefix tuning works with CAUSAL_LM task types on OPT, Llama and GPT-2 "
-                    "models; zofo-train trains sequence classifiers)")
+            hint = (" (zofo-train runs prefix tuning on causal LMs with --head prompt, e.g. "
+                    "--model tiny-opt, opt-125m or gemma3-270m; "
+                    f"--model {config.model.name} with --head {config.model.head} cannot take "
+                    "it)")
         raise SystemExit(f"zofo-train: {exc}{hint}") from None
 
 

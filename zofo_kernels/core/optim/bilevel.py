@@ -19,8 +19,7 @@ the order of the authors' code (``order="official"``, the default)::
     ZO step of theta on L at P (not yet stepped): q directions, 3 forwards each
     P <- FOStep(P.grad)
 
-The paper's K (global steps per outer iteration, the upper step included) is
-``inner_steps + 1``. Per outer step, with the forward estimator and q directions:
+Per outer step, with the forward estimator and q directions:
 ``inner_steps + 3 + 3q`` forwards and ``inner_steps + 2`` backwards (central estimator:
 ``inner_steps + 2 + 6q`` forwards). ``order="p-first"`` steps P before the ZO step (the
 earlier behaviour of this package), which cannot reuse f and g_P: ``inner_steps + 5 + 3q``
@@ -62,6 +61,11 @@ from zofo_kernels.core.optim.peft_pair import LEVELS, PeftPair, param_list
 from zofo_kernels.core.optim.zo import NONFINITE_POLICIES, NonFiniteLossError, ZOOptimizer
 from zofo_kernels.core.validation import choice, integer, real
 
+# The defaults of every Bilevel-ZOFO optimizer, equal to the method registry's
+# (zofo_kernels/integrations/methods.py): the SST-2 study's choice (benchmarks/results/study_v2/)
+DEFAULT_LR = 1e-4
+DEFAULT_LAM = 10.0
+DEFAULT_INNER_STEPS = 3
 THETA_UPDATES = ("rms", "sgd", "scaled-sgd", "adam")
 ORDERS = ("official", "p-first")
 _COUNTERS = ("forward_count", "backward_count", "outer_steps")
@@ -238,7 +242,8 @@ class BilevelOptimizer:
 
     _SETTINGS = ("lam", "inner_steps", "theta_update", "order")
 
-    def _setup(self, backbone_params, pairs_spec, lr, *, lam=1.0, inner_steps=10,
+    def _setup(self, backbone_params, pairs_spec, lr, *, lam=DEFAULT_LAM,
+               inner_steps=DEFAULT_INNER_STEPS,
                theta_update="rms", order="official", peft_optimizer=torch.optim.Adam,
                peft_lr=1e-3, lower_lr=None, peft_optimizer_kwargs=None, estimator="forward",
                weight_decay=0.0, **zo_kwargs):
@@ -443,9 +448,12 @@ class BilevelOptimizer:
             raise
 
     def eval_mode(self):
-        """Select the upper copy P for every pair (what evaluation uses); returns self."""
+        """Ready the model for evaluation: the upper copy P selected for every pair and, when
+        the model is known (``from_peft``), ``model.eval()`` (no dropout); returns self."""
         for pair in self.pairs.values():
             pair.select_adapter("upper")
+        if getattr(self, "peft_model", None) is not None:
+            self.peft_model.eval()
         return self
 
     def state_dict(self) -> Dict[str, Any]:

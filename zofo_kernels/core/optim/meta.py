@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Union
 
-from zofo_kernels.core.optim.bilevel import BilevelOptimizer, ZOFOStepResult, check_lower_batches
+from zofo_kernels.core.optim.bilevel import (DEFAULT_LR, BilevelOptimizer, ZOFOStepResult,
+                                             check_lower_batches)
 from zofo_kernels.core.optim.peft_adapters import (adapter_names, check_new_adapter_name,
                                                    copy_adapter, pair_from_adapters,
                                                    remove_adapters, select_backbone)
@@ -64,12 +65,14 @@ class MetaZOFOOptimizer(BilevelOptimizer):
     with the same meaning as in :class:`ZOFOOptimizer` (``select_adapter(level)`` selects that
     task's copy). Every other setting is keyword-only, shared by the tasks, and means what it
     means for :class:`ZOFOOptimizer` (``theta_update``, ``order``, ``lam``, ``inner_steps``,
-    the PEFT optimizer settings and the ZO settings). Under the default ``theta_update="rms"``
+    the PEFT optimizer settings and the ZO settings), with the same defaults (``lr`` 1e-4,
+    ``lam`` 10, ``inner_steps`` 3). Under the default ``theta_update="rms"``
     theta's step does not grow with the number of sampled tasks (their objectives add up, the
     running RMS follows).
     """
 
-    def __init__(self, backbone_params, tasks: Mapping[Hashable, Any], lr: float, **settings):
+    def __init__(self, backbone_params, tasks: Mapping[Hashable, Any], lr: float = DEFAULT_LR,
+                 **settings):
         if not isinstance(tasks, Mapping) or not tasks:
             raise ValueError("tasks must be a non-empty mapping task name -> task spec")
         specs = {name: _task_spec(name, spec) for name, spec in tasks.items()}
@@ -78,7 +81,7 @@ class MetaZOFOOptimizer(BilevelOptimizer):
 
     @classmethod
     def from_peft(cls, peft_model, tasks: Sequence[str],
-                  loss_fn: Union[Callable, Mapping[str, Callable]], lr: float, *,
+                  loss_fn: Union[Callable, Mapping[str, Callable]], lr: float = DEFAULT_LR, *,
                   backbone_params=None, backbone_regex: Optional[str] = None, **settings):
         """Meta-training on a ``peft.PeftModel``: for every task name in ``tasks`` (a list of
         strings), adapters f"{task}_upper" and f"{task}_lower" are added as copies (config and
@@ -135,10 +138,13 @@ class MetaZOFOOptimizer(BilevelOptimizer):
         return self.pairs[task]
 
     def eval_mode(self, task=None):
-        """Select task ``task``'s upper copy P_t (what evaluation on that task uses)."""
+        """Select task ``task``'s upper copy P_t (what evaluation on that task uses; every
+        task's without ``task``) and, for ``from_peft``, ``model.eval()``; returns self."""
         if task is None:
             return super().eval_mode()
         self._pair(task).select_adapter("upper")
+        if self.peft_model is not None:
+            self.peft_model.eval()
         return self
 
     def lower_step(self, task, lower_batch) -> ZOFOStepResult:

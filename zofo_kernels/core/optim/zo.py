@@ -37,6 +37,7 @@ import torch
 
 from zofo_kernels.core import contract
 from zofo_kernels.core.optim import zo_functional as F
+from zofo_kernels.core.optim.dropout_check import watched_once
 from zofo_kernels.core.optim.layout import zo_numel
 from zofo_kernels.core.optim.zo_functional import ESTIMATORS, NORMALIZATIONS, step_seed
 from zofo_kernels.core.validation import (as_float32, check_backend, choice, float32_real,
@@ -201,6 +202,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         # called as loss_hook(closure) for every loss evaluation of a step, returning the
         # closure's loss (e.g. DataParallelZO reshards FSDP2 modules around it)
         self.loss_hook: Optional[Callable[[Callable], Any]] = None
+        self.dropout_checked = False  # the first loss is watched for dropout (dropout_check)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
 
     # -- torch.optim conventions ------------------------------------------------------
@@ -276,7 +278,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         optimizer's state and counters are as before the step. A non-finite loss (or a step
         that overflows float32) updates nothing: with ``nonfinite="raise"`` the step raises
         ``NonFiniteLossError`` and leaves the state and counters as before; with "skip" it
-        counts as a (skipped) step."""
+        counts as a (skipped) step. The first step warns once if its loss ran dropout in
+        training mode (:mod:`~zofo_kernels.core.optim.dropout_check`)."""
         if closure is None or not callable(closure):
             raise ValueError("ZOOptimizer.step needs a closure that returns the loss")
         if initial_loss is not None:
@@ -346,6 +349,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         def evaluate() -> float:
             return loss_value(closure() if hook is None else hook(closure))
 
+        if not self.dropout_checked:
+            evaluate = watched_once(evaluate, lambda: setattr(self, "dropout_checked", True))
         if self.estimator == "central":
             return F.central_losses(sweep, evaluate, self.eps, self.n_directions)
         return F.forward_losses(sweep, evaluate, self.eps, self.n_directions, initial_loss)

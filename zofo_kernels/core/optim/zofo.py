@@ -12,7 +12,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from zofo_kernels.core.optim.bilevel import BilevelOptimizer, ZOFOStepResult, check_lower_batches
+from zofo_kernels.core.optim.bilevel import (DEFAULT_LR, BilevelOptimizer, ZOFOStepResult,
+                                             check_lower_batches)
 from zofo_kernels.core.optim.peft_adapters import (adapter_names, copy_adapter,
                                                    pair_from_adapters, remove_adapters,
                                                    select_backbone)
@@ -27,19 +28,20 @@ class ZOFOOptimizer(BilevelOptimizer):
     their own lr / weight_decay), ``upper_params`` / ``lower_params`` (P and S, two copies of
     the same PEFT block, float32), ``select_adapter(level)`` (makes the model's forward use P
     for "upper", S for "lower"), ``loss_fn(batch)`` (scalar loss of the model on a batch),
-    ``lr`` (theta's learning rate). Keyword-only: ``eps``, ``lam`` (penalty weight lambda),
-    ``inner_steps`` (lower steps per outer step; the paper's K - 1), ``theta_update``
-    ("rms" | "sgd" | "scaled-sgd" | "adam"), ``order`` ("official" | "p-first"),
+    ``lr`` (theta's learning rate, default 1e-4). Keyword-only: ``eps``, ``lam`` (penalty
+    weight lambda, default 10), ``inner_steps`` (lower steps of S per outer step, default 3),
+    ``theta_update`` ("rms" | "sgd" | "scaled-sgd" | "adam"), ``order`` ("official" | "p-first"),
     ``peft_optimizer`` (torch.optim class for P and S), ``peft_lr`` (lr of P, and of S unless
     ``lower_lr`` is given), ``peft_optimizer_kwargs``, ``estimator`` (default "forward", as the
     authors), ``weight_decay``, and every other setting of :class:`ZOOptimizer`
     (n_directions, distribution, seed, stochastic_rounding, nonfinite, loss_reduce, backend,
-    rms_beta), handed to it unchanged.
+    rms_beta), handed to it unchanged. The defaults are the method registry's
+    (``zofo-train --method bilevel-zofo``): the SST-2 study's choice.
     """
 
     def __init__(self, backbone_params, upper_params, lower_params,
                  select_adapter: Callable[[str], None], loss_fn: Callable[[Any], torch.Tensor],
-                 lr: float, **settings):
+                 lr: float = DEFAULT_LR, **settings):
         self._setup(backbone_params, {"default": (upper_params, lower_params, select_adapter,
                                                   loss_fn)}, lr, **settings)
         self.pair = self.pairs["default"]
@@ -47,7 +49,8 @@ class ZOFOOptimizer(BilevelOptimizer):
         self.eval_mode()
 
     @classmethod
-    def from_peft(cls, peft_model, loss_fn: Callable[[Any], torch.Tensor], lr: float, *,
+    def from_peft(cls, peft_model, loss_fn: Callable[[Any], torch.Tensor],
+                  lr: float = DEFAULT_LR, *,
                   lower_adapter: Optional[str] = None, backbone_params=None,
                   backbone_regex: Optional[str] = None, **settings):
         """Bilevel-ZOFO on a ``peft.PeftModel`` (LoRA, prefix tuning, prompt tuning, ...).
@@ -62,6 +65,8 @@ class ZOFOOptimizer(BilevelOptimizer):
         expression ``backbone_regex``, e.g. ``"LayerNorm|bias"``; the rest of the backbone
         stays as it is). ``loss_fn(batch)`` runs ``peft_model``. Other
         settings: as :class:`ZOFOOptimizer`. On any failure the model is left as given.
+        Put the model in eval mode first (``peft_model.eval()``): the first step warns if
+        the loss runs dropout; :meth:`eval_mode` also calls ``peft_model.eval()``.
         """
         adapter_names(peft_model)
         upper = peft_model.active_adapter
