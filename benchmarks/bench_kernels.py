@@ -61,6 +61,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import zofo_kernels as zk  # noqa: E402
+from zofo_kernels.core.backends import base as backend_registry  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 1e-3
@@ -128,7 +129,7 @@ def backends_for(device: torch.device, wanted: List[str]) -> List[str]:
             continue
         if device.type == "cpu" and name == "triton":
             continue  # the Triton interpreter on CPU is a test vehicle, not a fast path
-        if zk.backends.base.get(name).supports_device(device):
+        if backend_registry.get(name).supports_device(device):
             out.append(name)
     return out
 
