@@ -41,9 +41,45 @@ SENTENCES = ["a gorgeous , witty , seductive movie .", "dull",
 MODEL_TYPE_WARNING = "to instantiate a model of type"
 SST2_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "sst2"
 
+# docs/saving.md's recipe ("plain transformers / peft"), run as written in the fresh process
+# with its first two assignments replaced by each job's folder and the test sentences
+RECIPE_FOLDER = 'D = "D"                                  # the zofo-train --output folder'
+RECIPE_SENTENCES = 'sentences = ["a gorgeous , witty , seductive movie .", "dull"]'
+RECIPE = f"""import json, os
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from peft import PeftModel
+
+{RECIPE_FOLDER}
+{RECIPE_SENTENCES}
+
+with open(f"{{D}}/model/config.json") as fh:
+    causal = "zofo_label_token_ids" in json.load(fh)  # the prompt head of a causal LM
+auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+model = auto.from_pretrained(f"{{D}}/model", trust_remote_code=True)
+if os.path.isdir(f"{{D}}/adapter"):       # PEFT runs: the prediction adapter P on top
+    model = PeftModel.from_pretrained(model, f"{{D}}/adapter")
+model.eval()
+tokenizer = AutoTokenizer.from_pretrained(f"{{D}}/model", trust_remote_code=True)
+
+cfg = model.config                       # the prompt heads keep their template there
+template = cfg.zofo_template if causal else getattr(cfg, "template", "{{sentence}}")
+texts = [template.replace("{{sentence}}", s).strip() for s in sentences]
+enc = tokenizer(texts, padding=True, return_tensors="pt",
+                add_special_tokens=getattr(cfg, "zofo_add_special_tokens", True))
+with torch.no_grad():
+    out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+if causal:  # the label words' next-token logits at each text's last token (right padding;
+    # prompt tuning puts its virtual tokens before the text)
+    last = enc["attention_mask"].sum(1) - 1 + out.logits.shape[1] - enc["input_ids"].shape[1]
+    logits = out.logits[torch.arange(len(texts)), last][:, cfg.zofo_label_token_ids]
+else:
+    logits = out.logits                  # (batch, classes)
+"""
+
 # The fresh process: zofo_kernels cannot be imported (a meta-path guard, and python -I). For
-# each job it loads the folder as docs/saving.md says, with transformers and peft only, and
-# writes what it computed. The body between the markers is the documented recipe.
+# each job it runs RECIPE on the folder, with transformers and peft only, and writes what it
+# computed.
 PLAIN_SCRIPT = r'''
 import sys
 
@@ -57,66 +93,37 @@ class NoZofoKernels:
 
 sys.meta_path.insert(0, NoZofoKernels())
 
-import json, os
+import json
 import torch
 torch.set_num_threads(1)
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftModel
+from transformers import AutoModelForSequenceClassification
+from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
 jobs = json.loads(open(sys.argv[1]).read())
-sentences = json.loads(open(sys.argv[2]).read())
+recipe, folder_line, sentences_line, sentences = json.loads(open(sys.argv[2]).read())
 results = {}
 
-
-def load(D, causal):
-    """The recipe of docs/saving.md ("plain transformers / peft")."""
-    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-    model, info = auto.from_pretrained(f"{D}/model", trust_remote_code=True,
-                                       output_loading_info=True)
-    if os.path.isdir(f"{D}/adapter"):          # PEFT runs: the adapter on top
-        model = PeftModel.from_pretrained(model, f"{D}/adapter")
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(f"{D}/model", trust_remote_code=True)
-    return model, tokenizer, info
-
-
-def seq_logits(model, tokenizer, sentences):
-    template = getattr(model.config, "template", "{sentence}")  # prompt head; random: as is
-    texts = [template.replace("{sentence}", s).strip() for s in sentences]
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-    return enc, logits, None
-
-
-def causal_logits(model, tokenizer, sentences):
-    cfg = model.config
-    texts = [cfg.zofo_template.replace("{sentence}", s).strip() for s in sentences]
-    tokenizer.padding_side = "right"
-    enc = tokenizer(texts, padding=True, return_tensors="pt",
-                    add_special_tokens=cfg.zofo_add_special_tokens)
-    with torch.no_grad():
-        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    # prompt tuning puts its virtual tokens before the text
-    last = enc["attention_mask"].sum(1) - 1 + (out.logits.shape[1] - enc["input_ids"].shape[1])
-    logits = out.logits[torch.arange(len(texts)), last][:, cfg.zofo_label_token_ids]
-    return enc, logits, out.logits
-
-
 for key, job in jobs.items():
-    D, causal = job["folder"], job["causal"]
-    model, tokenizer, info = load(D, causal)
-    enc, logits, lm_logits = (causal_logits if causal else seq_logits)(model, tokenizer,
-                                                                     sentences)
+    D = job["folder"]
+    code = recipe.replace(folder_line, f"D = {D!r}").replace(
+        sentences_line, f"sentences = {sentences!r}")
+    ns = {}
+    exec(compile(code, "recipe", "exec"), ns)
+    model, enc, causal = ns["model"], ns["enc"], ns["causal"]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     res = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-           "logits": logits, "lm_logits": lm_logits, "class": type(base).__module__,
-           "loading_info": {k: sorted(map(str, v)) for k, v in info.items()}}
+           "logits": ns["logits"], "lm_logits": ns["out"].logits if causal else None,
+           "causal": causal, "class": type(base).__module__}
+    # every saved tensor was used, none initialised at random
+    _, info = type(base).from_pretrained(f"{D}/model", trust_remote_code=True,
+                                         output_loading_info=True)
+    res["loading_info"] = {k: sorted(map(str, v)) for k, v in info.items()}
     if job.get("auto_peft"):  # the backbone named in adapter_config.json
-        auto = (AutoPeftModelForCausalLM if causal else AutoPeftModelForSequenceClassification)
+        auto = AutoPeftModelForCausalLM if causal else AutoPeftModelForSequenceClassification
         again = auto.from_pretrained(f"{D}/adapter", trust_remote_code=True).eval()
-        res["auto_peft"] = (causal_logits if causal else seq_logits)(again, tokenizer,
-                                                                     sentences)[1]
+        with torch.no_grad():
+            out = again(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        res["auto_peft"] = out.logits
     if job.get("untrusted"):  # without trust_remote_code: refused, never a wrong model
         try:
             AutoModelForSequenceClassification.from_pretrained(f"{D}/model",
@@ -188,10 +195,12 @@ def _zofo_train_in_own_process(tmp, argv):
 
 def _plain_load(tmp, jobs):
     (tmp / "jobs.json").write_text(json.dumps(jobs))
-    (tmp / "sentences.json").write_text(json.dumps(SENTENCES))
+    assert RECIPE.count(RECIPE_FOLDER) == 1 and RECIPE.count(RECIPE_SENTENCES) == 1
+    (tmp / "recipe.json").write_text(json.dumps([RECIPE, RECIPE_FOLDER, RECIPE_SENTENCES,
+                                                 SENTENCES]))
     (tmp / "plain.py").write_text(PLAIN_SCRIPT)
     res = subprocess.run([sys.executable, "-I", str(tmp / "plain.py"), str(tmp / "jobs.json"),
-                          str(tmp / "sentences.json"), str(tmp / "plain.pt")],
+                          str(tmp / "recipe.json"), str(tmp / "plain.pt")],
                          capture_output=True, text=True, env=_env(tmp), timeout=600,
                          cwd=str(tmp), stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -266,8 +275,9 @@ def test_plain_transformers_and_peft_give_load_trained_logits(runs, case):
         # the prompt head runs the code saved in the folder; the random head is transformers'
         assert res["class"].startswith("transformers_modules." if _prompt_head(case)
                                        else "transformers.models."), res["class"]
+    assert res["causal"] == causal       # the recipe told the heads apart by config.json
     if "auto_peft" in res:
-        assert torch.equal(res["auto_peft"], res["logits"])
+        assert torch.equal(res["auto_peft"], res["lm_logits"] if causal else res["logits"])
     assert (folder / "adapter").is_dir() == (CASES[case][1] != "mezo")
 
 
