@@ -1,5 +1,6 @@
 """Trained models reload exactly, in a fresh process, by ``zofo_kernels.load_trained`` and by
-the plain transformers / peft calls; ``zofo-train --resume`` continues bit for bit.
+the plain transformers / peft calls (in a process that imported zofo_kernels; in one that
+cannot: test_plain_hf_load.py); ``zofo-train --resume`` continues bit for bit.
 
 Real tiny HF models (presets ``tiny-bert`` / ``tiny-opt``) and real peft adapters throughout.
 Logits are compared with ``torch.equal``; every process runs one intra-op thread so that the
