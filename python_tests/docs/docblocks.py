@@ -406,6 +406,10 @@ class PageRun:
                 example.evaluate()
             except CommandError as exc:
                 raise CommandError(f"{self.page}, block at line {example.line}: {exc}") from None
+            except Exception as exc:
+                if hasattr(exc, "add_note"):
+                    exc.add_note(f"(in the block of {self.page} at line {example.line})")
+                raise
         return self.log
 
     # -- Python blocks
