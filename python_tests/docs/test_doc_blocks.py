@@ -74,3 +74,40 @@ def test_the_readme_set_up_commands_are_the_ones_ci_runs():
     readme_words = [w for w in shlex.split(readme.group(1), comments=True)
                     if not OUTPUT_ONLY.match(w)]
     assert readme_words == ci_words
+
+
+BROKEN = {
+    "a name nobody defines": ("```python\nx = 1\nloss(x)\n```\n", NameError, "loss"),
+    "a placeholder for a value": (
+        "```python\nloss_plus = ...\ng = (loss_plus - 1.0) / 2e-3\n```\n", TypeError, "ellipsis"),
+    "zofo-train without a run length": (
+        "```bash\nzofo-train --model tiny-bert --method mezo --train "
+        "../shared/data/sst2/train.tsv --eval ../shared/data/sst2/dev.tsv --output runs/x\n```\n",
+        AssertionError, "give --steps"),
+    "torchrun without --eval": (
+        "```bash\n# not run by python_tests/docs (two processes)\n"
+        "torchrun --standalone --nproc_per_node=2 -m zofo_kernels.apps.train "
+        "--method mezo --train ../shared/data/sst2/train.tsv --steps 2 --output runs/x\n```\n",
+        AssertionError, "give --eval"),
+    "torchrun, unmarked": (
+        "```bash\ntorchrun --standalone --nproc_per_node=2 my_script.py\n```\n", AssertionError,
+        "mark the block"),
+    "an extra pyproject.toml lacks": ("```bash\npip install -e \".[nosuch]\"\n```\n",
+                                      AssertionError, "no extra 'nosuch'"),
+    "a command the test does not know": ("```bash\nmake all\n```\n", AssertionError,
+                                         "does not know"),
+    "a script that is not there": ("```bash\npython benchmarks/nosuch.py\n```\n",
+                                   AssertionError, "no such file"),
+    "a GPU command, unmarked": ("```bash\nzofo-bench --device cuda --model opt-1.3b\n```\n",
+                                AssertionError, "mark the block"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BROKEN))
+def test_a_broken_block_fails(what, doc_workdir):
+    """The machinery is not vacuous: blocks broken as the docs' blocks once were fail."""
+    text, error, message = BROKEN[what]
+    page = doc_workdir / "page.md"
+    page.write_text("# a page\n\n" + text)
+    with pytest.raises(error, match=re.escape(message)):
+        PageRun(str(page), doc_workdir).run()
