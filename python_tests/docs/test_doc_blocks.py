@@ -111,3 +111,21 @@ def test_a_broken_block_fails(what, doc_workdir):
     page.write_text("# a page\n\n" + text)
     with pytest.raises(error, match=re.escape(message)):
         PageRun(str(page), doc_workdir).run()
+
+
+def test_saving_md_shows_the_plain_recipe_that_test_plain_hf_load_runs():
+    """docs/saving.md's "transformers and peft alone" block is the recipe that
+    python_tests/integrations/test_plain_hf_load.py runs in a process without zofo_kernels
+    (here the docs test runs it too, on a tiny zofo-train folder)."""
+    import ast
+    source = (REPO / "python_tests" / "integrations" / "test_plain_hf_load.py").read_text()
+    plain = {}
+    for node in ast.parse(source).body:   # its RECIPE* constants, evaluated alone
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id.startswith("RECIPE") for t in node.targets):
+            exec(compile(ast.Module([node], []), "test_plain_hf_load.py", "exec"), plain)
+    assert "RECIPE" in plain, "test_plain_hf_load.py no longer has RECIPE: update this test"
+    bodies = [body for _, lang, body in fences((REPO / "docs" / "saving.md").read_text())
+              if lang == "python"]
+    assert plain["RECIPE"].strip() in [b.strip() for b in bodies], \
+        "docs/saving.md's plain recipe differs from test_plain_hf_load.RECIPE"
