@@ -278,8 +278,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         optimizer's state and counters are as before the step. A non-finite loss (or a step
         that overflows float32) updates nothing: with ``nonfinite="raise"`` the step raises
         ``NonFiniteLossError`` and leaves the state and counters as before; with "skip" it
-        counts as a (skipped) step. The first step warns once if its loss ran dropout in
-        training mode (:mod:`~zofo_kernels.core.optim.dropout_check`)."""
+        counts as a (skipped) step. The first step warns if its loss ran dropout (dropout_check)."""
         if closure is None or not callable(closure):
             raise ValueError("ZOOptimizer.step needs a closure that returns the loss")
         if initial_loss is not None:
