@@ -12,6 +12,8 @@ Samplers (the distribution of a direction z; ``expected(G)`` is E[z <z, G>], the
 averaged update when directional derivatives are exact):
 
 * ``gauss`` / ``rade``: every weight, N(0, 1) or +-1 (MeZO; E[z z^T] = I).
+* ``subset``: Gaussian on chosen parameters only (e.g. all but the embedding matrices, whose
+  rows for tokens absent from the batch have no gradient).
 * ``sparse``: Sparse-MeZO (arXiv 2402.15751): a Gaussian z on the weights of each matrix whose
   magnitude is at most a per-matrix threshold (the ``keep`` quantile of |theta| at the first
   step, fixed afterwards); the mask is recomputed at the start of every step from that step's
@@ -64,13 +66,44 @@ def generator(*parts: int) -> torch.Generator:
 
 # --------------------------------------------------------------------------- vector algebra
 
+_CHUNK = 1 << 22
+
+
+def dot1(x: torch.Tensor, y: torch.Tensor) -> float:
+    """<x, y> accumulated in float64 (in chunks: no full-size float64 copy)."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    if x.numel() <= _CHUNK:
+        return float(torch.dot(x.double(), y.double()))
+    return sum(float(torch.dot(x[i:i + _CHUNK].double(), y[i:i + _CHUNK].double()))
+               for i in range(0, x.numel(), _CHUNK))
+
+
 def dot(a: Tensors, b: Tensors, only: Optional[Sequence[bool]] = None) -> float:
     total = 0.0
     for i, (x, y) in enumerate(zip(a, b)):
         if x is None or y is None or (only is not None and not only[i]):
             continue
-        total += float(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()))
+        total += dot1(x, y)
     return total
+
+
+def param_dots(a: Tensors, b: Tensors):
+    """Per parameter, (<a_i, a_i>, <a_i, b_i>) in float64: group cosines from one pass."""
+    aa, ab = [], []
+    for x, y in zip(a, b):
+        if x is None:
+            aa.append(0.0)
+            ab.append(0.0)
+            continue
+        xf, yf = x.reshape(-1), y.reshape(-1)
+        s_aa = s_ab = 0.0
+        for i in range(0, xf.numel(), _CHUNK):
+            xc = xf[i:i + _CHUNK].double()
+            s_aa += float(torch.dot(xc, xc))
+            s_ab += float(torch.dot(xc, yf[i:i + _CHUNK].double()))
+        aa.append(s_aa)
+        ab.append(s_ab)
+    return aa, ab
 
 
 def cosine(a: Tensors, b: Tensors, only: Optional[Sequence[bool]] = None) -> float:
@@ -148,6 +181,22 @@ class Dense(Sampler):
                 bits = torch.empty(p.shape).bernoulli_(0.5, generator=generator(seed, k, i))
                 out.append(bits.mul_(2).sub_(1))
         return out
+
+
+class Subset(Sampler):
+    """Gaussian on the parameters ``keep[i]`` is true for (e.g. all but the embeddings)."""
+
+    def __init__(self, keep: Sequence[bool]):
+        if not any(keep):
+            raise ValueError("the subset holds no parameter")
+        self.keep = list(keep)
+
+    def sample(self, seed, k, problem):
+        return [_gauss(p.shape, seed, k, i) if self.keep[i] else None
+                for i, p in enumerate(problem.params)]
+
+    def expected(self, grad, problem):
+        return [g if keep else None for g, keep in zip(grad, self.keep)]
 
 
 class Sparse(Sampler):
