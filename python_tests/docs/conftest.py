@@ -12,7 +12,7 @@ from docblocks import write_sst2_like
 
 
 @pytest.fixture
-def doc_workdir(tmp_path, monkeypatch):
+def doc_workdir(tmp_path, monkeypatch, one_thread):
     write_sst2_like(tmp_path / "shared" / "data" / "sst2")
     work = tmp_path / "work"
     work.mkdir()
@@ -21,3 +21,14 @@ def doc_workdir(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return work
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as in the other CPU-heavy tests: on a small machine shared with other
+    processes a second (spinning) thread slows the tiny models' steps many times over."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -42,7 +42,7 @@ class _Run:
     workdir = None
 
 
-def test_default_outputs_go_under_the_current_folder(tmp_path, monkeypatch):
+def test_default_outputs_go_under_the_current_folder(tmp_path, monkeypatch, one_thread):
     data = write_sst2_like(tmp_path / "shared" / "data" / "sst2")
     work = tmp_path / "work"
     work.mkdir()
