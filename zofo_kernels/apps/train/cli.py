@@ -133,7 +133,7 @@ def _add_hyperparameters(h) -> None:
                    help="ZO estimator (default: central for mezo/mezo-lora as in MeZO, "
                         "forward for bilevel-zofo as in the Bilevel-ZOFO code)")
     h.add_argument("--n-directions", type=int, default=1)
-    bilevel = methods_mod.get("bilevel-zofo").defaults
+    bilevel = methods_mod.REGISTRY["bilevel-zofo"].defaults  # the help names the defaults
     h.add_argument("--lam", type=float, default=None,
                    help=f"bilevel-zofo: penalty weight lambda (default {bilevel['lam']:g})")
     h.add_argument("--inner-steps", type=int, default=None,

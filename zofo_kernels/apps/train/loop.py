@@ -139,7 +139,7 @@ def train_loop(config: RunConfig, runner: Runner, pr: Progress, log: MetricsLog,
         fields = evaluation(pr)
         line = evaluation.zero_shot(pr, fields["eval_accuracy"])
         if ctx.is_main:
-            print(line, file=sys.stderr, flush=True)
+            bar.write(line, file=sys.stderr)  # above the bar, not inside its line
         pr.eval_time += time.perf_counter() - clock.start
         log.write(dict(kind="eval", step=0, wall_time_s=0.0, elapsed_s=round(pr.eval_time, 3),
                        **fields, forward_count=0, backward_count=0))
