@@ -242,6 +242,33 @@ def test_every_method_runs_and_writes_its_outputs(tmp_path, method):
 
 
 @needs_tokenizer
+def test_the_progress_bar_shows_the_evaluation_of_its_own_step(tmp_path, capsys):
+    """Every drawing of the bar at step n shows the accuracy of the latest evaluation at or
+    before n, with that evaluation's step (here at 0, 2 and 3), and the last one is the run's
+    reported eval_accuracy."""
+    import re
+    rows = _toy_rows(72)
+    tr = _write_tsv(tmp_path / "train.tsv", rows[:48])
+    ev = _write_tsv(tmp_path / "eval.tsv", rows[48:])
+    assert train.main(["--model", "tiny-bert", "--head", "random", "--method", "mezo",
+                       "--train", str(tr), "--eval", str(ev), "--num-train", "32",
+                       "--batch-size", "4", "--max-length", "16", "--steps", "3",
+                       "--eval-every-steps", "2", "--lr", "1e-2", "--no-save",
+                       "--output", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(next(l for l in captured.out.splitlines() if l.startswith("{")))
+    evals = {r["step"]: r["eval_accuracy"] for r in map(json.loads, (
+        tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"}
+    assert sorted(evals) == [0, 2, 3]
+    draws = re.findall(r" (\d)/3 \[[^\]]*eval_acc=([0-9.]+)@(\d+)", captured.err)
+    assert {int(n) for n, _, _ in draws} >= {3}
+    for n, acc, at in draws:
+        latest = max(step for step in evals if step <= int(n))
+        assert (int(at), acc) == (latest, f"{evals[latest]:.3f}"), draws
+    assert draws[-1][1] == f"{summary['eval_accuracy']:.3f}"
+
+
+@needs_tokenizer
 def test_training_changes_the_weights_reproducibly(tmp_path):
     _, a, _ = _run(tmp_path, "mezo", ["--steps", "4", "--lr", "1e-2"], name="a")
     _, b, _ = _run(tmp_path, "mezo", ["--steps", "4", "--lr", "1e-2"], name="b")
