@@ -397,12 +397,13 @@ def write_outputs(args, out: Path, tag: str, command: str, info: dict, estimator
              f"{info['model']} with the prompt head, {d:,} weights (all perturbed / trained), "
              f"float32, {info['device']}; cosine batches of {args.batch_size} SST-2 training "
              f"sentences (max {args.max_length} tokens), {args.seeds} seeds over "
-             f"{args.cos_batches} batch(es), eps {args.eps:g}; training phase: "
-             f"{args.budget} forward-pass equivalents per estimator (a backward pass counts 2), "
-             f"{args.train_seeds} trajectory(ies) each, evaluation loss on {info['eval_examples']} "
-             f"held-out training sentences (start {_f(start_loss, '.5f')}); step sizes matched "
-             f"to equal expected update norm at the start, the reference being gauss-c1 at lr "
-             f"{args.ref_lr:g}. Whole run: {info['seconds']:.0f} s."]
+             f"{args.cos_batches} batch(es), eps {args.eps:g}; "
+             + (f"training phase: {args.budget} forward-pass equivalents per trained estimator "
+                f"(a backward pass counts 2), {args.train_seeds} trajectory(ies) each, evaluation "
+                f"loss on {info['eval_examples']} held-out training sentences (start "
+                f"{_f(start_loss, '.5f')}); " if curves else "no training phase (--budget 0); ")
+             + f"step sizes matched to equal expected update norm at the start, the reference "
+             f"being gauss-c1 at lr {args.ref_lr:g}. Whole run: {info['seconds']:.0f} s."]
     if args.note:
         lines += ["", args.note]
     lines += ["", f"For scale: one Gaussian direction with exact derivatives has E[cos] = "
@@ -452,7 +453,7 @@ def write_outputs(args, out: Path, tag: str, command: str, info: dict, estimator
                      f"{ideal:.2e} | " + " | ".join(
                          f"{statistics.fmean(stats[n]['groups'][g]):.1e}" for n in names) + " |")
     lines += ["", f"Files: `{tag}_summary.csv`, `{tag}_groups.csv`, `{tag}_seeds.csv` (every "
-              f"seed), `{tag}_curves.csv`, `{tag}.png`.", ""]
+              f"seed), " + (f"`{tag}_curves.csv`, " if curves else "") + f"`{tag}.png`.", ""]
     (out / f"{tag}.md").write_text("\n".join(lines))
     return out / f"{tag}.md"
 
