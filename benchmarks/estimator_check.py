@@ -478,6 +478,9 @@ def plot(path: Path, info, names, summary, curves):
     ax0.set_title(f"{info['model']}: SGD at equal update norm (first trajectory)")
     if curves:
         ax0.legend(fontsize=7, ncol=2)
+    else:
+        ax0.text(0.5, 0.5, "no training phase (--budget 0)", ha="center", va="center",
+                 transform=ax0.transAxes)
     ys = list(range(len(names)))
     means = [summary[n]["cos_mean"] for n in names]
     errs = [summary[n]["cos_sd"] / math.sqrt(max(1, summary[n]["seeds"])) for n in names]
@@ -501,13 +504,13 @@ def plot(path: Path, info, names, summary, curves):
 
 QUICK = dict(model="tiny-bert", batch_size=16, max_length=32, seeds=4, cos_batches=1,
              budget=12, eval_every=6, train_examples=32, eval_examples=16, lozo_period=3,
-             rank=2, lora_r=4)
+             rank=2, lora_r=4, threads=1)
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="tiny-bert, few seeds and a short training phase (seconds)")
+                   help="tiny-bert, few seeds, a short training phase, 1 thread (seconds)")
     p.add_argument("--model", default="minilm")
     p.add_argument("--data", type=Path, default=SST2_DEFAULT,
                    help="folder with train.tsv (default: ../shared/data/sst2 of the checkout)")
@@ -536,7 +539,8 @@ def parse(argv=None):
     p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's; --quick: 1)")
     p.add_argument("--tag", default=None, help="file name stem (default: the model's name)")
     p.add_argument("--note", default="", help="a line for the report (e.g. machine conditions)")
     p.add_argument("--output", type=Path, default=Path("estimator-check-results"))
@@ -559,8 +563,16 @@ def parse(argv=None):
 def run(args, argv_text: str, log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv_text, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, argv_text: str, log) -> dict:
     t_start = time.perf_counter()
     loaded, model, cos_batches, train_enc, eval_enc = load(args)
     named = [(n, p) for n, p in model.named_parameters()]

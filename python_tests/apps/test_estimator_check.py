@@ -28,6 +28,15 @@ def _load(name, file):
     return mod
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes extra threads wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def check():
     sys.path.insert(0, str(ROOT / "benchmarks"))
