@@ -472,10 +472,19 @@ def plot(path: Path, info, names, summary, curves):
         if pts:
             ax0.plot([c["forward_equivalents"] for c in pts], [c["eval_loss"] for c in pts],
                      marker=".", label=n, color=colours[n],
-                     linestyle="--" if n in ("true-grad", "adapter-fo") else "-")
+                     linestyle="--" if summary[n].get("backwards_per_step", 0) not in (0, "0")
+                     else "-")
+    zo = [c["eval_loss"] for c in curves if c["train_seed"] == 0
+          and summary[c["estimator"]].get("backwards_per_step", 0) in (0, "0")]
+    title = f"{info['model']}: SGD at equal update norm (first trajectory)"
+    if zo and all(math.isfinite(y) for y in zo):
+        low, high = min(zo), max(zo)
+        pad = 0.25 * (high - low) if high > low else 1e-3
+        ax0.set_ylim(low - pad, high + pad)  # backprop rows may leave it: they are clipped
+        title += "\ny range fitted to the ZO rows; dashed: rows with a backward pass"
     ax0.set_xlabel("forward passes (a backward pass counts 2)")
     ax0.set_ylabel("mean loss on the fixed evaluation set")
-    ax0.set_title(f"{info['model']}: SGD at equal update norm (first trajectory)")
+    ax0.set_title(title, fontsize=10)
     if curves:
         ax0.legend(fontsize=7, ncol=2)
     else:
@@ -592,6 +601,8 @@ def _run(args, argv_text: str, log) -> dict:
     stats, seed_rows, group_rows, present = cosine_phase(args, h, estimators, cos_batches,
                                                          theta0, log)
     summary = summarise_cosines(stats, estimators)
+    for n, est in estimators.items():
+        summary[n]["backwards_per_step"] = est.backwards_per_step
     ref_norm = summary["gauss-c1"]["update_norm"]
     for n in estimators:
         norm_n = summary[n]["update_norm"]
@@ -618,9 +629,34 @@ def _run(args, argv_text: str, log) -> dict:
                 curves=curves, groups=group_rows)
 
 
+def replot(folder: Path, tag: str, model: str) -> Path:
+    """Redraw ``<tag>.png`` from the CSVs a run wrote (``--replot``)."""
+    summary = {}
+    for r in csv.DictReader(open(folder / f"{tag}_summary.csv", newline="")):
+        summary[r["estimator"]] = dict(cos_mean=float(r["cos_mean"]), cos_sd=float(r["cos_sd"]),
+                                       seeds=int(r["seeds"]),
+                                       backwards_per_step=int(r["backwards_per_step"]))
+    curves = []
+    if (folder / f"{tag}_curves.csv").is_file():
+        curves = [dict(estimator=r["estimator"], train_seed=int(r["train_seed"]),
+                       forward_equivalents=int(r["forward_equivalents"]),
+                       eval_loss=float(r["eval_loss"]))
+                  for r in csv.DictReader(open(folder / f"{tag}_curves.csv", newline=""))]
+    path = folder / f"{tag}.png"
+    plot(path, dict(model=model), list(summary), summary, curves)
+    return path
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--replot":
+        if len(argv) != 4:
+            raise SystemExit("usage: estimator_check.py --replot FOLDER TAG MODEL")
+        print(replot(Path(argv[1]), argv[2], argv[3]))
+        return 0
     args = parse(argv)
-    words = list(argv) if argv is not None else sys.argv[1:]
+    words = list(argv)
     command = "python benchmarks/estimator_check.py " + " ".join(shlex.quote(w) for w in words)
     run(args, command.strip())
     return 0
