@@ -360,9 +360,9 @@ def write_outputs(args, out: Path, tag: str, command: str, info: dict, estimator
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for n in names:
-            w.writerow(dict(estimator=n, description=estimators[n].description,
+            w.writerow(dict(summary[n], estimator=n, description=estimators[n].description,
                             forwards_per_step=estimators[n].forwards_per_step,
-                            backwards_per_step=estimators[n].backwards_per_step, **summary[n]))
+                            backwards_per_step=estimators[n].backwards_per_step))
     # per-group: the gradient's share and every estimator's mean cosine inside each group
     gstats = {}
     for g in groups_present:
