@@ -28,10 +28,11 @@ import csv
 import json
 import random
 import sys
-import warnings
 from pathlib import Path
 
 import torch
+
+from zofo_kernels.integrations import library_warnings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT / ".." / "shared" / "data" / "sst2"
@@ -54,13 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--max-eval-samples", type=int, default=None)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--inner-steps", type=int, default=None,
+    p.add_argument("--gradient-accumulation-steps", type=int, default=None,
                    help="the Trainer's gradient_accumulation_steps G; bilevel-zofo: each "
                         "outer step makes G - 1 lower steps (inner_steps = G - 1), then the "
-                        "upper step on a fresh batch (default 5, inner_steps 4); mezo: "
-                        "accumulation (default 1)")
+                        "upper step on a fresh batch (default 4: inner_steps 3, the "
+                        "registry's); mezo: accumulation (default 1)")
     p.add_argument("--learning-rate", type=float, default=None,
-                   help="ZO learning rate of the backbone (default: 1e-5 for both; under "
+                   help="ZO learning rate of the backbone (default: the registry's, 1e-4 for "
+                        "bilevel-zofo and 1e-5 for mezo; under "
                         "bilevel-zofo's theta_update=rms a weight moves by about this much per "
                         "step)")
     p.add_argument("--eps", type=float, default=1e-3)
@@ -115,8 +117,15 @@ def accuracy(eval_pred):
 
 def build_model(model_dir, num_labels, peft_kind, seed):
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
     torch.manual_seed(seed)  # the new classification head
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the new head as missing: expected
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir,
+                                                                   num_labels=num_labels)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if peft_kind == "none":
         return model
     from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
@@ -127,13 +136,11 @@ def build_model(model_dir, num_labels, peft_kind, seed):
                          target_modules=targets)
     else:
         cfg = PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=10)
-    return get_peft_model(model, cfg)
+    with library_warnings.peft_wrapping():  # peft's read of a deprecated transformers name
+        return get_peft_model(model, cfg)
 
 
 def main(argv=None) -> int:
-    # deprecation notices from the installed transformers that a user of this script cannot act on
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
-                            category=FutureWarning)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,8 +170,8 @@ def main(argv=None) -> int:
     train_set = Tokenized(train_rows, tokenizer, args.max_length)
     eval_set = Tokenized(eval_rows, tokenizer, args.max_length)
 
-    inner = args.inner_steps or (5 if args.method == "bilevel-zofo" else 1)
-    lr = args.learning_rate or 1e-5
+    inner = args.gradient_accumulation_steps or (4 if args.method == "bilevel-zofo" else 1)
+    lr = args.learning_rate or (1e-4 if args.method == "bilevel-zofo" else 1e-5)
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, learning_rate=lr,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,

@@ -319,7 +319,8 @@ TINY = {
     "benchmarks/plot_kernels.py": [],
     "examples/run_text_classification.py": ["--max-steps", "2", "--batch-size", "4",
                                             "--max-train-samples", "16",
-                                            "--max-eval-samples", "8", "--inner-steps", "2",
+                                            "--max-eval-samples", "8",
+                                            "--gradient-accumulation-steps", "2",
                                             "--threads", "1"],
 }
 

@@ -320,7 +320,8 @@ def test_example_script_trains_saves_and_reloads(tmp_path, method, peft_kind):
         [sys.executable, os.path.join(root, "examples", "run_text_classification.py"),
          "--method", method, "--peft", peft_kind, "--model", str(model_dir), "--data-dir",
          str(data_dir), "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4",
-         "--inner-steps", "2", "--threads", "1", "--learning-rate", "1e-3"],
+         "--gradient-accumulation-steps", "2", "--threads", "1",
+         "--learning-rate", "1e-3"],
         capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
         env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

@@ -60,7 +60,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from zofo_kernels.integrations import durable
+from zofo_kernels.integrations import durable, library_warnings
 
 MANIFEST = "zofo_checkpoint.json"
 FORMAT = "zofo-trained-model"
@@ -419,8 +419,9 @@ def load_trained(folder: PathLike, *, device: Union[str, torch.device] = "cpu",
         if with_lower and not manifest.get("lower_adapter"):
             raise CheckpointError(f"{folder} holds no lower adapter (not a Bilevel-ZOFO run)")
         try:
-            model = PeftModel.from_pretrained(model, str(_part(folder, manifest, "adapter")),
-                                              adapter_name=name)
+            with library_warnings.peft_wrapping():
+                model = PeftModel.from_pretrained(
+                    model, str(_part(folder, manifest, "adapter")), adapter_name=name)
             if with_lower:
                 model.load_adapter(str(_part(folder, manifest, "lower_adapter")),
                                    adapter_name=manifest["lower_adapter_name"])
