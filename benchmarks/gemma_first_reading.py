@@ -30,7 +30,6 @@ by run. ``--phase report`` writes reading.md, reading.csv and reading.png.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
@@ -45,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from study_sst2 import SST2_DEFAULT, RunArchive  # noqa: E402
+from study_sst2 import SST2_DEFAULT, RunArchive, write_csv  # noqa: E402
 
 MODEL = "gemma3-270m"
 METHODS = ("mezo", "fo-lora", "bilevel-zofo")
@@ -185,7 +184,7 @@ class Reading:
             md.append(f"MeZO learns on this model within the budget (>= 0.05 above calibrated "
                       f"zero-shot): **{'yes' if gain >= 0.05 else 'no'}** ({gain:+.3f}).")
         (self.out / "reading.md").write_text("\n".join(md) + "\n")
-        _write_csv(self.out / "reading.csv", rows)
+        write_csv(self.out / "reading.csv", rows)
         self._plot(runs, raw, cal)
         print("\n".join(md))
 
@@ -230,14 +229,6 @@ class Reading:
 def _rel(path: Path) -> str:
     rel = os.path.relpath(path, ROOT)
     return rel if rel.startswith("..") and rel.count("..") == 1 else str(path)
-
-
-def _write_csv(path: Path, rows):
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
 
 
 def _commit(path: Path, message: str):

@@ -475,7 +475,7 @@ class Study:
                 rows.append(dict(row=row, config=i, **hp, final=s["eval_accuracy"],
                                  best=s["best_eval_accuracy"], steps=s["steps"]))
         if rows:
-            _write_csv(self.out / "sweep.csv", rows)
+            write_csv(self.out / "sweep.csv", rows)
         return lines + [""]
 
     def _lambda_section(self):
@@ -504,7 +504,7 @@ class Study:
                              final=s["eval_accuracy"], best=s["best_eval_accuracy"],
                              selected=s["selected_eval_accuracy"], steps=s["steps"],
                              collapsed=collapsed, mean_theta_step_rms=step_rms))
-        _write_csv(self.out / "lambda.csv", rows)
+        write_csv(self.out / "lambda.csv", rows)
         _plot_diagnostics(diag, self.out / "diagnostics.png")
         plotting.plot_study({n: [self.rows(n, "eval")] for n in have}, self.out / "lambda.png",
                             title="Bilevel-ZOFO on SST-2 dev, seed 0: lambda and theta update")
@@ -661,7 +661,7 @@ class Study:
                     "eval_accuracy", "selected_eval_accuracy", "best_eval_accuracy",
                     "initial_eval_accuracy", "steps", "wall_time_s", "forward_count",
                     "backward_count", "peak_memory_bytes")}))
-        _write_csv(self.out / "runs.csv", table)
+        write_csv(self.out / "runs.csv", table)
         zero = statistics.fmean(s["initial_eval_accuracy"] for v in runs.values()
                                 for _, s in v)
         lines += ["", f"Zero-shot dev accuracy (every row starts from it): {zero:.3f}.", ""]
@@ -737,7 +737,7 @@ def _ms(vals):
     return f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
 
 
-def _write_csv(path: Path, rows):
+def write_csv(path: Path, rows):
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
