@@ -4,7 +4,9 @@ The generic contract checks (known answers, statistics, round trip, bad input th
 public API) live in test_kernels.py and run on every backend; this file covers what only the
 Triton backend has: multi-tensor pointer tables over many tensors of odd sizes and offsets,
 global indices beyond 2**32, one launch per (device, dtype) group, the launch-table cache,
-invariance to the block size, and how the backend reports itself.
+invariance to the block size, how the backend reports itself, and the sparse-mask variants
+(masked launches over full and partial windows, the aligned path with a mask, the table cache
+keyed on the bitmaps, the magnitude_mask kernel's packing).
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported,
 as CI does); on a CUDA machine the same tests run compiled (marker ``gpu``).
@@ -428,6 +430,237 @@ def test_block_size_invariance(device, distribution):
             assert torch.equal(a, b), _note(seed=seed, distribution=distribution)
 
 
+# --------------------------------------------------------------------------- sparse masks
+
+def _random_masks(shapes, device):
+    """One int32 bitmap per shape, cycling through dense-ish, all set, none set and sparse
+    (about 1 in 8) patterns; the unused bits past numel are random too (the kernels must
+    ignore them)."""
+    out = []
+    for k, shape in enumerate(shapes):
+        words = contract.mask_words(int(np.prod(shape)))
+
+        def rand():
+            return RNG.integers(-2 ** 31, 2 ** 31, size=words, dtype=np.int64).astype(np.int32)
+        kind = k % 4
+        if kind == 0:
+            m = rand()
+        elif kind == 1:
+            m = np.full(words, -1, dtype=np.int32)
+        elif kind == 2:
+            m = np.zeros(words, dtype=np.int32)
+        else:
+            m = rand() & rand() & rand()
+        out.append(torch.from_numpy(m).to(device))
+    return out
+
+
+def _bit_pattern(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu().reshape(-1)
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+def _assert_masked_out_kept(after, before, masks, what):
+    """Elements whose bit is 0 keep their bit pattern exactly (NaN payloads included)."""
+    for i, (a, b, m) in enumerate(zip(after, before, masks)):
+        keep = torch.from_numpy(contract.mask_bits(m.cpu().numpy(), 0, b.numel()))
+        changed = (_bit_pattern(a) != _bit_pattern(b)) & ~keep
+        assert not torch.any(changed), f"tensors[{i}]: {int(changed.sum())} masked-out " \
+            f"elements were written {what}"
+
+
+def _masked_steps(backend, ref, got, want, offsets, masks, seed, distribution, grads):
+    """perturb, switch direction (fused restore), then restore + update with and without
+    stochastic rounding, on the backend and the reference; yields after each call."""
+    eps = 1e-2
+    calls = [
+        lambda b, ts, ms, g: b.perturb(ts, offsets, seed, distribution, eps, 0, 0.0, 0,
+                                       masks=ms),
+        lambda b, ts, ms, g: b.perturb(ts, offsets, seed, distribution, eps, 1, -eps, 0,
+                                       masks=ms),
+        lambda b, ts, ms, g: b.update(ts, offsets, seed, distribution, lr=1e-3,
+                                      projected_grads=g, restore_scale=-eps,
+                                      restore_direction=1, weight_decay=0.05,
+                                      stochastic_rounding=True, masks=ms),
+        lambda b, ts, ms, g: b.update(ts, offsets, seed, distribution, lr=1e-3,
+                                      projected_grads=g, restore_scale=0.0,
+                                      restore_direction=0, weight_decay=0.05,
+                                      stochastic_rounding=False, masks=ms),
+    ]
+    for k, call in enumerate(calls):
+        call(backend, got, masks, grads.to(got[0].device))
+        call(ref, want, [m.cpu() for m in masks], grads.cpu())
+        yield k
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # inf - inf in the special values
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_masked_many_tensors(device, dtype, distribution):
+    """Masked launches over odd sizes and offsets (beyond 2**32 too), with block 128 so that
+    full windows (the unmasked-load path) and partial ones both meet a mask: the reference's
+    values where the bit is set, the old bit pattern where it is not."""
+    _need(device)
+    from zofo_kernels.core.backends.triton.launcher import TritonBackend
+    backend, ref = TritonBackend(block=128), base.get("reference")
+    shapes, offsets = _layout(10)
+    got, want = _pair(shapes, dtype, device, specials=True)
+    masks = _random_masks(shapes, device)
+    start = [t.cpu().clone() for t in got]
+    seed = int(RNG.integers(0, 2 ** 63 - 1))
+    grads = torch.tensor(RNG.standard_normal(2).astype(np.float32))
+    note = _note(dtype=dtype, distribution=distribution, seed=seed, offsets=offsets)
+    coef = 0.0
+    for k in _masked_steps(backend, ref, got, want, offsets, masks, seed, distribution, grads):
+        # sum of |scale| multiplying z so far (as in test_many_tensors_perturb_and_update)
+        g1 = 1e-3 * float(grads.abs().sum())
+        coef += (1e-2, 2e-2, 1e-2 + g1, g1)[k]
+        for a, b in zip(got, want):
+            _assert_same(a, b, distribution, f"after call {k} " + note, coef=coef,
+                         steps=2 * k + 1)
+        _assert_masked_out_kept(got, start, masks, f"after call {k} " + note)
+    # the "all set" and "none set" tensors behave as dense / untouched ones
+    assert any(_bit_pattern(a).ne(_bit_pattern(b)).any() for a, b in zip(got[1::4], start[1::4]))
+    for a, b in zip(got[2::4], start[2::4]):
+        assert torch.equal(_bit_pattern(a), _bit_pattern(b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_aligned_vector_path(device, dtype):
+    """An aligned layout (the vector-load variant) with a mask stores through the masked
+    path: full windows included, only the set bits change."""
+    _need(device)
+    from zofo_kernels.core.backends.triton.launcher import TritonBackend
+    backend, ref = TritonBackend(block=256), base.get("reference")
+    sizes = [512, 8 * int(RNG.integers(1, 40)) + 256, 8 * int(RNG.integers(1, 40))]
+    start = [_weights((n,), dtype) for n in sizes]
+    offsets = zk.canonical_offsets(start)
+    # random bits for every tensor: full windows with set and unset lanes
+    masks = [_random_masks([(n,)], device)[0] for n in sizes]
+    seed = int(RNG.integers(0, 2 ** 63 - 1))
+    grads = torch.tensor([0.5, 2.0])
+    for distribution in DISTRIBUTIONS:  # each from the same start (exact vs toleranced)
+        got = [t.clone().to(device) for t in start]
+        want = [t.clone() for t in start]
+        assert backend._table(got, offsets, 128, masks)[3], "layout not aligned"
+        for _ in _masked_steps(backend, ref, got, want, offsets, masks, seed, distribution,
+                               grads):
+            pass
+        for a, b in zip(got, want):  # four calls: |scale| on z sums to 4 eps + 2 lr sum|g|
+            _assert_same(a, b, distribution, _note(seed=seed, distribution=distribution),
+                         coef=4e-2 + 2e-3 * 2.5, steps=7)
+        _assert_masked_out_kept(got, start, masks, _note(seed=seed, distribution=distribution))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_launch_tables_are_cached_on_the_masks(device):
+    """The launch table carries the bitmaps' addresses: dense and masked calls on the same
+    tensors use different tables, a masked call with the same bitmaps reuses its table, other
+    bitmaps (other addresses) get their own, and a dense call after masked ones writes every
+    element."""
+    _need(device)
+    from zofo_kernels.core.backends.triton.launcher import TritonBackend
+    backend = TritonBackend(block=128)
+    sizes = [int(RNG.integers(1, 300)) for _ in range(4)]
+    tensors = [torch.zeros(n, device=device) for n in sizes]
+    offsets = zk.canonical_offsets(tensors)
+    none = [torch.zeros(contract.mask_words(n), dtype=torch.int32, device=device) for n in sizes]
+    every = [torch.full_like(m, -1) for m in none]
+
+    def perturb(masks):
+        backend.perturb(tensors, offsets, 3, "rademacher", 1.0, 0, 0.0, 0, masks=masks)
+
+    perturb(none)
+    assert backend.table_builds == 1
+    assert all(torch.count_nonzero(t) == 0 for t in tensors), "an all-zero mask wrote"
+    perturb(every)
+    assert backend.table_builds == 2
+    assert all(torch.all(t.abs() == 1.0) for t in tensors), "an all-set mask skipped elements"
+    perturb(none)
+    perturb(every)
+    backend.update(tensors, offsets, 3, "rademacher", lr=1.0,
+                   projected_grads=torch.tensor([0.5], device=device), restore_scale=-1.0,
+                   restore_direction=0, weight_decay=0.0, stochastic_rounding=False,
+                   masks=none)
+    assert backend.table_builds == 2, "the same bitmaps rebuilt their table"
+    for t in tensors:
+        t.zero_()
+    perturb(None)  # dense: must not reuse a masked table (nor a masked one a dense table)
+    assert backend.table_builds == 3
+    assert all(torch.all(t.abs() == 1.0) for t in tensors)
+    table = backend._table(tensors, offsets, 128, every)[0].cpu()
+    assert table.shape == (len(tensors), 6)
+    assert table[:, 5].tolist() == [m.data_ptr() for m in every]
+    assert backend._table(tensors, offsets, 128)[0].cpu()[:, 5].tolist() == [0] * len(sizes)
+
+
+def _magnitude_values(n: int, dtype, threshold: float) -> torch.Tensor:
+    """Values around the threshold (equal to it, one step either side, negated), spanning
+    many binades, with the special values at the front."""
+    w = _weights((n,), dtype).float()
+    t32 = np.float32(threshold)
+    near = [t32, -t32, np.nextafter(t32, np.float32(0)), np.nextafter(t32, np.float32(np.inf)),
+            np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0]
+    k = min(n, len(near))
+    w[:k] = torch.tensor(near[:k], dtype=torch.float32)
+    return w[torch.from_numpy(RNG.permutation(n))].to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_magnitude_mask_packing(device, dtype, monkeypatch):
+    """Bit for bit the contract's bitmap for odd sizes (one word, word and program boundaries
+    +-1), thresholds that sit on storage values, between them, 0, inf and negative; every
+    word is overwritten and the bits past numel are 0; one launch per call."""
+    _need(device)
+    from zofo_kernels.core.backends.triton import kernels as tk
+    from zofo_kernels.core.backends.triton.launcher import TritonBackend
+    backend = TritonBackend(block=128)  # 4 words per program
+    sizes = [1, 5, 31, 32, 33, 127, 128, 129, 500, 32 * 4 * 3 + 1]
+    limits = [1e-3, 0.5, 0.0, float("inf"), -1.0, 1e-40, 2.0 ** -20, 3.0, 1e-6, 0.1]
+    limits = [float(np.float32(x)) for x in limits]
+    values = [_magnitude_values(n, dtype, x).to(device) for n, x in zip(sizes, limits)]
+    masks = [torch.full((contract.mask_words(n),), -1, dtype=torch.int32, device=device)
+             for n in sizes]  # garbage the kernel must overwrite
+    launches = _CountingLauncher(tk._magnitude_mask_kernel)
+    monkeypatch.setattr(tk, "_magnitude_mask_kernel", launches)
+    backend.magnitude_mask(values, limits, masks)
+    assert launches.grids == [(sum(-(-n // 128) for n in sizes),)]
+    for i, (v, x, m) in enumerate(zip(values, limits, masks)):
+        want = contract.magnitude_mask_words(v.cpu().float().numpy(), x).view(np.int32)
+        got = m.cpu().numpy()
+        assert np.array_equal(got, want), _note(i=i, n=v.numel(), threshold=x, dtype=dtype)
+        tail = sizes[i] % 32
+        if tail:  # bits past numel are 0
+            assert got[-1:].view(np.uint32)[0] >> tail == 0
+    # the public API, through the registered backend: the same words
+    api = zk.magnitude_mask(values, limits, backend="triton")
+    assert all(torch.equal(a.cpu(), m.cpu()) for a, m in zip(api, masks))
+    nonzero = [int(np.unpackbits(m.cpu().numpy().view(np.uint8)).sum()) for m in masks]
+    assert nonzero[3] == sizes[3] - 2 and nonzero[4] == 0, (nonzero, "inf / negative threshold")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_calls_reject_bad_bitmaps(device):
+    _need(device)
+    a = torch.zeros(40, device=device)
+    good = torch.full((2,), -1, dtype=torch.int32, device=device)
+    for bad in ([good, good], [good[:1]], [good.to(torch.int64)], [good.float()]):
+        with pytest.raises(ValueError, match="mask"):
+            BACKEND.perturb([a], [0], 1, "rademacher", 1.0, 0, 0.0, 0, masks=bad)
+        with pytest.raises(ValueError, match="mask"):
+            BACKEND.update([a], [0], 1, "rademacher", lr=1.0,
+                           projected_grads=torch.ones(1, device=device), restore_scale=0.0,
+                           restore_direction=0, weight_decay=0.0, stochastic_rounding=True,
+                           masks=bad)
+        with pytest.raises(ValueError, match="mask"):
+            BACKEND.magnitude_mask([a], [1.0], bad)
+    assert torch.equal(a, torch.zeros(40, device=device))
+    assert torch.equal(good, torch.full((2,), -1, dtype=torch.int32, device=device))
+
+
 # --------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -476,6 +709,37 @@ def test_hyperparameters_do_not_recompile():
                       weight_decay=0.1 * k, backend="triton")
     torch.cuda.synchronize()
     assert (compiled(tk._perturb_kernel), compiled(tk._update_kernel)) == before
+
+
+@pytest.mark.gpu
+def test_masks_do_not_recompile():
+    """The bitmaps travel in the launch table: new masks (other contents, other addresses)
+    reuse the masked variant compiled once; dense launches keep their own variant."""
+    _need("cuda")
+    from zofo_kernels.core.backends.triton import kernels as tk
+    tensors = [_weights((1000,), torch.float16).cuda(), _weights((77,), torch.float16).cuda()]
+    device = torch.cuda.current_device()
+
+    def compiled(kernel):
+        return len(kernel.device_caches[device][0])
+
+    def masks():
+        return _random_masks([(1000,), (77,)], "cuda")
+
+    zk.perturb_(tensors, 1, 1e-3, backend="triton")
+    zk.perturb_(tensors, 1, 1e-3, backend="triton", mask=masks())
+    zk.zo_update_(tensors, 1, lr=1e-3, projected_grads=[1.0], backend="triton", mask=masks())
+    zk.magnitude_mask(tensors, [0.1, 0.2], backend="triton")
+    kernels = (tk._perturb_kernel, tk._update_kernel, tk._magnitude_mask_kernel)
+    before = [compiled(k) for k in kernels]
+    for seed in (2, 3, 4):
+        zk.perturb_(tensors, seed, 1e-3, backend="triton", mask=masks())
+        zk.perturb_(tensors, seed, 1e-3, backend="triton")
+        zk.zo_update_(tensors, seed, lr=1e-3, projected_grads=[1.0], backend="triton",
+                      mask=masks())
+        zk.magnitude_mask([t[: 10 * seed] for t in tensors], [0.5, seed], backend="triton")
+    torch.cuda.synchronize()
+    assert [compiled(k) for k in kernels] == before
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,8 +11,8 @@ call serves 128 (Rademacher) or 4 (Gaussian) elements. Element i of the window l
 index j = i - o of the tensor; lanes with j outside [0, numel) are masked. Two tables describe
 a launch:
 
-* ``tensor_table``: int64 [T, 5] = (data_ptr, offset o, numel, first window start,
-  first program id) per tensor;
+* ``tensor_table``: int64 [T, 6] = (data_ptr, offset o, numel, first window start,
+  first program id, mask bitmap data_ptr or 0) per tensor;
 * ``program_table``: int32 [P] = tensor index of each program.
 
 The program's window start is ``first + (pid - first_program) * BLOCK``. A program whose
@@ -20,6 +20,17 @@ window lies entirely inside its tensor takes an unmasked load/store path; when e
 of the launch satisfies (data_ptr - o * itemsize) % 16 == 0 (the host checks; true for
 16-byte aligned storage and offsets that are multiples of 8), the kernel is told so
 (ALIGNED) and that path uses 16-byte vector loads and stores.
+
+Sparse launches (HAS_MASK; every tensor then has a bitmap, see
+:func:`zofo_kernels.core.contract.mask_bits`): each lane reads word j >> 5 of its tensor's
+bitmap and tests bit j & 31; the window is computed as usual but stored only on the lanes
+inside the tensor whose bit is set (always the masked store, full window or not). Dense
+launches (HAS_MASK false) never read the mask column and compile as they would without it.
+
+``_magnitude_mask_kernel`` writes bitmaps: each program packs ``WORDS`` consecutive words
+(32 * WORDS elements, a [WORDS, 32] tile of bits OR-reduced along its rows) of one tensor, described
+by its own ``mask_table`` (int64 [T, 4] = (data_ptr, numel, bitmap data_ptr, first program
+id)) and the same kind of ``program_table``.
 
 Float math follows the contract in :mod:`zofo_kernels.core.backends.base` (separately rounded
 float32 operations in a fixed order); the launcher disables FMA contraction. On a GPU, log,
@@ -47,6 +58,8 @@ def _is_interpreted(fn) -> bool:
 
 
 WINDOW_ALIGN = 128  # window starts are multiples of this (a Rademacher block)
+TABLE_COLUMNS = tl.constexpr(6)  # the tensor_table's row length
+MASK_TABLE_COLUMNS = tl.constexpr(4)  # the mask_table's row length
 
 # The STORAGE and DIST codes the kernels take: zofo_noise.h's DType and Distribution, and
 # zofo_kernels.core.backends.base.DTYPE_CODES and DISTRIBUTION_CODES (a test checks that they agree).
@@ -229,12 +242,24 @@ def _round_rn(v, STORAGE: tl.constexpr):
 # --------------------------------------------------------------------------- window setup
 
 @triton.jit
+def _typed_ptr(addr, STORAGE: tl.constexpr):
+    """An int64 address as a pointer to the storage type (bfloat16 as its uint16 bits)."""
+    if STORAGE == STORAGE_FLOAT32:
+        ptr = addr.to(tl.pointer_type(tl.float32))
+    elif STORAGE == STORAGE_BFLOAT16:
+        ptr = addr.to(tl.pointer_type(tl.uint16))
+    else:
+        ptr = addr.to(tl.pointer_type(tl.float16))
+    return ptr
+
+
+@triton.jit
 def _window(tensor_table, program_table, STORAGE: tl.constexpr, BLOCK: tl.constexpr,
             ALIGNED: tl.constexpr):
-    """This program's (pointers, local indices j, numel, window start g0, full?)."""
+    """This program's (pointers, local indices j, numel, window start g0, full?, table row)."""
     pid = tl.program_id(0)
     t = tl.load(program_table + pid).to(tl.int64)
-    row = tensor_table + 5 * t
+    row = tensor_table + TABLE_COLUMNS * t
     addr = tl.load(row)
     offset = tl.load(row + 1)
     numel = tl.load(row + 2)
@@ -242,13 +267,7 @@ def _window(tensor_table, program_table, STORAGE: tl.constexpr, BLOCK: tl.conste
     first_program = tl.load(row + 4)
     g0 = first + (pid - first_program) * BLOCK
     j0 = g0 - offset
-    if STORAGE == STORAGE_FLOAT32:
-        ptr = addr.to(tl.pointer_type(tl.float32))
-    elif STORAGE == STORAGE_BFLOAT16:
-        ptr = addr.to(tl.pointer_type(tl.uint16))
-    else:
-        ptr = addr.to(tl.pointer_type(tl.float16))
-    base = ptr + j0  # element j0 of the tensor, the window's first element
+    base = _typed_ptr(addr, STORAGE) + j0  # element j0 of the tensor, the window's first
     if ALIGNED:
         # the host checked (data_ptr - offset * itemsize) % 16 == 0 for every tensor; with
         # g0 a multiple of 128 this makes every window start 16-byte aligned (vector access)
@@ -256,16 +275,29 @@ def _window(tensor_table, program_table, STORAGE: tl.constexpr, BLOCK: tl.conste
     lanes = tl.arange(0, BLOCK)
     j = j0 + lanes.to(tl.int64)
     full = (j0 >= 0) & (j0 + BLOCK <= numel)
-    return base + lanes, j, numel, g0, full
+    return base + lanes, j, numel, g0, full, row
+
+
+@triton.jit
+def _mask_lanes(row, j, inside):
+    """The lanes of ``inside`` whose bit is set in the tensor's bitmap (column 5 of its row):
+    bit j & 31 of word j >> 5."""
+    words = tl.load(row + 5).to(tl.pointer_type(tl.int32))
+    word = tl.load(words + (j >> 5), mask=inside, other=0)
+    bit = (word >> (j & 31).to(tl.int32)) & 1
+    return inside & (bit != 0)
 
 
 @triton.jit
 def _load_restored(tensor_table, program_table, seed, restore_scale, restore_direction,
                    STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
-                   HAS_RESTORE: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
-    """This program's window (pointers, lanes inside the tensor, full?, start g0) and its
-    weights as float32, restored: w = rn(p + restore_scale * z_r) [if HAS_RESTORE]."""
-    ptrs, j, numel, g0, full = _window(tensor_table, program_table, STORAGE, BLOCK, ALIGNED)
+                   HAS_RESTORE: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr,
+                   HAS_MASK: tl.constexpr):
+    """This program's window (pointers, lanes to store, full?, start g0) and its weights as
+    float32, restored: w = rn(p + restore_scale * z_r) [if HAS_RESTORE]. With HAS_MASK the
+    lanes to store are those inside the tensor whose bit is set."""
+    ptrs, j, numel, g0, full, row = _window(tensor_table, program_table, STORAGE, BLOCK,
+                                            ALIGNED)
     inside = (j >= 0) & (j < numel)
     if full:
         w = _widen(tl.load(ptrs), STORAGE)
@@ -274,13 +306,18 @@ def _load_restored(tensor_table, program_table, seed, restore_scale, restore_dir
     if HAS_RESTORE:
         z_r = _noise_window(seed, g0, restore_direction, BLOCK, DIST, PRECISE)
         w = _round_rn(w + restore_scale * z_r, STORAGE)
+    if HAS_MASK:
+        inside = _mask_lanes(row, j, inside)
     return ptrs, inside, full, g0, w
 
 
 @triton.jit
-def _store(ptrs, inside, full, p):
-    """Stores a window's storage values (all lanes when full, else those inside)."""
-    if full:
+def _store(ptrs, inside, full, p, HAS_MASK: tl.constexpr):
+    """Stores a window's storage values: all lanes when full (and no mask), else the lanes
+    ``inside`` (with a mask: inside the tensor and bit set, full window or not)."""
+    if HAS_MASK:
+        tl.store(ptrs, p, mask=inside)
+    elif full:
         tl.store(ptrs, p)
     else:
         tl.store(ptrs, p, mask=inside)
@@ -288,7 +325,7 @@ def _store(ptrs, inside, full, p):
 
 # --------------------------------------------------------------------------- kernels
 #
-# Private: their parameter lists are the launch ABI (9 to 16 values, in this order), and
+# Private: their parameter lists are the launch ABI (4 to 17 values, in this order), and
 # only :class:`zofo_kernels.core.backends.triton.launcher.TritonBackend` launches them.
 
 @triton.jit(do_not_specialize=["seed", "start", "numel", "direction"])
@@ -310,13 +347,15 @@ def _noise_kernel(out_ptr, seed: tl.int64, start: tl.int64, numel: tl.int64,
 def _perturb_kernel(tensor_table, program_table, seed: tl.int64, scale: tl.float32,
                    direction: tl.uint32, restore_scale: tl.float32, restore_direction: tl.uint32,
                    STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
-                   HAS_RESTORE: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
-    """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; p = rn(w + scale * z)."""
+                   HAS_RESTORE: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr,
+                   HAS_MASK: tl.constexpr):
+    """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; p = rn(w + scale * z) (only the
+    elements whose bit is set if HAS_MASK)."""
     ptrs, inside, full, g0, w = _load_restored(
         tensor_table, program_table, seed, restore_scale, restore_direction,
-        STORAGE, BLOCK, DIST, HAS_RESTORE, PRECISE, ALIGNED)
+        STORAGE, BLOCK, DIST, HAS_RESTORE, PRECISE, ALIGNED, HAS_MASK)
     z = _noise_window(seed, g0, direction, BLOCK, DIST, PRECISE)
-    _store(ptrs, inside, full, _narrow(w + scale * z, STORAGE))
+    _store(ptrs, inside, full, _narrow(w + scale * z, STORAGE), HAS_MASK)
 
 
 @triton.jit(do_not_specialize=["seed", "q", "restore_direction"])
@@ -325,12 +364,13 @@ def _update_kernel(tensor_table, program_table, seed: tl.int64, lr: tl.float32, 
                   weight_decay: tl.float32,
                   STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                   HAS_RESTORE: tl.constexpr, STOCHASTIC: tl.constexpr,
-                  PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
+                  PRECISE: tl.constexpr, ALIGNED: tl.constexpr, HAS_MASK: tl.constexpr):
     """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; d = sum_k g_k z_k; d += wd * w;
-    v = w - lr * d; p = sr(v) if STOCHASTIC else rn(v)."""
+    v = w - lr * d; p = sr(v) if STOCHASTIC else rn(v) (only the elements whose bit is set
+    if HAS_MASK)."""
     ptrs, inside, full, g0, w = _load_restored(
         tensor_table, program_table, seed, restore_scale, restore_direction,
-        STORAGE, BLOCK, DIST, HAS_RESTORE, PRECISE, ALIGNED)
+        STORAGE, BLOCK, DIST, HAS_RESTORE, PRECISE, ALIGNED, HAS_MASK)
     g = tl.load(grads_ptr)
     d = g * _noise_window(seed, g0, 0, BLOCK, DIST, PRECISE)
     for k in range(1, q):
@@ -341,7 +381,32 @@ def _update_kernel(tensor_table, program_table, seed: tl.int64, lr: tl.float32, 
     if STOCHASTIC:
         r = _rounding_window(seed, g0, BLOCK)
         v = _stochastic_round(v, r, STORAGE == STORAGE_BFLOAT16)
-    _store(ptrs, inside, full, _narrow(v, STORAGE))
+    _store(ptrs, inside, full, _narrow(v, STORAGE), HAS_MASK)
+
+
+@triton.jit
+def _magnitude_mask_kernel(mask_table, program_table, thresholds_ptr,
+                           STORAGE: tl.constexpr, WORDS: tl.constexpr):
+    """Words [w0, w0 + WORDS) of one tensor's bitmap: bit b of word k is set iff
+    float32(|x|) <= threshold for element 32 k + b (NaN compares false; past numel: 0)."""
+    pid = tl.program_id(0)
+    t = tl.load(program_table + pid).to(tl.int64)
+    row = mask_table + MASK_TABLE_COLUMNS * t
+    values = _typed_ptr(tl.load(row), STORAGE)
+    numel = tl.load(row + 1)
+    bitmap = tl.load(row + 2).to(tl.pointer_type(tl.int32))
+    threshold = tl.load(thresholds_ptr + t)
+    k = (pid - tl.load(row + 3)) * WORDS + tl.arange(0, WORDS).to(tl.int64)  # word indices
+    bit = tl.arange(0, 32)
+    j = k[:, None] * 32 + bit[None, :].to(tl.int64)  # [WORDS, 32] element indices
+    inside = j < numel
+    x = _widen(tl.load(values + j, mask=inside, other=0), STORAGE)
+    on = inside & (tl.abs(x) <= threshold)
+    # one distinct bit per lane: the uint32 row sum is their OR (no carries; bit 31 included;
+    # a sum, not a generic OR-reduce, runs vectorised in the interpreter), stored as int32
+    bits = tl.where(on, tl.full(on.shape, 1, tl.uint32) << bit[None, :].to(tl.uint32), 0)
+    word = tl.sum(bits.to(tl.uint32), axis=1)
+    tl.store(bitmap + k, word.to(tl.int32, bitcast=True), mask=k * 32 < numel)
 
 
 # True when TRITON_INTERPRET was set as the kernels were defined: they then run on CPU tensors.

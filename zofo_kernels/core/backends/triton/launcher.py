@@ -6,8 +6,9 @@ test-suite exercises the kernels on machines without a GPU). Triton is imported 
 missing or broken Triton makes this backend unavailable, never ``import zofo_kernels`` fail.
 
 Each launch is described by two small int64/int32 tables (see the kernels module) that
-depend only on the tensors' data pointers, sizes and global offsets; they are built once and
-cached, so the repeated perturb/update calls of an optimizer step reuse them.
+depend only on the tensors' data pointers, sizes and global offsets (and the bitmaps' data
+pointers of a sparse call); they are built once and cached, so the repeated perturb/update
+calls of an optimizer step reuse them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,21 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from zofo_kernels.core.backends.base import DISTRIBUTION_CODES, Backend, BackendStatus, LaunchTables, check_group, register
+from zofo_kernels.core.backends.base import (DISTRIBUTION_CODES, Backend, BackendStatus,
+                                             LaunchTables, check_group, check_masks, register)
+
+
+def _pointers(tensors) -> np.ndarray:
+    return np.asarray([t.data_ptr() for t in tensors], dtype=np.uint64).view(np.int64)
+
+
+def _program_table(count: np.ndarray):
+    """(first program id of each tensor, tensor index of each program, programs)."""
+    first_program = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    programs = int(count.sum())
+    if programs >= 2 ** 31:
+        raise ValueError("too many elements for one launch; split the call")
+    return first_program, np.repeat(np.arange(len(count), dtype=np.int32), count), programs
 
 
 class TritonBackend(Backend):
@@ -97,13 +112,17 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ launch tables
 
-    def _table(self, tensors: List[torch.Tensor], offsets: List[int], align: int):
-        """(tensor_table, program_table, programs, aligned), cached on the tensors' layout."""
+    def _table(self, tensors: List[torch.Tensor], offsets: List[int], align: int,
+               masks: Optional[List[torch.Tensor]] = None):
+        """(tensor_table, program_table, programs, aligned), cached on the tensors' layout
+        and the bitmaps' addresses (None: a dense launch)."""
+        mask_ptrs = None if masks is None else tuple(m.data_ptr() for m in masks)
         return self._tables.get(
-            tensors, offsets, lambda: self._build_table(tensors, offsets, align),
-            extra=(align, self.block))
+            tensors, offsets, lambda: self._build_table(tensors, offsets, align, masks),
+            extra=(align, self.block, mask_ptrs))
 
-    def _build_table(self, tensors: List[torch.Tensor], offsets: List[int], align: int):
+    def _build_table(self, tensors: List[torch.Tensor], offsets: List[int], align: int,
+                     masks: Optional[List[torch.Tensor]]):
         device = tensors[0].device
         ptrs = [t.data_ptr() for t in tensors]
         block = self.block
@@ -111,17 +130,28 @@ class TritonBackend(Backend):
         n = np.asarray([t.numel() for t in tensors], dtype=np.int64)
         first = off - off % align
         count = np.where(n > 0, (off + n - first + block - 1) // block, 0)
-        first_program = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-        programs = int(count.sum())
-        if programs >= 2 ** 31:
-            raise ValueError("too many elements for one launch; split the call")
-        table = np.stack([np.asarray(ptrs, dtype=np.uint64).view(np.int64), off, n, first,
-                          first_program], axis=1)
-        program_table = np.repeat(np.arange(len(tensors), dtype=np.int32), count)
+        first_program, program_table, programs = _program_table(count)
+        mask_ptrs = np.zeros(len(tensors), np.int64) if masks is None else _pointers(masks)
+        table = np.stack([_pointers(tensors), off, n, first, first_program, mask_ptrs], axis=1)
         itemsize = tensors[0].element_size()
         aligned = all((p - o * itemsize) % 16 == 0 for p, o in zip(ptrs, offsets))
         return (torch.from_numpy(np.ascontiguousarray(table)).to(device),
                 torch.from_numpy(program_table).to(device), programs, aligned)
+
+    def _mask_table(self, tensors: List[torch.Tensor], masks: List[torch.Tensor]):
+        """(mask_table, program_table, programs) of a magnitude_mask launch, cached."""
+        words = self.block // 32  # bitmap words per program
+
+        def build():
+            n = np.asarray([t.numel() for t in tensors], dtype=np.int64)
+            count = (n + 32 * words - 1) // (32 * words)
+            first_program, program_table, programs = _program_table(count)
+            table = np.stack([_pointers(tensors), n, _pointers(masks), first_program], axis=1)
+            device = tensors[0].device
+            return (torch.from_numpy(np.ascontiguousarray(table)).to(device),
+                    torch.from_numpy(program_table).to(device), programs)
+        return self._tables.get(tensors, [0] * len(tensors), build,
+                                extra=("magnitude", words, tuple(m.data_ptr() for m in masks)))
 
     @staticmethod
     def _device_guard(device: torch.device):
@@ -147,12 +177,13 @@ class TritonBackend(Backend):
         return out
 
     def perturb(self, tensors, offsets, seed, distribution, scale, direction,
-                restore_scale, restore_direction):
+                restore_scale, restore_direction, *, masks=None):
         code = check_group(tensors, offsets, self.name)
+        check_masks(tensors, masks, self.name)
         device = tensors[0].device
         tk = self._require(device)
         table, program_table, programs, aligned = self._table(
-            tensors, offsets, tk.WINDOW_ALIGN)
+            tensors, offsets, tk.WINDOW_ALIGN, masks)
         if programs == 0:
             return
         with self._device_guard(device):
@@ -161,11 +192,14 @@ class TritonBackend(Backend):
                 float(restore_scale), restore_direction,
                 STORAGE=code, BLOCK=self.block,
                 DIST=DISTRIBUTION_CODES[distribution], HAS_RESTORE=restore_scale != 0.0,
-                PRECISE=self._precise(), ALIGNED=aligned, **self._launch_options())
+                PRECISE=self._precise(), ALIGNED=aligned, HAS_MASK=masks is not None,
+                **self._launch_options())
 
     def update(self, tensors, offsets, seed, distribution, *, lr, projected_grads,
-               restore_scale, restore_direction, weight_decay, stochastic_rounding):
+               restore_scale, restore_direction, weight_decay, stochastic_rounding,
+               masks=None):
         code = check_group(tensors, offsets, self.name)
+        check_masks(tensors, masks, self.name)
         device = tensors[0].device
         tk = self._require(device)
         grads = projected_grads.detach().reshape(-1)
@@ -173,7 +207,7 @@ class TritonBackend(Backend):
             raise ValueError("projected_grads is empty: give one scalar per direction (q >= 1)")
         grads = grads.to(device=device, dtype=torch.float32).contiguous()
         table, program_table, programs, aligned = self._table(
-            tensors, offsets, tk.WINDOW_ALIGN)
+            tensors, offsets, tk.WINDOW_ALIGN, masks)
         if programs == 0:
             return
         dtype = tensors[0].dtype
@@ -184,8 +218,25 @@ class TritonBackend(Backend):
                 float(restore_scale), restore_direction, float(weight_decay),
                 STORAGE=code, BLOCK=self.block,
                 DIST=DISTRIBUTION_CODES[distribution], HAS_RESTORE=restore_scale != 0.0,
-                STOCHASTIC=stochastic,
-                PRECISE=self._precise(), ALIGNED=aligned, **self._launch_options())
+                STOCHASTIC=stochastic, PRECISE=self._precise(), ALIGNED=aligned,
+                HAS_MASK=masks is not None, **self._launch_options())
+
+    def magnitude_mask(self, tensors, thresholds, masks):
+        code = check_group(tensors, [0] * len(tensors), self.name)
+        check_masks(tensors, masks, self.name)
+        if len(thresholds) != len(tensors):
+            raise ValueError(f"{len(thresholds)} thresholds for {len(tensors)} tensors")
+        device = tensors[0].device
+        tk = self._require(device)
+        table, program_table, programs = self._mask_table(tensors, masks)
+        if programs == 0:
+            return
+        # thresholds are float32 values already (exact here); they change every step
+        limits = torch.tensor([float(x) for x in thresholds], dtype=torch.float32).to(device)
+        with self._device_guard(device):
+            tk._magnitude_mask_kernel[(programs,)](
+                table, program_table, limits, STORAGE=code, WORDS=self.block // 32,
+                num_warps=self.num_warps)
 
 
 register("triton", TritonBackend)
