@@ -17,7 +17,9 @@ without ever being communicated. This module provides:
 
 Sharded parameters (FSDP2 ``fully_shard``, DTensor placement ``Shard(0)``) are perturbed and
 updated shard by shard: :func:`zofo_kernels.core.optim.layout.zo_layout` maps each local shard to its
-global offset in the noise contract, so the sharded run equals the unsharded one.
+global offset in the noise contract, so the sharded run equals the unsharded one. Sparse
+perturbation (``sparse_fraction``) is refused with sharded parameters: its magnitude
+threshold is decided per tensor, and a shard would decide its own.
 
 Every collective issued here runs under the process group's timeout; a failure (another rank
 died, or stopped answering) raises :class:`RankFailureError` naming the operation and the step,
@@ -412,6 +414,21 @@ def _fsdp_modules(model: Optional[torch.nn.Module]) -> List[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def _refuse_sparse_sharding(zo, fsdp_modules) -> None:
+    """Sparse perturbation decides its mask from a threshold on each whole tensor; a sharded
+    tensor (FSDP2) would get one threshold per shard, so it is refused (replicas are fine:
+    every rank computes the same thresholds from the same weights)."""
+    if zo.sparse_fraction is None:
+        return
+    if fsdp_modules:
+        raise ValueError("sparse_fraction is not supported with FSDP2 (fully_shard): the "
+                         "magnitude threshold of each tensor would be computed per shard, so "
+                         "the run would depend on the sharding; use plain data parallelism "
+                         "or sparse_fraction=None")
+    from zofo_kernels.core.optim.sparse import refuse_sharded
+    refuse_sharded(zo.param_groups)
+
+
 class DataParallelZO:
     """Data-parallel (and FSDP2-sharded) driver around a ``ZOOptimizer`` or ``ZOFOOptimizer``.
 
@@ -484,6 +501,7 @@ class DataParallelZO:
         for o in fo_opts:
             self.fo_params.extend(p for g in o.param_groups for p in g["params"])
         self._fsdp = _fsdp_modules(model)
+        _refuse_sparse_sharding(zo, self._fsdp)
         self.steps = 0  # calls of step/run_step (the divergence check's clock; saved)
         self._last_step_bytes = 0
         zo.base_seed = broadcast_seed(zo.base_seed, self.context, self.stats)

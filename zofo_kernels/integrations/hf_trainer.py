@@ -55,7 +55,8 @@ Logging: the Trainer's ``grad_norm`` (always 0: ZO leaves no gradients) is repla
 ZO quantities of the last step: ``zo_projected_grad`` (mean over directions), and for
 Bilevel-ZOFO ``upper_loss`` (f at P), ``penalty_loss`` (g at P), ``lower_penalty_loss`` (g at
 S), ``gap`` (g_P - g_S), ``theta_step_rms``, ``lower_loss`` (last inner step), each where the
-optimizer computed it.
+optimizer computed it; with ``ZOConfig(sparse_fraction=f)``, ``perturbed_fraction`` (the share
+of the ZO-trained weights the step perturbed and updated).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class ZOConfig:
     Every other keyword is a setting of the method's optimizer: a field of its settings
     dataclass in the registry (:class:`~zofo_kernels.integrations.methods.ZOSettings`:
     ``eps``, ``estimator``, ``n_directions``, ``distribution``, ``seed`` (default:
-    ``TrainingArguments.seed``), ``backend``, ...;
+    ``TrainingArguments.seed``), ``backend``, ``sparse_fraction``, ...;
     :class:`~zofo_kernels.integrations.methods.BilevelSettings`: ``lam``, ``peft_lr``,
     ``lower_lr``, ``peft_optimizer``, ``theta_update``, ``order``, ...), handed to the
     optimizer by the method's recipe and checked there; one not given takes the method's
@@ -370,12 +371,12 @@ class ZOFOTrainer(Trainer):
         if not last:
             return None
         upper = self._prepare_inputs(self._next_upper_batch())
-        if self.zo_dp is not None:
-            up = self.zo_dp.run_step(lambda: zofo.upper_step(upper, inputs))
-        else:
-            up = zofo.upper_step(upper, inputs)
+        def upper_step():
+            return zofo.upper_step(upper, inputs)
+        up = self.zo_dp.run_step(upper_step) if self.zo_dp is not None else upper_step()
         lower_losses, self._window_lower_losses = self._window_lower_losses, []
-        self.zo_last_step = dict(up.as_dict(), lower_losses=lower_losses)
+        sparse = {k: zofo.zo.last_step[k] for k in ("sparse_fraction", "perturbed_fraction")}
+        self.zo_last_step = dict(up.as_dict(), lower_losses=lower_losses, **sparse)
         return up.loss
 
     def _end_window(self) -> None:
@@ -582,6 +583,8 @@ def zo_log_entries(last_step: Dict[str, Any], bilevel: bool) -> Dict[str, float]
             out[name] = float(value)
     if st.get("lower_losses"):
         out["lower_loss"] = float(st["lower_losses"][-1])
+    if st.get("sparse_fraction") is not None:  # sparse perturbation: the share it moved
+        out["perturbed_fraction"] = float(st["perturbed_fraction"])
     return out
 
 

@@ -59,6 +59,9 @@ class ZOStepSettings:
     loss_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     backend: Optional[str] = None
     rms_beta: float = 0.999
+    # None: dense; f in (0, 1]: each step perturbs and updates only the fraction f of each
+    # tensor with the smallest magnitudes (Sparse-MeZO style; docs/optimizers/zo-sgd.md)
+    sparse_fraction: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +112,8 @@ def zo_sgd(param_groups, s: ZOSettings) -> ZOOptimizer:
                        n_directions=s.n_directions, seed=s.seed,
                        stochastic_rounding=s.stochastic_rounding, nonfinite=s.nonfinite,
                        loss_reduce=s.loss_reduce, backend=s.backend, normalize=s.normalize,
-                       rms_beta=s.rms_beta, include_frozen=s.include_frozen)
+                       rms_beta=s.rms_beta, include_frozen=s.include_frozen,
+                       sparse_fraction=s.sparse_fraction)
 
 
 def mezo(model: torch.nn.Module, s: ZOSettings, loss_fn=None) -> ZOOptimizer:
@@ -143,7 +147,8 @@ def bilevel_zofo(model, s: BilevelSettings, loss_fn=None) -> ZOFOOptimizer:
         estimator=s.estimator, weight_decay=s.weight_decay, eps=s.eps,
         distribution=s.distribution, n_directions=s.n_directions, seed=s.seed,
         stochastic_rounding=s.stochastic_rounding, nonfinite=s.nonfinite,
-        loss_reduce=s.loss_reduce, backend=s.backend, rms_beta=s.rms_beta)
+        loss_reduce=s.loss_reduce, backend=s.backend, rms_beta=s.rms_beta,
+        sparse_fraction=s.sparse_fraction)
 
 
 # --------------------------------------------------------------------------- the registry

@@ -133,6 +133,10 @@ def _add_hyperparameters(h) -> None:
                    help="ZO estimator (default: central for mezo/mezo-lora as in MeZO, "
                         "forward for bilevel-zofo as in the Bilevel-ZOFO code)")
     h.add_argument("--n-directions", type=int, default=1)
+    h.add_argument("--sparse-fraction", type=float, default=None, metavar="F",
+                   help="ZO methods: sparse perturbation, each step perturbs and updates only "
+                        "the fraction F (0 < F <= 1) of each ZO-trained tensor with the "
+                        "smallest magnitudes at the step's start (default: dense)")
     bilevel = methods_mod.REGISTRY["bilevel-zofo"].defaults  # the help names the defaults
     h.add_argument("--lam", type=float, default=None,
                    help=f"bilevel-zofo: penalty weight lambda (default {bilevel['lam']:g})")
@@ -262,6 +266,10 @@ def validate(o: Dict[str, Any]) -> None:
     if o["backbone_regex"] is not None and o["method"] != "bilevel-zofo":
         raise SystemExit("zofo-train: --backbone-regex is a bilevel-zofo setting (the subset "
                          f"of the backbone its ZO step trains), not one of {o['method']}")
+    if o.get("sparse_fraction") is not None and not methods_mod.get(o["method"]).zeroth_order:
+        raise SystemExit(f"zofo-train: --sparse-fraction is a setting of the zeroth-order "
+                         f"methods ({', '.join(methods_mod.names(zeroth_order=True))}); "
+                         f"{o['method']} trains by Adam and perturbs nothing")
     if o["eps"] is not None and not methods_mod.get(o["method"]).zeroth_order:
         raise SystemExit(f"zofo-train: --eps is the ZO perturbation scale; {o['method']} trains "
                          "by Adam and takes no --eps (Adam's own eps stays at its default)")
@@ -318,6 +326,9 @@ def _validate_ranges(o: Dict[str, Any]) -> None:
             raise _bad(name, value, "must be a finite number >= 0")
     if not 0.0 < o["upper_fraction"] < 1.0:
         raise _bad("upper_fraction", o["upper_fraction"], "must lie strictly between 0 and 1")
+    fraction = o.get("sparse_fraction")
+    if fraction is not None and not 0.0 < fraction <= 1.0:  # (NaN fails too)
+        raise _bad("sparse_fraction", fraction, "must lie in (0, 1]")
 
 
 def _validate_device(device: str) -> None:

@@ -36,7 +36,12 @@ theta's update (``theta_update``):
 * ``"adam"``: the authors' update, for exact reproduction: theta.grad = g * z is materialised
   and one ``torch.optim.AdamW`` steps theta and P together with ``lr`` (P's ``peft_lr`` is
   not used; S keeps its own optimizer with ``lower_lr``, default ``peft_lr``). It costs three
-  backbone-sized buffers (grad, exp_avg, exp_avg_sq): not memory-efficient.
+  backbone-sized buffers (grad, exp_avg, exp_avg_sq): not memory-efficient. It refuses
+  ``sparse_fraction`` (Adam's moments and weight decay would move the unmasked weights too).
+
+theta's ZO step can be sparse (``sparse_fraction``, a :class:`ZOOptimizer` setting handed
+through: each step perturbs and updates only the smallest-magnitude fraction of each backbone
+tensor; :mod:`zofo_kernels.core.optim.sparse`).
 
 An outer step is atomic: if anything raises during it (a loss function, a non-finite loss
 under ``nonfinite="raise"``, an interrupt), P, S, their optimizer states, theta's ZO state and
@@ -160,6 +165,20 @@ def _check_disjoint(owners: Sequence[Tuple[str, Sequence[torch.Tensor]]]) -> Non
                              "lower parameters must be disjoint tensors")
 
 
+def _check_adam(theta_update: str, order: str, sparse_fraction) -> None:
+    """What theta_update='adam' cannot be combined with."""
+    if theta_update != "adam":
+        return
+    if order != "official":
+        raise ValueError("theta_update='adam' steps theta and P with one Adam after the ZO "
+                         "estimate: it needs order='official'")
+    if sparse_fraction is not None:
+        raise ValueError("sparse_fraction cannot be used with theta_update='adam': AdamW "
+                         "moves every weight of theta by its moments and weight decay, so "
+                         "the step would not stay on the masked elements; use "
+                         "theta_update='rms', 'sgd' or 'scaled-sgd'")
+
+
 def _check_peft_optimizer(peft_optimizer) -> None:
     if not (isinstance(peft_optimizer, type)
             and issubclass(peft_optimizer, torch.optim.Optimizer)):
@@ -251,9 +270,7 @@ class BilevelOptimizer:
         self.inner_steps = integer(inner_steps, "inner_steps", 0)
         self.theta_update = choice(theta_update, "theta_update", THETA_UPDATES)
         self.order = choice(order, "order", ORDERS)
-        if self.theta_update == "adam" and self.order != "official":
-            raise ValueError("theta_update='adam' steps theta and P with one Adam after the ZO "
-                             "estimate: it needs order='official'")
+        _check_adam(self.theta_update, self.order, zo_kwargs.get("sparse_fraction"))
         _check_peft_optimizer(peft_optimizer)
         peft_lr = real(peft_lr, "peft_lr", nonneg=True)
         lower_lr = peft_lr if lower_lr is None else real(lower_lr, "lower_lr", nonneg=True)

@@ -65,7 +65,8 @@ class MetaZOFOOptimizer(BilevelOptimizer):
     with the same meaning as in :class:`ZOFOOptimizer` (``select_adapter(level)`` selects that
     task's copy). Every other setting is keyword-only, shared by the tasks, and means what it
     means for :class:`ZOFOOptimizer` (``theta_update``, ``order``, ``lam``, ``inner_steps``,
-    the PEFT optimizer settings and the ZO settings), with the same defaults (``lr`` 1e-4,
+    the PEFT optimizer settings and the ZO settings, ``sparse_fraction`` included), with the
+    same defaults (``lr`` 1e-4,
     ``lam`` 10, ``inner_steps`` 3). Under the default ``theta_update="rms"``
     theta's step does not grow with the number of sampled tasks (their objectives add up, the
     running RMS follows).

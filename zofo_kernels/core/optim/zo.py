@@ -22,6 +22,11 @@ objective by c (e.g. a penalty weight lambda) leaves the trajectory unchanged. T
 scale invariance at O(1) memory (Adam on theta.grad = g*z would need three backbone-sized
 buffers); it keeps no momentum.
 
+Sparse perturbation (``sparse_fraction=f``, Sparse-MeZO style): each step perturbs and
+updates only about the fraction f of each tensor holding its elements of smallest magnitude
+at the step's start (z_i becomes m_i * z_i); the rule and why its 1-bit-per-weight mask is
+stored for the step: :mod:`zofo_kernels.core.optim.sparse`.
+
 The arithmetic of the step is in :mod:`zofo_kernels.core.optim.zo_functional`; this class
 holds what persists between steps (param groups, the seed counter, the RMS state) and
 checks every setting.
@@ -36,6 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from zofo_kernels.core import contract
+from zofo_kernels.core.optim import sparse
 from zofo_kernels.core.optim import zo_functional as F
 from zofo_kernels.core.optim.dropout_check import watched_once
 from zofo_kernels.core.optim.layout import zo_numel
@@ -48,8 +54,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _GLOBAL_KEYS = ("eps", "distribution", "estimator", "n_directions", "seed",
                 "stochastic_rounding", "nonfinite", "loss_reduce", "backend", "normalize",
-                "rms_beta", "include_frozen")
-_LEGACY_SETTINGS = {"normalize": "none", "rms_beta": 0.999}  # saved before these existed
+                "rms_beta", "include_frozen", "sparse_fraction")
+# saved before these existed: the behaviour of that time
+_LEGACY_SETTINGS = {"normalize": "none", "rms_beta": 0.999, "sparse_fraction": None}
 _REQUIRED_SETTINGS = ("eps", "distribution", "estimator", "n_directions")
 
 
@@ -144,6 +151,37 @@ def _check_saved_groups(sd: Mapping, n_groups: int) -> None:
                 raise ValueError(f"saved param group {i} sets the optimizer-wide {key!r}")
 
 
+def _hyperparameters(param_groups) -> List[Tuple[float, float]]:
+    """(lr, weight_decay) of every group, checked as at construction: a value set since
+    (by the user or an LR scheduler) that is negative, non-finite, overflows float32 or is
+    not a number is refused before anything is touched."""
+    out = []
+    for i, g in enumerate(param_groups):
+        lr = g.get("lr")
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr < 0:
+            raise ValueError(f"param_groups[{i}]['lr'] = {lr!r} is negative (set by an LR "
+                             "scheduler?): it would ascend the loss")
+        out.append((float32_real(lr, f"param_groups[{i}]['lr']", nonneg=True),
+                    float32_real(g.get("weight_decay"),
+                                 f"param_groups[{i}]['weight_decay']", nonneg=True)))
+    return out
+
+
+def _record(opt, t, seed, losses, grads, coeffs, grad_rms, units, hyper, moved) -> Dict:
+    """``last_step``: what step ``t`` computed (``coeffs`` None: it updated nothing)."""
+    trained = sum(x.numel() for u in units for x in u.tensors)
+    return dict(
+        step=t, seed=seed, projected_grads=grads, losses=losses,
+        loss=F.step_loss(losses, opt.estimator), update_coefficients=coeffs,
+        grad_rms=grad_rms, skipped=coeffs is None,
+        update_rms=0.0 if coeffs is None else F.update_rms(coeffs, units, hyper, moved),
+        estimator=opt.estimator, distribution=opt.distribution, eps=opt.eps,
+        n_directions=opt.n_directions, numel=zo_numel(opt.param_groups),
+        lr=[lr for lr, _ in hyper], weight_decay=[wd for _, wd in hyper],
+        sparse_fraction=opt.sparse_fraction,
+        perturbed_fraction=sum(moved) / trained if trained else 0.0)
+
+
 class ZOOptimizer(torch.optim.Optimizer):
     """Zeroth-order SGD with fused perturbation/update kernels (see the module docstring).
 
@@ -154,8 +192,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     ``loss_reduce`` (callable applied to the float64 tensor of the step's losses, e.g. an
     all-reduce mean across data-parallel ranks), ``backend`` (kernel backend name or None),
     ``normalize`` ("none": plain ZO-SGD, MeZO's update; "rms": the projected gradient divided
-    by its running RMS, see the module docstring), ``rms_beta`` (that running mean's decay)
-    and ``include_frozen``.
+    by its running RMS, see the module docstring), ``rms_beta`` (that running mean's decay),
+    ``include_frozen`` and ``sparse_fraction`` (None: dense; f in (0, 1]: each step perturbs
+    and updates only the fraction f of each tensor with the smallest magnitudes,
+    :mod:`zofo_kernels.core.optim.sparse`).
 
     Parameters with ``requires_grad=False`` at the start of a step are left alone in that step,
     as torch optimizers leave parameters without a gradient (they keep their place in the
@@ -170,7 +210,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                  stochastic_rounding: bool = True, nonfinite: str = "raise",
                  loss_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  backend: Optional[str] = None, normalize: str = "none",
-                 rms_beta: float = 0.999, include_frozen: bool = False):
+                 rms_beta: float = 0.999, include_frozen: bool = False,
+                 sparse_fraction: Optional[float] = None):
         lr = float32_real(lr, "lr", nonneg=True)
         weight_decay = float32_real(weight_decay, "weight_decay", nonneg=True)
         self.distribution = choice(distribution, "distribution", contract.DISTRIBUTIONS)
@@ -194,6 +235,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not isinstance(include_frozen, bool):
             raise TypeError("include_frozen must be True or False")
         self.include_frozen = include_frozen
+        self.sparse_fraction = sparse.check_fraction(sparse_fraction)
+        self._sparse_samples: Dict = {}  # the sparse rule's sample indices per (numel, device)
         base_seed = (F.fresh_base_seed() if seed is None
                      else integer(seed, "seed", 0, contract.SEED_LIMIT))
         # sq_avg / sq_count: the running mean of g^2 and its number of updates (normalize="rms")
@@ -235,7 +278,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         return dict(eps=self.eps, distribution=self.distribution, estimator=self.estimator,
                     n_directions=self.n_directions, normalize=self.normalize,
                     rms_beta=self.rms_beta, stochastic_rounding=self.stochastic_rounding,
-                    include_frozen=self.include_frozen,
+                    include_frozen=self.include_frozen, sparse_fraction=self.sparse_fraction,
                     param_numels=[[p.numel() for p in g["params"]] for g in self.param_groups])
 
     def state_dict(self):
@@ -247,9 +290,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Check everything, then apply: the seed counter and RMS state (``"zo"``) and the
         param groups' hyperparameters. The settings that decide the trajectory (eps,
         distribution, estimator, n_directions, normalize, rms_beta, stochastic_rounding,
-        include_frozen, the parameters' sizes) must equal this optimizer's: a state dict saved
-        by a differently configured optimizer is refused (``ValueError``), never resumed on
-        another trajectory. On any error nothing is changed."""
+        include_frozen, sparse_fraction, the parameters' sizes) must equal this optimizer's: a
+        state dict saved by a differently configured optimizer is refused (``ValueError``),
+        never resumed on another trajectory. On any error nothing is changed."""
         if not isinstance(state_dict, Mapping):
             raise TypeError("state_dict must be a dict saved by ZOOptimizer.state_dict()")
         if "zo" not in state_dict:
@@ -285,10 +328,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             if self.estimator != "forward":
                 raise ValueError("initial_loss is only used by the forward estimator")
             initial_loss = loss_value(initial_loss)
-        hyper = self._hyperparameters()
+        hyper = _hyperparameters(self.param_groups)
         t = self._zo_state["step"]
         seed = step_seed(self._zo_state["base_seed"], t)
         units = F.zo_units(self.param_groups, self.include_frozen)
+        moved = self._attach_masks(units)
         applied: F.Applied = {}
         where = dict(distribution=self.distribution, backend=self.backend)
         try:
@@ -308,36 +352,23 @@ class ZOOptimizer(torch.optim.Optimizer):
                 F.restore_units(units, applied, seed, **where)
         if (skipped and self.nonfinite == "skip") or (not units and not skipped):
             self._commit(t, None if skipped else sq_state)  # a step with nothing to update
-        loss = F.step_loss(losses, self.estimator)
-        self.last_step = dict(
-            step=t, seed=seed, projected_grads=grads, losses=losses, loss=loss,
-            update_coefficients=None if skipped else coeffs, grad_rms=grad_rms,
-            update_rms=0.0 if skipped else F.update_rms(coeffs, units, hyper),
-            skipped=skipped, estimator=self.estimator, distribution=self.distribution,
-            eps=self.eps, n_directions=self.n_directions, numel=zo_numel(self.param_groups),
-            lr=[lr for lr, _ in hyper], weight_decay=[wd for _, wd in hyper])
+        self.last_step = _record(self, t, seed, losses, grads, None if skipped else coeffs,
+                                 grad_rms, units, hyper, moved)
         if skipped and self.nonfinite == "raise":
             raise NonFiniteLossError(
                 f"{problem or 'non-finite loss'} in ZO step {t} (losses {losses}); the weights "
                 "were restored and not updated, and the step was not counted (pass "
                 "nonfinite='skip' to skip such steps)")
-        return loss
+        return self.last_step["loss"]
 
     # -- the parts of a step -------------------------------------------------------------------
-    def _hyperparameters(self) -> List[Tuple[float, float]]:
-        """(lr, weight_decay) of every group, checked as at construction: a value set since
-        (by the user or an LR scheduler) that is negative, non-finite, overflows float32 or
-        is not a number is refused before anything is touched."""
-        out = []
-        for i, g in enumerate(self.param_groups):
-            lr = g.get("lr")
-            if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr < 0:
-                raise ValueError(f"param_groups[{i}]['lr'] = {lr!r} is negative (set by an LR "
-                                 "scheduler?): it would ascend the loss")
-            out.append((float32_real(lr, f"param_groups[{i}]['lr']", nonneg=True),
-                        float32_real(g.get("weight_decay"),
-                                     f"param_groups[{i}]['weight_decay']", nonneg=True)))
-        return out
+    def _attach_masks(self, units) -> List[int]:
+        """sparse_fraction: every unit's bitmaps, from the step-start weights. Returns the
+        number of elements each unit's sweeps change."""
+        if self.sparse_fraction is not None:
+            sparse.refuse_sharded(self.param_groups)
+            sparse.attach_masks(units, self.sparse_fraction, self._sparse_samples, self.backend)
+        return sparse.moved_elements(units)
 
     def _evaluate(self, closure, units, applied, seed, initial_loss) -> List[float]:
         """The raw losses of the step's estimator, every evaluation through ``loss_hook``."""

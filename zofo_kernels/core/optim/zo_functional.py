@@ -6,6 +6,7 @@ A step, in the order the class calls these::
 
     seed   = step_seed(base_seed, t)
     units  = zo_units(param_groups, include_frozen)           # one kernel call per group/device
+    sparse.attach_masks(units, ...)                           # sparse_fraction: the bitmaps
     raw    = central_losses(sweep, evaluate, eps, q)          # or forward_losses
     grads  = projected_gradients(losses, eps, estimator)      # losses: raw after loss_reduce
     coeffs, grad_rms, sq_state, problem = plan_update(...)    # None: a loss was not finite
@@ -14,7 +15,8 @@ A step, in the order the class calls these::
 ``sweep`` is :func:`perturb_units` bound to the step's units, record and seed. The record
 ``applied`` ({unit index: (scale, direction)}) says which perturbation each unit still
 carries, so that whatever interrupts a step, :func:`restore_units` removes exactly that.
-Nothing here keeps state between calls.
+A unit's ``masks`` (sparse perturbation, :mod:`zofo_kernels.core.optim.sparse`) go with its
+tensors into every sweep of the step. Nothing here keeps state between calls.
 """
 
 from __future__ import annotations
@@ -105,11 +107,21 @@ def sigint_deferred():
 
 
 class Unit:
-    """One kernel call of the update sweep: the parameters of one group on one device."""
-    __slots__ = ("group", "device", "tensors", "offsets")
+    """One kernel call of the update sweep: the parameters of one group on one device, and
+    (sparse perturbation) their step's bitmaps, one per tensor, or None (dense)."""
+    __slots__ = ("group", "device", "tensors", "offsets", "masks")
 
     def __init__(self, group, device, tensors, offsets):
         self.group, self.device, self.tensors, self.offsets = group, device, tensors, offsets
+        self.masks: Optional[List[torch.Tensor]] = None
+
+
+def _joined_masks(units: Sequence[Unit], idx: Sequence[int]) -> Optional[List[torch.Tensor]]:
+    """The bitmaps of the tensors of ``units[i]`` for i in ``idx``, in the order of their
+    tensors, or None (dense: a step's units all have masks or none has)."""
+    if units[idx[0]].masks is None:
+        return None
+    return [m for i in idx for m in units[i].masks]
 
 
 def zo_units(param_groups: Sequence[Mapping], include_frozen: bool) -> List[Unit]:
@@ -145,7 +157,7 @@ def perturb_units(units: Sequence[Unit], applied: Applied, seed: int, scale: flo
         offs = [o for i in idx for o in units[i].offsets]
         with sigint_deferred():
             perturb_(ts, seed, scale, distribution, direction, offsets=offs, backend=backend,
-                     restore_scale=rs, restore_direction=rd)
+                     restore_scale=rs, restore_direction=rd, mask=_joined_masks(units, idx))
             for i in idx:
                 applied[i] = (scale if restore is not None or i not in applied
                               else applied[i][0] + scale, direction)
@@ -161,7 +173,8 @@ def restore_units(units: Sequence[Unit], applied: Applied, seed: int, *, distrib
         ts = [t for i in idx for t in units[i].tensors]
         offs = [o for i in idx for o in units[i].offsets]
         with sigint_deferred():
-            perturb_(ts, seed, -scale, distribution, direction, offsets=offs, backend=backend)
+            perturb_(ts, seed, -scale, distribution, direction, offsets=offs, backend=backend,
+                     mask=_joined_masks(units, idx))
             for i in idx:
                 del applied[i]
 
@@ -178,7 +191,8 @@ def update_units(units: Sequence[Unit], applied: Applied, seed: int, coeffs: Seq
         lr, wd = hyper[u.group]
         zo_update_(u.tensors, seed, lr=lr, projected_grads=coeffs, restore_scale=-scale,
                    restore_direction=last, weight_decay=wd, distribution=distribution,
-                   offsets=u.offsets, backend=backend, stochastic_rounding=stochastic_rounding)
+                   offsets=u.offsets, backend=backend, stochastic_rounding=stochastic_rounding,
+                   mask=u.masks)
         del applied[i]
 
 
@@ -272,15 +286,19 @@ def plan_update(losses: Sequence[float], grads: Sequence[float], hyper: Hyper, *
     return coeffs, grad_rms, sq_state, unrepresentable(coeffs, sq_state, hyper, distribution)
 
 
-def update_rms(coeffs: Sequence[float], units: Sequence[Unit], hyper: Hyper) -> float:
-    """Expected RMS change per weight of the update lr * sum_k c_k z_k (E z^2 = 1 for both
-    distributions, directions independent; weight decay not included), averaged over the
-    groups by their number of trained elements."""
-    sizes = [0] * len(hyper)
-    for u in units:
-        sizes[u.group] += sum(t.numel() for t in u.tensors)
-    total = sum(sizes)
+def update_rms(coeffs: Sequence[float], units: Sequence[Unit], hyper: Hyper,
+               moved: Sequence[int]) -> float:
+    """Expected RMS change per trained weight of the update lr * sum_k c_k z_k (E z^2 = 1 for
+    both distributions, directions independent; weight decay not included), averaged over
+    all trained elements, of which ``moved[i]`` of unit i move (all of them, dense; the set
+    bits of its masks, sparse: the others change by 0, so a sparse step's RMS is the dense
+    value times sqrt(moved fraction))."""
+    moving = [0] * len(hyper)
+    total = 0
+    for u, n in zip(units, moved):
+        moving[u.group] += n
+        total += sum(t.numel() for t in u.tensors)
     if total == 0:
         return 0.0
-    mean_lr2 = sum(n * lr ** 2 for n, (lr, _) in zip(sizes, hyper)) / total
+    mean_lr2 = sum(n * lr ** 2 for n, (lr, _) in zip(moving, hyper)) / total
     return math.sqrt(mean_lr2 * sum(c * c for c in coeffs))

@@ -35,7 +35,7 @@ class ZOFOOptimizer(BilevelOptimizer):
     ``lower_lr`` is given), ``peft_optimizer_kwargs``, ``estimator`` (default "forward", as the
     authors), ``weight_decay``, and every other setting of :class:`ZOOptimizer`
     (n_directions, distribution, seed, stochastic_rounding, nonfinite, loss_reduce, backend,
-    rms_beta), handed to it unchanged. The defaults are the method registry's
+    rms_beta, sparse_fraction), handed to it unchanged. The defaults are the method registry's
     (``zofo-train --method bilevel-zofo``): the SST-2 study's choice.
     """
 
