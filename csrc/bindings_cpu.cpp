@@ -38,11 +38,14 @@ namespace {
 
 using Segments = std::vector<Segment>;
 
-Segments segments(const std::vector<uintptr_t>& ptrs,
-                              const std::vector<int64_t>& numels,
-                              const std::vector<int64_t>& offsets) {
+// `masks`: empty (every tensor dense), or one bitmap pointer per tensor, 0 for a dense one.
+Segments segments(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& numels,
+                  const std::vector<int64_t>& offsets,
+                  const std::vector<uintptr_t>& masks = std::vector<uintptr_t>()) {
   if (ptrs.size() != numels.size() || ptrs.size() != offsets.size())
     throw std::invalid_argument("ptrs, numels and offsets must have the same length");
+  if (!masks.empty() && masks.size() != ptrs.size())
+    throw std::invalid_argument("masks must be empty or have one pointer (0: none) per tensor");
   Segments out;
   out.reserve(ptrs.size());
   for (size_t i = 0; i < ptrs.size(); ++i) {
@@ -51,23 +54,28 @@ Segments segments(const std::vector<uintptr_t>& ptrs,
     if (numels[i] > 0 && ptrs[i] == 0) throw std::invalid_argument("null data pointer");
     if (numels[i] > 0 && numels[i] - 1 > INT64_MAX - offsets[i])
       throw std::invalid_argument("offset + numel overflows the 2**63 global index space");
-    out.push_back(Segment{reinterpret_cast<void*>(ptrs[i]), numels[i], offsets[i]});
+    const uintptr_t mask = masks.empty() ? 0 : masks[i];
+    out.push_back(Segment{reinterpret_cast<void*>(ptrs[i]), numels[i], offsets[i],
+                          reinterpret_cast<const uint32_t*>(mask)});
   }
   return out;
 }
 
 // m.def of an operation on a list of tensors: Python passes the lists ptrs, numels and offsets
-// first; `fn` receives them checked, as Segments, then the other arguments (named by `extra`).
+// first, then the other arguments (named by `extra`), and optionally the keyword argument
+// masks (bitmap pointers, see segments()); `fn` receives the checked Segments and the others.
 template <typename... Rest, typename... Extra>
 void def_multi_tensor(py::module_& m, const char* name, void (*fn)(const Segments&, Rest...),
                       const Extra&... extra) {
   m.def(
       name,
       [fn](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& numels,
-           const std::vector<int64_t>& offsets, Rest... rest) {
-        fn(segments(ptrs, numels, offsets), rest...);
+           const std::vector<int64_t>& offsets, Rest... rest,
+           const std::vector<uintptr_t>& masks) {
+        fn(segments(ptrs, numels, offsets, masks), rest...);
       },
-      py::arg("ptrs"), py::arg("numels"), py::arg("offsets"), extra...);
+      py::arg("ptrs"), py::arg("numels"), py::arg("offsets"), extra...,
+      py::arg("masks") = std::vector<uintptr_t>());
 }
 
 void perturb(const Segments& segs, int dtype, uint64_t seed, int distribution, double scale,
@@ -90,6 +98,27 @@ void update(const Segments& segs, int dtype, uint64_t seed, int distribution, do
   zofo::cpu::update(segs, dtype, seed64(seed), distribution, (float)lr,
                     reinterpret_cast<const float*>(grads), q, (float)restore_scale, rdir,
                     (float)weight_decay, stochastic_rounding, num_threads);
+}
+
+// Per tensor: `numel` elements at ptrs[i] (storage dtype `dtype`), the rule's threshold, and
+// its bitmap of ceil(numel / 32) words at words[i].
+void magnitude_mask(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& numels,
+                    const std::vector<double>& thresholds, const std::vector<uintptr_t>& words,
+                    int dtype, int num_threads) {
+  if (ptrs.size() != numels.size() || ptrs.size() != thresholds.size() ||
+      ptrs.size() != words.size())
+    throw std::invalid_argument("ptrs, numels, thresholds and words must have the same length");
+  std::vector<zofo::cpu::MaskTarget> targets;
+  targets.reserve(ptrs.size());
+  for (size_t i = 0; i < ptrs.size(); ++i) {
+    if (numels[i] < 0) throw std::invalid_argument("numel must be non-negative");
+    if (numels[i] > 0 && (ptrs[i] == 0 || words[i] == 0))
+      throw std::invalid_argument("null data or bitmap pointer");
+    targets.push_back({reinterpret_cast<const void*>(ptrs[i]), numels[i],
+                       (float)thresholds[i], reinterpret_cast<uint32_t*>(words[i])});
+  }
+  py::gil_scoped_release release;
+  zofo::cpu::magnitude_mask(targets, dtype, num_threads);
 }
 
 // CPUID and XGETBV: the instruction-set extensions the variants use, each true only if the
@@ -181,13 +210,19 @@ PYBIND11_MODULE(ZOFO_MODULE_NAME, m) {
   def_multi_tensor(m, "perturb", &perturb, py::arg("dtype"), py::arg("seed"),
                    py::arg("distribution"), py::arg("scale"), py::arg("direction"),
                    py::arg("restore_scale"), py::arg("restore_direction"), py::arg("num_threads"),
-                   "In place on every tensor: p = rn(rn(p + restore_scale*z_r) + scale*z).");
+                   "In place on every tensor: p = rn(rn(p + restore_scale*z_r) + scale*z) "
+                   "(only the elements whose bit is set, for a tensor with a bitmap in masks).");
   def_multi_tensor(m, "update", &update, py::arg("dtype"), py::arg("seed"),
                    py::arg("distribution"), py::arg("lr"), py::arg("grads"), py::arg("q"),
                    py::arg("restore_scale"), py::arg("restore_direction"),
                    py::arg("weight_decay"), py::arg("stochastic_rounding"),
                    py::arg("num_threads"),
-                   "Fused restore + ZO-SGD update in place; grads points to q float32 values.");
+                   "Fused restore + ZO-SGD update in place; grads points to q float32 values "
+                   "(only the elements whose bit is set, for a tensor with a bitmap in masks).");
+
+  m.def("magnitude_mask", &magnitude_mask, py::arg("ptrs"), py::arg("numels"),
+        py::arg("thresholds"), py::arg("words"), py::arg("dtype"), py::arg("num_threads"),
+        "Bitmaps of float32(|x|) <= threshold (NaN: 0) into the int32 words at words[i].");
 
   m.def(
       "split_elements",

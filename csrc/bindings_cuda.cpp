@@ -117,4 +117,22 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("seed"), py::arg("distribution"), py::arg("lr"), py::arg("grads"), py::arg("q"),
       py::arg("restore_scale"), py::arg("restore_direction"), py::arg("weight_decay"),
       py::arg("stochastic_rounding"), py::arg("device"), py::arg("stream"));
+
+  m.def(
+      "magnitude_mask",
+      [](uintptr_t rows, int64_t num_rows, int64_t total_words, int dtype, int device,
+         uintptr_t stream) {
+        char err[kErrLen] = {0};
+        int rc;
+        {
+          py::gil_scoped_release release;
+          rc = zofo_cuda_magnitude_mask(reinterpret_cast<const ZofoMaskRow*>(rows), num_rows,
+                                        total_words, dtype, device,
+                                        reinterpret_cast<void*>(stream), err, kErrLen);
+        }
+        check(rc, err);
+      },
+      py::arg("rows"), py::arg("num_rows"), py::arg("total_words"), py::arg("dtype"),
+      py::arg("device"), py::arg("stream"),
+      "Bitmaps of float32(|x|) <= threshold (NaN: 0); rows: a device table of ZofoMaskRow.");
 }

@@ -199,14 +199,11 @@ void for_units(const std::vector<Segment>& segs, const Plan& plan, int64_t begin
   }
 }
 
+// body(begin, end) on `nt` threads, each with its share of [0, total) (one parallel region).
 template <typename Body>
-void parallel_units(const std::vector<Segment>& segs, int num_threads, Body&& body) {
-  const Plan plan = make_plan(segs);
-  const int64_t total = plan.prefix.back();
-  if (total == 0) return;
-  const int nt = threads_for(plan.total_elements, num_threads);
+void parallel_range(int64_t total, int nt, Body&& body) {
   if (nt <= 1) {
-    body(plan, (int64_t)0, total);
+    body((int64_t)0, total);
     return;
   }
 #ifdef _OPENMP
@@ -214,23 +211,123 @@ void parallel_units(const std::vector<Segment>& segs, int num_threads, Body&& bo
   {
     int64_t begin, end;
     thread_range(total, omp_get_thread_num(), omp_get_num_threads(), &begin, &end);
-    body(plan, begin, end);
+    body(begin, end);
   }
 #else
-  body(plan, (int64_t)0, total);
+  body((int64_t)0, total);
 #endif
 }
 
+template <typename Body>
+void parallel_units(const std::vector<Segment>& segs, int num_threads, Body&& body) {
+  const Plan plan = make_plan(segs);
+  const int64_t total = plan.prefix.back();
+  if (total == 0) return;
+  parallel_range(total, threads_for(plan.total_elements, num_threads),
+                 [&](int64_t begin, int64_t end) { body(plan, begin, end); });
+}
+
 // ----------------------------------------------------------------------------- operations
+//
+// Masked units: the bits of the unit's elements are gathered first (mask_window); a unit
+// with none set is skipped before any noise is made. Otherwise the values of all its
+// elements are computed into a small array by the same vectorisable loop as a dense unit
+// (the same per-element function, so the kept elements get the dense bits), and only the
+// kept ones are stored: the others are never written.
+
+// Bits of the local elements [local, local + n) (n <= 128) of a bitmap: element local + e is
+// bit e % 32 of keep[e / 32]; bits from n on are 0. Reads only the words holding them.
+inline void mask_window(const uint32_t* mask, int64_t local, int64_t n, uint32_t keep[4]) {
+  const int64_t last = (local + n - 1) >> 5;
+  const int s = (int)(local & 31);
+  int64_t j = local >> 5;
+  for (int k = 0; k < 4; ++k, ++j) {
+    uint32_t v = 0;
+    if (j <= last) {
+      v = mask[j] >> s;
+      if (s != 0 && j + 1 <= last) v |= mask[j + 1] << (32 - s);
+    }
+    const int64_t rest = n - 32 * k;  // elements of output word k
+    keep[k] = rest >= 32 ? v : (rest > 0 ? v & ((1u << rest) - 1u) : 0u);
+  }
+}
+
+inline bool any_bit(const uint32_t keep[4]) {
+  return (keep[0] | keep[1] | keep[2] | keep[3]) != 0;
+}
+
+// Whether the compiler turns a loop of conditional stores of elements of `bytes` bytes into
+// masked vector stores (which write nothing where the mask is off): AVX/AVX2 for 32-bit
+// elements, AVX-512BW for 16-bit ones.
+constexpr bool masked_vector_stores(size_t bytes) {
+#if defined(__AVX512BW__)
+  return bytes == 4 || bytes == 2;
+#elif defined(__AVX2__)
+  return bytes == 4;
+#else
+  return bytes == 0;
+#endif
+}
+
+// p[e] = v[e] for the elements whose bit in keep (mask_window's layout) is set, a 32-element
+// word at a time: a full word is a plain copy, an empty one is skipped; a mixed one is a loop
+// of conditional stores where they vectorise, else a loop over its set bits (whose branches
+// follow the bit count, not each bit).
+template <typename R>
+inline void store_kept(R* __restrict p, const R* __restrict v, int64_t n,
+                       const uint32_t keep[4]) {
+  for (int k = 0; k < 4 && 32 * k < n; ++k) {
+    const uint32_t word = keep[k];
+    const int m = (int)std::min<int64_t>(32, n - 32 * k);
+    R* __restrict pk = p + 32 * k;
+    const R* __restrict vk = v + 32 * k;
+    if (word == 0xFFFFFFFFu) {
+      for (int b = 0; b < 32; ++b) pk[b] = vk[b];
+    } else if (word != 0 && masked_vector_stores(sizeof(R))) {
+      for (int b = 0; b < m; ++b)
+        if ((word >> b) & 1u) pk[b] = vk[b];
+    } else {
+      for (uint32_t rest = word; rest != 0; rest &= rest - 1u) {
+        const int b = __builtin_ctz(rest);  // keep has no bit at or past m
+        pk[b] = vk[b];
+      }
+    }
+  }
+}
+
+// The unit's bitmap window into keep; returns the pointer the element loops take (nullptr:
+// dense) and sets *skip when the segment is masked and no element of the unit is kept.
+inline const uint32_t* unit_mask(const Segment& seg, int64_t local, int64_t n, uint32_t keep[4],
+                                 bool* skip) {
+  *skip = false;
+  if (seg.mask == nullptr) return nullptr;
+  mask_window(seg.mask, local, n, keep);
+  *skip = !any_bit(keep);
+  return keep;
+}
+
+// One element of perturb, from its stored value to the value to store.
+template <typename T, bool kRestore>
+inline typename Storage<T>::raw_t perturb_one(typename Storage<T>::raw_t raw, float zd,
+                                              float zr, float s, float rs) {
+  float w = Storage<T>::load(raw);
+  if (kRestore) w = restore_value<T>(w, rs, zr);
+  return Storage<T>::store(w + s * zd);
+}
 
 template <typename T, bool kRestore>
-inline void perturb_elems(typename Storage<T>::raw_t* __restrict p, int64_t n, const float* __restrict zd,
+inline void perturb_elems(typename Storage<T>::raw_t* __restrict p, int64_t n,
+                          const uint32_t* keep, const float* __restrict zd,
                           const float* __restrict zr, float s, float rs) {
-  for (int64_t e = 0; e < n; ++e) {
-    float w = Storage<T>::load(p[e]);
-    if (kRestore) w = restore_value<T>(w, rs, zr[e]);
-    p[e] = Storage<T>::store(w + s * zd[e]);
+  if (keep == nullptr) {
+    for (int64_t e = 0; e < n; ++e)
+      p[e] = perturb_one<T, kRestore>(p[e], zd[e], kRestore ? zr[e] : 0.0f, s, rs);
+    return;
   }
+  alignas(64) typename Storage<T>::raw_t v[kBlock];
+  for (int64_t e = 0; e < n; ++e)
+    v[e] = perturb_one<T, kRestore>(p[e], zd[e], kRestore ? zr[e] : 0.0f, s, rs);
+  store_kept(p, v, n, keep);
 }
 
 template <typename T>
@@ -242,27 +339,47 @@ void perturb_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, fl
     alignas(64) float zr[kBlock];
     for_units(segs, plan, begin, end, [&](size_t t, uint64_t unit, int64_t local, int64_t n,
                                           int j0) {
+      uint32_t bits[4];
+      bool skip;
+      const uint32_t* keep = unit_mask(segs[t], local, n, bits, &skip);
+      if (skip) return;
       auto* p = static_cast<typename Storage<T>::raw_t*>(segs[t].ptr) + local;
       noise_unit(seed, unit, dir, dist, zd);
       ZOFO_BOOL_SWITCH(restore, kRestore, [&] {
         if (kRestore) noise_unit(seed, unit, rdir, dist, zr);
-        perturb_elems<T, kRestore>(p, n, zd + j0, zr + j0, s, rs);
+        perturb_elems<T, kRestore>(p, n, keep, zd + j0, zr + j0, s, rs);
       });
     });
   });
 }
 
+// One element of update, from its stored value to the value to store.
 template <typename T, bool kRestore, bool kStochastic>
-inline void update_elems(typename Storage<T>::raw_t* __restrict p, int64_t n, const float* __restrict d,
+inline typename Storage<T>::raw_t update_one(typename Storage<T>::raw_t raw, float d, float zr,
+                                             uint32_t r, float rs, float lr, float wd) {
+  float w = Storage<T>::load(raw);
+  if (kRestore) w = restore_value<T>(w, rs, zr);
+  float v = update_value(w, d, lr, wd);
+  if (kStochastic) v = stochastic_round(v, r, Storage<T>::kCode);
+  return Storage<T>::store(v);
+}
+
+template <typename T, bool kRestore, bool kStochastic>
+inline void update_elems(typename Storage<T>::raw_t* __restrict p, int64_t n,
+                         const uint32_t* keep, const float* __restrict d,
                          const float* __restrict zr, const uint32_t* __restrict r, float rs,
                          float lr, float wd) {
-  for (int64_t e = 0; e < n; ++e) {
-    float w = Storage<T>::load(p[e]);
-    if (kRestore) w = restore_value<T>(w, rs, zr[e]);
-    float v = update_value(w, d[e], lr, wd);
-    if (kStochastic) v = stochastic_round(v, r[e], Storage<T>::kCode);
-    p[e] = Storage<T>::store(v);
+  if (keep == nullptr) {
+    for (int64_t e = 0; e < n; ++e)
+      p[e] = update_one<T, kRestore, kStochastic>(p[e], d[e], kRestore ? zr[e] : 0.0f,
+                                                  kStochastic ? r[e] : 0u, rs, lr, wd);
+    return;
   }
+  alignas(64) typename Storage<T>::raw_t v[kBlock];
+  for (int64_t e = 0; e < n; ++e)
+    v[e] = update_one<T, kRestore, kStochastic>(p[e], d[e], kRestore ? zr[e] : 0.0f,
+                                                kStochastic ? r[e] : 0u, rs, lr, wd);
+  store_kept(p, v, n, keep);
 }
 
 template <typename T>
@@ -279,6 +396,10 @@ void update_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, flo
     alignas(64) uint32_t r[kBlock];
     for_units(segs, plan, begin, end, [&](size_t t, uint64_t unit, int64_t local, int64_t n,
                                           int j0) {
+      uint32_t bits[4];
+      bool skip;
+      const uint32_t* keep = unit_mask(segs[t], local, n, bits, &skip);
+      if (skip) return;
       auto* p = static_cast<typename Storage<T>::raw_t*>(segs[t].ptr) + local;
       if (restore) noise_unit(seed, unit, rdir, dist, zr);
       for (int64_t k = 0; k < q; ++k) {
@@ -298,10 +419,38 @@ void update_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, flo
       if (stochastic) rounding_unit(seed, unit, r);
       ZOFO_BOOL_SWITCH(restore, kRestore, [&] {
         ZOFO_BOOL_SWITCH(stochastic, kStochastic, [&] {
-          update_elems<T, kRestore, kStochastic>(p, n, d + j0, zr + j0, r + j0, rs, lr, wd);
+          update_elems<T, kRestore, kStochastic>(p, n, keep, d + j0, zr + j0, r + j0, rs, lr,
+                                                 wd);
         });
       });
     });
+  });
+}
+
+// magnitude_mask: the call's bitmap words laid end to end, split evenly across threads.
+template <typename T>
+void magnitude_typed(const std::vector<MaskTarget>& targets, int num_threads) {
+  using R = typename Storage<T>::raw_t;
+  std::vector<int64_t> prefix(targets.size() + 1, 0);  // words before target t
+  std::vector<int64_t> limits(targets.size());
+  int64_t elements = 0;
+  for (size_t t = 0; t < targets.size(); ++t) {
+    prefix[t + 1] = prefix[t] + (targets[t].numel + 31) / 32;
+    limits[t] = magnitude_limit(targets[t].threshold);
+    elements += targets[t].numel;
+  }
+  const int64_t total = prefix.back();
+  if (total == 0) return;
+  parallel_range(total, threads_for(elements, num_threads), [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
+    size_t t = std::upper_bound(prefix.begin(), prefix.end(), begin) - prefix.begin() - 1;
+    for (int64_t u = begin; u < end; ++u) {
+      while (u >= prefix[t + 1]) ++t;
+      const MaskTarget& m = targets[t];
+      const int64_t j = u - prefix[t];
+      const int count = (int)std::min<int64_t>(32, m.numel - 32 * j);
+      m.words[j] = magnitude_word<T>(static_cast<const R*>(m.ptr) + 32 * j, count, limits[t]);
+    }
   });
 }
 
@@ -360,6 +509,13 @@ void update(const std::vector<Segment>& segments, int dtype, uint64_t seed, int 
     update_typed<T>(segments, seed, distribution, lr, grads, q, restore_scale,
                     restore_direction, weight_decay, stochastic_rounding, num_threads);
   });
+}
+
+void magnitude_mask(const std::vector<MaskTarget>& targets, int dtype, int num_threads) {
+  check_dtype(dtype);
+  for (const MaskTarget& m : targets)
+    if (m.numel < 0) throw std::invalid_argument("negative numel");
+  ZOFO_DTYPE_SWITCH(dtype, T, [&] { magnitude_typed<T>(targets, num_threads); });
 }
 
 std::vector<int64_t> split_elements(const std::vector<Segment>& segments, int num_threads) {

@@ -10,11 +10,23 @@ namespace zofo {
 namespace cpu {
 
 // One tensor of a multi-tensor call: contiguous storage at `ptr`, `numel` elements, the
-// first of which has global index `offset`.
+// first of which has global index `offset`. `mask`: nullptr (every element is written), or
+// the tensor's bitmap of ceil(numel / 32) words (local element j: bit j % 32 of word j / 32);
+// an element whose bit is 0 is neither computed into nor written.
 struct Segment {
   void* ptr;
   int64_t numel;
   int64_t offset;
+  const uint32_t* mask = nullptr;
+};
+
+// One tensor of a magnitude_mask call: `numel` elements at `ptr`, the rule's threshold, and
+// the ceil(numel / 32) words of its bitmap at `words` (all overwritten).
+struct MaskTarget {
+  const void* ptr;
+  int64_t numel;
+  float threshold;
+  uint32_t* words;
 };
 
 // z for global indices [start, start + numel) of direction `direction`, into out[numel].
@@ -22,18 +34,24 @@ void noise(float* out, uint64_t seed, int64_t start, int64_t numel, int distribu
            uint32_t direction, int num_threads);
 
 // p <- rn(rn(p + restore_scale * z_restore) + scale * z), the restore only if
-// restore_scale != 0. All segments have storage dtype `dtype` (DType code).
+// restore_scale != 0, for the elements each segment's mask keeps. All segments have storage
+// dtype `dtype` (DType code).
 void perturb(const std::vector<Segment>& segments, int dtype, uint64_t seed, int distribution,
              float scale, uint32_t direction, float restore_scale, uint32_t restore_direction,
              int num_threads);
 
 // w = rn(p + restore_scale * z_r) (if restore_scale != 0); d = sum_k g_k z_k (k < q);
 // v = w - lr * (d + weight_decay * w); p = sr(v) for 16-bit storage when
-// stochastic_rounding, else rn(v). `grads` holds q float32 values.
+// stochastic_rounding, else rn(v), for the elements each segment's mask keeps. `grads` holds
+// q float32 values.
 void update(const std::vector<Segment>& segments, int dtype, uint64_t seed, int distribution,
             float lr, const float* grads, int64_t q, float restore_scale,
             uint32_t restore_direction, float weight_decay, bool stochastic_rounding,
             int num_threads);
+
+// Bitmaps of the magnitude rule: bit j of target t = float32(|x_j|) <= threshold (NaN: 0),
+// bits past numel 0. All targets have storage dtype `dtype`.
+void magnitude_mask(const std::vector<MaskTarget>& targets, int dtype, int num_threads);
 
 // Elements each thread processes under the work split of a multi-tensor call (for tests).
 std::vector<int64_t> split_elements(const std::vector<Segment>& segments, int num_threads);

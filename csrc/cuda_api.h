@@ -14,15 +14,29 @@
 extern "C" {
 #endif
 
-// One row of the device table of a multi-tensor call (four int64 values, as the Python side
-// builds it): data pointer, numel, global offset of element 0, and first_group = number of
-// 4-element work groups of the rows before this one (groups: global indices 4G .. 4G + 3).
+// One row of the device table of a multi-tensor call (five int64 values, as the Python side
+// builds it): data pointer, numel, global offset of element 0, first_group = number of
+// 4-element work groups of the rows before this one (groups: global indices 4G .. 4G + 3),
+// and the tensor's bitmap (ceil(numel / 32) uint32 words; local element j is bit j % 32 of
+// word j / 32), or 0 when every element is written.
 typedef struct {
   int64_t ptr;
   int64_t numel;
   int64_t offset;
   int64_t first_group;
+  int64_t mask;
 } ZofoSegmentRow;
+
+// One row of the device table of a magnitude_mask call (five int64 values): data pointer,
+// numel, the bitmap's pointer (ceil(numel / 32) words, all written), first_word = number of
+// bitmap words of the rows before this one, and the threshold's float32 bit pattern.
+typedef struct {
+  int64_t ptr;
+  int64_t numel;
+  int64_t words;
+  int64_t first_word;
+  int64_t threshold_bits;
+} ZofoMaskRow;
 
 int zofo_cuda_device_count(int* count, char* err, size_t errlen);
 int zofo_cuda_runtime_version(int* version, char* err, size_t errlen);
@@ -40,6 +54,10 @@ int zofo_cuda_update(const ZofoSegmentRow* rows, int64_t num_rows, int64_t total
                      int64_t q, float restore_scale, uint32_t restore_direction,
                      float weight_decay, int stochastic_rounding, int device, void* stream,
                      char* err, size_t errlen);
+
+// Bitmaps of float32(|x|) <= threshold (NaN: 0) of every row; bits past numel 0.
+int zofo_cuda_magnitude_mask(const ZofoMaskRow* rows, int64_t num_rows, int64_t total_words,
+                             int dtype, int device, void* stream, char* err, size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -3,10 +3,12 @@
 //
 // Work item: a "group" of 4 consecutive global indices 4G .. 4G + 3 (one Gaussian Philox
 // block). A call's tensors are described by a device table of rows (pointer, numel, global
-// offset, first group); thread t of a grid-stride loop takes group number g, finds its row by
-// binary search on first_group, and processes the 1-4 elements of that row inside the group:
-// one 16-byte (float32) or 8-byte (16-bit) vector load and store when the group is complete
-// and aligned, element by element otherwise. All indices are 64-bit. The projected gradients
+// offset, first group, bitmap or 0); thread t of a grid-stride loop takes group number g,
+// finds its row by binary search on first_group, and processes the 1-4 elements of that row
+// inside the group: one 16-byte (float32) or 8-byte (16-bit) vector load and store when the
+// group is complete and aligned, element by element otherwise; with a bitmap (sparse
+// perturbation) only the elements whose bit is set. magnitude_mask writes such bitmaps, one
+// 32-element word per work item. All indices are 64-bit. The projected gradients
 // are read from device memory, so nothing waits for the host. Compiled with --fmad=false:
 // no multiply-add contraction, as the float-math contract requires.
 //
@@ -30,11 +32,20 @@
 namespace zofo {
 namespace cudak {
 
-__device__ __forceinline__ int64_t find_row(const ZofoSegmentRow* rows, int64_t n, int64_t g) {
+// The first work item (group or bitmap word) of a row of either table.
+__device__ __forceinline__ int64_t first_item(const ZofoSegmentRow& row) {
+  return row.first_group;
+}
+__device__ __forceinline__ int64_t first_item(const ZofoMaskRow& row) { return row.first_word; }
+
+// The row of work item g: the last row whose first item is <= g (rows owning no item share
+// their successor's first item and are passed over).
+template <typename Row>
+__device__ __forceinline__ int64_t find_row(const Row* rows, int64_t n, int64_t g) {
   int64_t lo = 0, hi = n - 1;
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) >> 1;
-    if (rows[mid].first_group <= g) {
+    if (first_item(rows[mid]) <= g) {
       lo = mid;
     } else {
       hi = mid - 1;
@@ -97,6 +108,18 @@ __device__ __forceinline__ bool load_group(const typename Storage<T>::raw_t* p, 
   return false;
 }
 
+// Bit m (m = 0..3) of element local0 + m of a row's bitmap; 0 for elements outside the row.
+__device__ __forceinline__ int bitmap_bits4(const uint32_t* bitmap, int64_t local0,
+                                            int64_t numel) {
+  int bits = 0;
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const int64_t j = local0 + m;
+    if (j >= 0 && j < numel) bits |= (int)mask_bit(bitmap, j) << m;
+  }
+  return bits;
+}
+
 template <typename T>
 __device__ __forceinline__ void store_group(typename Storage<T>::raw_t* p, int64_t local0,
                                             bool vector, int mask, const float v[4]) {
@@ -118,7 +141,10 @@ __device__ __forceinline__ void store_group(typename Storage<T>::raw_t* p, int64
 // One operation's kernel: a grid-stride loop over the work groups of a multi-tensor call.
 // Each group's elements are loaded from their row as float32 and restored,
 // w = rn(p + restore_scale * z_r), when restore_scale != 0; op.apply<T> turns them in place
-// into the values to store (PerturbOp, UpdateOp below), and they are stored.
+// into the values to store (PerturbOp, UpdateOp below), and they are stored. A row with a
+// bitmap stores only the elements whose bit is set (the others are never written, so the
+// 4-element vector store serves only groups kept whole), and a group with none set is
+// skipped before anything is loaded or any noise is made.
 template <typename T, typename Op>
 __global__ void groups_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t num_rows,
                               int64_t total, uint64_t seed, int distribution,
@@ -130,9 +156,14 @@ __global__ void groups_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t n
     const uint64_t group = (uint64_t)(row.offset >> 2) + (uint64_t)(g - row.first_group);
     const int64_t local0 = (int64_t)(group * 4) - row.offset;
     R* p = reinterpret_cast<R*>(row.ptr);
+    int keep = 0xF;
+    if (row.mask != 0) {
+      keep = bitmap_bits4(reinterpret_cast<const uint32_t*>(row.mask), local0, row.numel);
+      if (keep == 0) continue;
+    }
     float w[4];
-    int mask;
-    const bool vec = load_group<T>(p, local0, row.numel, w, &mask);
+    int present;
+    const bool vec = load_group<T>(p, local0, row.numel, w, &present);
     if (restore_scale != 0.0f) {
       float zr[4];
       noise4(seed, group, restore_direction, distribution, zr);
@@ -140,7 +171,7 @@ __global__ void groups_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t n
       for (int m = 0; m < 4; ++m) w[m] = restore_value<T>(w[m], restore_scale, zr[m]);
     }
     op.template apply<T>(seed, group, distribution, w);
-    store_group<T>(p, local0, vec, mask, w);
+    store_group<T>(p, local0, vec && keep == 0xF, present & keep, w);
   }
 }
 
@@ -208,6 +239,26 @@ __global__ void noise_kernel(float* __restrict__ out, int64_t start, int64_t num
       const int64_t i = local0 + m;
       if (i >= 0 && i < numel) out[i] = z[m];
     }
+  }
+}
+
+// magnitude_mask: a grid-stride loop over the bitmap words of a multi-tensor call, one word
+// (32 elements, fewer in a row's last word) per work item. Every word of every row is
+// written, its bits past numel 0. (One thread per word needs no warp vote, so the host
+// harness runs it as it is.)
+template <typename T>
+__global__ void magnitude_kernel(const ZofoMaskRow* __restrict__ rows, int64_t num_rows,
+                                 int64_t total) {
+  using R = typename Storage<T>::raw_t;
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; u < total; u += stride) {
+    const ZofoMaskRow row = rows[find_row(rows, num_rows, u)];
+    const int64_t j = u - row.first_word;
+    const int64_t rest = row.numel - 32 * j;
+    const int count = rest < 32 ? (int)rest : 32;
+    const int64_t limit = magnitude_limit(u2f((uint32_t)row.threshold_bits));
+    const R* p = reinterpret_cast<const R*>(row.ptr) + 32 * j;
+    reinterpret_cast<uint32_t*>(row.words)[j] = magnitude_word<T>(p, count, limit);
   }
 }
 
@@ -312,4 +363,22 @@ extern "C" int zofo_cuda_update(const ZofoSegmentRow* rows, int64_t num_rows,
   return launch_groups("update kernel launch", rows, num_rows, total_groups, dtype, seed,
                        distribution, restore_scale, restore_direction,
                        UpdateOp{lr, grads, q, weight_decay, sr}, device, stream, err, errlen);
+}
+
+extern "C" int zofo_cuda_magnitude_mask(const ZofoMaskRow* rows, int64_t num_rows,
+                                        int64_t total_words, int dtype, int device,
+                                        void* stream, char* err, size_t errlen) {
+  if (num_rows <= 0 || total_words <= 0) return 0;
+  int blocks = 0;
+  const int rc = prepare(total_words, device, &blocks, err, errlen);
+  if (rc) return rc;
+  if (!is_dtype_code(dtype)) {
+    snprintf(err, errlen, "unsupported dtype code %d", dtype);
+    return -1;
+  }
+  cudaStream_t s = (cudaStream_t)stream;
+  ZOFO_DTYPE_SWITCH(dtype, T, [&] {
+    launch_kernel(magnitude_kernel<T>, blocks, kThreads, s, rows, num_rows, total_words);
+  });
+  return check_launch("magnitude_mask kernel launch", err, errlen);
 }

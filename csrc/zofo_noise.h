@@ -12,7 +12,9 @@
 //   * Gaussian: block = i / 4, Triton's uint->uniform mapping, clamp at 1e-7, Box-Muller in
 //     float32 on (w0, w1) and (w2, w3), lanes cos0, sin0, cos1, sin1;
 //   * stochastic rounding: the bit rule of contract.stochastic_round_bits, word i % 4 of the
-//     purpose-1 stream at block i / 4, direction 0.
+//     purpose-1 stream at block i / 4, direction 0;
+//   * sparse masks: the bitmap layout of contract.mask_bits (local index j -> bit j % 32 of
+//     word j / 32) and the magnitude rule of contract.magnitude_mask_words.
 //
 // Storage<T> converts between float32 and the storage types; ZOFO_DTYPE_SWITCH and
 // ZOFO_BOOL_SWITCH turn a dtype code and a flag into template arguments (host code of both
@@ -370,6 +372,43 @@ ZOFO_HD float restore_value(float p, float rs, float zr) {
 ZOFO_HD float update_value(float w, float d, float lr, float wd) {
   const float dd = d + wd * w;
   return w - lr * dd;
+}
+
+// ----------------------------------------------------------------------------- sparse masks
+//
+// A bitmap holds element j of a tensor (local index) in bit j % 32 of 32-bit word j / 32,
+// least significant bit first (contract.mask_bits); a bit of 0 means "do not write".
+
+ZOFO_HD uint32_t mask_bit(const uint32_t* mask, int64_t j) {
+  return (mask[j >> 5] >> (j & 31)) & 1u;
+}
+
+// The magnitude rule float32(|x|) <= threshold (NaN: never) as an integer comparison of |x|'s
+// bit pattern with a limit made once from the threshold. Non-negative floats (infinity
+// included) order like their bit patterns, so this is IEEE's comparison; in integers it also
+// stays exact where an FPU flushes subnormal operands (DAZ), and reads the same on the host
+// and the device. Limit -1: nothing passes (a NaN or negative threshold); a threshold of -0
+// passes +-0 like +0 does.
+ZOFO_HD int64_t magnitude_limit(float threshold) {
+  const uint32_t t = f2u(threshold);
+  const uint32_t mag = t & 0x7FFFFFFFu;
+  if (mag > 0x7F800000u) return -1;     // NaN
+  if (t >> 31) return mag == 0 ? 0 : -1;
+  return (int64_t)t;
+}
+
+ZOFO_HD bool magnitude_keep(float x, int64_t limit) {
+  return (int64_t)(f2u(x) & 0x7FFFFFFFu) <= limit;  // a NaN's pattern exceeds every limit
+}
+
+// One bitmap word: bit b = the magnitude rule for p[b], b < count (<= 32); the bits from
+// count on are 0.
+template <typename T>
+ZOFO_HD uint32_t magnitude_word(const typename Storage<T>::raw_t* p, int count, int64_t limit) {
+  uint32_t word = 0;
+  for (int b = 0; b < count; ++b)
+    word |= (uint32_t)magnitude_keep(Storage<T>::load(p[b]), limit) << b;
+  return word;
 }
 
 }  // namespace zofo

@@ -12,25 +12,30 @@
 // pattern in the low 32 bits of a word; a blob is a word with its byte count followed by the
 // bytes, zero-padded to a multiple of 8.
 //
-// INPUT:  w magic "ZOFOHX01", w number of cases, then per case
-//           w op (0 noise, 1 perturb, 2 update), w sms, w order_seed, w device,
-//           w seed, w distribution,
+// INPUT:  w magic "ZOFOHX02", w number of cases, then per case
+//           w op (0 noise, 1 perturb, 2 update, 3 magnitude_mask), w sms, w order_seed,
+//           w device, w seed, w distribution,
 //           noise:    w start, w numel, w direction
 //           perturb:  w dtype, w restore_scale, w restore_direction, w scale, w direction, ROWS
 //           update:   w dtype, w restore_scale, w restore_direction, w lr, w weight_decay,
 //                     w stochastic_rounding, w q, q x w projected gradient, ROWS
-//         ROWS: w num_rows, w total_groups, num_rows x (w numel, w offset, w first_group,
-//               w align), then num_rows x blob (the tensor's numel elements)
+//           magnitude_mask: w dtype, w num_rows, w total_words, num_rows x (w numel,
+//                     w first_word, w align, w threshold), then num_rows x blob (the tensor)
+//         ROWS: w num_rows, w total_groups, w masked (1/0), num_rows x (w numel, w offset,
+//               w first_group, w align), then num_rows x blob (the tensor's numel elements),
+//               then, if masked, num_rows x blob (the tensor's bitmap, ceil(numel / 32)
+//               uint32 words; a row with no element gets a null bitmap pointer)
 //         align >= 0: the tensor starts `align` elements after a 64-byte boundary (the
 //         elements before it are a canary), and ends where its allocation ends, so that
 //         AddressSanitizer sees any access past it; align = -1: null pointer (numel 0).
 // OUTPUT: per case: w rc, blob error message, w number of launches, launches x (w blocks,
 //         w threads), w canaries intact (1/0), then noise: blob of numel float32; perturb,
-//         update: num_rows x blob (the tensors after the call).
+//         update: num_rows x blob (the tensors after the call); magnitude_mask: num_rows x
+//         blob (the bitmaps, which start as 0xA5 bytes so that a word never written shows).
 //
-// Every buffer the kernels see -- tensors, the row table, the projected gradients, the noise
-// output -- is its own heap allocation of exactly the size the GPU code may touch, the way
-// device memory of that size would be.
+// Every buffer the kernels see -- tensors, bitmaps, the row table, the projected gradients,
+// the noise output -- is its own heap allocation of exactly the size the GPU code may touch,
+// the way device memory of that size would be.
 
 #include <stdint.h>
 #include <stdio.h>
@@ -45,7 +50,7 @@
 
 namespace {
 
-constexpr uint64_t kMagic = 0x313058484F464F5Aull;  // "ZOFOHX01"
+constexpr uint64_t kMagic = 0x323058484F464F5Aull;  // "ZOFOHX02"
 constexpr unsigned char kCanary = 0xA5;
 
 [[noreturn]] void die(const char* what) {
@@ -114,6 +119,136 @@ bool canary_intact(const Buffer& b) {
   return true;
 }
 
+// A bitmap of ceil(numel / 32) words in an allocation of exactly that size (null when
+// empty), filled with `fill` bytes.
+uint32_t* make_bitmap(int64_t numel, int fill) {
+  const size_t bytes = (size_t)((numel + 31) / 32) * 4;
+  if (bytes == 0) return nullptr;
+  uint32_t* m = (uint32_t*)malloc(bytes);
+  if (!m) die("out of memory");
+  memset(m, fill, bytes);
+  return m;
+}
+
+size_t elem_size(int dtype) { return dtype == 0 ? 4 : 2; }
+
+// What a case leaves behind: the tensors (and bitmaps) it allocated, the noise output.
+struct CaseState {
+  std::vector<Buffer> buffers;
+  std::vector<uint32_t*> bitmaps;
+  std::vector<int64_t> numels;
+  std::vector<char> noise_out;
+};
+
+// ROWS of a perturb or update case: the device table (exactly num_rows rows), the tensors
+// and, if the case is masked, their bitmaps.
+ZofoSegmentRow* read_rows(Reader& in, int dtype, CaseState& cs, int64_t* num_rows,
+                          int64_t* total_groups) {
+  *num_rows = in.w();
+  *total_groups = in.w();
+  const bool masked = in.w() != 0;
+  const int64_t n = *num_rows;
+  ZofoSegmentRow* rows = (ZofoSegmentRow*)malloc((size_t)(n > 0 ? n : 0) *
+                                                 sizeof(ZofoSegmentRow));
+  for (int64_t r = 0; r < n; ++r) {
+    cs.numels.push_back(in.w());
+    rows[r].numel = cs.numels[r];
+    rows[r].offset = in.w();
+    rows[r].first_group = in.w();
+    cs.buffers.push_back(make_buffer(cs.numels[r], in.w(), elem_size(dtype)));
+    rows[r].ptr = (int64_t)(uintptr_t)cs.buffers.back().data();
+    rows[r].mask = 0;
+  }
+  for (int64_t r = 0; r < n; ++r) in.blob(cs.buffers[r].data(), cs.buffers[r].bytes);
+  if (masked) {
+    for (int64_t r = 0; r < n; ++r) {
+      uint32_t* m = make_bitmap(cs.numels[r], 0);
+      in.blob(m, (size_t)((cs.numels[r] + 31) / 32) * 4);
+      rows[r].mask = (int64_t)(uintptr_t)m;
+      cs.bitmaps.push_back(m);
+    }
+  }
+  return rows;
+}
+
+int run_noise(Reader& in, uint64_t seed, int dist, int device, CaseState& cs, char* err,
+              size_t errlen) {
+  const int64_t start = in.w(), numel = in.w();
+  const uint32_t dir = (uint32_t)in.w();
+  float* z = nullptr;
+  if (numel > 0) {
+    z = (float*)malloc((size_t)numel * 4);
+    if (!z) die("out of memory");
+    memset(z, 0xFF, (size_t)numel * 4);  // NaN: an element never written shows
+  }
+  const int rc = zofo_cuda_noise(z, seed, start, numel, dist, dir, device, nullptr, err, errlen);
+  if (numel > 0) {
+    cs.noise_out.assign((char*)z, (char*)z + numel * 4);
+    free(z);
+  }
+  return rc;
+}
+
+int run_perturb_or_update(Reader& in, int64_t op, uint64_t seed, int dist, int device,
+                          CaseState& cs, char* err, size_t errlen) {
+  const int dtype = (int)in.w();
+  const float rscale = in.f32();
+  const uint32_t rdir = (uint32_t)in.w();
+  float scale = 0.0f, lr = 0.0f, wd = 0.0f;
+  uint32_t dir = 0;
+  int sr = 0;
+  int64_t q = 0;
+  float* grads = nullptr;
+  if (op == 1) {
+    scale = in.f32();
+    dir = (uint32_t)in.w();
+  } else {
+    lr = in.f32();
+    wd = in.f32();
+    sr = (int)in.w();
+    q = in.w();
+    if (q < 1) die("update needs q >= 1");
+    grads = (float*)malloc((size_t)q * 4);  // "device memory" holding exactly q values
+    if (!grads) die("out of memory");
+    for (int64_t k = 0; k < q; ++k) grads[k] = in.f32();
+  }
+  int64_t num_rows, total_groups;
+  ZofoSegmentRow* rows = read_rows(in, dtype, cs, &num_rows, &total_groups);
+  int rc;
+  if (op == 1) {
+    rc = zofo_cuda_perturb(rows, num_rows, total_groups, dtype, seed, dist, scale, dir, rscale,
+                           rdir, device, nullptr, err, errlen);
+  } else {
+    rc = zofo_cuda_update(rows, num_rows, total_groups, dtype, seed, dist, lr, grads, q,
+                          rscale, rdir, wd, sr, device, nullptr, err, errlen);
+  }
+  free(rows);
+  free(grads);
+  return rc;
+}
+
+int run_magnitude(Reader& in, int device, CaseState& cs, char* err, size_t errlen) {
+  const int dtype = (int)in.w();
+  const int64_t num_rows = in.w(), total_words = in.w();
+  ZofoMaskRow* rows = (ZofoMaskRow*)malloc((size_t)(num_rows > 0 ? num_rows : 0) *
+                                           sizeof(ZofoMaskRow));
+  for (int64_t r = 0; r < num_rows; ++r) {
+    cs.numels.push_back(in.w());
+    rows[r].numel = cs.numels[r];
+    rows[r].first_word = in.w();
+    cs.buffers.push_back(make_buffer(cs.numels[r], in.w(), elem_size(dtype)));
+    rows[r].ptr = (int64_t)(uintptr_t)cs.buffers.back().data();
+    rows[r].threshold_bits = (int64_t)(uint32_t)in.w();
+    cs.bitmaps.push_back(make_bitmap(cs.numels[r], 0xA5));
+    rows[r].words = (int64_t)(uintptr_t)cs.bitmaps.back();
+  }
+  for (int64_t r = 0; r < num_rows; ++r) in.blob(cs.buffers[r].data(), cs.buffers[r].bytes);
+  const int rc = zofo_cuda_magnitude_mask(rows, num_rows, total_words, dtype, device, nullptr,
+                                          err, errlen);
+  free(rows);
+  return rc;
+}
+
 void run_case(Reader& in, Writer& out) {
   const int64_t op = in.w();
   zofo_host::State& st = zofo_host::state();
@@ -124,74 +259,14 @@ void run_case(Reader& in, Writer& out) {
   const uint64_t seed = (uint64_t)in.w();
   const int dist = (int)in.w();
   char err[512] = {0};
+  CaseState cs;
   int rc = 0;
-  bool canaries = true;
-  std::vector<Buffer> buffers;
-  std::vector<char> noise_out;
-
   if (op == 0) {
-    const int64_t start = in.w(), numel = in.w();
-    const uint32_t dir = (uint32_t)in.w();
-    float* z = nullptr;
-    if (numel > 0) {
-      z = (float*)malloc((size_t)numel * 4);
-      if (!z) die("out of memory");
-      memset(z, 0xFF, (size_t)numel * 4);  // NaN: an element never written shows
-    }
-    rc = zofo_cuda_noise(z, seed, start, numel, dist, dir, device, nullptr, err, sizeof(err));
-    if (numel > 0) {
-      noise_out.assign((char*)z, (char*)z + numel * 4);
-      free(z);
-    }
+    rc = run_noise(in, seed, dist, device, cs, err, sizeof(err));
   } else if (op == 1 || op == 2) {
-    const int dtype = (int)in.w();
-    const float rscale = in.f32();
-    const uint32_t rdir = (uint32_t)in.w();
-    float scale = 0.0f, lr = 0.0f, wd = 0.0f;
-    uint32_t dir = 0;
-    int sr = 0;
-    int64_t q = 0;
-    float* grads = nullptr;
-    if (op == 1) {
-      scale = in.f32();
-      dir = (uint32_t)in.w();
-    } else {
-      lr = in.f32();
-      wd = in.f32();
-      sr = (int)in.w();
-      q = in.w();
-      if (q < 1) die("update needs q >= 1");
-      grads = (float*)malloc((size_t)q * 4);  // "device memory" holding exactly q values
-      if (!grads) die("out of memory");
-      for (int64_t k = 0; k < q; ++k) grads[k] = in.f32();
-    }
-    const int64_t num_rows = in.w(), total_groups = in.w();
-    const size_t esize = dtype == 0 ? 4 : 2;
-    // the device table: exactly num_rows rows
-    ZofoSegmentRow* rows = (ZofoSegmentRow*)malloc((size_t)(num_rows > 0 ? num_rows : 0) *
-                                                   sizeof(ZofoSegmentRow));
-    std::vector<int64_t> numels((size_t)num_rows);
-    for (int64_t r = 0; r < num_rows; ++r) {
-      numels[r] = in.w();
-      rows[r].numel = numels[r];
-      rows[r].offset = in.w();
-      rows[r].first_group = in.w();
-      buffers.push_back(make_buffer(numels[r], in.w(), esize));
-      rows[r].ptr = (int64_t)(uintptr_t)buffers.back().data();
-    }
-    for (int64_t r = 0; r < num_rows; ++r) {
-      if (buffers[r].bytes) in.blob(buffers[r].data(), buffers[r].bytes);
-      else in.blob(nullptr, 0);
-    }
-    if (op == 1) {
-      rc = zofo_cuda_perturb(rows, num_rows, total_groups, dtype, seed, dist, scale, dir,
-                             rscale, rdir, device, nullptr, err, sizeof(err));
-    } else {
-      rc = zofo_cuda_update(rows, num_rows, total_groups, dtype, seed, dist, lr, grads, q,
-                            rscale, rdir, wd, sr, device, nullptr, err, sizeof(err));
-    }
-    free(rows);
-    free(grads);
+    rc = run_perturb_or_update(in, op, seed, dist, device, cs, err, sizeof(err));
+  } else if (op == 3) {
+    rc = run_magnitude(in, device, cs, err, sizeof(err));
   } else {
     die("unknown op");
   }
@@ -203,16 +278,19 @@ void run_case(Reader& in, Writer& out) {
     out.w(l.blocks);
     out.w(l.threads);
   }
-  for (const Buffer& b : buffers) canaries = canaries && canary_intact(b);
+  bool canaries = true;
+  for (const Buffer& b : cs.buffers) canaries = canaries && canary_intact(b);
   out.w(canaries ? 1 : 0);
   if (op == 0) {
-    out.blob(noise_out.data(), noise_out.size());
+    out.blob(cs.noise_out.data(), cs.noise_out.size());
+  } else if (op == 3) {
+    for (size_t r = 0; r < cs.bitmaps.size(); ++r)
+      out.blob(cs.bitmaps[r], (size_t)((cs.numels[r] + 31) / 32) * 4);
   } else {
-    for (const Buffer& b : buffers) {
-      out.blob(b.data(), b.bytes);
-      free(b.base);
-    }
+    for (const Buffer& b : cs.buffers) out.blob(b.data(), b.bytes);
   }
+  for (const Buffer& b : cs.buffers) free(b.base);
+  for (uint32_t* m : cs.bitmaps) free(m);
 }
 
 // Proof that the sanitizers are compiled in: each must abort the program.

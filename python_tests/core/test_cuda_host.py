@@ -10,10 +10,12 @@ cases from a file and writes the results to another). The shim's launcher runs e
 (block, thread) of the grid that the real launch code computes (``csrc/cuda_launch.h``), in a
 shuffled order. So the kernels' grid-stride loop, the binary search of a group's row, the
 16-byte/8-byte vector loads and stores, the element-by-element tails, the 64-bit indices, the
-projected gradients read from "device" memory, the restore-direction switch and stochastic
-rounding on store all run here, and every buffer the kernels touch is an allocation of exactly
-the size the GPU code may touch (the tensors end where their allocation ends; a canary sits
-before tensors placed off alignment).
+projected gradients read from "device" memory, the restore-direction switch, stochastic
+rounding on store, the sparse-perturbation bitmaps (masked stores, skipped groups) and the
+magnitude_mask kernel all run here, and every buffer the kernels touch is an allocation of
+exactly the size the GPU code may touch (the tensors and bitmaps end where their allocation
+ends; a canary sits before tensors placed off alignment; the bitmaps magnitude_mask writes
+start as 0xA5 bytes, so a word it does not write shows).
 
 What is compared, bit for bit, with no tolerance:
 * Rademacher signs, stochastic-rounding words and decisions: ``contract`` itself.
@@ -26,6 +28,10 @@ What is compared, bit for bit, with no tolerance:
 * Weights: the float-math contract of ``backends/base.py`` applied in numpy float32 to those z;
   16-bit rounding to nearest by numpy (float16) and torch (bfloat16) conversions, stochastic
   rounding by ``contract.stochastic_round_bits``.
+* Sparse perturbation: an element whose bit is 0 keeps its bits, the others get the dense
+  result above (bitmaps of density 0 to 1, runs, random bits past numel).
+* magnitude_mask: ``contract.magnitude_mask_words`` (NaN, +-inf, +-0 among the values;
+  thresholds equal to an element, 0, -0, negative, infinite, NaN).
 * Also the existing CPU backend (same header, different kernels), where it is built.
 
 ``test_mutant_is_caught`` breaks ``cuda_kernels.cu`` on purpose in a scratch copy (string
@@ -34,7 +40,7 @@ each break is detected, by a sanitizer or by the comparison: the check can fail.
 
 Only a missing ``g++`` skips this file (``test_matches_cpu_backend`` alone also skips when
 the CPU module is not built). Set ZOFO_TEST_SEED to replay a run's random inputs (failures
-print the seed). Runtime: about 20 s on 2 cores (three compiles, 15 runs of the executable).
+print the seed). Runtime: about 35 s on 2 cores (three compiles, 24 runs of the executable).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import pytest
@@ -289,7 +295,7 @@ class Tensor:
 @dataclasses.dataclass
 class Case:
     name: str
-    op: str                      # noise, perturb, update
+    op: str                      # noise, perturb, update, magnitude
     sms: int
     order_seed: int
     seed: int
@@ -309,6 +315,10 @@ class Case:
     weight_decay: float = 0.0
     stochastic: bool = False
     grads: List[float] = dataclasses.field(default_factory=list)
+    # sparse perturbation (perturb / update): one bitmap (uint32 words) per tensor, or None
+    masks: Optional[List[np.ndarray]] = None
+    # magnitude_mask: one float32 threshold per tensor
+    thresholds: List[float] = dataclasses.field(default_factory=list)
     # what the call must do
     expect_rc: int = 0
     expect_error: str = ""
@@ -327,11 +337,22 @@ def table_of(tensors: List[Tensor]):
     return rows, first
 
 
+def mask_table_of(tensors: List[Tensor]):
+    """(rows (numel, first word, align), total words) of a magnitude_mask table."""
+    first, rows = 0, []
+    for t in tensors:
+        rows.append((t.numel, first, t.align))
+        first += contract.mask_words(t.numel)
+    return rows, first
+
+
 def expected_launches(case: Case):
     if case.expect_rc:
         return []
     if case.op == "noise":
         total = groups_of(case.start, case.numel) if case.numel > 0 else 0
+    elif case.op == "magnitude":
+        total = mask_table_of(case.tensors)[1]
     else:
         total = table_of(case.tensors)[1] if case.tensors else 0
     if total <= 0:
@@ -425,6 +446,119 @@ def _rand_seed(rng):
     return int(rng.integers(0, 2 ** 63 - 1))
 
 
+# ---------------------------------------------------------------------------- sparse masks
+
+DENSITIES = [0.5, 0.9, 0.0, 1.0, 0.1, "runs"]
+
+
+def pack_bits(bits: np.ndarray, pad_bits: np.ndarray) -> np.ndarray:
+    """uint32 bitmap words of ``bits`` (contract.mask_bits layout), the bits past numel
+    taken from ``pad_bits``."""
+    full = np.concatenate([bits.astype(np.uint8), pad_bits.astype(np.uint8)])
+    return np.packbits(full, bitorder="little").view(np.uint32).copy()
+
+
+def random_bitmap(rng, n: int, density) -> np.ndarray:
+    """A bitmap with the given fraction of bits set ("runs": alternating runs of 3 to 40
+    elements). Half of the bitmaps have random bits past numel: the kernels must ignore them
+    (a bitmap from magnitude_mask has zeros there; one built by hand may not)."""
+    if density == "runs":
+        bits = (np.arange(n) // int(rng.integers(3, 41))) % 2 == 1
+    else:
+        bits = rng.random(n) < density
+    pad = (-n) % 32
+    pad_bits = rng.random(pad) < 0.5 if rng.random() < 0.5 else np.zeros(pad, bool)
+    return pack_bits(bits, pad_bits)
+
+
+def bitmaps_for(rng, tensors: List[Tensor], start: int) -> List[np.ndarray]:
+    return [random_bitmap(rng, t.numel, DENSITIES[(start + i) % len(DENSITIES)])
+            for i, t in enumerate(tensors)]
+
+
+def word_multiple_layout(rng, dtype):
+    """Tensors of whole bitmap words whose last work group runs past their end (offset +
+    numel not a multiple of 4): a bitmap read for the element after the last is one word past
+    the bitmap."""
+    return ("word_multiples", tensor_list(rng, dtype, [32, 64, 96, 4096], 1,
+                                          ["a", "m", "a", "m"]))
+
+
+def masked_cases(rng, sms, order_seed) -> List[Case]:
+    """perturb and update with bitmaps on every layout and dtype: densities 0 to 1, runs,
+    bits past numel set, both distributions, restore, q = 1..3, stochastic rounding."""
+    cases = []
+    for dtype in DTYPE_CODES:
+        layouts = table_layouts(rng, dtype) + [word_multiple_layout(rng, dtype)]
+        for li, (lname, tensors) in enumerate(layouts):
+            dist = ("gaussian", "rademacher")[li % 2]
+            masks = bitmaps_for(rng, tensors, li)
+            restore = li % 3 != 0
+            cases.append(Case(f"masked_perturb_{dtype}_{dist}_{lname}", "perturb", sms(),
+                              order_seed(), _rand_seed(rng), dist, dtype=dtype,
+                              tensors=tensors, masks=masks, scale=[1e-3, -2e-2][li % 2],
+                              restore_scale=-1e-3 if restore else 0.0,
+                              restore_direction=li % 3, direction=(li + 1) % 4))
+            q = 1 + li % 3
+            grads = [float(F32(g)) for g in rng.standard_normal(q) * 3]
+            masks = bitmaps_for(rng, tensors, li + 3)
+            sr = li % 4 < 2
+            cases.append(Case(f"masked_update_{dtype}_{dist}_{lname}_q{q}_sr{int(sr)}",
+                              "update", sms(), order_seed(), _rand_seed(rng), dist,
+                              dtype=dtype, tensors=tensors, masks=masks,
+                              lr=[1e-3, 3e-4, 2e-2][li % 3], weight_decay=[0.1, 0.0][li % 2],
+                              stochastic=sr, grads=grads,
+                              restore_scale=1e-3 if restore else 0.0, restore_direction=q - 1))
+    return cases
+
+
+MAGNITUDE_SPECIALS = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0]
+
+
+def with_specials(rng, t: Tensor, dtype: str) -> Tensor:
+    """A copy of ``t`` with NaN, +-inf and +-0 at random places (when it is big enough)."""
+    x = widen(t.bits, dtype)
+    if t.numel >= 8:
+        idx = rng.choice(t.numel, size=len(MAGNITUDE_SPECIALS), replace=False)
+        x[idx] = np.array(MAGNITUDE_SPECIALS, dtype=np.float32)
+    return dataclasses.replace(t, bits=narrow(x, dtype))
+
+
+def pick_threshold(rng, t: Tensor, dtype: str, k: int) -> float:
+    """Thresholds that an off-by-one comparison gets wrong: an element's own magnitude
+    (equality), 0, -0, a negative value, infinity, NaN, or a value between the elements."""
+    x = np.abs(widen(t.bits, dtype))
+    finite = x[np.isfinite(x)]
+    kind = k % 8
+    if kind in (0, 1, 2) and finite.size:
+        return float(finite[int(rng.integers(0, finite.size))])
+    return [0.02, 0.02, 0.02, 0.0, -0.0, -1e-3, float("inf"), float("nan")][kind]
+
+
+def magnitude_cases(rng, sms, order_seed) -> List[Case]:
+    """magnitude_mask on every layout and dtype, with NaN, +-inf and +-0 among the values,
+    and a call whose words exceed one pass of a 1-SM grid."""
+    cases = []
+    k = 0
+    for dtype in DTYPE_CODES:
+        layouts = table_layouts(rng, dtype) + [word_multiple_layout(rng, dtype)]
+        for lname, tensors in layouts:
+            tensors = [with_specials(rng, t, dtype) for t in tensors]
+            thresholds = []
+            for t in tensors:
+                thresholds.append(pick_threshold(rng, t, dtype, k))
+                k += 1
+            cases.append(Case(f"magnitude_{dtype}_{lname}", "magnitude", sms(), order_seed(),
+                              0, "gaussian", dtype=dtype, tensors=tensors,
+                              thresholds=thresholds))
+        big = tensor_list(rng, dtype, [70001, 0, 70003], 0, ["m", "n", "a"])
+        cases.append(Case(f"magnitude_{dtype}_strided", "magnitude", 1, order_seed(), 0,
+                          "gaussian", dtype=dtype, tensors=big,
+                          thresholds=[pick_threshold(rng, t, dtype, i) for i, t in
+                                      enumerate(big)]))
+    return cases
+
+
 def build_cases() -> List[Case]:
     rng = np.random.default_rng(_RNG_SEED)
     cases: List[Case] = []
@@ -483,6 +617,10 @@ def build_cases() -> List[Case]:
                         restore_scale=1e-3 if restore else 0.0,
                         restore_direction=q - 1))
 
+    # ---- sparse perturbation and magnitude_mask
+    cases += masked_cases(rng, sms, order_seed)
+    cases += magnitude_cases(rng, sms, order_seed)
+
     # ---- launch errors and edge calls
     t = tensor_list(rng, "float32", [5], 0, ["a"])
     cases.append(Case("error_invalid_device", "perturb", 2, 1, 1, "gaussian", device=3,
@@ -492,6 +630,12 @@ def build_cases() -> List[Case]:
                       start=0, numel=8, expect_rc=1, expect_error="cudaSetDevice"))
     cases.append(Case("no_rows", "update", 2, 1, 1, "gaussian", dtype="bfloat16", tensors=[],
                       lr=1e-3, grads=[1.0]))
+    cases.append(Case("error_invalid_device_magnitude", "magnitude", 2, 1, 0, "gaussian",
+                      device=1, dtype="float16", tensors=tensor_list(rng, "float16", [40], 0,
+                                                                     ["a"]),
+                      thresholds=[0.01], expect_rc=1, expect_error="cudaSetDevice"))
+    cases.append(Case("no_rows_magnitude", "magnitude", 2, 1, 0, "gaussian", dtype="float32",
+                      tensors=[], thresholds=[]))
     return cases
 
 
@@ -523,6 +667,52 @@ def _check_case_design(cases: List[Case]) -> None:
     assert len(strided) >= 10
 
 
+def _group_keeps(t: Tensor, words: np.ndarray):
+    """(vector path?, bits present in the row, bits kept) of every work group of a row."""
+    bits = contract.mask_bits(words, 0, t.numel)
+    for g in range(t.offset // 4, (t.offset + t.numel + 3) // 4):
+        local0 = 4 * g - t.offset
+        present = [0 <= local0 + m < t.numel for m in range(4)]
+        kept = [p and bool(bits[local0 + m]) for m, p in enumerate(present)]
+        vec = all(present) and (t.align + local0) % 4 == 0
+        yield vec, sum(present), sum(kept)
+
+
+def _check_mask_design(cases: List[Case]) -> None:
+    """The masked cases reach every path, per dtype: whole groups kept on the vector path,
+    vector-aligned groups kept in part (element stores), groups with no kept element (skipped),
+    bits set past numel, a bitmap that ends exactly where a row's last group continues; the
+    magnitude cases: thresholds equal to an element, NaN and infinite values, a strided grid."""
+    for dtype in DTYPE_CODES:
+        whole = part = skipped = garbage = word_end = 0
+        for c in cases:
+            if c.masks is None or c.dtype != dtype:
+                continue
+            for t, words in zip(c.tensors, c.masks):
+                for vec, present, kept in _group_keeps(t, words):
+                    whole += vec and kept == 4
+                    part += vec and 0 < kept < 4
+                    skipped += present > 0 and kept == 0
+                pad = contract.mask_words(t.numel) * 32 - t.numel
+                garbage += pad > 0 and bool(contract.mask_bits(words, 0, t.numel + pad)[
+                    t.numel:].any())
+                word_end += t.numel > 0 and t.numel % 32 == 0 and (t.offset + t.numel) % 4 != 0
+        assert whole and part and skipped and garbage and word_end, (
+            dtype, whole, part, skipped, garbage, word_end)
+        equal = specials = 0
+        for c in cases:
+            if c.op != "magnitude" or c.dtype != dtype or c.expect_rc:
+                continue
+            for t, th in zip(c.tensors, c.thresholds):
+                x = np.abs(widen(t.bits, dtype))
+                equal += bool((x == F32(th)).any())
+                specials += bool(np.isnan(x).any() and np.isinf(x).any())
+        assert equal >= 5 and specials >= 5, (dtype, equal, specials)
+    strided = [c for c in cases if c.op == "magnitude" and not c.expect_rc
+               and mask_table_of(c.tensors)[1] > c.sms * BLOCKS_PER_SM * THREADS]
+    assert len(strided) >= 3
+
+
 # ============================================================================ references
 
 def expected_output(case: Case):
@@ -533,6 +723,9 @@ def expected_output(case: Case):
     if case.op == "noise":
         return [ref_noise(case.seed, case.start, case.numel, case.dist, case.direction)
                 .view(np.uint32)]
+    if case.op == "magnitude":
+        return [contract.magnitude_mask_words(widen(t.bits, case.dtype), th)
+                for t, th in zip(case.tensors, case.thresholds)]
     if not case.tensors:
         return []
     ranges = [(t.offset, t.numel) for t in case.tensors]
@@ -556,12 +749,16 @@ def expected_output(case: Case):
             v = contract.stochastic_round_bits(v, r, case.dtype)
         bits = narrow(v, case.dtype)
     ends = np.cumsum([t.numel for t in case.tensors])[:-1]
-    return np.split(bits, ends)
+    out = np.split(bits, ends)
+    if case.masks is not None:  # an element whose bit is 0 keeps its bits
+        out = [np.where(contract.mask_bits(m, 0, t.numel), b, t.bits)
+               for t, m, b in zip(case.tensors, case.masks, out)]
+    return out
 
 
 # ======================================================================= the executable's files
 
-MAGIC = 0x313058484F464F5A  # "ZOFOHX01"
+MAGIC = 0x323058484F464F5A  # "ZOFOHX02"
 
 
 def _f32bits(x: float) -> int:
@@ -591,13 +788,16 @@ def encode(cases: List[Case]) -> bytes:
     wr.w(MAGIC)
     wr.w(len(cases))
     for c in cases:
-        for v in ({"noise": 0, "perturb": 1, "update": 2}[c.op], c.sms, c.order_seed,
-                  c.device, c.seed, DIST_CODES[c.dist]):
+        op = {"noise": 0, "perturb": 1, "update": 2, "magnitude": 3}[c.op]
+        for v in (op, c.sms, c.order_seed, c.device, c.seed, DIST_CODES[c.dist]):
             wr.w(v)
         if c.op == "noise":
             wr.w(c.start)
             wr.w(c.numel)
             wr.w(c.direction)
+            continue
+        if c.op == "magnitude":
+            _encode_magnitude(wr, c)
             continue
         wr.w(DTYPE_CODES[c.dtype])
         wr.f(c.restore_scale)
@@ -615,12 +815,28 @@ def encode(cases: List[Case]) -> bytes:
         rows, total = table_of(c.tensors)
         wr.w(len(rows))
         wr.w(total)
+        wr.w(int(c.masks is not None))
         for row in rows:
             for v in row:
                 wr.w(v)
         for t in c.tensors:
             wr.blob(t.bits.tobytes())
+        for m in c.masks or []:
+            wr.blob(m.astype(np.uint32).tobytes())
     return wr.bytes()
+
+
+def _encode_magnitude(wr: _Writer, c: Case) -> None:
+    wr.w(DTYPE_CODES[c.dtype])
+    rows, total = mask_table_of(c.tensors)
+    wr.w(len(rows))
+    wr.w(total)
+    for (numel, first, align), th in zip(rows, c.thresholds):
+        for v in (numel, first, align):
+            wr.w(v)
+        wr.f(th)
+    for t in c.tensors:
+        wr.blob(t.bits.tobytes())
 
 
 @dataclasses.dataclass
@@ -658,6 +874,8 @@ def decode(data: bytes, cases: List[Case]) -> List[Result]:
             canaries = w() == 1
             if c.op == "noise":
                 arrays = [np.frombuffer(blob(), dtype=np.uint32)]
+            elif c.op == "magnitude":
+                arrays = [np.frombuffer(blob(), dtype=np.uint32) for _ in c.tensors]
             else:
                 dt = np.uint32 if c.dtype == "float32" else np.uint16
                 arrays = [np.frombuffer(blob(), dtype=dt) for _ in c.tensors]
@@ -709,6 +927,7 @@ def case_failures(case: Case, res: Result, expected) -> List[str]:
 def suite():
     cases = build_cases()
     _check_case_design(cases)
+    _check_mask_design(cases)
     return cases, [expected_output(c) for c in cases]
 
 
@@ -776,14 +995,33 @@ def test_noise(suite, host_results):
 def test_perturb(suite, host_results, dtype):
     """perturb: plain, with the restore-direction switch, and restoring the same direction."""
     _assert_ops(suite, host_results, lambda c: c.op == "perturb" and c.dtype == dtype
-                and not c.expect_rc)
+                and c.masks is None and not c.expect_rc)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES))
 def test_update(suite, host_results, dtype):
     """update: q = 1..3 projected gradients read from a device-style buffer of exactly q
     floats, with and without the fused restore, weight decay, stochastic rounding on/off."""
-    _assert_ops(suite, host_results, lambda c: c.op == "update" and c.dtype == dtype)
+    _assert_ops(suite, host_results, lambda c: c.op == "update" and c.dtype == dtype
+                and c.masks is None)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES))
+def test_masked_perturb_and_update(suite, host_results, dtype):
+    """Sparse perturbation: with a bitmap per row (exactly its words in size), elements whose
+    bit is 0 keep their bits and the others get the dense result: bitmaps of density 0 to 1
+    and runs, random bits past numel, whole and partial groups on and off the vector path."""
+    _assert_ops(suite, host_results, lambda c: c.masks is not None and c.dtype == dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES))
+def test_magnitude_mask(suite, host_results, dtype):
+    """magnitude_mask: every word of every bitmap (each an allocation of exactly its words,
+    starting as 0xA5 bytes) written, bit for bit contract.magnitude_mask_words: thresholds
+    equal to an element, +-0, negative, infinite, NaN; NaN, +-inf and +-0 among the values;
+    bits past numel 0; grids that stride."""
+    _assert_ops(suite, host_results, lambda c: c.op == "magnitude" and c.dtype == dtype
+                and not c.expect_rc)
 
 
 def test_launch_errors(suite, host_results):
@@ -792,30 +1030,80 @@ def test_launch_errors(suite, host_results):
 
 
 def test_table_matches_cuda_backend():
-    """The tables these tests build (numel, offset, first group, total) are the ones the CUDA
-    backend builds for the same tensors and offsets (its table builder runs on CPU tensors)."""
+    """The tables these tests build (numel, offset, first group, total; numel, first word,
+    total words) are the ones the CUDA backend builds for the same tensors and offsets (its
+    table builders run on CPU tensors), with each tensor's pointer and bitmap pointer (0 when
+    dense) and the threshold's float32 bits."""
     mod = _import_first("zofo_kernels.backends.cuda", "zofo_kernels.core.backends.native.cuda",
                         "zofo_kernels.core.backends.cuda")
     rng = np.random.default_rng(_RNG_SEED)
     backend = mod.CudaBackend()
-    for _, tensors in table_layouts(rng, "float32"):
+    for _, tensors in table_layouts(rng, "float32") + [word_multiple_layout(rng, "float32")]:
         ts = [torch.zeros(t.numel) for t in tensors]
         offsets = [t.offset for t in tensors]
-        table, total = backend._table(ts, offsets)
+        masks = [torch.zeros(contract.mask_words(t.numel), dtype=torch.int32) for t in tensors]
         rows, want_total = table_of(tensors)
-        assert total == want_total
-        got = table.cpu().numpy()
-        assert [tuple(r[1:]) for r in got.tolist()] == [r[:3] for r in rows]
+        for ms in (None, masks):
+            table, total = backend._table(ts, offsets, ms)
+            assert total == want_total
+            got = table.cpu().numpy().tolist()
+            assert [tuple(r[1:4]) for r in got] == [r[:3] for r in rows]
+            assert [r[0] for r in got] == [t.data_ptr() for t in ts]
+            assert [r[4] for r in got] == [0 if ms is None else m.data_ptr() for m in masks]
+        thresholds = [float(F32(x)) for x in rng.standard_normal(len(ts))]
+        table, total = backend._mask_table(ts, thresholds, masks)
+        mrows, want_words = mask_table_of(tensors)
+        assert total == want_words
+        got = table.cpu().numpy().tolist()
+        assert [(r[1], r[3]) for r in got] == [r[:2] for r in mrows]
+        assert [(r[0], r[2]) for r in got] == [(t.data_ptr(), m.data_ptr())
+                                               for t, m in zip(ts, masks)]
+        assert [r[4] for r in got] == [_f32bits(x) for x in thresholds]
+
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _torch_tensor(t: Tensor, dtype: str) -> torch.Tensor:
+    raw = t.bits.view(np.int32 if dtype == "float32" else np.int16).copy()
+    return torch.from_numpy(raw).view(TORCH_DTYPES[dtype])
+
+
+def _cpu_backend_result(zk, c: Case):
+    """What the CPU backend makes of case ``c`` (storage bits or bitmap words per tensor that
+    has elements), or None when the case has nothing to compare."""
+    nonempty = [i for i, t in enumerate(c.tensors) if t.numel]
+    if not nonempty:
+        return None
+    ts = [_torch_tensor(c.tensors[i], c.dtype) for i in nonempty]
+    if c.op == "magnitude":  # the backend itself: the public API refuses NaN thresholds
+        masks = [torch.zeros(contract.mask_words(t.numel()), dtype=torch.int32) for t in ts]
+        from zofo_kernels.core.backends import base
+        base.get("cpu").magnitude_mask(ts, [c.thresholds[i] for i in nonempty], masks)
+        return [m.numpy().view(np.uint32) for m in masks]
+    offs = [c.tensors[i].offset for i in nonempty]
+    mask = None if c.masks is None else [torch.from_numpy(c.masks[i].view(np.int32).copy())
+                                         for i in nonempty]
+    if c.op == "perturb":
+        zk.perturb_(ts, c.seed, c.scale, c.dist, c.direction, offsets=offs, backend="cpu",
+                    restore_scale=c.restore_scale, restore_direction=c.restore_direction,
+                    mask=mask)
+    else:
+        zk.zo_update_(ts, c.seed, lr=c.lr, projected_grads=c.grads,
+                      restore_scale=c.restore_scale, restore_direction=c.restore_direction,
+                      weight_decay=c.weight_decay, distribution=c.dist, offsets=offs,
+                      backend="cpu", stochastic_rounding=c.stochastic, mask=mask)
+    return [t.view(torch.int32 if c.dtype == "float32" else torch.int16).numpy() for t in ts]
 
 
 def test_matches_cpu_backend(suite, host_results):
-    """The CPU backend (the same header in other kernels) gives the same bits."""
+    """The CPU backend (the same header in other kernels) gives the same bits, sparse
+    perturbation and magnitude_mask included."""
     import zofo_kernels as zk
 
     if not zk.available_backends()["cpu"].available:
         pytest.skip(f"CPU backend not built: {zk.available_backends()['cpu'].reason}")
     cases, _ = suite
-    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     checked, failures = 0, []
     for c, r in zip(cases, host_results):
         if c.expect_rc:
@@ -826,24 +1114,9 @@ def test_matches_cpu_backend(suite, host_results):
             z = zk.noise(c.seed, c.start, c.numel, c.dist, c.direction, backend="cpu")
             got = [z.numpy().view(np.uint32)]
         else:
-            nonempty = [t for t in c.tensors if t.numel]
-            if not nonempty:
+            got = _cpu_backend_result(zk, c)
+            if got is None:
                 continue
-            ts = [torch.from_numpy(t.bits.view(np.int32 if c.dtype == "float32" else np.int16)
-                                   .copy()).view(tdt[c.dtype]) for t in nonempty]
-            offs = [t.offset for t in nonempty]
-            if c.op == "perturb":
-                zk.perturb_(ts, c.seed, c.scale, c.dist, c.direction, offsets=offs,
-                            backend="cpu", restore_scale=c.restore_scale,
-                            restore_direction=c.restore_direction)
-            else:
-                zk.zo_update_(ts, c.seed, lr=c.lr, projected_grads=c.grads,
-                              restore_scale=c.restore_scale,
-                              restore_direction=c.restore_direction,
-                              weight_decay=c.weight_decay, distribution=c.dist, offsets=offs,
-                              backend="cpu", stochastic_rounding=c.stochastic)
-            got = [t.view(torch.int32 if c.dtype == "float32" else torch.int16).numpy()
-                   for t in ts]
             r = dataclasses.replace(r, arrays=[a for a, t in zip(r.arrays, c.tensors)
                                                if t.numel])
         checked += 1
@@ -859,7 +1132,7 @@ def test_matches_cpu_backend(suite, host_results):
 # Each mutant: (name, a snippet of cuda_kernels.cu that occurs exactly once, the expression in
 # it to break, the broken expression, how it must be caught: "mismatch" = the run completes and
 # the comparison with the contract fails; any other string = the executable aborts with that
-# sanitizer message).
+# sanitizer message, or with one of several separated by "|").
 MUTANTS = [
     ("tail_reads_one_past_the_end",
      "    if (i >= 0 && i < numel) {\n      w[m] = Storage<T>::load(p[i]);",
@@ -869,9 +1142,13 @@ MUTANTS = [
      "heap-buffer-overflow"),
     ("vector_load_without_the_alignment_check",
      "% sizeof(V) == 0", "sizeof(V)", "sizeof(R)", "misaligned address"),
+    # (the search serves both kernels: the groups kernel then computes wrong elements, and the
+    # magnitude kernel writes a row's first word into the row before it, one word past that
+    # row's bitmap or, for an empty row, through its null bitmap pointer, whichever thread
+    # the shuffled launch runs first: either report aborts the run)
     ("binary_search_takes_the_previous_row",
-     "if (rows[mid].first_group <= g) {", "rows[mid].first_group <= g",
-     "rows[mid].first_group < g", "mismatch"),
+     "if (first_item(rows[mid]) <= g) {", "first_item(rows[mid]) <= g",
+     "first_item(rows[mid]) < g", "heap-buffer-overflow|store to null pointer"),
     ("binary_search_reads_past_the_table",
      "int64_t lo = 0, hi = n - 1;", "n - 1", "n", "heap-buffer-overflow"),
     ("32_bit_local_index",
@@ -896,6 +1173,29 @@ MUTANTS = [
     ("noise_tail_writes_one_past_the_end",
      "if (i >= 0 && i < numel) out[i] = z[m];", "i < numel", "i <= numel",
      "heap-buffer-overflow"),
+    # sparse perturbation
+    ("masked_store_ignores_the_bitmap",
+     "present & keep, w);", "present & keep", "present", "mismatch"),
+    ("masked_vector_store_of_a_partial_group",
+     "local0, vec && keep == 0xF,", "vec && keep == 0xF", "vec", "mismatch"),
+    ("masked_group_skipped_unless_whole",
+     "if (keep == 0) continue;", "keep == 0", "keep != 0xF", "mismatch"),
+    ("bitmap_read_past_its_end",
+     "if (j >= 0 && j < numel) bits", "j < numel", "j <= numel", "heap-buffer-overflow"),
+    ("bitmap_of_the_previous_element",
+     "bits |= (int)mask_bit(bitmap, j) << m;", "mask_bit(bitmap, j)",
+     "mask_bit(bitmap, j > 0 ? j - 1 : 0)", "mismatch"),
+    # magnitude_mask
+    ("magnitude_reads_a_whole_last_word",
+     "const int count = rest < 32 ? (int)rest : 32;", "rest < 32 ? (int)rest : 32", "32",
+     "heap-buffer-overflow"),
+    ("magnitude_writes_one_word_past_the_end",
+     "u < total; u +=", "u < total", "u <= total", "heap-buffer-overflow"),
+    ("magnitude_grid_stride_skips_words",
+     "u += stride) {\n    const ZofoMaskRow", "u += stride", "u += stride + 1", "mismatch"),
+    ("magnitude_threshold_one_ulp_lower",
+     "magnitude_limit(u2f((uint32_t)row.threshold_bits))", "(uint32_t)row.threshold_bits",
+     "((uint32_t)row.threshold_bits - 1u)", "mismatch"),
 ]
 
 # The patched copy holds every break, each behind a run-time switch, so that one compile serves
@@ -956,7 +1256,7 @@ def test_mutant_is_caught(k, mutant_exe, suite, build_dir):
         assert caught, f"mutant {name} was NOT detected (test rng seed {_RNG_SEED})"
         print(f"{name}: {len(caught)} cases differ from the contract, e.g. {caught[:3]}")
     else:
-        assert proc.returncode != 0 and how in proc.stderr, (
+        assert proc.returncode != 0 and any(h in proc.stderr for h in how.split("|")), (
             f"mutant {name}: expected a sanitizer report {how!r}, got exit "
             f"{proc.returncode}:\n{proc.stderr[-3000:]}")
         where = cases[len(results)].name if len(results) < len(cases) else "?"

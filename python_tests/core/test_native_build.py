@@ -202,6 +202,7 @@ def test_cpu_variants_agree_bit_for_bit(dtype, distribution, monkeypatch):
     big = rand_weights(70_001, dtype, gen)  # long enough for the threaded, vectorised path
     ts0.append(big)
     offs.append(offs[-1] + ts0[-2].numel() + 3)
+    masks = _sparse_masks(ts0, gen)
     results = {}
     for v in RUNNABLE:
         monkeypatch.setitem(base._INSTANCES, "cpu", CpuBackend(variant=v))
@@ -212,6 +213,12 @@ def test_cpu_variants_agree_bit_for_bit(dtype, distribution, monkeypatch):
         zk.zo_update_(ts, 77, lr=2e-3, projected_grads=[0.4, -0.9], restore_scale=-1e-3,
                       restore_direction=1, weight_decay=0.1, distribution=distribution,
                       offsets=offs, backend="cpu")
+        # sparse perturbation and its bitmaps
+        zk.perturb_(ts, 78, 1e-3, distribution, 0, offsets=offs, backend="cpu", mask=masks)
+        zk.zo_update_(ts, 78, lr=2e-3, projected_grads=[0.4, -0.9], restore_scale=-1e-3,
+                      weight_decay=0.1, distribution=distribution, offsets=offs,
+                      backend="cpu", mask=masks)
+        ts += zk.magnitude_mask(ts, [0.02] * len(ts), backend="cpu")
         z = zk.noise(5, 2 ** 40 + 3, 100_003, distribution, 9, backend="cpu")
         x = np.linspace(1e-7, 1.0, 50_001, dtype=np.float32)
         t = x * np.float32(6.28)
@@ -414,6 +421,27 @@ def _odd_tensors(gen, dtype, count, max_numel=700):
     return [rand_weights(n, dtype, gen) for n in sizes]
 
 
+def _sparse_masks(tensors, gen):
+    """A bitmap per tensor: random bits at densities from 0 to 1, and runs of kept and
+    skipped elements longer than a 128-element block."""
+    masks = []
+    for i, t in enumerate(tensors):
+        n = t.numel()
+        if i % 3 == 2:
+            keep = (torch.arange(n) // int(torch.randint(100, 400, (1,), generator=gen))) % 2 == 0
+        else:
+            keep = torch.rand(n, generator=gen) < [0.0, 0.1, 0.5, 0.9, 1.0][i % 5]
+        masks.append(_bitmap(keep))
+    return masks
+
+
+def _bitmap(keep: torch.Tensor) -> torch.Tensor:
+    """The int32 bitmap (contract.mask_bits layout) of a bool tensor."""
+    pad = np.zeros((-keep.numel()) % 32, dtype=np.uint8)
+    packed = np.packbits(np.concatenate([keep.numpy().astype(np.uint8), pad]), bitorder="little")
+    return torch.from_numpy(packed.view(np.int32).copy())
+
+
 def _scattered_offsets(tensors, gen):
     """Non-canonical, non-overlapping offsets: random gaps, some beyond 2**32 blocks."""
     offs, pos = [], 2 ** 39 + 61
@@ -493,6 +521,40 @@ def test_large_call_uses_threads_and_matches_reference_slices(cpu_mod):
         assert torch.equal(outs[0][lo: lo + 140], w)
 
 
+def test_large_masked_call_uses_threads_and_matches_reference_slices(cpu_mod):
+    """A masked call big enough to be split across threads, with blocks of 128 elements that
+    keep none (skipped), some or all of their elements: the same bits with 1 and 2 threads,
+    and slices of it equal the reference's."""
+    n = 3 * 2 ** 16 + 77
+    gen = torch.Generator().manual_seed(17)
+    w0 = torch.linspace(-1, 1, n, dtype=torch.float32).to(torch.bfloat16)
+    masks = [_bitmap(torch.rand(n // 3, generator=gen) < 0.3),
+             _bitmap((torch.arange(n - n // 3) // 300) % 2 == 0)]  # runs longer than a block
+    offsets = [1000, 1000 + n // 3 + 5]
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            w = w0.clone()
+            zk.zo_update_([w[: n // 3], w[n // 3:]], 5, lr=1e-2, projected_grads=[0.5, 0.25],
+                          distribution="rademacher", offsets=offsets, backend="cpu", mask=masks)
+            outs.append(w)
+    finally:
+        torch.set_num_threads(before)
+    assert cpu_mod.threads_for(n, 2) == 2
+    assert torch.equal(outs[0], outs[1])
+    changed = outs[0] != w0
+    assert 0 < int(changed.sum()) < n
+    for t, lo in ((0, 0), (0, n // 3 - 140), (1, 1000), (1, n - n // 3 - 140)):
+        a = (0 if t == 0 else n // 3) + lo
+        w = w0[a: a + 140].clone()
+        m = _bitmap(torch.from_numpy(contract.mask_bits(masks[t].numpy(), lo, 140)))
+        zk.zo_update_(w, 5, lr=1e-2, projected_grads=[0.5, 0.25], distribution="rademacher",
+                      offsets=[offsets[t] + lo], backend="reference", mask=[m])
+        assert torch.equal(outs[0][a: a + 140], w), (t, lo)
+
+
 @needs_cpu
 def test_non_contiguous_and_empty_tensors_through_cpu_backend():
     gen = torch.Generator().manual_seed(8)
@@ -566,6 +628,14 @@ def test_native_rejects_bad_arguments():
     g = torch.ones(1)
     with pytest.raises(ValueError, match="q must be"):
         C.update([p], [8], [0], 0, 1, 0, 1.0, g.data_ptr(), 0, 0.0, 0, 0.0, True, 1)
+    with pytest.raises(ValueError, match="masks must be"):
+        C.perturb([p], [8], [0], 0, 1, 0, 1.0, 0, 0.0, 0, 1, masks=[0, 0])
+    with pytest.raises(ValueError, match="same length"):
+        C.magnitude_mask([p], [8], [0.5, 0.5], [p], 0, 1)
+    with pytest.raises(ValueError, match="null"):
+        C.magnitude_mask([p], [8], [0.5], [0], 0, 1)
+    with pytest.raises(ValueError, match="dtype"):
+        C.magnitude_mask([p], [8], [0.5], [p], 7, 1)
     assert torch.equal(t, torch.zeros(8)), "a rejected call must not touch the weights"
     from zofo_kernels.core.backends.native.cpu import CpuBackend
     with pytest.raises(ValueError, match="contiguous"):

@@ -7,6 +7,9 @@ features, or forced by ``ZOFO_CPU_VARIANT``; ``CpuBackend(variant=...)`` uses a 
 One call into C++ per dtype group: the tensors' data pointers, sizes and global offsets go
 down as integers and one OpenMP parallel region processes all of them (blocks of 128
 elements, split evenly across threads). The thread count follows ``torch.get_num_threads()``.
+Sparse masks go down as one more list, the bitmaps' addresses: a block with no kept element
+is skipped before its noise is made, and only kept elements are written. ``magnitude_mask``
+is one more parallel region over the call's bitmap words.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from __future__ import annotations
 import torch
 
 from zofo_kernels.core.backends.native import loader as _native
-from zofo_kernels.core.backends.base import DISTRIBUTION_CODES, Backend, BackendStatus, check_group, register
+from zofo_kernels.core.backends.base import (DISTRIBUTION_CODES, Backend, BackendStatus,
+                                             check_group, check_masks, register)
+
+
+def _mask_ptrs(masks) -> list:
+    """The bitmaps' addresses for the native call: [] when dense, else one per tensor."""
+    return [] if masks is None else [m.data_ptr() for m in masks]
 
 
 class CpuBackend(Backend):
@@ -61,18 +70,20 @@ class CpuBackend(Backend):
         return out.to(device)
 
     def perturb(self, tensors, offsets, seed, distribution, scale, direction,
-                restore_scale, restore_direction):
+                restore_scale, restore_direction, *, masks=None):
         mod = self._native()
         code = check_group(tensors, offsets, self.name, device_type="cpu")
+        check_masks(tensors, masks, self.name)
         mod.perturb([t.data_ptr() for t in tensors], [t.numel() for t in tensors],
                     [int(o) for o in offsets], code, seed, DISTRIBUTION_CODES[distribution],
                     float(scale), direction, float(restore_scale), restore_direction,
-                    torch.get_num_threads())
+                    torch.get_num_threads(), masks=_mask_ptrs(masks))
 
     def update(self, tensors, offsets, seed, distribution, *, lr, projected_grads,
-               restore_scale, restore_direction, weight_decay, stochastic_rounding):
+               restore_scale, restore_direction, weight_decay, stochastic_rounding, masks=None):
         mod = self._native()
         code = check_group(tensors, offsets, self.name, device_type="cpu")
+        check_masks(tensors, masks, self.name)
         grads = projected_grads.detach().to(device="cpu", dtype=torch.float32).contiguous()
         if grads.dim() != 1 or grads.numel() < 1:
             raise ValueError("projected_grads must be a 1-D tensor with at least one value")
@@ -80,7 +91,18 @@ class CpuBackend(Backend):
                    [int(o) for o in offsets], code, seed, DISTRIBUTION_CODES[distribution],
                    float(lr), grads.data_ptr(), grads.numel(), float(restore_scale),
                    restore_direction, float(weight_decay), bool(stochastic_rounding),
-                   torch.get_num_threads())
+                   torch.get_num_threads(), masks=_mask_ptrs(masks))
+
+    def magnitude_mask(self, tensors, thresholds, masks):
+        mod = self._native()
+        code = check_group(tensors, [0] * len(tensors), self.name, device_type="cpu")
+        if masks is None or len(thresholds) != len(tensors):
+            raise ValueError(f"magnitude_mask needs one threshold and one bitmap per tensor "
+                             f"({len(tensors)} tensors)")
+        check_masks(tensors, masks, self.name)
+        mod.magnitude_mask([t.data_ptr() for t in tensors], [t.numel() for t in tensors],
+                           [float(x) for x in thresholds], _mask_ptrs(masks), code,
+                           torch.get_num_threads())
 
 
 register("cpu", CpuBackend)

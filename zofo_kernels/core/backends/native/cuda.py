@@ -2,27 +2,43 @@
 
 One kernel launch per dtype group, on torch's current stream of the tensors' device. The
 tensors of a call are described to the kernel by a small device table (pointer, numel,
-global offset, first work group per tensor) that is built once per distinct list of tensors
-and cached, and uploaded from pinned memory without blocking; the projected gradients are
-read from device memory. So a training step never synchronises with the host here.
+global offset, first work group, sparse-perturbation bitmap or 0 per tensor) that is built
+once per distinct list of tensors (and bitmaps) and cached, and uploaded from pinned memory
+without blocking; the projected gradients are read from device memory. So a training step
+never synchronises with the host here. ``magnitude_mask`` has a table of its own (pointer,
+numel, bitmap, first bitmap word, threshold per tensor), cached the same way.
 
 When the package was built without CUDA, or no GPU/driver is usable, ``status()`` says why.
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import struct
+from typing import List, Optional, Tuple
 
 import torch
 
 from zofo_kernels.core.backends.native import loader as _native
-from zofo_kernels.core.backends.base import DISTRIBUTION_CODES, Backend, BackendStatus, LaunchTables, check_group, register
+from zofo_kernels.core.backends.base import (DISTRIBUTION_CODES, Backend, BackendStatus,
+                                             LaunchTables, check_group, check_masks, register)
 
 GROUP = 4  # global indices per work item (one Gaussian Philox block)
 
 
 def _groups(offset: int, numel: int) -> int:
     return (offset + numel - 1) // GROUP - offset // GROUP + 1
+
+
+def _float32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def _upload(rows, device: torch.device) -> torch.Tensor:
+    """An int64 table on ``device``, copied from pinned memory without blocking."""
+    host = torch.tensor(rows, dtype=torch.int64)
+    if torch.cuda.is_available():
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 class CudaBackend(Backend):
@@ -32,6 +48,7 @@ class CudaBackend(Backend):
         self._mod, self._error = _native.cuda_module()
         self._status = None
         self._tables = LaunchTables()
+        self._mask_tables = LaunchTables()
 
     # ------------------------------------------------------------------ availability
 
@@ -82,20 +99,37 @@ class CudaBackend(Backend):
         device = torch.device(device)
         return device.index if device.index is not None else torch.cuda.current_device()
 
-    def _table(self, tensors: List[torch.Tensor], offsets: List[int]) -> Tuple[torch.Tensor, int]:
-        """(device table of rows (pointer, numel, offset, first group), total groups)."""
+    def _table(self, tensors: List[torch.Tensor], offsets: List[int],
+               masks: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, int]:
+        """(device table of rows (pointer, numel, offset, first group, bitmap or 0), total
+        groups)."""
+        mask_ptrs = [0] * len(tensors) if masks is None else [m.data_ptr() for m in masks]
 
         def build():
             rows, first = [], 0
-            for t, o in zip(tensors, offsets):
-                rows.append((t.data_ptr(), t.numel(), int(o), first))
+            for t, o, m in zip(tensors, offsets, mask_ptrs):
+                rows.append((t.data_ptr(), t.numel(), int(o), first, m))
                 first += _groups(int(o), t.numel())
-            host = torch.tensor(rows, dtype=torch.int64)
-            if torch.cuda.is_available():
-                host = host.pin_memory()
-            return host.to(tensors[0].device, non_blocking=True), first
+            return _upload(rows, tensors[0].device), first
 
-        return self._tables.get(tensors, offsets, build)
+        return self._tables.get(tensors, offsets, build, extra=(tuple(mask_ptrs),))
+
+    def _mask_table(self, tensors: List[torch.Tensor], thresholds: List[float],
+                    masks: List[torch.Tensor]) -> Tuple[torch.Tensor, int]:
+        """(device table of rows (pointer, numel, bitmap, first word, threshold bits), total
+        bitmap words)."""
+        bits = [_float32_bits(float(x)) for x in thresholds]
+        ptrs = [m.data_ptr() for m in masks]
+
+        def build():
+            rows, first = [], 0
+            for t, m, b in zip(tensors, ptrs, bits):
+                rows.append((t.data_ptr(), t.numel(), m, first, b))
+                first += (t.numel() + 31) // 32
+            return _upload(rows, tensors[0].device), first
+
+        return self._mask_tables.get(tensors, [0] * len(tensors), build,
+                                     extra=(tuple(ptrs), tuple(bits)))
 
     # ------------------------------------------------------------------ operations
 
@@ -112,30 +146,45 @@ class CudaBackend(Backend):
         return out
 
     def perturb(self, tensors, offsets, seed, distribution, scale, direction,
-                restore_scale, restore_direction):
+                restore_scale, restore_direction, *, masks=None):
         mod = self._native()
         code = check_group(tensors, offsets, self.name, device_type="cuda", nonempty=True)
+        check_masks(tensors, masks, self.name)
         idx = self._device_index(tensors[0].device)
-        table, total = self._table(tensors, offsets)
+        table, total = self._table(tensors, offsets, masks)
         mod.perturb(table.data_ptr(), len(tensors), total, code, seed,
                     DISTRIBUTION_CODES[distribution], float(scale), direction,
                     float(restore_scale), restore_direction, idx,
                     torch.cuda.current_stream(idx).cuda_stream)
 
     def update(self, tensors, offsets, seed, distribution, *, lr, projected_grads,
-               restore_scale, restore_direction, weight_decay, stochastic_rounding):
+               restore_scale, restore_direction, weight_decay, stochastic_rounding, masks=None):
         mod = self._native()
         code = check_group(tensors, offsets, self.name, device_type="cuda", nonempty=True)
+        check_masks(tensors, masks, self.name)
         idx = self._device_index(tensors[0].device)
         grads = projected_grads.detach().to(device=tensors[0].device,
                                             dtype=torch.float32).contiguous()
         if grads.dim() != 1 or grads.numel() < 1:
             raise ValueError("projected_grads must be a 1-D tensor with at least one value")
-        table, total = self._table(tensors, offsets)
+        table, total = self._table(tensors, offsets, masks)
         mod.update(table.data_ptr(), len(tensors), total, code, seed,
                    DISTRIBUTION_CODES[distribution], float(lr), grads.data_ptr(), grads.numel(),
                    float(restore_scale), restore_direction, float(weight_decay),
                    bool(stochastic_rounding), idx, torch.cuda.current_stream(idx).cuda_stream)
+
+    def magnitude_mask(self, tensors, thresholds, masks):
+        mod = self._native()
+        code = check_group(tensors, [0] * len(tensors), self.name, device_type="cuda",
+                           nonempty=True)
+        if masks is None or len(thresholds) != len(tensors):
+            raise ValueError(f"magnitude_mask needs one threshold and one bitmap per tensor "
+                             f"({len(tensors)} tensors)")
+        check_masks(tensors, masks, self.name)
+        idx = self._device_index(tensors[0].device)
+        table, total = self._mask_table(tensors, thresholds, masks)
+        mod.magnitude_mask(table.data_ptr(), len(tensors), total, code, idx,
+                           torch.cuda.current_stream(idx).cuda_stream)
 
 
 register("cuda", CudaBackend)
