@@ -39,7 +39,7 @@ from zofo_kernels.core.validation import real
 SAMPLE = 16384
 GOLDEN = 0x9E3779B97F4A7C15  # floor(2**64 / golden ratio): the Weyl step's fraction of n
 _POPCOUNT = [bin(i).count("1") for i in range(256)]
-_COUNT_CHUNK = 1 << 22  # bytes of bitmap counted at once (bounds the int64 temporary)
+_COUNT_CHUNK = 1 << 20  # bitmap bytes counted at once: an 8 MiB int64 index temporary at most
 
 
 def check_fraction(value) -> Optional[float]:
