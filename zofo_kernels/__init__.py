@@ -20,7 +20,8 @@ imported on first use so that ``import zofo_kernels`` needs only the core's depe
 import importlib
 
 from zofo_kernels.core.backends import BackendStatus, BackendUnavailableError
-from zofo_kernels.core.ops import available_backends, canonical_offsets, noise, perturb_, zo_update_
+from zofo_kernels.core.ops import (available_backends, canonical_offsets, magnitude_mask, noise,
+                                   perturb_, zo_update_)
 from zofo_kernels.core.optim import (MetaZOFOOptimizer, NonFiniteLossError, ZOFOOptimizer,
                                      ZOOptimizer, zo_param_groups)
 from zofo_kernels.core.requirements import require_extra
@@ -61,6 +62,7 @@ __all__ = [
     "canonical_offsets",
     "load_trained",
     "noise",
+    "magnitude_mask",
     "perturb_",
     "save_trained",
     "zo_param_groups",

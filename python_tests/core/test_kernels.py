@@ -583,9 +583,9 @@ def test_environment_variable_selects_backend(monkeypatch):
     ref = base.get("reference")
     original = type(ref).perturb
 
-    def spy(self, *args):
+    def spy(self, *args, **kwargs):
         calls.append(self.name)
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(ref), "perturb", spy)
     monkeypatch.setenv("ZOFO_BACKEND", "reference")

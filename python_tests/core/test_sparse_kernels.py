@@ -478,8 +478,6 @@ def test_bad_thresholds_are_rejected(thresholds, exc, pattern):
 def test_backends_check_masks_on_direct_calls(backend, device):
     """A backend called directly (not through the public API) refuses a wrong bitmap with a
     clear error before writing anything."""
-    if backend == "reference":
-        pytest.skip("the reference backend leaves the bitmap checks to the public API")
     impl = base.get(backend)
     t = (torch.randn(40) * 0.05).to(device)
     before = bits(t)

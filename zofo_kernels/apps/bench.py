@@ -40,6 +40,8 @@ from zofo_kernels.integrations import methods as methods_mod
 from zofo_kernels.apps import models as models_mod
 from zofo_kernels.apps.measure import CountedLoss
 
+SPARSE_FRACTION = 0.2  # Sparse-MeZO's setting: the 20% smallest weights of each tensor
+
 # A benchmark row: a method of the registry (zofo_kernels/integrations/methods.py) with fixed
 # settings, a forward pass, or the MeZO reference implementation (the baseline the kernels
 # replace).
@@ -47,6 +49,7 @@ ROWS = {
     "forward": (None, {}),
     "mezo": ("mezo", {}),
     "mezo-rademacher": ("mezo", dict(distribution="rademacher")),
+    "mezo-sparse": ("mezo", dict(distribution="rademacher", sparse_fraction=SPARSE_FRACTION)),
     "mezo-ref": (None, {}),
     "fo-full": ("fo-full", {}),
     "fo-lora": ("fo-lora", {}),
@@ -54,13 +57,15 @@ ROWS = {
     "bilevel-zofo-adam": ("bilevel-zofo", dict(theta_update="adam")),
 }
 METHODS = tuple(ROWS)
-MEMORY_METHODS = ("inference", "mezo", "mezo-ref", "fo-full", "fo-lora", "bilevel-zofo",
-                  "bilevel-zofo-adam")
+MEMORY_METHODS = ("inference", "mezo", "mezo-sparse", "mezo-ref", "fo-full", "fo-lora",
+                  "bilevel-zofo", "bilevel-zofo-adam")
 DESCRIPTIONS = {
     "forward": "one forward pass (no_grad)",
     "inference": "forward pass under no_grad",
     "mezo": "MeZO step on the fused kernels (ZOOptimizer, central, q=1, Gaussian)",
     "mezo-rademacher": "MeZO step on the fused kernels (central, q=1, Rademacher)",
+    "mezo-sparse": f"MeZO step, sparse perturbation: the {SPARSE_FRACTION:.0%} smallest weights "
+                   "of each tensor (Rademacher; mask bitmap built per step)",
     "mezo-ref": "MeZO reference step (torch.normal per parameter, 4 sweeps)",
     "fo-full": "FO full fine-tuning step (Adam)",
     "fo-lora": "FO-LoRA step (Adam, r=8 on q/v)",
@@ -76,6 +81,8 @@ KERNEL_ROWS = tuple(row for row, (name, _) in ROWS.items()
 TARGET_STEP_OVER_2FWD = 1.10
 TARGET_SPEEDUP_VS_MEZO = 1.9
 TARGET_ZO_EXTRA_PCT = 1.0
+# A sparse step keeps one bit per weight during the step: 1/32 of float32 weights (3.125%).
+TARGET_SPARSE_EXTRA_PCT = 100.0 / 32 + TARGET_ZO_EXTRA_PCT
 TARGET_BILEVEL_OVER_FOLORA = 1.1
 # Every row's optimizer takes steps this small, so the weights barely move while timed.
 BENCH_LR = 1e-7
@@ -182,6 +189,9 @@ def _pct(values: List[float], q: float) -> float:
 
 # --------------------------------------------------------------------------- step times
 
+OWN_FWD_ROWS = ("mezo", "mezo-rademacher", "mezo-sparse")  # rows that are two forwards + sweeps
+
+
 def time_steps(name: str, args, device) -> List[dict]:
     from tqdm import tqdm
     loaded = _model(name, args, device)
@@ -230,7 +240,7 @@ def time_steps(name: str, args, device) -> List[dict]:
             step_over_2fwd=round(step / (2 * fwd_only), 4) if fwd_only and m != "forward"
             else None,
             # the step against its own forward passes (same moment, same load)
-            step_over_own_fwd=round(step / f, 4) if m in ("mezo", "mezo-rademacher") else None,
+            step_over_own_fwd=round(step / f, 4) if m in OWN_FWD_ROWS else None,
             mezo_ref_over_step=round(ref / step, 4) if ref and m not in ("forward", "mezo-ref")
             else None,
             backend=_backend_name(device, args.backend) if m in KERNEL_ROWS else "",
@@ -350,7 +360,8 @@ def checks(step_rows: List[dict], mem_rows: List[dict]) -> List[dict]:
     for model in dict.fromkeys([r["model"] for r in step_rows] + [r["model"] for r in mem_rows]):
         s = {r["method"]: r for r in step_rows if r["model"] == model}
         m = {r["method"]: r for r in mem_rows if r["model"] == model}
-        for zo, label in (("mezo", "Gaussian"), ("mezo-rademacher", "Rademacher")):
+        for zo, label in (("mezo", "Gaussian"), ("mezo-rademacher", "Rademacher"),
+                          ("mezo-sparse", "sparse, Rademacher")):
             if zo in s and s[zo]["step_over_2fwd"] is not None:
                 v = s[zo]["step_over_2fwd"]
                 out.append(dict(model=model, check=f"ZO step ({label}) / two forward passes",
@@ -372,6 +383,11 @@ def checks(step_rows: List[dict], mem_rows: List[dict]) -> List[dict]:
             out.append(dict(model=model, check="ZO extra peak over inference, % of weights",
                             value=v, target=f"< {TARGET_ZO_EXTRA_PCT}",
                             passed=v < TARGET_ZO_EXTRA_PCT))
+        if "mezo-sparse" in m and "extra_over_inference_pct_of_model" in m["mezo-sparse"]:
+            v = m["mezo-sparse"]["extra_over_inference_pct_of_model"]
+            out.append(dict(model=model, check="sparse ZO extra peak over inference, % of "
+                            "weights", value=v, target=f"< {TARGET_SPARSE_EXTRA_PCT:.3g}",
+                            passed=v < TARGET_SPARSE_EXTRA_PCT))
         if "bilevel-zofo" in m and "fo-lora" in m:
             v = round(m["bilevel-zofo"]["total_peak_bytes"] / m["fo-lora"]["total_peak_bytes"], 4)
             out.append(dict(model=model, check="Bilevel-ZOFO / FO-LoRA peak (weights + extra)",

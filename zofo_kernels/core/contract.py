@@ -186,3 +186,46 @@ def stochastic_round_bits(x: np.ndarray, r: np.ndarray, kind: str) -> np.ndarray
     finite = mag < np.uint32(0x7F800000)
     out = np.where(finite, rounded | sign, bits).astype(np.uint32)
     return out.view(np.float32)
+
+
+# --------------------------------------------------------------------------- sparse masks
+#
+# A sparse perturbation (``sparse_fraction`` of the optimizers) perturbs and updates only
+# the elements whose bit is set in a *mask bitmap*, built once per step from the step-start
+# weights: z_i is replaced by m_i * z_i, and an element with m_i = 0 is not written at all (no
+# weight decay, no rounding: it keeps its bit pattern). The mask cannot be recomputed from the
+# weights during the step (w + eps*z is not w, and no threshold rule on the perturbed value
+# recovers the step-start decision near the threshold), so it is stored: one bit per element.
+#
+# Layout: one bitmap per tensor, int32 words, ceil(numel / 32) of them; element j of the
+# tensor (row-major order, local index, not the global one) is bit j mod 32 (least
+# significant first) of word j div 32. Bits past numel in the last word are 0.
+# Magnitude rule: m_j = 1 iff float32(|w_j|) <= float32(threshold) (NaN: never).
+
+MASK_WORD_BITS = 32
+
+
+def mask_words(numel: int) -> int:
+    """Number of int32 words of the bitmap of a tensor of ``numel`` elements."""
+    return (numel + MASK_WORD_BITS - 1) // MASK_WORD_BITS
+
+
+def magnitude_mask_words(values, threshold) -> np.ndarray:
+    """The bitmap (uint32 words) of the magnitude rule for ``values`` (any real array, taken
+    in order and converted to float32 exactly as storage dtypes convert)."""
+    v = np.abs(np.asarray(values, dtype=np.float32).reshape(-1))
+    bits = (v <= np.float32(threshold)).astype(np.uint8)  # NaN compares False
+    pad = (-bits.size) % MASK_WORD_BITS
+    bits = np.concatenate([bits, np.zeros(pad, dtype=np.uint8)])
+    return np.packbits(bits, bitorder="little").view(np.uint32).copy()
+
+
+def mask_bits(words, start: int, numel: int) -> np.ndarray:
+    """The mask of local elements [start, start + numel) as a bool array."""
+    if numel == 0:
+        return np.zeros(0, dtype=bool)
+    first, last = start // MASK_WORD_BITS, (start + numel - 1) // MASK_WORD_BITS
+    w = np.ascontiguousarray(words[first: last + 1]).view(np.uint32)  # int32 or uint32 words
+    bits = np.unpackbits(w.view(np.uint8), bitorder="little")
+    skip = start - first * MASK_WORD_BITS
+    return bits[skip: skip + numel].astype(bool)

@@ -304,22 +304,79 @@ def _projected_grads(projected_grads, device: torch.device, check_finite: bool) 
     return grads
 
 
+def _masks(masks, tensors: List[torch.Tensor], device: torch.device) -> Optional[List[torch.Tensor]]:
+    """None, or one bitmap per tensor as :func:`magnitude_mask` returns them: int32,
+    contiguous, ``contract.mask_words(numel)`` words, on the tensors' device, sharing no
+    memory with any tensor."""
+    if masks is None:
+        return None
+    if isinstance(masks, torch.Tensor):
+        masks = [masks]
+    try:
+        masks = list(masks)
+    except TypeError:
+        raise TypeError("mask must be None or a sequence of bitmaps, one per tensor") from None
+    if len(masks) != len(tensors):
+        raise ValueError(f"mask has {len(masks)} bitmaps but there are {len(tensors)} tensors")
+    spans = [_memory_span(t) for t in tensors if t.numel() > 0]
+    for i, (m, t) in enumerate(zip(masks, tensors)):
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"mask[{i}] is a {type(m).__name__}, not a torch.Tensor")
+        words = contract.mask_words(t.numel())
+        if m.dtype != torch.int32 or m.dim() != 1 or m.numel() != words:
+            raise ValueError(f"mask[{i}] must be a 1-D int32 tensor of {words} words (one bit "
+                             f"per element of tensors[{i}]), got {m.dtype} of shape "
+                             f"{tuple(m.shape)}")
+        if not m.is_contiguous():
+            raise ValueError(f"mask[{i}] is not contiguous")
+        if m.device != device:
+            raise ValueError(f"mask[{i}] is on {m.device} but the tensors are on {device}")
+        if m.numel() > 0:
+            lo, hi = _memory_span(m)
+            if any(lo < b and a < hi for a, b in spans):
+                raise ValueError(f"mask[{i}] shares memory with a tensor it masks")
+    return [m.detach() for m in masks]
+
+
+def _thresholds(thresholds, n: int) -> List[float]:
+    if isinstance(thresholds, torch.Tensor):
+        thresholds = thresholds.detach().reshape(-1).tolist()
+    try:
+        values = list(thresholds)
+    except TypeError:
+        raise TypeError("thresholds must be a sequence with one number per tensor") from None
+    if len(values) != n:
+        raise ValueError(f"{len(values)} thresholds for {n} tensors")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+            raise TypeError(f"thresholds[{i}] must be a real number, got {v!r}")
+        v32 = float(np.float32(v))
+        if math.isnan(v32):
+            raise ValueError(f"thresholds[{i}] is NaN")
+        out.append(v32)
+    return out
+
+
 # --------------------------------------------------------------------------- dispatch
 
 def _backend(device: torch.device, backend: Optional[str]) -> base.Backend:
     return base.select(device, backend, os.environ.get(ENV_BACKEND))
 
 
-def _groups(tensors: List[torch.Tensor], offsets: List[int]):
-    """(dtype, [contiguous tensors], [offsets], [(original, staging)]) per dtype.
+def _groups(tensors: List[torch.Tensor], offsets: List[int],
+            masks: Optional[List[torch.Tensor]] = None):
+    """{dtype: ([contiguous tensors], [offsets], [(original, staging)], [masks] or None)}.
 
     Non-contiguous tensors without overlap are processed through a contiguous staging copy
-    that is written back afterwards (a temporary the size of that one tensor)."""
-    groups: Dict[torch.dtype, Tuple[list, list, list]] = {}
-    for t, off in zip(tensors, offsets):
+    that is written back afterwards (a temporary the size of that one tensor); a mask follows
+    its tensor (it indexes the elements in row-major order, which the staging copy keeps)."""
+    groups: Dict[torch.dtype, Tuple[list, list, list, Optional[list]]] = {}
+    for i, (t, off) in enumerate(zip(tensors, offsets)):
         if t.numel() == 0:
             continue
-        ts, offs, staged = groups.setdefault(t.dtype, ([], [], []))
+        ts, offs, staged, ms = groups.setdefault(
+            t.dtype, ([], [], [], None if masks is None else []))
         if t.is_contiguous():
             ts.append(t)
         else:
@@ -327,6 +384,8 @@ def _groups(tensors: List[torch.Tensor], offsets: List[int]):
             staged.append((t, c))
             ts.append(c)
         offs.append(off)
+        if ms is not None:
+            ms.append(masks[i])
     return groups
 
 
@@ -339,15 +398,15 @@ def _bump_versions(tensors: List[torch.Tensor]) -> None:
         torch.autograd.graph.increment_version(tracked)
 
 
-def _run(tensors, offsets, device, backend, call):
+def _run(tensors, offsets, device, backend, call, masks=None):
     """Every check has passed (``device`` is the result of :func:`_check_tensors`): choose the
-    backend, then one backend call per dtype group."""
+    backend, then one backend call per dtype group: ``call(impl, tensors, offsets, masks)``."""
     impl = _backend(device, backend)
-    groups = _groups(tensors, offsets)
+    groups = _groups(tensors, offsets, masks)
     with torch.no_grad():
-        for ts, offs, staged in groups.values():
+        for ts, offs, staged, ms in groups.values():
             try:
-                call(impl, [t.detach() for t in ts], offs)
+                call(impl, [t.detach() for t in ts], offs, ms)
                 for original, staging in staged:
                     original.copy_(staging)
             finally:
@@ -389,7 +448,7 @@ def noise(seed, start, numel, distribution: str = "gaussian", direction: int = 0
 
 def perturb_(tensors: TensorList, seed, scale, distribution: str = "gaussian", direction: int = 0,
              offsets=None, backend: Optional[str] = None, *, restore_scale=0.0,
-             restore_direction: Optional[int] = None) -> None:
+             restore_direction: Optional[int] = None, mask=None) -> None:
     """p <- p + scale * z for every tensor, in place (rounded to nearest in the storage dtype).
 
     With ``restore_scale`` (and ``restore_direction``) the same pass first applies
@@ -401,6 +460,10 @@ def perturb_(tensors: TensorList, seed, scale, distribution: str = "gaussian", d
     every tensor as it was. Scalars must be finite after rounding to float32 and a non-zero
     ``scale``/``restore_scale`` must not round to 0. Autograd sees the call as an in-place
     modification of every tensor (their version counters are bumped).
+
+    ``mask`` (sparse perturbation): one bitmap per tensor, as :func:`magnitude_mask` returns
+    them; only elements whose bit is set are changed (z_i becomes m_i * z_i), the others keep
+    their bit pattern.
     """
     tensors = _tensor_list(tensors)
     seed = _seed(seed)
@@ -413,14 +476,17 @@ def perturb_(tensors: TensorList, seed, scale, distribution: str = "gaussian", d
     restore_direction = _direction(restore_direction or 0, "restore_direction")
     offs = _offsets(tensors, offsets)
     device = _check_tensors(tensors)
-    _run(tensors, offs, device, backend, lambda impl, ts, os_: impl.perturb(
-        ts, os_, seed, distribution, scale, direction, restore_scale, restore_direction))
+    masks = _masks(mask, tensors, device)
+    _run(tensors, offs, device, backend, lambda impl, ts, os_, ms: impl.perturb(
+        ts, os_, seed, distribution, scale, direction, restore_scale, restore_direction,
+        masks=ms), masks)
 
 
 def zo_update_(tensors: TensorList, seed, *, lr, projected_grads, restore_scale=0.0,
                restore_direction: Optional[int] = None, weight_decay=0.0,
                distribution: str = "gaussian", offsets=None, backend: Optional[str] = None,
-               stochastic_rounding: bool = True, check_finite: bool = True) -> None:
+               stochastic_rounding: bool = True, check_finite: bool = True,
+               mask=None) -> None:
     """One fused pass: remove the perturbation still applied, then the ZO-SGD update.
 
     p <- rn(p + restore_scale * z_r)  (skipped when restore_scale == 0; ``restore_direction``
@@ -436,6 +502,9 @@ def zo_update_(tensors: TensorList, seed, *, lr, projected_grads, restore_scale=
     read back, one host synchronisation per call. ``check_finite=False`` skips that check
     and its synchronisation (device tensors only; a non-finite value then reaches the
     weights).
+
+    ``mask`` (sparse perturbation): as in :func:`perturb_`; elements whose bit is 0 are not
+    written at all (no update, no weight decay, no rounding).
     """
     tensors = _tensor_list(tensors)
     seed = _seed(seed)
@@ -449,13 +518,42 @@ def zo_update_(tensors: TensorList, seed, *, lr, projected_grads, restore_scale=
         raise TypeError("check_finite must be True or False")
     offs = _offsets(tensors, offsets)
     device = _check_tensors(tensors)
+    masks = _masks(mask, tensors, device)
     grads = _projected_grads(projected_grads, device, check_finite)
     q = grads.numel()
     if q >= contract.DIRECTION_LIMIT:
         raise ValueError("too many directions")
     restore_direction = q - 1 if restore_direction is None else _direction(
         restore_direction, "restore_direction")
-    _run(tensors, offs, device, backend, lambda impl, ts, os_: impl.update(
+    _run(tensors, offs, device, backend, lambda impl, ts, os_, ms: impl.update(
         ts, os_, seed, distribution, lr=lr, projected_grads=grads, restore_scale=restore_scale,
         restore_direction=restore_direction, weight_decay=weight_decay,
-        stochastic_rounding=stochastic_rounding))
+        stochastic_rounding=stochastic_rounding, masks=ms), masks)
+
+
+def magnitude_mask(tensors: TensorList, thresholds, backend: Optional[str] = None
+                   ) -> List[torch.Tensor]:
+    """The sparse-perturbation bitmaps of ``tensors`` by magnitude: for tensor i, bit j (bit
+    j mod 32 of int32 word j div 32, element j in row-major order) is set iff
+    float32(|t_j|) <= float32(thresholds[i]) (a NaN element: never). Returns one int32
+    tensor of ``ceil(numel / 32)`` words per tensor, on the tensors' device: 1/32 of a
+    float32 tensor's memory. Pass them as ``mask=`` to :func:`perturb_` and
+    :func:`zo_update_`; build them before the step's first sweep (the weights move during a
+    step, the mask must not). Reads the tensors, writes nothing to them."""
+    tensors = _tensor_list(tensors)
+    values = _thresholds(thresholds, len(tensors))
+    device = _check_tensors(tensors)
+    masks = [torch.zeros(contract.mask_words(t.numel()), dtype=torch.int32, device=device)
+             for t in tensors]
+    todo = [i for i, t in enumerate(tensors) if t.numel() > 0]
+    if not todo:
+        return masks
+    impl = _backend(device, backend)
+    by_dtype: Dict[torch.dtype, List[int]] = {}
+    for i in todo:
+        by_dtype.setdefault(tensors[i].dtype, []).append(i)
+    with torch.no_grad():
+        for idx in by_dtype.values():
+            impl.magnitude_mask([tensors[i].detach().contiguous() for i in idx],
+                                [values[i] for i in idx], [masks[i] for i in idx])
+    return masks

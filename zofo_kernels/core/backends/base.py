@@ -20,6 +20,13 @@ sums are separately rounded float32 operations (no fused multiply-add), in this 
 
 where rn rounds to the storage dtype (nearest even) and sr is
 :func:`zofo_kernels.core.contract.stochastic_round_bits` with the rounding-stream word of the element.
+
+Sparse perturbation: ``perturb`` and ``update`` take ``masks``, None or one int32 bitmap per
+tensor (the layout of :func:`zofo_kernels.core.contract.mask_bits`: ``mask_words(numel)`` words,
+contiguous, on the tensors' device). An element whose bit is 0 is neither read-modified nor
+written (no restore, no perturbation, no weight decay, no rounding); an element whose bit is 1
+follows the formulas above exactly. ``magnitude_mask`` writes such bitmaps:
+bit j = float32(|t_j|) <= threshold (NaN: 0), the bits past numel 0.
 """
 
 from __future__ import annotations
@@ -79,17 +86,25 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def perturb(self, tensors: List[torch.Tensor], offsets: List[int], seed: int,
                 distribution: str, scale: float, direction: int,
-                restore_scale: float, restore_direction: int) -> None:
+                restore_scale: float, restore_direction: int, *,
+                masks: Optional[List[torch.Tensor]] = None) -> None:
         ...
 
     @abc.abstractmethod
     def update(self, tensors: List[torch.Tensor], offsets: List[int], seed: int,
                distribution: str, *, lr: float, projected_grads: torch.Tensor,
                restore_scale: float, restore_direction: int, weight_decay: float,
-               stochastic_rounding: bool) -> None:
+               stochastic_rounding: bool, masks: Optional[List[torch.Tensor]] = None) -> None:
         """The scalars after ``distribution`` are keyword-only (as in
         :func:`zofo_kernels.core.ops.zo_update_`): ten positional values are too easy to
         permute."""
+
+    @abc.abstractmethod
+    def magnitude_mask(self, tensors: List[torch.Tensor], thresholds: List[float],
+                       masks: List[torch.Tensor]) -> None:
+        """Write the magnitude-rule bitmap of ``tensors[i]`` with ``thresholds[i]`` (a Python
+        float, already a float32 value) into ``masks[i]`` (int32, ``mask_words(numel)``
+        words, contiguous, same device; every word is overwritten)."""
 
 
 _FACTORIES: Dict[str, Callable[[], Backend]] = {}
@@ -147,6 +162,22 @@ def select(device: torch.device, requested: Optional[str], env_value: Optional[s
 
 def flat_views(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return [t.view(-1) for t in tensors]
+
+
+def check_masks(tensors: List[torch.Tensor], masks: Optional[List[torch.Tensor]],
+                backend: str) -> None:
+    """The checks every backend makes on a call's bitmaps (None, or one per tensor: int32,
+    contiguous, ``mask_words(numel)`` words, on the tensors' device)."""
+    if masks is None:
+        return
+    if len(masks) != len(tensors):
+        raise ValueError(f"{len(masks)} masks for {len(tensors)} tensors ({backend} backend)")
+    for i, (t, m) in enumerate(zip(tensors, masks)):
+        words = (t.numel() + 31) // 32
+        if m.dtype != torch.int32 or not m.is_contiguous() or m.numel() != words \
+                or m.device != t.device:
+            raise ValueError(f"masks[{i}] must be a contiguous int32 tensor of {words} words on "
+                             f"{t.device}, got {m.dtype} with {m.numel()} elements on {m.device}")
 
 
 def check_group(tensors: List[torch.Tensor], offsets: List[int], backend: str,
