@@ -279,12 +279,19 @@ def memory_worker(spec: dict) -> dict:
     model_bytes = loaded.parameter_bytes
     b = Bench(ns.method, loaded.model, batch, device, ns.backend, ns.inner_steps)
     # Library initialisation is not a step's memory: every method first runs one forward
-    # pass under no_grad (thread pools, kernel caches) and one kernel call on a small
-    # dummy tensor (loads the native module), then the peak is reset.
+    # pass under no_grad (thread pools, kernel caches), one kernel call on a small dummy
+    # tensor (loads the native module) and the sparse step's mask making on dummies, then
+    # the peak is reset.
     with torch.no_grad():
         models_mod.classification_loss(b.model, batch)
     from zofo_kernels.core import ops
+    from zofo_kernels.core.optim import sparse
     ops.perturb_(torch.zeros(4096, device=device), 0, 0.0, backend=ns.backend)
+    # the sparse step's torch ops (gather, kthvalue, bincount) keep ~3 MB of their own
+    # once first used in a process: initialisation too, not the step's memory
+    dummies = [torch.zeros(2 * sparse.SAMPLE + 1, device=device), torch.zeros(64, device=device)]
+    sparse.set_bits(ops.magnitude_mask(dummies, sparse.thresholds(dummies, 0.5, {}),
+                                       backend=ns.backend)[0])
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

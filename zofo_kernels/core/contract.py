@@ -192,8 +192,8 @@ def stochastic_round_bits(x: np.ndarray, r: np.ndarray, kind: str) -> np.ndarray
 #
 # A sparse perturbation (``sparse_fraction`` of the optimizers) perturbs and updates only
 # the elements whose bit is set in a *mask bitmap*, built once per step from the step-start
-# weights: z_i is replaced by m_i * z_i, and an element with m_i = 0 is not written at all (no
-# weight decay, no rounding: it keeps its bit pattern). The mask cannot be recomputed from the
+# weights: z_i is replaced by m_i * z_i, and an element with m_i = 0 keeps its bit pattern (no
+# weight decay, no rounding; a backend may store its own bits back). The mask cannot be recomputed from the
 # weights during the step (w + eps*z is not w, and no threshold rule on the perturbed value
 # recovers the step-start decision near the threshold), so it is stored: one bit per element.
 #

@@ -503,8 +503,8 @@ def zo_update_(tensors: TensorList, seed, *, lr, projected_grads, restore_scale=
     and its synchronisation (device tensors only; a non-finite value then reaches the
     weights).
 
-    ``mask`` (sparse perturbation): as in :func:`perturb_`; elements whose bit is 0 are not
-    written at all (no update, no weight decay, no rounding).
+    ``mask`` (sparse perturbation): as in :func:`perturb_`; elements whose bit is 0 keep
+    their bit pattern (no update, no weight decay, no rounding).
     """
     tensors = _tensor_list(tensors)
     seed = _seed(seed)

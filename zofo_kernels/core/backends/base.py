@@ -23,8 +23,9 @@ where rn rounds to the storage dtype (nearest even) and sr is
 
 Sparse perturbation: ``perturb`` and ``update`` take ``masks``, None or one int32 bitmap per
 tensor (the layout of :func:`zofo_kernels.core.contract.mask_bits`: ``mask_words(numel)`` words,
-contiguous, on the tensors' device). An element whose bit is 0 is neither read-modified nor
-written (no restore, no perturbation, no weight decay, no rounding); an element whose bit is 1
+contiguous, on the tensors' device). An element whose bit is 0 keeps its bit pattern (no
+restore, no perturbation, no weight decay, no rounding; a backend may store the same bits back,
+as the CPU kernels' vectorised blend does); an element whose bit is 1
 follows the formulas above exactly. ``magnitude_mask`` writes such bitmaps:
 bit j = float32(|t_j|) <= threshold (NaN: 0), the bits past numel 0.
 """
