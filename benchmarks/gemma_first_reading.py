@@ -54,6 +54,11 @@ ZO_METHODS = ("mezo", "bilevel-zofo")
 TIMING_STEPS = 8
 PILOT_STEPS = 150
 MEZO_LRS = (1e-5, 1e-6)  # zofo-train's default, and MeZO's value for OPT
+# the sparse pilot (phase "sparse"): MeZO with sparse_fraction 0.2 beside the dense pilot,
+# same data, seed and held-out examples; at lr 1e-6 as dense and at 5x (a fifth of the
+# weights move, so the same lr moves the model less)
+SPARSE_FRACTION = 0.2
+SPARSE_LRS = (1e-6, 5e-6)
 COMMON = ["--batch-size", "8", "--max-length", "48", "--threads", "2", "--seed", "0",
           "--data-seed", "0", "--num-train", "1000", "--no-save", "--no-progress"]
 
@@ -115,6 +120,14 @@ class Reading:
             self.run(f"pilot_mezo_lr{lr:g}", "mezo",
                      ["--lr", f"{lr:g}", "--steps", str(PILOT_STEPS), "--eval-every-steps",
                       every, "--holdout", str(self.args.holdout)])
+
+    def sparse(self):
+        every = str(PILOT_STEPS // 3)
+        for lr in SPARSE_LRS:
+            self.run(f"pilot_mezo-sparse_lr{lr:g}", "mezo",
+                     ["--sparse-fraction", f"{SPARSE_FRACTION:g}", "--lr", f"{lr:g}", "--steps",
+                      str(PILOT_STEPS), "--eval-every-steps", every, "--holdout",
+                      str(self.args.holdout)])
 
     def mezo_lr(self) -> float:
         scored = []
@@ -219,8 +232,19 @@ class Reading:
                              f"{s['best_eval_accuracy']:.3f})")
         if not parts:
             return ""
-        return (f"MeZO's lr, chosen by the pilot ({PILOT_STEPS} steps, accuracy on "
+        text = (f"MeZO's lr, chosen by the pilot ({PILOT_STEPS} steps, accuracy on "
                 f"{self.args.holdout} held-out training examples): " + "; ".join(parts) + ".")
+        sparse = []
+        for lr in SPARSE_LRS:
+            s = self.summary(f"pilot_mezo-sparse_lr{lr:g}")
+            if s is not None:
+                sparse.append(f"lr {lr:g}: {s['eval_accuracy']:.3f} (best "
+                              f"{s['best_eval_accuracy']:.3f})")
+        if sparse:
+            text += (f" The same pilot with sparse perturbation (`--sparse-fraction "
+                     f"{SPARSE_FRACTION:g}`, phase `sparse`, not part of the reading): "
+                     + "; ".join(sparse) + ".")
+        return text
 
     def _plot(self, runs, raw, cal):
         import matplotlib
@@ -268,7 +292,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--phase", default="all",
-                   choices=("timing", "pilot", "reading", "report", "all"))
+                   choices=("timing", "pilot", "reading", "sparse", "report", "all"))
     p.add_argument("--budget-minutes", type=float, default=17.0,
                    help="training budget of each reading run (17 min: MeZO makes > 1,000 "
                         "steps at ~0.9 s a step)")
