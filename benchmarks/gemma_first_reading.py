@@ -223,23 +223,23 @@ class Reading:
                            f"{share:+.2f}.")
         return out
 
-    def _pilot_text(self) -> str:
-        parts = []
-        for lr in MEZO_LRS:
-            s = self.summary(f"pilot_mezo_lr{lr:g}")
+    def _pilot_results(self, prefix: str, lrs) -> list:
+        """'lr X: final (best Y)' of each archived pilot run ``{prefix}_lr{X}``."""
+        out = []
+        for lr in lrs:
+            s = self.summary(f"{prefix}_lr{lr:g}")
             if s is not None:
-                parts.append(f"lr {lr:g}: {s['eval_accuracy']:.3f} (best "
-                             f"{s['best_eval_accuracy']:.3f})")
+                out.append(f"lr {lr:g}: {s['eval_accuracy']:.3f} (best "
+                           f"{s['best_eval_accuracy']:.3f})")
+        return out
+
+    def _pilot_text(self) -> str:
+        parts = self._pilot_results("pilot_mezo", MEZO_LRS)
         if not parts:
             return ""
         text = (f"MeZO's lr, chosen by the pilot ({PILOT_STEPS} steps, accuracy on "
                 f"{self.args.holdout} held-out training examples): " + "; ".join(parts) + ".")
-        sparse = []
-        for lr in SPARSE_LRS:
-            s = self.summary(f"pilot_mezo-sparse_lr{lr:g}")
-            if s is not None:
-                sparse.append(f"lr {lr:g}: {s['eval_accuracy']:.3f} (best "
-                              f"{s['best_eval_accuracy']:.3f})")
+        sparse = self._pilot_results("pilot_mezo-sparse", SPARSE_LRS)
         if sparse:
             text += (f" The same pilot with sparse perturbation (`--sparse-fraction "
                      f"{SPARSE_FRACTION:g}`, phase `sparse`, not part of the reading): "

@@ -1,8 +1,31 @@
-"""Small models and datasets shared by the optimizer and trainer tests."""
+"""Small models and datasets shared by the optimizer and trainer tests, and the (backend,
+device) cases the kernel tests parametrize over."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+
+def backend_cases():
+    """(backend, device) pytest params of every available kernel backend; without a GPU the
+    cuda and triton GPU cases are still listed (marked gpu), so they show as skipped, never
+    silently absent."""
+    import zofo_kernels as zk
+    from zofo_kernels.core.backends import base
+    out = []
+    for name, st in zk.available_backends().items():
+        if not st.available:
+            continue
+        backend = base.get(name)
+        if backend.supports_device(torch.device("cpu")):
+            out.append(pytest.param(name, "cpu", id=f"{name}-cpu"))
+        if torch.cuda.is_available() and backend.supports_device(torch.device("cuda")):
+            out.append(pytest.param(name, "cuda", id=f"{name}-cuda", marks=pytest.mark.gpu))
+    if not torch.cuda.is_available():
+        for name in ("cuda", "triton"):
+            out.append(pytest.param(name, "cuda", id=f"{name}-cuda", marks=pytest.mark.gpu))
+    return out
 
 
 class Rows(torch.utils.data.Dataset):

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import zofo_kernels as zk
+from helpers import backend_cases
 from tolerances import GAUSS_ULPS, PRINTED_8_DIGITS, ulp
 from zofo_kernels.core import contract
 from zofo_kernels.core.backends import base
@@ -34,23 +35,7 @@ _RNG_SEED = int.from_bytes(os.urandom(4), "little")
 RNG = np.random.default_rng(_RNG_SEED)
 
 
-def _cases():
-    out = []
-    for name, st in zk.available_backends().items():
-        if not st.available:
-            continue
-        backend = base.get(name)
-        if backend.supports_device(torch.device("cpu")):
-            out.append(pytest.param(name, "cpu", id=f"{name}-cpu"))
-        if torch.cuda.is_available() and backend.supports_device(torch.device("cuda")):
-            out.append(pytest.param(name, "cuda", id=f"{name}-cuda", marks=pytest.mark.gpu))
-    if not torch.cuda.is_available():  # visible as skipped, never silently absent
-        for name in ("cuda", "triton"):
-            out.append(pytest.param(name, "cuda", id=f"{name}-cuda", marks=pytest.mark.gpu))
-    return out
-
-
-CASES = _cases()
+CASES = backend_cases()
 
 
 def gauss_radius(seed, start, numel, direction):
