@@ -20,8 +20,8 @@ imported on first use so that ``import zofo_kernels`` needs only the core's depe
 import importlib
 
 from zofo_kernels.core.backends import BackendStatus, BackendUnavailableError
-from zofo_kernels.core.ops import (available_backends, canonical_offsets, magnitude_mask, noise,
-                                   perturb_, zo_update_)
+from zofo_kernels.core.ops import (available_backends, canonical_offsets, lowrank_factors,
+                                   magnitude_mask, noise, perturb_, zo_update_)
 from zofo_kernels.core.optim import (MetaZOFOOptimizer, NonFiniteLossError, ZOFOOptimizer,
                                      ZOOptimizer, zo_param_groups)
 from zofo_kernels.core.requirements import require_extra
@@ -61,6 +61,7 @@ __all__ = [
     "available_backends",
     "canonical_offsets",
     "load_trained",
+    "lowrank_factors",
     "noise",
     "magnitude_mask",
     "perturb_",

@@ -229,3 +229,88 @@ def mask_bits(words, start: int, numel: int) -> np.ndarray:
     bits = np.unpackbits(w.view(np.uint8), bitorder="little")
     skip = start - first * MASK_WORD_BITS
     return bits[skip: skip + numel].astype(bool)
+
+
+# --------------------------------------------------------------------------- low-rank directions
+#
+# A low-rank direction (``lowrank=r`` of the optimizers, LOZO/SubZero style) replaces the dense
+# z of a matrix by a rank-r one. A tensor of dim >= 2 and shape (m, ...) is viewed as the
+# matrix (m, n), n = numel / m (row-major: local element j is row j div n, column j mod n);
+# it takes a low-rank z when r <= min(m, n), every other tensor keeps its dense z.
+#
+# Factors, direction k: U (m, r) and V (n, r), float32, drawn from the noise stream itself
+# (same distribution as the dense z would have) at global indices inside the tensor's own
+# range [o, o + m*n), so that no two tensors share a draw:
+#     U[i, l] = noise(u_seed, o + i*r + l, direction k)      (i*r + l < m*r <= m*n)
+#     V[j, l] = noise(v_seed, o + j*r + l, direction k)      (j*r + l < n*r <= m*n)
+# u_seed = derived_seed(seed, 0, PURPOSE_LOWRANK_U) of the call's seed (the step seed), and
+# v_seed = derived_seed(v_key, 0, PURPOSE_LOWRANK_V) of a key that is the step seed too, or the
+# seed of the first step of V's period: the optimizers' ``lowrank_period=p`` keys V on the
+# seed of step p * (t div p), so V stays for p steps (LOZO's lazy V) while U changes.
+#
+# z of local element j = (row i, column c), each product and sum a separately rounded float32
+# operation, summed in the order l = 0 .. r-1:
+#     acc = U[i, 0] * V[c, 0];  acc = acc + U[i, l] * V[c, l]  (l = 1 .. r-1);  z = acc * s_r
+# with s_r = float32(1 / sqrt(r)) (rounded once from double). E[z z^T] = I, as for dense z.
+# Rademacher factors make acc an exact integer, so Rademacher low-rank z is exact on every
+# backend; Gaussian low-rank z inherits the Gaussian factors' tolerance. Given the same factor
+# tensors, every backend computes the same z bit for bit (the float contract: no FMA).
+
+PURPOSE_LOWRANK_U = 0x10F40001  # Philox c3 of the derived seeds of U and V
+PURPOSE_LOWRANK_V = 0x10F40002
+
+
+def derived_seed(key_seed: int, index: int, purpose: int) -> int:
+    """A seed in [0, 2**63) derived from ``key_seed``: Philox4x32-10 keyed by it on the counter
+    (index mod 2**32, index div 2**32, 0, purpose), words 0 and 1 joined (word 1 high)."""
+    if not 0 <= key_seed < SEED_LIMIT:
+        raise ValueError(f"key_seed must be in [0, 2**63), got {key_seed}")
+    if not 0 <= index < (1 << 64):
+        raise ValueError(f"index must be in [0, 2**64), got {index}")
+    w = philox4x32(np.uint32(index & 0xFFFFFFFF), np.uint32(index >> 32), np.uint32(0),
+                   np.uint32(purpose), key_seed)
+    return ((int(w[1]) << 32) | int(w[0])) & (SEED_LIMIT - 1)
+
+
+def lowrank_shape(shape, rank: int):
+    """(m, n) of the matrix view of a tensor of ``shape`` when it takes a rank-``rank`` z,
+    else None (dim < 2, or rank > min(m, n): the tensor keeps its dense z)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or rank < 1:
+        return None
+    m = shape[0]
+    n = int(np.prod(shape[1:], dtype=np.int64))
+    if rank > min(m, n):
+        return None
+    return m, n
+
+
+def lowrank_seeds(seed: int, v_key: int):
+    """(u_seed, v_seed) of a step with seed ``seed`` whose V is keyed on ``v_key``."""
+    return (derived_seed(seed, 0, PURPOSE_LOWRANK_U), derived_seed(v_key, 0, PURPOSE_LOWRANK_V))
+
+
+def lowrank_scale(rank: int) -> np.float32:
+    """s_r = float32(1 / sqrt(r)), rounded once from double."""
+    return np.float32(1.0 / np.sqrt(np.float64(rank)))
+
+
+def lowrank_factor(seed: int, start: int, rows: int, rank: int, distribution: str = "gaussian",
+                   direction: int = 0) -> np.ndarray:
+    """U (rows = m) or V (rows = n) of a tensor whose first global index is ``start``:
+    element (i, l) is noise(seed, start + i*rank + l, direction), float32 (rows, rank)."""
+    return noise(seed, start, rows * rank, distribution, direction).reshape(rows, rank)
+
+
+def lowrank_z(u: np.ndarray, v: np.ndarray, start: int, numel: int) -> np.ndarray:
+    """z of local elements [start, start + numel) of the (m, n) matrix with factors u (m, r)
+    and v (n, r) (float32), by the fixed-order float32 formula above."""
+    u = np.asarray(u, dtype=np.float32)
+    v = np.asarray(v, dtype=np.float32)
+    r = u.shape[1]
+    j = np.arange(start, start + numel, dtype=np.int64)
+    rows, cols = j // v.shape[0], j % v.shape[0]
+    acc = u[rows, 0] * v[cols, 0]
+    for k in range(1, r):
+        acc = acc + u[rows, k] * v[cols, k]
+    return (acc * lowrank_scale(r)).astype(np.float32)

@@ -358,6 +358,62 @@ def _thresholds(thresholds, n: int) -> List[float]:
     return out
 
 
+def _factors(factors, tensors: List[torch.Tensor], device: torch.device, masks,
+             directions: Sequence[int]) -> Optional[list]:
+    """None, or one entry per tensor as :func:`lowrank_factors` returns them: None or a pair
+    (U, V) of contiguous float32 tensors on the tensors' device, (D, m, r) and (D, n, r) with
+    (m, n) the tensor's matrix view (``contract.lowrank_shape``), one r for the call, D above
+    every direction the call uses, sharing no memory with any tensor."""
+    if factors is None:
+        return None
+    if masks is not None:
+        raise ValueError("mask and factors cannot be combined: a step is either sparse or "
+                         "low-rank")
+    try:
+        factors = list(factors)
+    except TypeError:
+        raise TypeError("factors must be None or a sequence with one entry (None or a (U, V) "
+                        "pair) per tensor") from None
+    if len(factors) != len(tensors):
+        raise ValueError(f"factors has {len(factors)} entries but there are {len(tensors)} "
+                         "tensors")
+    spans = [_memory_span(t) for t in tensors if t.numel() > 0]
+    rank, out = None, []
+    for i, (f, t) in enumerate(zip(factors, tensors)):
+        if f is None:
+            out.append(None)
+            continue
+        if not (isinstance(f, (tuple, list)) and len(f) == 2
+                and all(isinstance(x, torch.Tensor) for x in f)):
+            raise TypeError(f"factors[{i}] must be None or a (U, V) pair of tensors")
+        u, v = f
+        r = int(u.shape[-1]) if u.dim() == 3 else -1
+        mn = contract.lowrank_shape(t.shape, r) if r >= 1 else None
+        if mn is None or tuple(u.shape[1:]) != (mn[0], r) or tuple(v.shape) != (
+                u.shape[0], mn[1], r):
+            raise ValueError(f"factors[{i}] must be U of shape (D, m, r) and V of shape "
+                             f"(D, n, r) for tensors[{i}] of shape {tuple(t.shape)} viewed as "
+                             f"(m, n) = (shape[0], numel / shape[0]), r <= min(m, n); got "
+                             f"{tuple(u.shape)} and {tuple(v.shape)}")
+        if rank is not None and r != rank:
+            raise ValueError(f"factors[{i}] has rank {r} but an earlier tensor rank {rank}: "
+                             "one rank per call")
+        rank = r
+        for name, x in (("U", u), ("V", v)):
+            if x.dtype != torch.float32 or not x.is_contiguous() or x.device != device:
+                raise ValueError(f"factors[{i}] {name} must be a contiguous float32 tensor on "
+                                 f"{device}, got {x.dtype} on {x.device}"
+                                 + ("" if x.is_contiguous() else ", not contiguous"))
+            lo, hi = _memory_span(x)
+            if any(lo < b and a < hi for a, b in spans):
+                raise ValueError(f"factors[{i}] {name} shares memory with a tensor it perturbs")
+        if max(directions) >= u.shape[0]:
+            raise ValueError(f"factors[{i}] hold {u.shape[0]} direction(s) but the call uses "
+                             f"direction {max(directions)}")
+        out.append((u.detach(), v.detach()))
+    return out
+
+
 # --------------------------------------------------------------------------- dispatch
 
 def _backend(device: torch.device, backend: Optional[str]) -> base.Backend:
@@ -365,18 +421,21 @@ def _backend(device: torch.device, backend: Optional[str]) -> base.Backend:
 
 
 def _groups(tensors: List[torch.Tensor], offsets: List[int],
-            masks: Optional[List[torch.Tensor]] = None):
-    """{dtype: ([contiguous tensors], [offsets], [(original, staging)], [masks] or None)}.
+            masks: Optional[List[torch.Tensor]] = None, factors: Optional[list] = None):
+    """{dtype: ([contiguous tensors], [offsets], [(original, staging)], [masks] or None,
+    [factors] or None)}.
 
     Non-contiguous tensors without overlap are processed through a contiguous staging copy
-    that is written back afterwards (a temporary the size of that one tensor); a mask follows
-    its tensor (it indexes the elements in row-major order, which the staging copy keeps)."""
-    groups: Dict[torch.dtype, Tuple[list, list, list, Optional[list]]] = {}
+    that is written back afterwards (a temporary the size of that one tensor); a mask or a
+    factor pair follows its tensor (both index the elements in row-major order, which the
+    staging copy keeps)."""
+    groups: Dict[torch.dtype, Tuple[list, list, list, Optional[list], Optional[list]]] = {}
     for i, (t, off) in enumerate(zip(tensors, offsets)):
         if t.numel() == 0:
             continue
-        ts, offs, staged, ms = groups.setdefault(
-            t.dtype, ([], [], [], None if masks is None else []))
+        ts, offs, staged, ms, fs = groups.setdefault(
+            t.dtype, ([], [], [], None if masks is None else [],
+                      None if factors is None else []))
         if t.is_contiguous():
             ts.append(t)
         else:
@@ -386,6 +445,8 @@ def _groups(tensors: List[torch.Tensor], offsets: List[int],
         offs.append(off)
         if ms is not None:
             ms.append(masks[i])
+        if fs is not None:
+            fs.append(factors[i])
     return groups
 
 
@@ -398,15 +459,16 @@ def _bump_versions(tensors: List[torch.Tensor]) -> None:
         torch.autograd.graph.increment_version(tracked)
 
 
-def _run(tensors, offsets, device, backend, call, masks=None):
+def _run(tensors, offsets, device, backend, call, masks=None, factors=None):
     """Every check has passed (``device`` is the result of :func:`_check_tensors`): choose the
-    backend, then one backend call per dtype group: ``call(impl, tensors, offsets, masks)``."""
+    backend, then one backend call per dtype group: ``call(impl, tensors, offsets, masks,
+    factors)``."""
     impl = _backend(device, backend)
-    groups = _groups(tensors, offsets, masks)
+    groups = _groups(tensors, offsets, masks, factors)
     with torch.no_grad():
-        for ts, offs, staged, ms in groups.values():
+        for ts, offs, staged, ms, fs in groups.values():
             try:
-                call(impl, [t.detach() for t in ts], offs, ms)
+                call(impl, [t.detach() for t in ts], offs, ms, fs)
                 for original, staging in staged:
                     original.copy_(staging)
             finally:
@@ -448,7 +510,7 @@ def noise(seed, start, numel, distribution: str = "gaussian", direction: int = 0
 
 def perturb_(tensors: TensorList, seed, scale, distribution: str = "gaussian", direction: int = 0,
              offsets=None, backend: Optional[str] = None, *, restore_scale=0.0,
-             restore_direction: Optional[int] = None, mask=None) -> None:
+             restore_direction: Optional[int] = None, mask=None, factors=None) -> None:
     """p <- p + scale * z for every tensor, in place (rounded to nearest in the storage dtype).
 
     With ``restore_scale`` (and ``restore_direction``) the same pass first applies
@@ -464,6 +526,11 @@ def perturb_(tensors: TensorList, seed, scale, distribution: str = "gaussian", d
     ``mask`` (sparse perturbation): one bitmap per tensor, as :func:`magnitude_mask` returns
     them; only elements whose bit is set are changed (z_i becomes m_i * z_i), the others keep
     their bit pattern.
+
+    ``factors`` (low-rank directions): one entry per tensor, as :func:`lowrank_factors`
+    returns them; a tensor with a pair (U, V) takes the rank-r z of the contract
+    (``contract.lowrank_z`` of U[direction], V[direction]) in place of its dense noise, a
+    tensor with None its dense z. Not combinable with ``mask``.
     """
     tensors = _tensor_list(tensors)
     seed = _seed(seed)
@@ -477,16 +544,18 @@ def perturb_(tensors: TensorList, seed, scale, distribution: str = "gaussian", d
     offs = _offsets(tensors, offsets)
     device = _check_tensors(tensors)
     masks = _masks(mask, tensors, device)
-    _run(tensors, offs, device, backend, lambda impl, ts, os_, ms: impl.perturb(
+    pairs = _factors(factors, tensors, device, masks,
+                     (direction, restore_direction) if restore_scale != 0.0 else (direction,))
+    _run(tensors, offs, device, backend, lambda impl, ts, os_, ms, fs: impl.perturb(
         ts, os_, seed, distribution, scale, direction, restore_scale, restore_direction,
-        masks=ms), masks)
+        masks=ms, factors=fs), masks, pairs)
 
 
 def zo_update_(tensors: TensorList, seed, *, lr, projected_grads, restore_scale=0.0,
                restore_direction: Optional[int] = None, weight_decay=0.0,
                distribution: str = "gaussian", offsets=None, backend: Optional[str] = None,
                stochastic_rounding: bool = True, check_finite: bool = True,
-               mask=None) -> None:
+               mask=None, factors=None) -> None:
     """One fused pass: remove the perturbation still applied, then the ZO-SGD update.
 
     p <- rn(p + restore_scale * z_r)  (skipped when restore_scale == 0; ``restore_direction``
@@ -505,6 +574,10 @@ def zo_update_(tensors: TensorList, seed, *, lr, projected_grads, restore_scale=
 
     ``mask`` (sparse perturbation): as in :func:`perturb_`; elements whose bit is 0 keep
     their bit pattern (no update, no weight decay, no rounding).
+
+    ``factors`` (low-rank directions): as in :func:`perturb_`; every z_k (and z_r) of a
+    tensor with factors is its low-rank z of direction k, so the factors must hold q
+    directions (and the restore direction).
     """
     tensors = _tensor_list(tensors)
     seed = _seed(seed)
@@ -525,10 +598,12 @@ def zo_update_(tensors: TensorList, seed, *, lr, projected_grads, restore_scale=
         raise ValueError("too many directions")
     restore_direction = q - 1 if restore_direction is None else _direction(
         restore_direction, "restore_direction")
-    _run(tensors, offs, device, backend, lambda impl, ts, os_, ms: impl.update(
+    pairs = _factors(factors, tensors, device, masks, tuple(range(q)) + (
+        (restore_direction,) if restore_scale != 0.0 else ()))
+    _run(tensors, offs, device, backend, lambda impl, ts, os_, ms, fs: impl.update(
         ts, os_, seed, distribution, lr=lr, projected_grads=grads, restore_scale=restore_scale,
         restore_direction=restore_direction, weight_decay=weight_decay,
-        stochastic_rounding=stochastic_rounding, masks=ms), masks)
+        stochastic_rounding=stochastic_rounding, masks=ms, factors=fs), masks, pairs)
 
 
 def magnitude_mask(tensors: TensorList, thresholds, backend: Optional[str] = None
@@ -557,3 +632,46 @@ def magnitude_mask(tensors: TensorList, thresholds, backend: Optional[str] = Non
             impl.magnitude_mask([tensors[i].detach().contiguous() for i in idx],
                                 [values[i] for i in idx], [masks[i] for i in idx])
     return masks
+
+
+def lowrank_factors(tensors: TensorList, seed, rank: int, *, v_seed=None,
+                    distribution: str = "gaussian", n_directions: int = 1, offsets=None,
+                    backend: Optional[str] = None) -> List[Optional[Tuple[torch.Tensor,
+                                                                          torch.Tensor]]]:
+    """The low-rank factors of a step with seed ``seed``, one entry per tensor, to pass as
+    ``factors=`` to every :func:`perturb_` and :func:`zo_update_` of that step (with the same
+    seed, distribution and offsets).
+
+    A tensor of dim >= 2 viewed as the matrix (m, n) = (shape[0], numel / shape[0]) with
+    ``rank`` <= min(m, n) gets U of shape (n_directions, m, rank) and V of shape
+    (n_directions, n, rank), float32 on its device; any other tensor gets None (its z stays
+    dense). Direction k's z is U[k] V[k]^T / sqrt(rank), in the contract's fixed-order float32
+    formula (``contract.lowrank_z``); U[k][i, l] = noise(u_seed, o + i*rank + l, k) and
+    V[k][j, l] = noise(v_seed, o + j*rank + l, k) with o the tensor's global offset and
+    (u_seed, v_seed) = ``contract.lowrank_seeds(seed, v_key)``, v_key = ``v_seed`` when given
+    (hold V for several steps by passing the seed of the first step of its period), else
+    ``seed``. Memory: (m + n) * rank * n_directions floats per matrix, nothing the size of
+    the tensor."""
+    tensors = _tensor_list(tensors)
+    seed = _seed(seed)
+    v_key = seed if v_seed is None else _index(v_seed, "v_seed", 0, contract.SEED_LIMIT)
+    rank = _index(rank, "rank", 1, 1 << 31)
+    distribution = _distribution(distribution)
+    q = _index(n_directions, "n_directions", 1, contract.DIRECTION_LIMIT)
+    offs = _offsets(tensors, offsets)
+    device = _check_tensors(tensors)
+    u_seed, v_seed_ = contract.lowrank_seeds(seed, v_key)
+    out: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = []
+    impl = None
+    for t, off in zip(tensors, offs):
+        mn = contract.lowrank_shape(t.shape, rank)
+        if mn is None:
+            out.append(None)
+            continue
+        impl = impl or _backend(device, backend)
+        m, n = mn
+        pair = tuple(torch.stack([impl.noise(s, off, rows * rank, distribution, k, device)
+                                  .view(rows, rank) for k in range(q)])
+                     for s, rows in ((u_seed, m), (v_seed_, n)))
+        out.append(pair)
+    return out

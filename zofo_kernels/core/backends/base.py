@@ -28,6 +28,16 @@ restore, no perturbation, no weight decay, no rounding; a backend may store the 
 as the CPU kernels' vectorised blend does); an element whose bit is 1
 follows the formulas above exactly. ``magnitude_mask`` writes such bitmaps:
 bit j = float32(|t_j|) <= threshold (NaN: 0), the bits past numel 0.
+
+Low-rank directions: ``perturb`` and ``update`` take ``factors``, None or one entry per tensor:
+None (that tensor's z is the dense contract noise) or a pair (U, V) of contiguous float32
+tensors on the tensors' device, U of shape (D, m, r) and V of shape (D, n, r) with
+m * n = numel and the same r for every pair of the call. Direction k (k < D; every direction
+the call uses, restore included) takes z_j = lowrank_z(U[k], V[k]) of
+:mod:`zofo_kernels.core.contract` (row j div n, column j mod n, products summed in the order
+l = 0 .. r-1, then times float32(1/sqrt(r))) in place of the noise, everywhere the formulas
+above use z; nothing else changes (the stochastic-rounding bits still come from ``seed``).
+``masks`` and ``factors`` are never given together.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from __future__ import annotations
 import abc
 import collections
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,6 +53,8 @@ import torch
 # Triton kernels' STORAGE_* and DIST_* constants spell the same numbers (a test checks).
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 DISTRIBUTION_CODES = {"gaussian": 0, "rademacher": 1}
+
+Factors = Tuple[torch.Tensor, torch.Tensor]  # (U, V) of one tensor: (D, m, r), (D, n, r)
 
 TABLE_CACHE_SIZE = 64  # launch tables a backend keeps (the least recently used go first)
 
@@ -88,14 +100,16 @@ class Backend(abc.ABC):
     def perturb(self, tensors: List[torch.Tensor], offsets: List[int], seed: int,
                 distribution: str, scale: float, direction: int,
                 restore_scale: float, restore_direction: int, *,
-                masks: Optional[List[torch.Tensor]] = None) -> None:
+                masks: Optional[List[torch.Tensor]] = None,
+                factors: Optional[List[Optional[Factors]]] = None) -> None:
         ...
 
     @abc.abstractmethod
     def update(self, tensors: List[torch.Tensor], offsets: List[int], seed: int,
                distribution: str, *, lr: float, projected_grads: torch.Tensor,
                restore_scale: float, restore_direction: int, weight_decay: float,
-               stochastic_rounding: bool, masks: Optional[List[torch.Tensor]] = None) -> None:
+               stochastic_rounding: bool, masks: Optional[List[torch.Tensor]] = None,
+               factors: Optional[List[Optional[Factors]]] = None) -> None:
         """The scalars after ``distribution`` are keyword-only (as in
         :func:`zofo_kernels.core.ops.zo_update_`): ten positional values are too easy to
         permute."""
@@ -179,6 +193,42 @@ def check_masks(tensors: List[torch.Tensor], masks: Optional[List[torch.Tensor]]
                 or m.device != t.device:
             raise ValueError(f"masks[{i}] must be a contiguous int32 tensor of {words} words on "
                              f"{t.device}, got {m.dtype} with {m.numel()} elements on {m.device}")
+
+
+def check_factors(tensors: List[torch.Tensor], factors: Optional[List[Optional[Factors]]],
+                  directions: Sequence[int], backend: str,
+                  masks: Optional[List[torch.Tensor]] = None) -> int:
+    """The checks every backend makes on a call's low-rank factors (see the module docstring):
+    one entry per tensor, each None or (U, V) float32, contiguous, on the tensor's device, of
+    shapes (D, m, r) and (D, n, r) with m * n = numel, one r for the call, and D above every
+    direction in ``directions``. Returns r (0 when no tensor has factors)."""
+    if factors is None:
+        return 0
+    if masks is not None:
+        raise ValueError(f"masks and low-rank factors cannot be combined ({backend} backend)")
+    if len(factors) != len(tensors):
+        raise ValueError(f"{len(factors)} factor pairs for {len(tensors)} tensors "
+                         f"({backend} backend)")
+    rank = 0
+    for i, (t, f) in enumerate(zip(tensors, factors)):
+        if f is None:
+            continue
+        u, v = f
+        ok = all(x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 3
+                 and x.device == t.device for x in (u, v))
+        if not ok or u.shape[0] != v.shape[0] or u.shape[2] != v.shape[2] \
+                or u.shape[1] * v.shape[1] != t.numel() or u.shape[2] < 1:
+            raise ValueError(f"factors[{i}] must be contiguous float32 (D, m, r) and (D, n, r) "
+                             f"tensors on {t.device} with m * n = {t.numel()}, got "
+                             f"{tuple(u.shape)} {u.dtype} and {tuple(v.shape)} {v.dtype}")
+        if rank and u.shape[2] != rank:
+            raise ValueError(f"factors[{i}] has rank {u.shape[2]}, another tensor of the call "
+                             f"rank {rank}: one rank per call")
+        rank = int(u.shape[2])
+        if max(directions) >= u.shape[0]:
+            raise ValueError(f"factors[{i}] hold {u.shape[0]} directions; the call uses "
+                             f"direction {max(directions)}")
+    return rank
 
 
 def check_group(tensors: List[torch.Tensor], offsets: List[int], backend: str,

@@ -6,13 +6,14 @@ temporaries stay bounded whatever the model size. Every other backend is tested 
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
 
 from zofo_kernels.core import contract
-from zofo_kernels.core.backends.base import Backend, BackendStatus, check_masks, register
+from zofo_kernels.core.backends.base import (Backend, BackendStatus, check_factors, check_masks,
+                                             register)
 
 CHUNK = 1 << 18
 
@@ -25,6 +26,24 @@ def _f32(x: float) -> torch.Tensor:
 
 def _z(seed, start, numel, distribution, direction) -> torch.Tensor:
     return torch.from_numpy(contract.noise(seed, start, numel, distribution, direction))
+
+
+class _Chunk:
+    """Elements [a, b) of one tensor: its flat view, the global index of a, the mask of
+    [a, b) as a bool tensor (or None) and the tensor's low-rank factors (or None)."""
+    __slots__ = ("flat", "a", "b", "start", "keep", "factors")
+
+    def __init__(self, flat, a, b, start, keep, factors):
+        self.flat, self.a, self.b, self.start, self.keep, self.factors = \
+            flat, a, b, start, keep, factors
+
+    def z(self, seed, distribution, direction) -> torch.Tensor:
+        """z of the chunk's elements in ``direction``: the contract noise, or the low-rank z
+        of the tensor's factors."""
+        if self.factors is None:
+            return _z(seed, self.start, self.b - self.a, distribution, direction)
+        u, v = (f[direction].detach().cpu().numpy() for f in self.factors)
+        return torch.from_numpy(contract.lowrank_z(u, v, self.a, self.b - self.a))
 
 
 class ReferenceBackend(Backend):
@@ -40,64 +59,66 @@ class ReferenceBackend(Backend):
         return _z(seed, start, numel, distribution, direction).to(device)
 
     def _chunks(self, tensors: List[torch.Tensor], offsets: List[int],
-                masks: Optional[List[torch.Tensor]]):
-        """(flat tensor, a, b, global start of a, mask of [a, b) as a bool tensor or None)."""
+                masks: Optional[List[torch.Tensor]], factors) -> "Iterator[_Chunk]":
         for i, (t, off) in enumerate(zip(tensors, offsets)):
             flat = t.view(-1)
             words = None if masks is None else masks[i].detach().cpu().numpy()
+            pair = None if factors is None else factors[i]
             for a in range(0, flat.numel(), CHUNK):
                 b = min(a + CHUNK, flat.numel())
                 keep = None if words is None else torch.from_numpy(
                     contract.mask_bits(words, a, b - a))
-                yield flat, a, b, off + a, keep
+                yield _Chunk(flat, a, b, off + a, keep, pair)
 
     @staticmethod
-    def _store(flat, a, b, v, keep) -> None:
-        """flat[a:b] <- v, only where the mask (if any) is set."""
-        old = flat[a:b].detach().cpu()
-        new = v.to(flat.dtype)
-        if keep is not None:
-            new = torch.where(keep, new, old)
-        flat[a:b] = new.to(flat.device)
+    def _store(c: _Chunk, v) -> None:
+        """The chunk's elements <- v, only where the mask (if any) is set."""
+        old = c.flat[c.a:c.b].detach().cpu()
+        new = v.to(c.flat.dtype)
+        if c.keep is not None:
+            new = torch.where(c.keep, new, old)
+        c.flat[c.a:c.b] = new.to(c.flat.device)
 
-    def _restored(self, w, seed, dist, start, n, restore_scale, restore_direction, dtype):
+    @staticmethod
+    def _restored(c: _Chunk, w, seed, dist, restore_scale, restore_direction):
         if restore_scale == 0.0:
             return w
-        zr = _z(seed, start, n, dist, restore_direction)
-        return (w + zr * _f32(restore_scale)).to(dtype).float()
+        return (w + c.z(seed, dist, restore_direction) * _f32(restore_scale)).to(
+            c.flat.dtype).float()
 
     def perturb(self, tensors, offsets, seed, distribution, scale, direction,
-                restore_scale, restore_direction, *, masks=None):
+                restore_scale, restore_direction, *, masks=None, factors=None):
         check_masks(tensors, masks, self.name)
+        check_factors(tensors, factors, (direction, restore_direction), self.name, masks)
         s = _f32(scale)
-        for flat, a, b, start, keep in self._chunks(tensors, offsets, masks):
-            w = flat[a:b].detach().float().cpu()
-            w = self._restored(w, seed, distribution, start, b - a, restore_scale,
-                               restore_direction, flat.dtype)
-            w = w + _z(seed, start, b - a, distribution, direction) * s
-            self._store(flat, a, b, w, keep)
+        for c in self._chunks(tensors, offsets, masks, factors):
+            w = c.flat[c.a:c.b].detach().float().cpu()
+            w = self._restored(c, w, seed, distribution, restore_scale, restore_direction)
+            w = w + c.z(seed, distribution, direction) * s
+            self._store(c, w)
 
     def update(self, tensors, offsets, seed, distribution, *, lr, projected_grads,
                restore_scale, restore_direction, weight_decay, stochastic_rounding,
-               masks=None):
+               masks=None, factors=None):
         check_masks(tensors, masks, self.name)
         grads = projected_grads.detach().float().cpu()
+        directions = range(grads.numel()) if restore_scale == 0.0 else \
+            list(range(grads.numel())) + [restore_direction]
+        check_factors(tensors, factors, directions, self.name, masks)
         lr32, wd32 = _f32(lr), _f32(weight_decay)
-        for flat, a, b, start, keep in self._chunks(tensors, offsets, masks):
-            n = b - a
-            w = flat[a:b].detach().float().cpu()
-            w = self._restored(w, seed, distribution, start, n, restore_scale,
-                               restore_direction, flat.dtype)
-            d = grads[0] * _z(seed, start, n, distribution, 0)
+        for c in self._chunks(tensors, offsets, masks, factors):
+            w = c.flat[c.a:c.b].detach().float().cpu()
+            w = self._restored(c, w, seed, distribution, restore_scale, restore_direction)
+            d = grads[0] * c.z(seed, distribution, 0)
             for k in range(1, grads.numel()):
-                d = d + grads[k] * _z(seed, start, n, distribution, k)
+                d = d + grads[k] * c.z(seed, distribution, k)
             d = d + wd32 * w
             v = w - lr32 * d
-            if stochastic_rounding and flat.dtype in _SR_KIND:
-                bits = contract.rounding_words(seed, start, n)
-                v = torch.from_numpy(
-                    contract.stochastic_round_bits(v.numpy(), bits, _SR_KIND[flat.dtype]).copy())
-            self._store(flat, a, b, v, keep)
+            if stochastic_rounding and c.flat.dtype in _SR_KIND:
+                bits = contract.rounding_words(seed, c.start, c.b - c.a)
+                v = torch.from_numpy(contract.stochastic_round_bits(
+                    v.numpy(), bits, _SR_KIND[c.flat.dtype]).copy())
+            self._store(c, v)
 
     def magnitude_mask(self, tensors, thresholds, masks):
         check_masks(tensors, masks, self.name)

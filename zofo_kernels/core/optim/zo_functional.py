@@ -52,16 +52,15 @@ Hyper = Sequence[Tuple[float, float]]   # (lr, weight_decay) per param group
 # --------------------------------------------------------------------------- seeds
 
 def step_seed(base_seed: int, step: int) -> int:
-    """Seed of step ``step``: Philox4x32-10 keyed by ``base_seed`` on the counter
-    (step mod 2**32, step div 2**32, 0, 0x5EED5EED), words 0 and 1 joined and reduced to
-    [0, 2**63). A pure function: no generator state, no global RNG."""
+    """Seed of step ``step``: the contract's derived seed of ``base_seed`` at index ``step``,
+    purpose 0x5EED5EED (Philox4x32-10 on the counter (step mod 2**32, step div 2**32, 0,
+    0x5EED5EED), words 0 and 1 joined and reduced to [0, 2**63)). A pure function: no
+    generator state, no global RNG."""
     if not 0 <= base_seed < contract.SEED_LIMIT:
         raise ValueError(f"base_seed must be in [0, 2**63), got {base_seed}")
     if not 0 <= step < (1 << 64):
         raise ValueError(f"step must be in [0, 2**64), got {step}")
-    w = contract.philox4x32(np.uint32(step & 0xFFFFFFFF), np.uint32(step >> 32), np.uint32(0),
-                            np.uint32(SEED_PURPOSE), base_seed)
-    return ((int(w[1]) << 32) | int(w[0])) & (contract.SEED_LIMIT - 1)
+    return contract.derived_seed(base_seed, step, SEED_PURPOSE)
 
 
 def fresh_base_seed() -> int:
