@@ -14,7 +14,9 @@
 //   * stochastic rounding: the bit rule of contract.stochastic_round_bits, word i % 4 of the
 //     purpose-1 stream at block i / 4, direction 0;
 //   * sparse masks: the bitmap layout of contract.mask_bits (local index j -> bit j % 32 of
-//     word j / 32) and the magnitude rule of contract.magnitude_mask_words.
+//     word j / 32) and the magnitude rule of contract.magnitude_mask_words;
+//   * low-rank directions: z of element (row i, column c) from the factor rows U[i, :] and
+//     V[c, :] (contract.lowrank_z), summed in a fixed order.
 //
 // Storage<T> converts between float32 and the storage types; ZOFO_DTYPE_SWITCH and
 // ZOFO_BOOL_SWITCH turn a dtype code and a flag into template arguments (host code of both
@@ -410,6 +412,23 @@ ZOFO_HD uint32_t magnitude_word(const typename Storage<T>::raw_t* p, int count, 
     word |= (uint32_t)magnitude_keep(Storage<T>::load(p[b]), limit) << b;
   return word;
 }
+
+// ----------------------------------------------------------------------------- low-rank z
+//
+// contract.lowrank_z: the direction's z of element (i, c) of an (m, n) matrix with factors
+// U (m, r) and V (n, r), row-major float32: acc = u[0] * v[0], then acc = acc + u[l] * v[l]
+// for l = 1 .. r-1 (separate float32 operations, this order), z = acc * scale with
+// scale = float32(1 / sqrt(r)) (lowrank_scale). u = U + i * r and v = V + c * r.
+
+ZOFO_HD float lowrank_value(const float* u, const float* v, int rank, float scale) {
+  float acc = u[0] * v[0];
+  for (int l = 1; l < rank; ++l) acc = acc + u[l] * v[l];
+  return acc * scale;
+}
+
+// float32(1 / sqrt(r)), rounded once from double, as contract.lowrank_scale (host code: the
+// kernels take it as an argument).
+inline float lowrank_scale(int rank) { return (float)(1.0 / sqrt((double)rank)); }
 
 }  // namespace zofo
 
