@@ -20,17 +20,14 @@ import numpy as np
 import pytest
 import torch
 
+from zo_oracle import (DTYPES, SHAPES, Oracle, assert_bitwise, bits, closure_of, flat,
+                       make_loss, make_params, two_groups)
 from zofo_kernels.core import contract
 from zofo_kernels.core.optim import (MetaZOFOOptimizer, NonFiniteLossError, ZOFOOptimizer,
                                      ZOOptimizer)
 
 SAMPLE = 16384
 WEYL = 0x9E3779B97F4A7C15  # floor(2**64 / golden ratio)
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-SR_KIND = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
-BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-# shapes: small tensors (the whole tensor is the sample) and one above SAMPLE (the Weyl sample)
-SHAPES = [(40, 30), (30,), (7,), (130, 131)]
 
 
 # --------------------------------------------------------------------------- the oracle
@@ -52,140 +49,17 @@ def oracle_threshold(values, fraction):
     return np.float32(np.inf) if np.isnan(tau) else tau
 
 
+def sparse_masks(params, fraction):
+    """The oracle's masks of a step from ``params``' current weights."""
+    return [oracle_mask(w, fraction) for w in flat(params)]
+
+
 def oracle_mask(values, fraction):
     v = np.asarray(values, dtype=np.float32).reshape(-1)
     if fraction is None:
         return np.ones(v.size, dtype=bool)
     words = contract.magnitude_mask_words(v, oracle_threshold(v, fraction))
     return contract.mask_bits(words, 0, v.size)
-
-
-def rn(x, dtype):
-    """float32 values rounded to nearest-even in ``dtype``, back as float32 numpy."""
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dtype).float().numpy()
-
-
-class Oracle:
-    """The step on numpy copies of the weights (float32 values of the storage, flat)."""
-
-    def __init__(self, params, hyper, fraction, seed, distribution, stochastic_rounding=True):
-        self.ws = [p.detach().float().reshape(-1).numpy().copy() for p in params]
-        self.dtypes = [p.dtype for p in params]
-        self.hyper = hyper  # (lr, wd) per tensor
-        self.offs = list(np.cumsum([0] + [w.size for w in self.ws])[:-1])
-        self.masks = [oracle_mask(w, fraction) for w in self.ws]
-        self.seed, self.dist, self.sr = seed, distribution, stochastic_rounding
-
-    def z(self, i, k):
-        return contract.noise(self.seed, int(self.offs[i]), self.ws[i].size, self.dist, k)
-
-    def sweep(self, scale, k, restore=None):
-        for i, w in enumerate(self.ws):
-            v = w
-            if restore is not None:
-                v = rn(v + np.float32(restore[0]) * self.z(i, restore[1]), self.dtypes[i])
-            v = rn(v + np.float32(scale) * self.z(i, k), self.dtypes[i])
-            self.ws[i] = np.where(self.masks[i], v, w)
-
-    def update(self, coeffs, restore_scale, restore_direction):
-        c = np.asarray(coeffs, dtype=np.float32)
-        for i, w in enumerate(self.ws):
-            lr, wd = (np.float32(x) for x in self.hyper[i])
-            v = rn(w + np.float32(restore_scale) * self.z(i, restore_direction), self.dtypes[i])
-            d = c[0] * self.z(i, 0)
-            for k in range(1, c.size):
-                d = d + c[k] * self.z(i, k)
-            d = d + wd * v
-            u = v - lr * d
-            if self.sr and self.dtypes[i] in SR_KIND:
-                bits = contract.rounding_words(self.seed, int(self.offs[i]), w.size)
-                u = contract.stochastic_round_bits(u, bits, SR_KIND[self.dtypes[i]])
-            else:
-                u = rn(u, self.dtypes[i])
-            self.ws[i] = np.where(self.masks[i], u, w)
-
-    def step(self, loss, eps, q, estimator):
-        """One step of plain ZO-SGD (normalize="none"); records the weights of every
-        evaluation in ``self.seen``."""
-        self.seen, losses = [], []
-
-        def evaluate():
-            self.seen.append([w.copy() for w in self.ws])
-            losses.append(loss(self.ws))
-
-        if estimator == "central":
-            for k in range(q):
-                self.sweep(eps, k, None if k == 0 else (eps, k - 1))
-                evaluate()
-                self.sweep(-2.0 * eps, k)
-                evaluate()
-            grads = [(losses[2 * k] - losses[2 * k + 1]) / (2.0 * eps) for k in range(q)]
-            self.update([g / q for g in grads], eps, q - 1)
-        else:
-            evaluate()
-            for k in range(q):
-                self.sweep(eps, k, None if k == 0 else (-eps, k - 1))
-                evaluate()
-            grads = [(losses[k + 1] - losses[0]) / eps for k in range(q)]
-            self.update([g / q for g in grads], -eps, q - 1)
-        return losses
-
-
-# --------------------------------------------------------------------------- problems
-
-def make_params(dtype, seed=0, shapes=SHAPES, grid=False):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for shape in shapes:
-        if grid:  # the 2**-5 grid, |w| <= 5: exact under +-2**-5 in every dtype, many ties
-            w = torch.randint(-160, 161, shape, generator=g).float() / 32
-        else:
-            w = torch.randn(shape, generator=g)
-        out.append(torch.nn.Parameter(w.to(dtype)))
-    return out
-
-
-def make_loss(shapes=SHAPES, seed=1):
-    """L(ws) = sum_i sum_j a_ij (w_ij - t_ij)^2 in float64, on flat float32 arrays."""
-    rng = np.random.default_rng(seed)
-    coef = [rng.uniform(0.5, 2.0, int(np.prod(s))) for s in shapes]
-    target = [rng.normal(0.0, 1.0, int(np.prod(s))) for s in shapes]
-
-    def loss(ws):
-        return float(sum(np.dot(a, (w.astype(np.float64) - t) ** 2)
-                         for a, w, t in zip(coef, ws, target)))
-    return loss
-
-
-def flat(params):
-    return [p.detach().float().reshape(-1).numpy().copy() for p in params]
-
-
-def closure_of(params, loss, seen=None):
-    def closure():
-        ws = flat(params)
-        if seen is not None:
-            seen.append(ws)
-        return loss(ws)
-    return closure
-
-
-def two_groups(params):
-    """Two groups with different lr and weight decay, and their (lr, wd) per tensor."""
-    groups = [{"params": params[:2], "lr": 2.0 ** -11, "weight_decay": 2.0 ** -3},
-              {"params": params[2:], "lr": 2.0 ** -10, "weight_decay": 0.5}]
-    hyper = [(g["lr"], g["weight_decay"]) for g in groups for _ in g["params"]]
-    return groups, hyper
-
-
-def bits(t):
-    return t.detach().clone().view(BITS[t.dtype])
-
-
-def assert_bitwise(params, ws, what):
-    for i, (p, w) in enumerate(zip(params, ws)):
-        expect = torch.from_numpy(np.asarray(w, dtype=np.float32)).to(p.dtype).reshape(p.shape)
-        assert torch.equal(bits(p), bits(expect)), f"{what}: tensor {i} differs"
 
 
 # --------------------------------------------------------------------------- the step
@@ -201,7 +75,7 @@ def test_one_step_equals_the_oracle_bit_for_bit(dtype, estimator, q):
     loss = make_loss()
     opt = ZOOptimizer(groups, lr=1.0, eps=2.0 ** -7, seed=11, distribution="rademacher",
                       estimator=estimator, n_directions=q, sparse_fraction=0.3)
-    oracle = Oracle(params, hyper, 0.3, opt.next_seed(), "rademacher")
+    oracle = Oracle(params, hyper, sparse_masks(params, 0.3), opt.next_seed(), "rademacher")
     oracle.step(loss, 2.0 ** -7, q, estimator)
     seen = []
     opt.step(closure_of(params, loss, seen))
@@ -246,7 +120,8 @@ def test_an_element_pushed_past_tau_within_the_step_is_restored_and_updated():
     p = torch.nn.Parameter(torch.from_numpy(w.copy()))
     opt = ZOOptimizer([p], lr=2.0 ** -4, eps=2.0 ** -5, seed=21, distribution="rademacher",
                       sparse_fraction=0.25)
-    oracle = Oracle([p], [(2.0 ** -4, 0.0)], 0.25, opt.next_seed(), "rademacher")
+    oracle = Oracle([p], [(2.0 ** -4, 0.0)], sparse_masks([p], 0.25), opt.next_seed(),
+                    "rademacher")
     assert oracle.masks[0][j]
     loss = make_loss(shapes=[(n,)])
     oracle.step(loss, 2.0 ** -5, 1, "central")
@@ -405,7 +280,7 @@ def test_a_fault_mid_step_restores_every_weight_bit_for_bit(dtype, fault, at):
     loss = make_loss()
     opt = ZOOptimizer(groups, lr=1.0, eps=2.0 ** -5, seed=6, distribution="rademacher",
                       n_directions=2, sparse_fraction=0.3)
-    oracle = Oracle(params, hyper, 0.3, opt.next_seed(), "rademacher")
+    oracle = Oracle(params, hyper, sparse_masks(params, 0.3), opt.next_seed(), "rademacher")
     before, state = [bits(p) for p in params], copy.deepcopy(opt.state_dict())
     calls = {"n": 0}
 

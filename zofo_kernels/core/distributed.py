@@ -418,6 +418,13 @@ def _refuse_sparse_sharding(zo, fsdp_modules) -> None:
     """Sparse perturbation decides its mask from a threshold on each whole tensor; a sharded
     tensor (FSDP2) would get one threshold per shard, so it is refused (replicas are fine:
     every rank computes the same thresholds from the same weights)."""
+    if zo.lowrank is not None and fsdp_modules:
+        raise ValueError("lowrank is not supported with FSDP2 (fully_shard): U and V would be "
+                         "drawn for each rank's shard of a matrix, so the run would depend on "
+                         "the sharding; use plain data parallelism or lowrank=None")
+    if zo.lowrank is not None:
+        from zofo_kernels.core.optim.lowrank import refuse_sharded as refuse_lowrank_sharded
+        refuse_lowrank_sharded(zo.param_groups)
     if zo.sparse_fraction is None:
         return
     if fsdp_modules:

@@ -375,7 +375,8 @@ class ZOFOTrainer(Trainer):
             return zofo.upper_step(upper, inputs)
         up = self.zo_dp.run_step(upper_step) if self.zo_dp is not None else upper_step()
         lower_losses, self._window_lower_losses = self._window_lower_losses, []
-        sparse = {k: zofo.zo.last_step[k] for k in ("sparse_fraction", "perturbed_fraction")}
+        sparse = {k: zofo.zo.last_step[k] for k in ("sparse_fraction", "perturbed_fraction",
+                                                     "lowrank")}
         self.zo_last_step = dict(up.as_dict(), lower_losses=lower_losses, **sparse)
         return up.loss
 

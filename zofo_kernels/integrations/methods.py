@@ -62,6 +62,10 @@ class ZOStepSettings:
     # None: dense; f in (0, 1]: each step perturbs and updates only the fraction f of each
     # tensor with the smallest magnitudes (Sparse-MeZO style; docs/optimizers/zo-sgd.md)
     sparse_fraction: Optional[float] = None
+    # None: dense; r: rank-r directions for every matrix, V redrawn every lowrank_period steps
+    # (LOZO style; docs/optimizers/zo-sgd.md)
+    lowrank: Optional[int] = None
+    lowrank_period: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +117,8 @@ def zo_sgd(param_groups, s: ZOSettings) -> ZOOptimizer:
                        stochastic_rounding=s.stochastic_rounding, nonfinite=s.nonfinite,
                        loss_reduce=s.loss_reduce, backend=s.backend, normalize=s.normalize,
                        rms_beta=s.rms_beta, include_frozen=s.include_frozen,
-                       sparse_fraction=s.sparse_fraction)
+                       sparse_fraction=s.sparse_fraction, lowrank=s.lowrank,
+                       lowrank_period=s.lowrank_period)
 
 
 def mezo(model: torch.nn.Module, s: ZOSettings, loss_fn=None) -> ZOOptimizer:
@@ -148,7 +153,7 @@ def bilevel_zofo(model, s: BilevelSettings, loss_fn=None) -> ZOFOOptimizer:
         distribution=s.distribution, n_directions=s.n_directions, seed=s.seed,
         stochastic_rounding=s.stochastic_rounding, nonfinite=s.nonfinite,
         loss_reduce=s.loss_reduce, backend=s.backend, rms_beta=s.rms_beta,
-        sparse_fraction=s.sparse_fraction)
+        sparse_fraction=s.sparse_fraction, lowrank=s.lowrank, lowrank_period=s.lowrank_period)
 
 
 # --------------------------------------------------------------------------- the registry

@@ -137,6 +137,12 @@ def _add_hyperparameters(h) -> None:
                    help="ZO methods: sparse perturbation, each step perturbs and updates only "
                         "the fraction F (0 < F <= 1) of each ZO-trained tensor with the "
                         "smallest magnitudes at the step's start (default: dense)")
+    h.add_argument("--lowrank", type=int, default=None, metavar="R",
+                   help="ZO methods: low-rank directions, each ZO-trained matrix is perturbed "
+                        "along U V^T / sqrt(R) (rank R, LOZO style) instead of dense noise "
+                        "(default: dense)")
+    h.add_argument("--lowrank-period", type=int, default=None, metavar="P",
+                   help="with --lowrank: V is redrawn every P steps, U every step (default 1)")
     bilevel = methods_mod.REGISTRY["bilevel-zofo"].defaults  # the help names the defaults
     h.add_argument("--lam", type=float, default=None,
                    help=f"bilevel-zofo: penalty weight lambda (default {bilevel['lam']:g})")
@@ -266,10 +272,18 @@ def validate(o: Dict[str, Any]) -> None:
     if o["backbone_regex"] is not None and o["method"] != "bilevel-zofo":
         raise SystemExit("zofo-train: --backbone-regex is a bilevel-zofo setting (the subset "
                          f"of the backbone its ZO step trains), not one of {o['method']}")
-    if o.get("sparse_fraction") is not None and not methods_mod.get(o["method"]).zeroth_order:
-        raise SystemExit(f"zofo-train: --sparse-fraction is a setting of the zeroth-order "
-                         f"methods ({', '.join(methods_mod.names(zeroth_order=True))}); "
-                         f"{o['method']} trains by Adam and perturbs nothing")
+    for name in ("sparse_fraction", "lowrank", "lowrank_period"):
+        if o.get(name) is not None and not methods_mod.get(o["method"]).zeroth_order:
+            raise SystemExit(f"zofo-train: --{name.replace('_', '-')} is a setting of the "
+                             f"zeroth-order methods "
+                             f"({', '.join(methods_mod.names(zeroth_order=True))}); "
+                             f"{o['method']} trains by Adam and perturbs nothing")
+    if o.get("lowrank_period") is not None and o.get("lowrank") is None:
+        raise SystemExit("zofo-train: --lowrank-period needs --lowrank R (it says how often "
+                         "the low-rank directions' V is redrawn)")
+    if o.get("lowrank") is not None and o.get("sparse_fraction") is not None:
+        raise SystemExit("zofo-train: --lowrank and --sparse-fraction cannot be combined (a "
+                         "step's directions are either low-rank or sparse)")
     if o["eps"] is not None and not methods_mod.get(o["method"]).zeroth_order:
         raise SystemExit(f"zofo-train: --eps is the ZO perturbation scale; {o['method']} trains "
                          "by Adam and takes no --eps (Adam's own eps stays at its default)")
@@ -329,6 +343,9 @@ def _validate_ranges(o: Dict[str, Any]) -> None:
     fraction = o.get("sparse_fraction")
     if fraction is not None and not 0.0 < fraction <= 1.0:  # (NaN fails too)
         raise _bad("sparse_fraction", fraction, "must lie in (0, 1]")
+    for name in ("lowrank", "lowrank_period"):
+        if o.get(name) is not None and o[name] < 1:
+            raise _bad(name, o[name], "must be an integer >= 1")
 
 
 def _validate_device(device: str) -> None:

@@ -3,7 +3,8 @@
 theta.grad = sum_k c_k z_k is materialised from the ZO step's seed (the parameters laid end
 to end as the noise contract says) and one ``torch.optim.AdamW`` steps theta and P together.
 It costs three backbone-sized buffers (grad, exp_avg, exp_avg_sq): not memory-efficient.
-The ZO step here is always dense: Bilevel-ZOFO refuses ``sparse_fraction`` with this update
+The ZO step here is always dense: Bilevel-ZOFO refuses ``sparse_fraction`` and ``lowrank``
+with this update
 (theta.grad would have to be m * z, and AdamW's moments and weight decay would still move the
 weights outside the mask).
 """

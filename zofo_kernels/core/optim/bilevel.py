@@ -165,7 +165,7 @@ def _check_disjoint(owners: Sequence[Tuple[str, Sequence[torch.Tensor]]]) -> Non
                              "lower parameters must be disjoint tensors")
 
 
-def _check_adam(theta_update: str, order: str, sparse_fraction) -> None:
+def _check_adam(theta_update: str, order: str, sparse_fraction, lowrank) -> None:
     """What theta_update='adam' cannot be combined with."""
     if theta_update != "adam":
         return
@@ -177,6 +177,10 @@ def _check_adam(theta_update: str, order: str, sparse_fraction) -> None:
                          "moves every weight of theta by its moments and weight decay, so "
                          "the step would not stay on the masked elements; use "
                          "theta_update='rms', 'sgd' or 'scaled-sgd'")
+    if lowrank is not None:
+        raise ValueError("lowrank cannot be used with theta_update='adam': its theta.grad is "
+                         "materialised from the dense noise; use theta_update='rms', 'sgd' "
+                         "or 'scaled-sgd'")
 
 
 def _check_peft_optimizer(peft_optimizer) -> None:
@@ -270,7 +274,8 @@ class BilevelOptimizer:
         self.inner_steps = integer(inner_steps, "inner_steps", 0)
         self.theta_update = choice(theta_update, "theta_update", THETA_UPDATES)
         self.order = choice(order, "order", ORDERS)
-        _check_adam(self.theta_update, self.order, zo_kwargs.get("sparse_fraction"))
+        _check_adam(self.theta_update, self.order, zo_kwargs.get("sparse_fraction"),
+                    zo_kwargs.get("lowrank"))
         _check_peft_optimizer(peft_optimizer)
         peft_lr = real(peft_lr, "peft_lr", nonneg=True)
         lower_lr = peft_lr if lower_lr is None else real(lower_lr, "lower_lr", nonneg=True)

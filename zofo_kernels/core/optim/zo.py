@@ -27,6 +27,10 @@ updates only about the fraction f of each tensor holding its elements of smalles
 at the step's start (z_i becomes m_i * z_i); the rule and why its 1-bit-per-weight mask is
 stored for the step: :mod:`zofo_kernels.core.optim.sparse`.
 
+Low-rank directions (``lowrank=r``, ``lowrank_period=p``, LOZO style): each matrix takes
+z = U V^T / sqrt(r), U and V drawn from the seeds and computed into z inside the kernels
+(V kept for p steps); vectors keep dense z: :mod:`zofo_kernels.core.optim.lowrank`.
+
 The arithmetic of the step is in :mod:`zofo_kernels.core.optim.zo_functional`; this class
 holds what persists between steps (param groups, the seed counter, the RMS state) and
 checks every setting.
@@ -41,6 +45,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from zofo_kernels.core import contract
+from zofo_kernels.core.optim import lowrank as low_rank
 from zofo_kernels.core.optim import sparse
 from zofo_kernels.core.optim import zo_functional as F
 from zofo_kernels.core.optim.dropout_check import watched_once
@@ -54,9 +59,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _GLOBAL_KEYS = ("eps", "distribution", "estimator", "n_directions", "seed",
                 "stochastic_rounding", "nonfinite", "loss_reduce", "backend", "normalize",
-                "rms_beta", "include_frozen", "sparse_fraction")
+                "rms_beta", "include_frozen", "sparse_fraction", "lowrank", "lowrank_period")
 # saved before these existed: the behaviour of that time
-_LEGACY_SETTINGS = {"normalize": "none", "rms_beta": 0.999, "sparse_fraction": None}
+_LEGACY_SETTINGS = {"normalize": "none", "rms_beta": 0.999, "sparse_fraction": None,
+                    "lowrank": None, "lowrank_period": 1}
 _REQUIRED_SETTINGS = ("eps", "distribution", "estimator", "n_directions")
 
 
@@ -179,7 +185,9 @@ def _record(opt, t, seed, losses, grads, coeffs, grad_rms, units, hyper, moved) 
         n_directions=opt.n_directions, numel=zo_numel(opt.param_groups),
         lr=[lr for lr, _ in hyper], weight_decay=[wd for _, wd in hyper],
         sparse_fraction=opt.sparse_fraction,
-        perturbed_fraction=sum(moved) / trained if trained else 0.0)
+        perturbed_fraction=sum(moved) / trained if trained else 0.0,
+        lowrank=opt.lowrank, lowrank_period=opt.lowrank_period,
+        factor_floats=low_rank.factor_floats(units))
 
 
 class ZOOptimizer(torch.optim.Optimizer):
@@ -195,7 +203,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     by its running RMS, see the module docstring), ``rms_beta`` (that running mean's decay),
     ``include_frozen`` and ``sparse_fraction`` (None: dense; f in (0, 1]: each step perturbs
     and updates only the fraction f of each tensor with the smallest magnitudes,
-    :mod:`zofo_kernels.core.optim.sparse`).
+    :mod:`zofo_kernels.core.optim.sparse`), ``lowrank`` (None: dense; r: rank-r directions
+    for every matrix, :mod:`zofo_kernels.core.optim.lowrank`) and ``lowrank_period`` (V is
+    redrawn every that many steps).
 
     Parameters with ``requires_grad=False`` at the start of a step are left alone in that step,
     as torch optimizers leave parameters without a gradient (they keep their place in the
@@ -211,12 +221,16 @@ class ZOOptimizer(torch.optim.Optimizer):
                  loss_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  backend: Optional[str] = None, normalize: str = "none",
                  rms_beta: float = 0.999, include_frozen: bool = False,
-                 sparse_fraction: Optional[float] = None):
+                 sparse_fraction: Optional[float] = None, lowrank: Optional[int] = None,
+                 lowrank_period: int = 1):
         lr = float32_real(lr, "lr", nonneg=True)
         weight_decay = float32_real(weight_decay, "weight_decay", nonneg=True)
         self.distribution = choice(distribution, "distribution", contract.DISTRIBUTIONS)
         self.eps = float32_real(eps, "eps", positive=True)
-        if not math.isfinite(as_float32(2.0 * self.eps * F.Z_MAX[self.distribution])):
+        self.lowrank = low_rank.check_rank(lowrank)
+        self.lowrank_period = low_rank.check_period(lowrank_period)
+        self._z_max = low_rank.z_bound(self.distribution, self.lowrank)
+        if not math.isfinite(as_float32(2.0 * self.eps * self._z_max)):
             raise ValueError(f"eps = {eps!r} is too large: 2*eps*|z| overflows float32")
         self.estimator = choice(estimator, "estimator", ESTIMATORS)
         self.n_directions = integer(n_directions, "n_directions", 1, contract.DIRECTION_LIMIT)
@@ -236,6 +250,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise TypeError("include_frozen must be True or False")
         self.include_frozen = include_frozen
         self.sparse_fraction = sparse.check_fraction(sparse_fraction)
+        if self.sparse_fraction is not None and self.lowrank is not None:
+            raise ValueError("sparse_fraction and lowrank cannot be combined: a step's "
+                             "directions are either sparse or low-rank")
         self._sparse_samples: Dict = {}  # the sparse rule's sample indices per (numel, device)
         base_seed = (F.fresh_base_seed() if seed is None
                      else integer(seed, "seed", 0, contract.SEED_LIMIT))
@@ -279,6 +296,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                     n_directions=self.n_directions, normalize=self.normalize,
                     rms_beta=self.rms_beta, stochastic_rounding=self.stochastic_rounding,
                     include_frozen=self.include_frozen, sparse_fraction=self.sparse_fraction,
+                    lowrank=self.lowrank, lowrank_period=self.lowrank_period,
                     param_numels=[[p.numel() for p in g["params"]] for g in self.param_groups])
 
     def state_dict(self):
@@ -290,7 +308,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Check everything, then apply: the seed counter and RMS state (``"zo"``) and the
         param groups' hyperparameters. The settings that decide the trajectory (eps,
         distribution, estimator, n_directions, normalize, rms_beta, stochastic_rounding,
-        include_frozen, sparse_fraction, the parameters' sizes) must equal this optimizer's: a
+        include_frozen, sparse_fraction, lowrank, lowrank_period, the parameters' sizes) must
+        equal this optimizer's: a
         state dict saved by a differently configured optimizer is refused (``ValueError``),
         never resumed on another trajectory. On any error nothing is changed."""
         if not isinstance(state_dict, Mapping):
@@ -333,13 +352,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         seed = step_seed(self._zo_state["base_seed"], t)
         units = F.zo_units(self.param_groups, self.include_frozen)
         moved = self._attach_masks(units)
+        self._attach_factors(units, seed, t)
         applied: F.Applied = {}
         where = dict(distribution=self.distribution, backend=self.backend)
         try:
             losses = self._reduce(self._evaluate(closure, units, applied, seed, initial_loss))
             grads = F.projected_gradients(losses, self.eps, self.estimator)
             coeffs, grad_rms, sq_state, problem = F.plan_update(
-                losses, grads, hyper, distribution=self.distribution, normalize=self.normalize,
+                losses, grads, hyper, z_max=self._z_max, normalize=self.normalize,
                 rms_beta=self.rms_beta, sq_avg=self._zo_state["sq_avg"],
                 sq_count=self._zo_state["sq_count"])
             skipped = coeffs is None or problem is not None
@@ -369,6 +389,15 @@ class ZOOptimizer(torch.optim.Optimizer):
             sparse.refuse_sharded(self.param_groups)
             sparse.attach_masks(units, self.sparse_fraction, self._sparse_samples, self.backend)
         return sparse.moved_elements(units)
+
+    def _attach_factors(self, units, seed: int, t: int) -> None:
+        """lowrank: every unit's U and V for step ``t`` (V keyed on its period's first step)."""
+        if self.lowrank is not None:
+            low_rank.refuse_sharded(self.param_groups)
+            low_rank.attach_factors(
+                units, seed, low_rank.v_key(self._zo_state["base_seed"], t, self.lowrank_period),
+                self.lowrank, distribution=self.distribution, n_directions=self.n_directions,
+                backend=self.backend)
 
     def _evaluate(self, closure, units, applied, seed, initial_loss) -> List[float]:
         """The raw losses of the step's estimator, every evaluation through ``loss_hook``."""

@@ -7,6 +7,7 @@ A step, in the order the class calls these::
     seed   = step_seed(base_seed, t)
     units  = zo_units(param_groups, include_frozen)           # one kernel call per group/device
     sparse.attach_masks(units, ...)                           # sparse_fraction: the bitmaps
+    lowrank.attach_factors(units, ...)                        # lowrank: U and V per matrix
     raw    = central_losses(sweep, evaluate, eps, q)          # or forward_losses
     grads  = projected_gradients(losses, eps, estimator)      # losses: raw after loss_reduce
     coeffs, grad_rms, sq_state, problem = plan_update(...)    # None: a loss was not finite
@@ -15,8 +16,9 @@ A step, in the order the class calls these::
 ``sweep`` is :func:`perturb_units` bound to the step's units, record and seed. The record
 ``applied`` ({unit index: (scale, direction)}) says which perturbation each unit still
 carries, so that whatever interrupts a step, :func:`restore_units` removes exactly that.
-A unit's ``masks`` (sparse perturbation, :mod:`zofo_kernels.core.optim.sparse`) go with its
-tensors into every sweep of the step. Nothing here keeps state between calls.
+A unit's ``masks`` (sparse perturbation, :mod:`zofo_kernels.core.optim.sparse`) or
+``factors`` (low-rank directions, :mod:`zofo_kernels.core.optim.lowrank`) go with its tensors
+into every sweep of the step. Nothing here keeps state between calls.
 """
 
 from __future__ import annotations
@@ -107,12 +109,14 @@ def sigint_deferred():
 
 class Unit:
     """One kernel call of the update sweep: the parameters of one group on one device, and
-    (sparse perturbation) their step's bitmaps, one per tensor, or None (dense)."""
-    __slots__ = ("group", "device", "tensors", "offsets", "masks")
+    their step's bitmaps (sparse perturbation) or low-rank factors, one entry per tensor, or
+    None (dense)."""
+    __slots__ = ("group", "device", "tensors", "offsets", "masks", "factors")
 
     def __init__(self, group, device, tensors, offsets):
         self.group, self.device, self.tensors, self.offsets = group, device, tensors, offsets
         self.masks: Optional[List[torch.Tensor]] = None
+        self.factors: Optional[list] = None
 
 
 def _joined_masks(units: Sequence[Unit], idx: Sequence[int]) -> Optional[List[torch.Tensor]]:
@@ -121,6 +125,14 @@ def _joined_masks(units: Sequence[Unit], idx: Sequence[int]) -> Optional[List[to
     if units[idx[0]].masks is None:
         return None
     return [m for i in idx for m in units[i].masks]
+
+
+def _joined_factors(units: Sequence[Unit], idx: Sequence[int]) -> Optional[list]:
+    """The low-rank factors of the tensors of ``units[i]`` for i in ``idx`` (None entries
+    for tensors with dense z), or None when none of these units has factors."""
+    if all(units[i].factors is None for i in idx):
+        return None
+    return [f for i in idx for f in (units[i].factors or [None] * len(units[i].tensors))]
 
 
 def zo_units(param_groups: Sequence[Mapping], include_frozen: bool) -> List[Unit]:
@@ -156,7 +168,8 @@ def perturb_units(units: Sequence[Unit], applied: Applied, seed: int, scale: flo
         offs = [o for i in idx for o in units[i].offsets]
         with sigint_deferred():
             perturb_(ts, seed, scale, distribution, direction, offsets=offs, backend=backend,
-                     restore_scale=rs, restore_direction=rd, mask=_joined_masks(units, idx))
+                     restore_scale=rs, restore_direction=rd, mask=_joined_masks(units, idx),
+                     factors=_joined_factors(units, idx))
             for i in idx:
                 applied[i] = (scale if restore is not None or i not in applied
                               else applied[i][0] + scale, direction)
@@ -173,7 +186,7 @@ def restore_units(units: Sequence[Unit], applied: Applied, seed: int, *, distrib
         offs = [o for i in idx for o in units[i].offsets]
         with sigint_deferred():
             perturb_(ts, seed, -scale, distribution, direction, offsets=offs, backend=backend,
-                     mask=_joined_masks(units, idx))
+                     mask=_joined_masks(units, idx), factors=_joined_factors(units, idx))
             for i in idx:
                 del applied[i]
 
@@ -191,7 +204,7 @@ def update_units(units: Sequence[Unit], applied: Applied, seed: int, coeffs: Seq
         zo_update_(u.tensors, seed, lr=lr, projected_grads=coeffs, restore_scale=-scale,
                    restore_direction=last, weight_decay=wd, distribution=distribution,
                    offsets=u.offsets, backend=backend, stochastic_rounding=stochastic_rounding,
-                   mask=u.masks)
+                   mask=u.masks, factors=u.factors)
         del applied[i]
 
 
@@ -259,14 +272,15 @@ def update_coefficients(grads: Sequence[float], *, normalize: str, rms_beta: flo
 
 
 def unrepresentable(coeffs: Sequence[float], sq_state, hyper: Hyper,
-                    distribution: str) -> Optional[str]:
-    """Why the update lr*(sum_k c_k z_k + wd*p) cannot be computed in float32, or None."""
+                    z_max: float) -> Optional[str]:
+    """Why the update lr*(sum_k c_k z_k + wd*p) cannot be computed in float32, or None
+    (``z_max``: a bound of |z|, Z_MAX or the low-rank one)."""
     if sq_state is not None and not math.isfinite(sq_state[0]):
         return "the running mean of g^2 overflows"
     c32 = [as_float32(c) for c in coeffs]
     if not all(math.isfinite(c) for c in c32):
         return "an update coefficient overflows float32"
-    bound = as_float32(sum(abs(c) for c in c32) * Z_MAX[distribution])
+    bound = as_float32(sum(abs(c) for c in c32) * z_max)
     if not math.isfinite(bound) or not all(math.isfinite(as_float32(lr * bound))
                                            for lr, _ in hyper):
         return "lr * sum_k |c_k z_k| overflows float32"
@@ -274,7 +288,7 @@ def unrepresentable(coeffs: Sequence[float], sq_state, hyper: Hyper,
 
 
 def plan_update(losses: Sequence[float], grads: Sequence[float], hyper: Hyper, *,
-                distribution: str, normalize: str, rms_beta: float, sq_avg: float,
+                z_max: float, normalize: str, rms_beta: float, sq_avg: float,
                 sq_count: int):
     """(update coefficients or None when a loss or slope is not finite, the RMS that divided
     them, the new RMS state, why the update cannot be computed in float32 or None)."""
@@ -282,13 +296,14 @@ def plan_update(losses: Sequence[float], grads: Sequence[float], hyper: Hyper, *
         return None, None, None, None
     coeffs, grad_rms, sq_state = update_coefficients(
         grads, normalize=normalize, rms_beta=rms_beta, sq_avg=sq_avg, sq_count=sq_count)
-    return coeffs, grad_rms, sq_state, unrepresentable(coeffs, sq_state, hyper, distribution)
+    return coeffs, grad_rms, sq_state, unrepresentable(coeffs, sq_state, hyper, z_max)
 
 
 def update_rms(coeffs: Sequence[float], units: Sequence[Unit], hyper: Hyper,
                moved: Sequence[int]) -> float:
     """Expected RMS change per trained weight of the update lr * sum_k c_k z_k (E z^2 = 1 for
-    both distributions, directions independent; weight decay not included), averaged over
+    both distributions, dense or low-rank, directions independent; weight decay not
+    included), averaged over
     all trained elements, of which ``moved[i]`` of unit i move (all of them, dense; the set
     bits of its masks, sparse: the others change by 0, so a sparse step's RMS is the dense
     value times sqrt(moved fraction))."""
