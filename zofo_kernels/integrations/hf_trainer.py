@@ -112,6 +112,10 @@ _FROM_TRAINING_ARGS = {"lr": "learning_rate", "weight_decay": "weight_decay",
                        "inner_steps": "gradient_accumulation_steps"}
 
 
+# what the ZO step's last_step says about its directions (sparse, low-rank), kept with the
+# Bilevel-ZOFO outer step's record
+DIRECTION_KEYS = ("sparse_fraction", "perturbed_fraction", "lowrank")
+
 class ZOConfig:
     """Zeroth-order settings that ``TrainingArguments`` has no field for.
 
@@ -375,9 +379,8 @@ class ZOFOTrainer(Trainer):
             return zofo.upper_step(upper, inputs)
         up = self.zo_dp.run_step(upper_step) if self.zo_dp is not None else upper_step()
         lower_losses, self._window_lower_losses = self._window_lower_losses, []
-        sparse = {k: zofo.zo.last_step[k] for k in ("sparse_fraction", "perturbed_fraction",
-                                                     "lowrank")}
-        self.zo_last_step = dict(up.as_dict(), lower_losses=lower_losses, **sparse)
+        directions = {k: zofo.zo.last_step[k] for k in DIRECTION_KEYS}
+        self.zo_last_step = dict(up.as_dict(), lower_losses=lower_losses, **directions)
         return up.loss
 
     def _end_window(self) -> None:

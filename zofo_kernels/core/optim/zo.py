@@ -190,6 +190,21 @@ def _record(opt, t, seed, losses, grads, coeffs, grad_rms, units, hyper, moved) 
         factor_floats=low_rank.factor_floats(units))
 
 
+def _attach_directions(opt, units, seed: int, t: int) -> List[int]:
+    """What step ``t`` of ``opt`` perturbs along, attached to its units: the bitmaps
+    (sparse_fraction, from the step-start weights) or U and V (lowrank, V keyed on its
+    period's first step). Returns the number of elements each unit's sweeps change."""
+    if opt.sparse_fraction is not None:
+        sparse.refuse_sharded(opt.param_groups)
+        sparse.attach_masks(units, opt.sparse_fraction, opt._sparse_samples, opt.backend)
+    if opt.lowrank is not None:
+        low_rank.refuse_sharded(opt.param_groups)
+        low_rank.attach_factors(
+            units, seed, low_rank.v_key(opt.base_seed, t, opt.lowrank_period), opt.lowrank,
+            distribution=opt.distribution, n_directions=opt.n_directions, backend=opt.backend)
+    return sparse.moved_elements(units)
+
+
 class ZOOptimizer(torch.optim.Optimizer):
     """Zeroth-order SGD with fused perturbation/update kernels (see the module docstring).
 
@@ -351,8 +366,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         t = self._zo_state["step"]
         seed = step_seed(self._zo_state["base_seed"], t)
         units = F.zo_units(self.param_groups, self.include_frozen)
-        moved = self._attach_masks(units)
-        self._attach_factors(units, seed, t)
+        moved = _attach_directions(self, units, seed, t)
         applied: F.Applied = {}
         where = dict(distribution=self.distribution, backend=self.backend)
         try:
@@ -382,23 +396,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self.last_step["loss"]
 
     # -- the parts of a step -------------------------------------------------------------------
-    def _attach_masks(self, units) -> List[int]:
-        """sparse_fraction: every unit's bitmaps, from the step-start weights. Returns the
-        number of elements each unit's sweeps change."""
-        if self.sparse_fraction is not None:
-            sparse.refuse_sharded(self.param_groups)
-            sparse.attach_masks(units, self.sparse_fraction, self._sparse_samples, self.backend)
-        return sparse.moved_elements(units)
-
-    def _attach_factors(self, units, seed: int, t: int) -> None:
-        """lowrank: every unit's U and V for step ``t`` (V keyed on its period's first step)."""
-        if self.lowrank is not None:
-            low_rank.refuse_sharded(self.param_groups)
-            low_rank.attach_factors(
-                units, seed, low_rank.v_key(self._zo_state["base_seed"], t, self.lowrank_period),
-                self.lowrank, distribution=self.distribution, n_directions=self.n_directions,
-                backend=self.backend)
-
     def _evaluate(self, closure, units, applied, seed, initial_loss) -> List[float]:
         """The raw losses of the step's estimator, every evaluation through ``loss_hook``."""
         hook = self.loss_hook
