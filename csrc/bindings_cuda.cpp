@@ -28,6 +28,16 @@ void check(int rc, const char* err) {
   if (rc != 0) throw std::runtime_error(err);
 }
 
+// The low-rank rank of a perturb or update call: 0 (no row has factors) or the r of every
+// row's factors (a device table cannot be checked here; the Python backend checks the factors
+// themselves, base.check_factors).
+int rank32(int64_t rank) {
+  if (rank < 0 || rank > 0x7FFFFFFFLL)
+    throw std::invalid_argument("rank must be in [0, 2**31) (0: no low-rank factors), got " +
+                                std::to_string(rank));
+  return (int)rank;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -74,16 +84,17 @@ PYBIND11_MODULE(_C_cuda, m) {
       "perturb",
       [](uintptr_t rows, int64_t num_rows, int64_t total_groups, int dtype, uint64_t seed,
          int distribution, double scale, int64_t direction, double restore_scale,
-         int64_t restore_direction, int device, uintptr_t stream) {
+         int64_t restore_direction, int device, uintptr_t stream, int64_t rank) {
         char err[kErrLen] = {0};
         const uint32_t dir = direction32(direction, "direction");
         const uint32_t rdir = direction32(restore_direction, "restore_direction");
+        const int r = rank32(rank);
         int rc;
         {
           py::gil_scoped_release release;
           rc = zofo_cuda_perturb(reinterpret_cast<const ZofoSegmentRow*>(rows), num_rows,
                                  total_groups, dtype, seed64(seed), distribution, (float)scale,
-                                 dir, (float)restore_scale, rdir, device,
+                                 dir, (float)restore_scale, rdir, r, device,
                                  reinterpret_cast<void*>(stream), err, kErrLen);
         }
         check(rc, err);
@@ -91,32 +102,38 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("rows"), py::arg("num_rows"), py::arg("total_groups"), py::arg("dtype"),
       py::arg("seed"), py::arg("distribution"), py::arg("scale"), py::arg("direction"),
       py::arg("restore_scale"), py::arg("restore_direction"), py::arg("device"),
-      py::arg("stream"));
+      py::arg("stream"), py::arg("rank") = 0,
+      "rows: a device table of ZofoSegmentRow; rank: the r of the rows' low-rank factors, 0 "
+      "when no row has any.");
 
   m.def(
       "update",
       [](uintptr_t rows, int64_t num_rows, int64_t total_groups, int dtype, uint64_t seed,
          int distribution, double lr, uintptr_t grads, int64_t q, double restore_scale,
          int64_t restore_direction, double weight_decay, bool stochastic_rounding, int device,
-         uintptr_t stream) {
+         uintptr_t stream, int64_t rank) {
         check_q(q);
         char err[kErrLen] = {0};
         const uint32_t rdir = direction32(restore_direction, "restore_direction");
+        const int r = rank32(rank);
         int rc;
         {
           py::gil_scoped_release release;
           rc = zofo_cuda_update(reinterpret_cast<const ZofoSegmentRow*>(rows), num_rows,
                                 total_groups, dtype, seed64(seed), distribution, (float)lr,
                                 reinterpret_cast<const float*>(grads), q, (float)restore_scale,
-                                rdir, (float)weight_decay, stochastic_rounding ? 1 : 0, device,
-                                reinterpret_cast<void*>(stream), err, kErrLen);
+                                rdir, (float)weight_decay, stochastic_rounding ? 1 : 0, r,
+                                device, reinterpret_cast<void*>(stream), err, kErrLen);
         }
         check(rc, err);
       },
       py::arg("rows"), py::arg("num_rows"), py::arg("total_groups"), py::arg("dtype"),
       py::arg("seed"), py::arg("distribution"), py::arg("lr"), py::arg("grads"), py::arg("q"),
       py::arg("restore_scale"), py::arg("restore_direction"), py::arg("weight_decay"),
-      py::arg("stochastic_rounding"), py::arg("device"), py::arg("stream"));
+      py::arg("stochastic_rounding"), py::arg("device"), py::arg("stream"),
+      py::arg("rank") = 0,
+      "rows: a device table of ZofoSegmentRow; rank: the r of the rows' low-rank factors, 0 "
+      "when no row has any.");
 
   m.def(
       "magnitude_mask",

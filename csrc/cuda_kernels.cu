@@ -3,11 +3,15 @@
 //
 // Work item: a "group" of 4 consecutive global indices 4G .. 4G + 3 (one Gaussian Philox
 // block). A call's tensors are described by a device table of rows (pointer, numel, global
-// offset, first group, bitmap or 0); thread t of a grid-stride loop takes group number g,
-// finds its row by binary search on first_group, and processes the 1-4 elements of that row
-// inside the group: one 16-byte (float32) or 8-byte (16-bit) vector load and store when the
-// group is complete and aligned, element by element otherwise; with a bitmap (sparse
-// perturbation) only the elements whose bit is set. magnitude_mask writes such bitmaps, one
+// offset, first group, bitmap or 0, low-rank factors U, V and the matrix view rows x cols, or
+// 0); thread t of a grid-stride loop takes group number g, finds its row by binary search on
+// first_group, and processes the 1-4 elements of that row inside the group: one 16-byte
+// (float32) or 8-byte (16-bit) vector load and store when the group is complete and aligned,
+// element by element otherwise; with a bitmap (sparse perturbation) only the elements whose
+// bit is set. A call with low-rank factors (rank > 0) runs its own instantiation of the
+// kernel, in which a row with factors takes each element's z from its factor rows
+// (lowrank_value) instead of the noise; calls without factors run the dense kernel, which
+// never reads the factor fields. magnitude_mask writes the bitmaps, one
 // 32-element word per work item. All indices are 64-bit. The projected gradients
 // are read from device memory, so nothing waits for the host. Compiled with --fmad=false:
 // no multiply-add contraction, as the float-math contract requires.
@@ -120,6 +124,104 @@ __device__ __forceinline__ int bitmap_bits4(const uint32_t* bitmap, int64_t loca
   return bits;
 }
 
+// The z of a group's elements, direction by direction: the contract noise of the group.
+struct DenseZ {
+  uint64_t seed;
+  uint64_t group;
+  int distribution;
+
+  __device__ __forceinline__ void operator()(uint32_t direction, float z[4]) const {
+    noise4(seed, group, direction, distribution, z);
+  }
+  __device__ __forceinline__ const DenseZ& dense_z() const { return *this; }
+};
+
+// The low-rank arguments of a call: the rank r of every row with factors, and
+// scale = lowrank_scale(r).
+struct LowRank {
+  int rank;
+  float scale;
+};
+
+// The z of a group's elements in a kernel of a call with low-rank factors. A row without
+// factors (u == 0), or a group with no element in its row, takes the noise (DenseZ). In a row
+// with factors, element local0 + m, when it is in the row (bit m of `present`), is (row i,
+// column c) of the (rows, cols) matrix view and takes, in direction k,
+// lowrank_value(U + (k*rows + i)*r, V + (k*cols + c)*r, r, scale); an element outside the row
+// gets 0 and reads nothing. (i, c) of the group's first element in the row is computed once
+// (one 64-bit division) and stepped from there.
+struct LowRankZ {
+  DenseZ dense;
+  const float* u;    // U (direction 0, row 0); nullptr: the noise
+  const float* v;    // V (direction 0, row 0)
+  int64_t u_stride;  // rows * r: one direction of U
+  int64_t v_stride;  // cols * r: one direction of V
+  int64_t cols;
+  int64_t i0, c0;    // row and column of the group's first element in the row
+  int present;
+  LowRank lr;
+
+  __device__ __forceinline__ LowRankZ(const ZofoSegmentRow& row, DenseZ d, int64_t local0,
+                                      int present_bits, LowRank lowrank)
+      : dense(d), u(nullptr), v(nullptr), u_stride(0), v_stride(0), cols(1), i0(0), c0(0),
+        present(present_bits), lr(lowrank) {
+    if (row.u == 0 || present_bits == 0) return;
+    const int64_t j0 = local0 > 0 ? local0 : 0;
+    u = reinterpret_cast<const float*>(row.u);
+    v = reinterpret_cast<const float*>(row.v);
+    cols = row.cols;
+    u_stride = row.rows * (int64_t)lr.rank;
+    v_stride = row.cols * (int64_t)lr.rank;
+    i0 = j0 / cols;
+    c0 = j0 - i0 * cols;
+  }
+
+  __device__ __forceinline__ const DenseZ& dense_z() const { return dense; }
+
+  __device__ __forceinline__ void operator()(uint32_t direction, float z[4]) const {
+    if (u == nullptr) {
+      dense(direction, z);
+      return;
+    }
+    const int64_t r = lr.rank;
+    const float* uk = u + (int64_t)direction * u_stride;
+    const float* vk = v + (int64_t)direction * v_stride;
+    int64_t i = i0, c = c0;
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      if (present & (1 << m)) {
+        const float* ui = uk + i * r;  // U[k][i]
+        const float* vc = vk + c * r;  // V[k][c]
+        z[m] = lowrank_value(ui, vc, lr.rank, lr.scale);
+        if (++c == cols) {
+          c = 0;
+          ++i;
+        }
+      } else {
+        z[m] = 0.0f;
+      }
+    }
+  }
+};
+
+// The z source of the dense kernels (DenseZ) and of the low-rank ones (LowRankZ).
+template <bool kLowRank>
+struct GroupZ {
+  using type = DenseZ;
+  __device__ __forceinline__ static DenseZ make(const ZofoSegmentRow&, DenseZ d, int64_t, int,
+                                                LowRank) {
+    return d;
+  }
+};
+template <>
+struct GroupZ<true> {
+  using type = LowRankZ;
+  __device__ __forceinline__ static LowRankZ make(const ZofoSegmentRow& row, DenseZ d,
+                                                  int64_t local0, int present, LowRank lr) {
+    return LowRankZ(row, d, local0, present, lr);
+  }
+};
+
 template <typename T>
 __device__ __forceinline__ void store_group(typename Storage<T>::raw_t* p, int64_t local0,
                                             bool vector, int mask, const float v[4]) {
@@ -144,11 +246,13 @@ __device__ __forceinline__ void store_group(typename Storage<T>::raw_t* p, int64
 // into the values to store (PerturbOp, UpdateOp below), and they are stored. A row with a
 // bitmap stores only the elements whose bit is set (the others are never written, so the
 // 4-element vector store serves only groups kept whole), and a group with none set is
-// skipped before anything is loaded or any noise is made.
-template <typename T, typename Op>
+// skipped before anything is loaded or any noise is made. Every z (restore and op) comes
+// from the group's z source: the noise, or, with kLowRank, the factors of rows that have them.
+template <typename T, typename Op, bool kLowRank>
 __global__ void groups_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t num_rows,
                               int64_t total, uint64_t seed, int distribution,
-                              float restore_scale, uint32_t restore_direction, Op op) {
+                              float restore_scale, uint32_t restore_direction, LowRank lowrank,
+                              Op op) {
   using R = typename Storage<T>::raw_t;
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < total; g += stride) {
@@ -164,13 +268,15 @@ __global__ void groups_kernel(const ZofoSegmentRow* __restrict__ rows, int64_t n
     float w[4];
     int present;
     const bool vec = load_group<T>(p, local0, row.numel, w, &present);
+    const typename GroupZ<kLowRank>::type zs = GroupZ<kLowRank>::make(
+        row, DenseZ{seed, group, distribution}, local0, present, lowrank);
     if (restore_scale != 0.0f) {
       float zr[4];
-      noise4(seed, group, restore_direction, distribution, zr);
+      zs(restore_direction, zr);
 #pragma unroll
       for (int m = 0; m < 4; ++m) w[m] = restore_value<T>(w[m], restore_scale, zr[m]);
     }
-    op.template apply<T>(seed, group, distribution, w);
+    op.template apply<T>(zs, w);
     store_group<T>(p, local0, vec && keep == 0xF, present & keep, w);
   }
 }
@@ -180,11 +286,10 @@ struct PerturbOp {
   float scale;
   uint32_t direction;
 
-  template <typename T>
-  __device__ __forceinline__ void apply(uint64_t seed, uint64_t group, int distribution,
-                                        float w[4]) const {
+  template <typename T, typename Z>
+  __device__ __forceinline__ void apply(const Z& zs, float w[4]) const {
     float z[4];
-    noise4(seed, group, direction, distribution, z);
+    zs(direction, z);
 #pragma unroll
     for (int m = 0; m < 4; ++m) w[m] = w[m] + scale * z[m];
   }
@@ -199,13 +304,12 @@ struct UpdateOp {
   float weight_decay;
   bool stochastic;
 
-  template <typename T>
-  __device__ __forceinline__ void apply(uint64_t seed, uint64_t group, int distribution,
-                                        float w[4]) const {
+  template <typename T, typename Z>
+  __device__ __forceinline__ void apply(const Z& zs, float w[4]) const {
     float z[4], d[4];
     for (int64_t k = 0; k < q; ++k) {
       const float gk = grads[k];
-      noise4(seed, group, (uint32_t)k, distribution, z);
+      zs((uint32_t)k, z);
       if (k == 0) {
 #pragma unroll
         for (int m = 0; m < 4; ++m) d[m] = gk * z[m];
@@ -217,8 +321,9 @@ struct UpdateOp {
 #pragma unroll
     for (int m = 0; m < 4; ++m) w[m] = update_value(w[m], d[m], lr, weight_decay);
     if (stochastic) {
+      const DenseZ& at = zs.dense_z();  // the group's seed and number
       uint32_t r[4];
-      block_words(seed, group, 0u, kPurposeRounding, r);
+      block_words(at.seed, at.group, 0u, kPurposeRounding, r);
 #pragma unroll
       for (int m = 0; m < 4; ++m) w[m] = stochastic_round(w[m], r[m], Storage<T>::kCode);
     }
@@ -286,12 +391,13 @@ int check_launch(const char* what, char* err, size_t errlen) {
   return 0;
 }
 
-// One launch of groups_kernel<T, Op> for the storage type T of `dtype`.
+// One launch of groups_kernel<T, Op, kLowRank> for the storage type T of `dtype`; kLowRank
+// when rank > 0 (the rows' factors are read), with scale lowrank_scale(rank).
 template <typename Op>
 int launch_groups(const char* what, const ZofoSegmentRow* rows, int64_t num_rows,
                   int64_t total_groups, int dtype, uint64_t seed, int distribution,
-                  float restore_scale, uint32_t restore_direction, const Op& op, int device,
-                  void* stream, char* err, size_t errlen) {
+                  float restore_scale, uint32_t restore_direction, int rank, const Op& op,
+                  int device, void* stream, char* err, size_t errlen) {
   if (num_rows <= 0 || total_groups <= 0) return 0;
   int blocks = 0;
   const int rc = prepare(total_groups, device, &blocks, err, errlen);
@@ -300,10 +406,18 @@ int launch_groups(const char* what, const ZofoSegmentRow* rows, int64_t num_rows
     snprintf(err, errlen, "unsupported dtype code %d", dtype);
     return -1;
   }
+  if (rank < 0) {
+    snprintf(err, errlen, "low-rank rank must be >= 0 (0: no factors), got %d", rank);
+    return -1;
+  }
+  const LowRank lowrank{rank, rank > 0 ? lowrank_scale(rank) : 0.0f};
   cudaStream_t s = (cudaStream_t)stream;
   ZOFO_DTYPE_SWITCH(dtype, T, [&] {
-    launch_kernel(groups_kernel<T, Op>, blocks, kThreads, s, rows, num_rows, total_groups,
-                  seed, distribution, restore_scale, restore_direction, op);
+    ZOFO_BOOL_SWITCH(rank > 0, kLowRank, [&] {
+      launch_kernel(groups_kernel<T, Op, kLowRank>, blocks, kThreads, s, rows, num_rows,
+                    total_groups, seed, distribution, restore_scale, restore_direction,
+                    lowrank, op);
+    });
   });
   return check_launch(what, err, errlen);
 }
@@ -346,10 +460,10 @@ extern "C" int zofo_cuda_noise(float* out, uint64_t seed, int64_t start, int64_t
 extern "C" int zofo_cuda_perturb(const ZofoSegmentRow* rows, int64_t num_rows,
                                  int64_t total_groups, int dtype, uint64_t seed,
                                  int distribution, float scale, uint32_t direction,
-                                 float restore_scale, uint32_t restore_direction, int device,
-                                 void* stream, char* err, size_t errlen) {
+                                 float restore_scale, uint32_t restore_direction, int rank,
+                                 int device, void* stream, char* err, size_t errlen) {
   return launch_groups("perturb kernel launch", rows, num_rows, total_groups, dtype, seed,
-                       distribution, restore_scale, restore_direction,
+                       distribution, restore_scale, restore_direction, rank,
                        PerturbOp{scale, direction}, device, stream, err, errlen);
 }
 
@@ -357,11 +471,11 @@ extern "C" int zofo_cuda_update(const ZofoSegmentRow* rows, int64_t num_rows,
                                 int64_t total_groups, int dtype, uint64_t seed,
                                 int distribution, float lr, const float* grads, int64_t q,
                                 float restore_scale, uint32_t restore_direction,
-                                float weight_decay, int stochastic_rounding, int device,
-                                void* stream, char* err, size_t errlen) {
+                                float weight_decay, int stochastic_rounding, int rank,
+                                int device, void* stream, char* err, size_t errlen) {
   const bool sr = stochastic_rounding != 0 && dtype != kFloat32;
   return launch_groups("update kernel launch", rows, num_rows, total_groups, dtype, seed,
-                       distribution, restore_scale, restore_direction,
+                       distribution, restore_scale, restore_direction, rank,
                        UpdateOp{lr, grads, q, weight_decay, sr}, device, stream, err, errlen);
 }
 

@@ -12,7 +12,7 @@
 // pattern in the low 32 bits of a word; a blob is a word with its byte count followed by the
 // bytes, zero-padded to a multiple of 8.
 //
-// INPUT:  w magic "ZOFOHX02", w number of cases, then per case
+// INPUT:  w magic "ZOFOHX03", w number of cases, then per case
 //           w op (0 noise, 1 perturb, 2 update, 3 magnitude_mask), w sms, w order_seed,
 //           w device, w seed, w distribution,
 //           noise:    w start, w numel, w direction
@@ -21,10 +21,13 @@
 //                     w stochastic_rounding, w q, q x w projected gradient, ROWS
 //           magnitude_mask: w dtype, w num_rows, w total_words, num_rows x (w numel,
 //                     w first_word, w align, w threshold), then num_rows x blob (the tensor)
-//         ROWS: w num_rows, w total_groups, w masked (1/0), num_rows x (w numel, w offset,
-//               w first_group, w align), then num_rows x blob (the tensor's numel elements),
-//               then, if masked, num_rows x blob (the tensor's bitmap, ceil(numel / 32)
-//               uint32 words; a row with no element gets a null bitmap pointer)
+//         ROWS: w num_rows, w total_groups, w masked (1/0), w rank (0: no factors),
+//               num_rows x (w numel, w offset, w first_group, w align), then num_rows x
+//               blob (the tensor's numel elements), then, if masked, num_rows x blob (the
+//               tensor's bitmap, ceil(numel / 32) uint32 words; a row with no element gets a
+//               null bitmap pointer), then, if rank > 0, num_rows x (w directions D, w rows
+//               m, w cols n, blob U (D*m*rank float32), blob V (D*n*rank float32)); D = 0:
+//               the row has no factors (null pointers, m = n = 0 in its table row)
 //         align >= 0: the tensor starts `align` elements after a 64-byte boundary (the
 //         elements before it are a canary), and ends where its allocation ends, so that
 //         AddressSanitizer sees any access past it; align = -1: null pointer (numel 0).
@@ -33,9 +36,9 @@
 //         update: num_rows x blob (the tensors after the call); magnitude_mask: num_rows x
 //         blob (the bitmaps, which start as 0xA5 bytes so that a word never written shows).
 //
-// Every buffer the kernels see -- tensors, bitmaps, the row table, the projected gradients,
-// the noise output -- is its own heap allocation of exactly the size the GPU code may touch,
-// the way device memory of that size would be.
+// Every buffer the kernels see -- tensors, bitmaps, low-rank factors, the row table, the
+// projected gradients, the noise output -- is its own heap allocation of exactly the size the
+// GPU code may touch, the way device memory of that size would be.
 
 #include <stdint.h>
 #include <stdio.h>
@@ -50,7 +53,7 @@
 
 namespace {
 
-constexpr uint64_t kMagic = 0x323058484F464F5Aull;  // "ZOFOHX02"
+constexpr uint64_t kMagic = 0x333058484F464F5Aull;  // "ZOFOHX03"
 constexpr unsigned char kCanary = 0xA5;
 
 [[noreturn]] void die(const char* what) {
@@ -132,21 +135,34 @@ uint32_t* make_bitmap(int64_t numel, int fill) {
 
 size_t elem_size(int dtype) { return dtype == 0 ? 4 : 2; }
 
-// What a case leaves behind: the tensors (and bitmaps) it allocated, the noise output.
+// A float32 array of exactly n values (null when n is 0), read from a blob of the input.
+float* read_floats(Reader& in, int64_t n) {
+  float* p = nullptr;
+  if (n > 0) {
+    p = (float*)malloc((size_t)n * 4);
+    if (!p) die("out of memory");
+  }
+  in.blob(p, (size_t)(n > 0 ? n : 0) * 4);
+  return p;
+}
+
+// What a case leaves behind: the tensors (and bitmaps, factors) it allocated, the noise output.
 struct CaseState {
   std::vector<Buffer> buffers;
   std::vector<uint32_t*> bitmaps;
+  std::vector<float*> factors;
   std::vector<int64_t> numels;
   std::vector<char> noise_out;
 };
 
 // ROWS of a perturb or update case: the device table (exactly num_rows rows), the tensors
-// and, if the case is masked, their bitmaps.
+// and, if the case is masked, their bitmaps, if it has a rank, their factors.
 ZofoSegmentRow* read_rows(Reader& in, int dtype, CaseState& cs, int64_t* num_rows,
-                          int64_t* total_groups) {
+                          int64_t* total_groups, int* rank) {
   *num_rows = in.w();
   *total_groups = in.w();
   const bool masked = in.w() != 0;
+  *rank = (int)in.w();
   const int64_t n = *num_rows;
   ZofoSegmentRow* rows = (ZofoSegmentRow*)malloc((size_t)(n > 0 ? n : 0) *
                                                  sizeof(ZofoSegmentRow));
@@ -158,6 +174,7 @@ ZofoSegmentRow* read_rows(Reader& in, int dtype, CaseState& cs, int64_t* num_row
     cs.buffers.push_back(make_buffer(cs.numels[r], in.w(), elem_size(dtype)));
     rows[r].ptr = (int64_t)(uintptr_t)cs.buffers.back().data();
     rows[r].mask = 0;
+    rows[r].u = rows[r].v = rows[r].rows = rows[r].cols = 0;
   }
   for (int64_t r = 0; r < n; ++r) in.blob(cs.buffers[r].data(), cs.buffers[r].bytes);
   if (masked) {
@@ -166,6 +183,21 @@ ZofoSegmentRow* read_rows(Reader& in, int dtype, CaseState& cs, int64_t* num_row
       in.blob(m, (size_t)((cs.numels[r] + 31) / 32) * 4);
       rows[r].mask = (int64_t)(uintptr_t)m;
       cs.bitmaps.push_back(m);
+    }
+  }
+  if (*rank > 0) {
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t d = in.w(), m = in.w(), c = in.w();
+      float* u = read_floats(in, d * m * *rank);
+      float* v = read_floats(in, d * c * *rank);
+      cs.factors.push_back(u);
+      cs.factors.push_back(v);
+      if (d > 0) {
+        rows[r].u = (int64_t)(uintptr_t)u;
+        rows[r].v = (int64_t)(uintptr_t)v;
+        rows[r].rows = m;
+        rows[r].cols = c;
+      }
     }
   }
   return rows;
@@ -213,14 +245,15 @@ int run_perturb_or_update(Reader& in, int64_t op, uint64_t seed, int dist, int d
     for (int64_t k = 0; k < q; ++k) grads[k] = in.f32();
   }
   int64_t num_rows, total_groups;
-  ZofoSegmentRow* rows = read_rows(in, dtype, cs, &num_rows, &total_groups);
+  int rank;
+  ZofoSegmentRow* rows = read_rows(in, dtype, cs, &num_rows, &total_groups, &rank);
   int rc;
   if (op == 1) {
     rc = zofo_cuda_perturb(rows, num_rows, total_groups, dtype, seed, dist, scale, dir, rscale,
-                           rdir, device, nullptr, err, errlen);
+                           rdir, rank, device, nullptr, err, errlen);
   } else {
     rc = zofo_cuda_update(rows, num_rows, total_groups, dtype, seed, dist, lr, grads, q,
-                          rscale, rdir, wd, sr, device, nullptr, err, errlen);
+                          rscale, rdir, wd, sr, rank, device, nullptr, err, errlen);
   }
   free(rows);
   free(grads);
@@ -291,6 +324,7 @@ void run_case(Reader& in, Writer& out) {
   }
   for (const Buffer& b : cs.buffers) free(b.base);
   for (uint32_t* m : cs.bitmaps) free(m);
+  for (float* f : cs.factors) free(f);
 }
 
 // Proof that the sanitizers are compiled in: each must abort the program.

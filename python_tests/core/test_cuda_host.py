@@ -11,11 +11,13 @@ cases from a file and writes the results to another). The shim's launcher runs e
 shuffled order. So the kernels' grid-stride loop, the binary search of a group's row, the
 16-byte/8-byte vector loads and stores, the element-by-element tails, the 64-bit indices, the
 projected gradients read from "device" memory, the restore-direction switch, stochastic
-rounding on store, the sparse-perturbation bitmaps (masked stores, skipped groups) and the
-magnitude_mask kernel all run here, and every buffer the kernels touch is an allocation of
-exactly the size the GPU code may touch (the tensors and bitmaps end where their allocation
-ends; a canary sits before tensors placed off alignment; the bitmaps magnitude_mask writes
-start as 0xA5 bytes, so a word it does not write shows).
+rounding on store, the sparse-perturbation bitmaps (masked stores, skipped groups), the
+low-rank directions (the kernels' low-rank instantiation: z from the factor rows of each
+element, rows with and without factors in one call) and the magnitude_mask kernel all run
+here, and every buffer the kernels touch is an allocation of exactly the size the GPU code may
+touch (the tensors, bitmaps and factors end where their allocation ends -- factors hold exactly
+the directions a call uses; a canary sits before tensors placed off alignment; the bitmaps
+magnitude_mask writes start as 0xA5 bytes, so a word it does not write shows).
 
 What is compared, bit for bit, with no tolerance:
 * Rademacher signs, stochastic-rounding words and decisions: ``contract`` itself.
@@ -30,6 +32,11 @@ What is compared, bit for bit, with no tolerance:
   rounding by ``contract.stochastic_round_bits``.
 * Sparse perturbation: an element whose bit is 0 keeps its bits, the others get the dense
   result above (bitmaps of density 0 to 1, runs, random bits past numel).
+* Low-rank directions: a tensor given factors (U, V) (``contract.lowrank_factor``) takes, in
+  every direction the call uses (restore included), z = ``contract.lowrank_z`` of U[k], V[k]
+  (separately rounded float32 products and sums in a fixed order, times float32(1/sqrt(r))) in
+  the formulas above; a tensor without factors in the same call its noise. Given the factors
+  this is exact for both distributions; float32 zeros perturbed with scale 1 store z itself.
 * magnitude_mask: ``contract.magnitude_mask_words`` (NaN, +-inf, +-0 among the values;
   thresholds equal to an element, 0, -0, negative, infinite, NaN).
 * Also the existing CPU backend (same header, different kernels), where it is built.
@@ -40,7 +47,7 @@ each break is detected, by a sanitizer or by the comparison: the check can fail.
 
 Only a missing ``g++`` skips this file (``test_matches_cpu_backend`` alone also skips when
 the CPU module is not built). Set ZOFO_TEST_SEED to replay a run's random inputs (failures
-print the seed). Runtime: about 35 s on 2 cores (three compiles, 24 runs of the executable).
+print the seed). Runtime: about 30 s on 2 cores (three compiles, 28 runs of the executable).
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -317,6 +324,11 @@ class Case:
     grads: List[float] = dataclasses.field(default_factory=list)
     # sparse perturbation (perturb / update): one bitmap (uint32 words) per tensor, or None
     masks: Optional[List[np.ndarray]] = None
+    # low-rank directions (perturb / update): the call's rank and, per tensor, None (dense
+    # noise) or its factors (U, V), float32 arrays of shapes (D, m, r) and (D, n, r); or None
+    rank: int = 0
+    factors: Optional[List[Optional[Tuple[np.ndarray, np.ndarray]]]] = None
+    shapes: Optional[List[tuple]] = None  # the tensors' shapes (low-rank cases)
     # magnitude_mask: one float32 threshold per tensor
     thresholds: List[float] = dataclasses.field(default_factory=list)
     # what the call must do
@@ -512,6 +524,96 @@ def masked_cases(rng, sms, order_seed) -> List[Case]:
     return cases
 
 
+# ---------------------------------------------------------------------------- low-rank directions
+
+# (shape, alignment mode) of the tensors of the low-rank layouts. The call's rank decides
+# (contract.lowrank_shape) which tensors take factors: "matrices" at rank 3 gives factors to
+# (7, 5), (3, 131), (11, 6) and (129, 67) (m > n and m < n; 8643 elements, so 1-SM grids
+# stride) while (31,) and (2, 50) stay dense beside them, at rank 2 (2, 50) takes factors too;
+# "thin" at rank 1 gives factors to (5, 1) (one column: every element wraps to the next row),
+# (1, 9) (one row) and (4, 4), and (6,) stays dense. Offsets are odd, with gaps, so groups
+# straddle tensors; "a" tensors take the vector path, "m" ones do not.
+LOWRANK_LAYOUTS = [
+    ("matrices", [((7, 5), "a"), ((31,), "m"), ((3, 131), "m"), ((11, 6), "a"),
+                  ((2, 50), "a"), ((129, 67), "m")]),
+    ("thin", [((5, 1), "m"), ((6,), "a"), ((1, 9), "a"), ((4, 4), "m")]),
+]
+
+
+def lowrank_factors_of(tensors: List[Tensor], shapes, rank: int, seed: int, v_key: int,
+                       dist: str, directions: int):
+    """Per tensor None or (U, V) of ``directions`` directions, drawn as the contract draws
+    them (contract.lowrank_factor at the tensor's offset, seeds contract.lowrank_seeds): the
+    harness allocates exactly these, so a factor read of a direction or row past them is
+    outside its allocation."""
+    u_seed, v_seed = contract.lowrank_seeds(seed, v_key)
+    out = []
+    for t, shape in zip(tensors, shapes):
+        mn = contract.lowrank_shape(shape, rank)
+        if mn is None:
+            out.append(None)
+            continue
+        out.append(tuple(np.stack([contract.lowrank_factor(s, t.offset, rows, rank, dist, k)
+                                   for k in range(directions)])
+                         for s, rows in ((u_seed, mn[0]), (v_seed, mn[1]))))
+    return out
+
+
+def lowrank_cases(rng, sms, order_seed) -> List[Case]:
+    """perturb and update with low-rank factors on both layouts, every dtype and both
+    distributions: perturb with the fused restore of another direction or plain, update with
+    q = 2 or 3, the restore of direction q - 1, weight decay, stochastic rounding on and off.
+    Every call holds exactly the directions it uses (D = the highest direction + 1)."""
+    cases = []
+    for ti, dtype in enumerate(DTYPE_CODES):
+        for li, (lname, spec) in enumerate(LOWRANK_LAYOUTS):
+            shapes = [shape for shape, _ in spec]
+            rank = 1 if lname == "thin" else (2 if dtype == "bfloat16" else 3)
+            base = 4 * int(rng.integers(0, 2 ** 40)) + 1 + 2 * li
+            tensors = tensor_list(rng, dtype, [int(np.prod(x)) for x in shapes], base,
+                                  [mode for _, mode in spec], gap=True)
+            for di, dist in enumerate(("gaussian", "rademacher")):
+                v = ti + li + di
+                restore = v % 2 == 0
+                rdir, direction = (1, 2) if restore else (0, v % 3)
+                seed = _rand_seed(rng)
+                v_key = seed if di == 0 else _rand_seed(rng)  # a lazy V: keyed on another seed
+                factors = lowrank_factors_of(tensors, shapes, rank, seed, v_key, dist,
+                                             max(direction, rdir if restore else 0) + 1)
+                cases.append(Case(f"lowrank_perturb_{dtype}_{dist}_{lname}_r{rank}"
+                                  f"_restore{int(restore)}", "perturb", sms(), order_seed(),
+                                  seed, dist, dtype=dtype, tensors=tensors,
+                                  scale=[1e-2, -2e-3][di],
+                                  restore_scale=-1e-2 if restore else 0.0,
+                                  restore_direction=rdir, direction=direction, rank=rank,
+                                  factors=factors, shapes=shapes))
+                q = 2 + v % 2
+                grads = [float(F32(g)) for g in rng.standard_normal(q) * 3]
+                sr = (ti + di) % 2 == 0
+                seed = _rand_seed(rng)
+                factors = lowrank_factors_of(tensors, shapes, rank, seed, seed, dist, q)
+                cases.append(Case(f"lowrank_update_{dtype}_{dist}_{lname}_r{rank}_q{q}"
+                                  f"_sr{int(sr)}", "update", sms(), order_seed(), seed, dist,
+                                  dtype=dtype, tensors=tensors, lr=[3e-3, 2e-2][li],
+                                  weight_decay=[0.1, 0.0][di], stochastic=sr, grads=grads,
+                                  restore_scale=1e-3, restore_direction=q - 1, rank=rank,
+                                  factors=factors, shapes=shapes))
+    # z itself: float32 zeros perturbed with scale 1 store z exactly, so a z that differs in
+    # any bit (a fused multiply-add, another order of the sum) shows in every such element
+    shapes = [shape for shape, _ in LOWRANK_LAYOUTS[0][1]]
+    for dist in ("gaussian", "rademacher"):
+        tensors = tensor_list(rng, "float32", [int(np.prod(x)) for x in shapes],
+                              4 * int(rng.integers(0, 2 ** 40)) + 3,
+                              [mode for _, mode in LOWRANK_LAYOUTS[0][1]], gap=True)
+        tensors = [dataclasses.replace(t, bits=np.zeros(t.numel, np.uint32)) for t in tensors]
+        seed = _rand_seed(rng)
+        cases.append(Case(f"lowrank_z_float32_{dist}", "perturb", sms(), order_seed(), seed,
+                          dist, dtype="float32", tensors=tensors, scale=1.0, direction=1,
+                          rank=3, factors=lowrank_factors_of(tensors, shapes, 3, seed, seed,
+                                                             dist, 2), shapes=shapes))
+    return cases
+
+
 MAGNITUDE_SPECIALS = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0]
 
 
@@ -620,6 +722,7 @@ def build_cases() -> List[Case]:
     # ---- sparse perturbation and magnitude_mask
     cases += masked_cases(rng, sms, order_seed)
     cases += magnitude_cases(rng, sms, order_seed)
+    cases += lowrank_cases(rng, sms, order_seed)
 
     # ---- launch errors and edge calls
     t = tensor_list(rng, "float32", [5], 0, ["a"])
@@ -713,7 +816,54 @@ def _check_mask_design(cases: List[Case]) -> None:
     assert len(strided) >= 3
 
 
+def _check_lowrank_design(cases: List[Case]) -> None:
+    """The low-rank cases reach every path, per dtype: rows with factors on the vector path,
+    off it for alignment, and in element-by-element tails; rows without factors beside them
+    in the same call; m > n and m < n (a row or column index used for the other reads past a
+    factor), one column (the column wraps at every element), rank 1 and rank >= 2; perturb
+    with the restore, update with q >= 2; both distributions."""
+    for dtype in DTYPE_CODES:
+        vec = off = tail = mixed = taller = wider = one_col = 0
+        ranks, kinds, dists = set(), set(), set()
+        for c in cases:
+            if c.factors is None or c.dtype != dtype:
+                continue
+            ranks.add(min(c.rank, 2))
+            dists.add(c.dist)
+            kinds.add((c.op, c.restore_scale != 0.0, len(c.grads) >= 2))
+            mixed += any(f is None for f in c.factors) and any(f is not None for f in c.factors)
+            for t, f in zip(c.tensors, c.factors):
+                if f is None:
+                    continue
+                m, n = f[0].shape[1], f[1].shape[1]
+                taller += m > n
+                wider += m < n
+                one_col += n == 1
+                for g in range(t.offset // 4, (t.offset + t.numel + 3) // 4):
+                    local0 = 4 * g - t.offset
+                    if local0 >= 0 and local0 + 4 <= t.numel:
+                        vec += (t.align + local0) % 4 == 0
+                        off += (t.align + local0) % 4 != 0
+                    else:
+                        tail += 1
+        assert vec and off and tail and mixed and taller and wider and one_col, (
+            dtype, vec, off, tail, mixed, taller, wider, one_col)
+        assert ranks == {1, 2} and dists == {"gaussian", "rademacher"}, (dtype, ranks, dists)
+        assert ("perturb", True, False) in kinds and ("update", True, True) in kinds, kinds
+
+
 # ============================================================================ references
+
+def case_z(case: Case, ranges, direction: int) -> np.ndarray:
+    """z of the case's tensors in ``direction``, concatenated: the noise, or, for a tensor
+    with factors, contract.lowrank_z of its U[direction] and V[direction]."""
+    if case.factors is None:
+        return ref_noise_ranges(case.seed, ranges, case.dist, direction)
+    parts = [ref_noise_ranges(case.seed, [(o, n)], case.dist, direction) if f is None
+             else contract.lowrank_z(f[0][direction], f[1][direction], 0, n)
+             for (o, n), f in zip(ranges, case.factors)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
 
 def expected_output(case: Case):
     """The contract's result: noise values, or each tensor's storage bits after the call.
@@ -731,17 +881,17 @@ def expected_output(case: Case):
     ranges = [(t.offset, t.numel) for t in case.tensors]
     p = widen(np.concatenate([t.bits for t in case.tensors]), case.dtype)
     if case.restore_scale != 0.0:
-        zr = ref_noise_ranges(case.seed, ranges, case.dist, case.restore_direction)
+        zr = case_z(case, ranges, case.restore_direction)
         w = rn(p + F32(case.restore_scale) * zr, case.dtype)
     else:
         w = p
     if case.op == "perturb":
-        z = ref_noise_ranges(case.seed, ranges, case.dist, case.direction)
+        z = case_z(case, ranges, case.direction)
         bits = narrow(w + F32(case.scale) * z, case.dtype)
     else:
         d = None
         for k, g in enumerate(case.grads):
-            zk = ref_noise_ranges(case.seed, ranges, case.dist, k)
+            zk = case_z(case, ranges, k)
             d = F32(g) * zk if d is None else d + F32(g) * zk
         v = w - F32(case.lr) * (d + F32(case.weight_decay) * w)
         if case.stochastic and case.dtype != "float32":
@@ -758,7 +908,7 @@ def expected_output(case: Case):
 
 # ======================================================================= the executable's files
 
-MAGIC = 0x323058484F464F5A  # "ZOFOHX02"
+MAGIC = 0x333058484F464F5A  # "ZOFOHX03"
 
 
 def _f32bits(x: float) -> int:
@@ -816,6 +966,7 @@ def encode(cases: List[Case]) -> bytes:
         wr.w(len(rows))
         wr.w(total)
         wr.w(int(c.masks is not None))
+        wr.w(c.rank if c.factors is not None else 0)
         for row in rows:
             for v in row:
                 wr.w(v)
@@ -823,6 +974,18 @@ def encode(cases: List[Case]) -> bytes:
             wr.blob(t.bits.tobytes())
         for m in c.masks or []:
             wr.blob(m.astype(np.uint32).tobytes())
+        for f in c.factors or []:
+            if f is None:
+                for v in (0, 0, 0):
+                    wr.w(v)
+                wr.blob(b"")
+                wr.blob(b"")
+                continue
+            u, v = (np.ascontiguousarray(x, dtype=np.float32) for x in f)
+            for x in (u.shape[0], u.shape[1], v.shape[1]):
+                wr.w(x)
+            wr.blob(u.tobytes())
+            wr.blob(v.tobytes())
     return wr.bytes()
 
 
@@ -928,6 +1091,7 @@ def suite():
     cases = build_cases()
     _check_case_design(cases)
     _check_mask_design(cases)
+    _check_lowrank_design(cases)
     return cases, [expected_output(c) for c in cases]
 
 
@@ -995,7 +1159,7 @@ def test_noise(suite, host_results):
 def test_perturb(suite, host_results, dtype):
     """perturb: plain, with the restore-direction switch, and restoring the same direction."""
     _assert_ops(suite, host_results, lambda c: c.op == "perturb" and c.dtype == dtype
-                and c.masks is None and not c.expect_rc)
+                and c.masks is None and c.factors is None and not c.expect_rc)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES))
@@ -1003,7 +1167,7 @@ def test_update(suite, host_results, dtype):
     """update: q = 1..3 projected gradients read from a device-style buffer of exactly q
     floats, with and without the fused restore, weight decay, stochastic rounding on/off."""
     _assert_ops(suite, host_results, lambda c: c.op == "update" and c.dtype == dtype
-                and c.masks is None)
+                and c.masks is None and c.factors is None)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES))
@@ -1012,6 +1176,17 @@ def test_masked_perturb_and_update(suite, host_results, dtype):
     bit is 0 keep their bits and the others get the dense result: bitmaps of density 0 to 1
     and runs, random bits past numel, whole and partial groups on and off the vector path."""
     _assert_ops(suite, host_results, lambda c: c.masks is not None and c.dtype == dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES))
+def test_lowrank_perturb_and_update(suite, host_results, dtype):
+    """Low-rank directions: a row with factors takes, in every direction the call uses
+    (restore included), z = contract.lowrank_z of its U[k], V[k] (contract.lowrank_factor);
+    a row without factors in the same call its noise: both distributions, ranks 1 to 3, odd
+    shapes (one row, one column, m > n, m < n), vector path and tails, perturb with and
+    without the restore, update with q = 2 or 3, weight decay, stochastic rounding on and off.
+    The factors are allocations of exactly the directions the call uses."""
+    _assert_ops(suite, host_results, lambda c: c.factors is not None and c.dtype == dtype)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES))
@@ -1032,8 +1207,9 @@ def test_launch_errors(suite, host_results):
 def test_table_matches_cuda_backend():
     """The tables these tests build (numel, offset, first group, total; numel, first word,
     total words) are the ones the CUDA backend builds for the same tensors and offsets (its
-    table builders run on CPU tensors), with each tensor's pointer and bitmap pointer (0 when
-    dense) and the threshold's float32 bits."""
+    table builders run on CPU tensors), with each tensor's pointer, bitmap pointer (0 when
+    dense), factor pointers and matrix view (U, V, m, n; 0 without factors) and the
+    threshold's float32 bits."""
     mod = _import_first("zofo_kernels.backends.cuda", "zofo_kernels.core.backends.native.cuda",
                         "zofo_kernels.core.backends.cuda")
     rng = np.random.default_rng(_RNG_SEED)
@@ -1050,6 +1226,21 @@ def test_table_matches_cuda_backend():
             assert [tuple(r[1:4]) for r in got] == [r[:3] for r in rows]
             assert [r[0] for r in got] == [t.data_ptr() for t in ts]
             assert [r[4] for r in got] == [0 if ms is None else m.data_ptr() for m in masks]
+            assert [tuple(r[5:]) for r in got] == [(0, 0, 0, 0)] * len(ts)
+        # factors on every other non-empty tensor, viewed as (m, numel / m), one direction
+        fs = []
+        for i, t in enumerate(ts):
+            m = next((d for d in (3, 2) if t.numel() % d == 0), 1)
+            fs.append((torch.zeros(1, m, 1), torch.zeros(1, t.numel() // m, 1))
+                      if t.numel() and i % 2 else None)
+        table, total = backend._table(ts, offsets, None, fs)
+        assert total == want_total
+        got = table.cpu().numpy().tolist()
+        assert [tuple(r[:5]) for r in got] == [(t.data_ptr(),) + r[:3] + (0,)
+                                               for t, r in zip(ts, rows)]
+        assert [tuple(r[5:]) for r in got] == [
+            (0, 0, 0, 0) if f is None else (f[0].data_ptr(), f[1].data_ptr(), f[0].shape[1],
+                                            f[1].shape[1]) for f in fs]
         thresholds = [float(F32(x)) for x in rng.standard_normal(len(ts))]
         table, total = backend._mask_table(ts, thresholds, masks)
         mrows, want_words = mask_table_of(tensors)
@@ -1076,6 +1267,12 @@ def _cpu_backend_result(zk, c: Case):
     if not nonempty:
         return None
     ts = [_torch_tensor(c.tensors[i], c.dtype) for i in nonempty]
+    factors = None
+    if c.factors is not None:  # the tensors in their shapes (the factors' matrix views)
+        ts = [t.view(c.shapes[i]) for t, i in zip(ts, nonempty)]
+        factors = [None if c.factors[i] is None else
+                   tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in c.factors[i])
+                   for i in nonempty]
     if c.op == "magnitude":  # the backend itself: the public API refuses NaN thresholds
         masks = [torch.zeros(contract.mask_words(t.numel()), dtype=torch.int32) for t in ts]
         from zofo_kernels.core.backends import base
@@ -1087,18 +1284,20 @@ def _cpu_backend_result(zk, c: Case):
     if c.op == "perturb":
         zk.perturb_(ts, c.seed, c.scale, c.dist, c.direction, offsets=offs, backend="cpu",
                     restore_scale=c.restore_scale, restore_direction=c.restore_direction,
-                    mask=mask)
+                    mask=mask, factors=factors)
     else:
         zk.zo_update_(ts, c.seed, lr=c.lr, projected_grads=c.grads,
                       restore_scale=c.restore_scale, restore_direction=c.restore_direction,
                       weight_decay=c.weight_decay, distribution=c.dist, offsets=offs,
-                      backend="cpu", stochastic_rounding=c.stochastic, mask=mask)
-    return [t.view(torch.int32 if c.dtype == "float32" else torch.int16).numpy() for t in ts]
+                      backend="cpu", stochastic_rounding=c.stochastic, mask=mask,
+                      factors=factors)
+    return [t.reshape(-1).view(torch.int32 if c.dtype == "float32" else torch.int16).numpy()
+            for t in ts]
 
 
 def test_matches_cpu_backend(suite, host_results):
     """The CPU backend (the same header in other kernels) gives the same bits, sparse
-    perturbation and magnitude_mask included."""
+    perturbation, low-rank directions and magnitude_mask included."""
     import zofo_kernels as zk
 
     if not zk.available_backends()["cpu"].available:
@@ -1161,13 +1360,12 @@ MUTANTS = [
      "g < total; g += stride) {\n    const ZofoSegmentRow", "stride", "stride + 1",
      "mismatch"),
     ("restore_uses_direction_0",
-     "noise4(seed, group, restore_direction, distribution, zr);", "restore_direction", "0u",
-     "mismatch"),
+     "zs(restore_direction, zr);", "restore_direction", "0u", "mismatch"),
     ("gradient_read_past_q",
      "for (int64_t k = 0; k < q; ++k) {", "k < q", "k <= q", "heap-buffer-overflow"),
     ("rounding_bits_from_the_noise_stream",
-     "block_words(seed, group, 0u, kPurposeRounding, r);", "kPurposeRounding", "kPurposeNoise",
-     "mismatch"),
+     "block_words(at.seed, at.group, 0u, kPurposeRounding, r);", "kPurposeRounding",
+     "kPurposeNoise", "mismatch"),
     ("stochastic_rounding_of_float32",
      "stochastic_rounding != 0 && dtype != kFloat32;", "dtype != kFloat32", "true", "mismatch"),
     ("noise_tail_writes_one_past_the_end",
@@ -1196,6 +1394,19 @@ MUTANTS = [
     ("magnitude_threshold_one_ulp_lower",
      "magnitude_limit(u2f((uint32_t)row.threshold_bits))", "(uint32_t)row.threshold_bits",
      "((uint32_t)row.threshold_bits - 1u)", "mismatch"),
+    # low-rank directions (the outcome of an index break depends on the shapes: a row index
+    # used as a column, or a direction stride too large, reads past the last direction's
+    # factors of a wider (taller) matrix, which every call's exactly-sized factors expose;
+    # _check_lowrank_design keeps such matrices in the cases)
+    ("lowrank_fused_multiply_add",
+     "z[m] = lowrank_value(ui, vc,", "lowrank_value", "zofo_mutant_lowrank_fma", "mismatch"),
+    ("lowrank_scale_missing",
+     "rank > 0 ? lowrank_scale(rank) : 0.0f", "lowrank_scale(rank)", "1.0f", "mismatch"),
+    ("lowrank_U_row_of_the_column",
+     "const float* ui = uk + i * r;", "uk + i * r", "uk + c * r", "heap-buffer-overflow"),
+    ("lowrank_V_direction_stride_of_U",
+     "const float* vk = v + (int64_t)direction * v_stride;", "v_stride", "u_stride",
+     "heap-buffer-overflow"),
 ]
 
 # The patched copy holds every break, each behind a run-time switch, so that one compile serves
@@ -1209,6 +1420,14 @@ static int zofo_mutant_from_env() {
 }
 static const int zofo_mutant = zofo_mutant_from_env();
 #define ZOFO_MUTANT_ON(k) (zofo_mutant == (k))
+#include <math.h>
+// lowrank_value with the sums fused into the products (what --fmad=true would compile)
+static inline float zofo_mutant_lowrank_fma(const float* u, const float* v, int rank,
+                                            float scale) {
+  float acc = u[0] * v[0];
+  for (int l = 1; l < rank; ++l) acc = fmaf(u[l], v[l], acc);
+  return acc * scale;
+}
 """
 
 

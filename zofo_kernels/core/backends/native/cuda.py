@@ -1,10 +1,12 @@
 """CUDA backend: the kernels of ``csrc/cuda_kernels.cu`` through the native module ``_C_cuda``.
 
 One kernel launch per dtype group, on torch's current stream of the tensors' device. The
-tensors of a call are described to the kernel by a small device table (pointer, numel,
-global offset, first work group, sparse-perturbation bitmap or 0 per tensor) that is built
-once per distinct list of tensors (and bitmaps) and cached, and uploaded from pinned memory
-without blocking; the projected gradients are read from device memory. So a training step
+tensors of a call are described to the kernel by a small device table (per tensor: pointer,
+numel, global offset, first work group, sparse-perturbation bitmap or 0, low-rank factors U
+and V and the matrix view (m, n), or 0, 0, 0, 0) that is built once per distinct list of
+tensors (and bitmaps, factors) and cached, and uploaded from pinned memory without blocking;
+the projected gradients are read from device memory. A call with factors passes their rank r
+and runs the kernels' low-rank instantiation. So a training step
 never synchronises with the host here. ``magnitude_mask`` has a table of its own (pointer,
 numel, bitmap, first bitmap word, threshold per tensor), cached the same way.
 
@@ -20,7 +22,8 @@ import torch
 
 from zofo_kernels.core.backends.native import loader as _native
 from zofo_kernels.core.backends.base import (DISTRIBUTION_CODES, Backend, BackendStatus,
-                                             LaunchTables, check_group, check_masks, register)
+                                             LaunchTables, check_factors, check_group,
+                                             check_masks, register)
 
 GROUP = 4  # global indices per work item (one Gaussian Philox block)
 
@@ -100,19 +103,24 @@ class CudaBackend(Backend):
         return device.index if device.index is not None else torch.cuda.current_device()
 
     def _table(self, tensors: List[torch.Tensor], offsets: List[int],
-               masks: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, int]:
-        """(device table of rows (pointer, numel, offset, first group, bitmap or 0), total
-        groups)."""
+               masks: Optional[List[torch.Tensor]] = None,
+               factors=None) -> Tuple[torch.Tensor, int]:
+        """(device table of rows (pointer, numel, offset, first group, bitmap or 0, U, V, m, n
+        or 0, 0, 0, 0), total groups)."""
         mask_ptrs = [0] * len(tensors) if masks is None else [m.data_ptr() for m in masks]
+        lowrank = [(0, 0, 0, 0) if f is None else
+                   (f[0].data_ptr(), f[1].data_ptr(), int(f[0].shape[1]), int(f[1].shape[1]))
+                   for f in (factors or [None] * len(tensors))]
 
         def build():
             rows, first = [], 0
-            for t, o, m in zip(tensors, offsets, mask_ptrs):
-                rows.append((t.data_ptr(), t.numel(), int(o), first, m))
+            for t, o, m, lr in zip(tensors, offsets, mask_ptrs, lowrank):
+                rows.append((t.data_ptr(), t.numel(), int(o), first, m) + lr)
                 first += _groups(int(o), t.numel())
             return _upload(rows, tensors[0].device), first
 
-        return self._tables.get(tensors, offsets, build, extra=(tuple(mask_ptrs),))
+        return self._tables.get(tensors, offsets, build,
+                                extra=(tuple(mask_ptrs), tuple(lowrank)))
 
     def _mask_table(self, tensors: List[torch.Tensor], thresholds: List[float],
                     masks: List[torch.Tensor]) -> Tuple[torch.Tensor, int]:
@@ -146,32 +154,38 @@ class CudaBackend(Backend):
         return out
 
     def perturb(self, tensors, offsets, seed, distribution, scale, direction,
-                restore_scale, restore_direction, *, masks=None):
+                restore_scale, restore_direction, *, masks=None, factors=None):
         mod = self._native()
         code = check_group(tensors, offsets, self.name, device_type="cuda", nonempty=True)
         check_masks(tensors, masks, self.name)
+        rank = check_factors(tensors, factors, (direction, restore_direction), self.name, masks)
         idx = self._device_index(tensors[0].device)
-        table, total = self._table(tensors, offsets, masks)
+        table, total = self._table(tensors, offsets, masks, factors)
         mod.perturb(table.data_ptr(), len(tensors), total, code, seed,
                     DISTRIBUTION_CODES[distribution], float(scale), direction,
                     float(restore_scale), restore_direction, idx,
-                    torch.cuda.current_stream(idx).cuda_stream)
+                    torch.cuda.current_stream(idx).cuda_stream, rank)
 
     def update(self, tensors, offsets, seed, distribution, *, lr, projected_grads,
-               restore_scale, restore_direction, weight_decay, stochastic_rounding, masks=None):
+               restore_scale, restore_direction, weight_decay, stochastic_rounding, masks=None,
+               factors=None):
         mod = self._native()
         code = check_group(tensors, offsets, self.name, device_type="cuda", nonempty=True)
         check_masks(tensors, masks, self.name)
+        if projected_grads.dim() != 1 or projected_grads.numel() < 1:
+            raise ValueError("projected_grads must be a 1-D tensor with at least one value")
+        q = projected_grads.numel()
+        directions = range(q) if restore_scale == 0.0 else list(range(q)) + [restore_direction]
+        rank = check_factors(tensors, factors, directions, self.name, masks)
         idx = self._device_index(tensors[0].device)
         grads = projected_grads.detach().to(device=tensors[0].device,
                                             dtype=torch.float32).contiguous()
-        if grads.dim() != 1 or grads.numel() < 1:
-            raise ValueError("projected_grads must be a 1-D tensor with at least one value")
-        table, total = self._table(tensors, offsets, masks)
+        table, total = self._table(tensors, offsets, masks, factors)
         mod.update(table.data_ptr(), len(tensors), total, code, seed,
                    DISTRIBUTION_CODES[distribution], float(lr), grads.data_ptr(), grads.numel(),
                    float(restore_scale), restore_direction, float(weight_decay),
-                   bool(stochastic_rounding), idx, torch.cuda.current_stream(idx).cuda_stream)
+                   bool(stochastic_rounding), idx, torch.cuda.current_stream(idx).cuda_stream,
+                   rank)
 
     def magnitude_mask(self, tensors, thresholds, masks):
         mod = self._native()
