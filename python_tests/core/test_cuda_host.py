@@ -528,8 +528,9 @@ def masked_cases(rng, sms, order_seed) -> List[Case]:
 
 # (shape, alignment mode) of the tensors of the low-rank layouts. The call's rank decides
 # (contract.lowrank_shape) which tensors take factors: "matrices" at rank 3 gives factors to
-# (7, 5), (3, 131), (11, 6) and (129, 67) (m > n and m < n; the grid-stride loop is the
-# dense kernels' and their cases stride) while (31,) and (2, 50) stay dense beside them, at rank 2 (2, 50) takes factors too;
+# (7, 5), (3, 131), (11, 6) and (129, 67) (m > n and m < n) while (31,) and (2, 50) stay
+# dense beside them, at rank 2 (2, 50) takes factors too (no low-rank grid strides: the loop
+# is the dense kernels', whose cases stride);
 # "thin" at rank 1 gives factors to (5, 1) (one column: every element wraps to the next row),
 # (1, 9) (one row) and (4, 4), and (6,) stays dense. Offsets are odd, with gaps, so groups
 # straddle tensors; "a" tensors take the vector path, "m" ones do not.
