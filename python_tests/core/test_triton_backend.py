@@ -6,7 +6,8 @@ Triton backend has: multi-tensor pointer tables over many tensors of odd sizes a
 global indices beyond 2**32, one launch per (device, dtype) group, the launch-table cache,
 invariance to the block size, how the backend reports itself, and the sparse-mask variants
 (masked launches over full and partial windows, the aligned path with a mask, the table cache
-keyed on the bitmaps, the magnitude_mask kernel's packing).
+keyed on the bitmaps, the magnitude_mask kernel's packing) and the low-rank variant's table
+(factor columns, cached on the factors).
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported,
 as CI does); on a CUDA machine the same tests run compiled (marker ``gpu``).
@@ -594,6 +595,54 @@ def test_masked_launch_tables_are_cached_on_the_masks(device):
     assert table.shape == (len(tensors), 6)
     assert table[:, 5].tolist() == [m.data_ptr() for m in every]
     assert backend._table(tensors, offsets, 128)[0].cpu()[:, 5].tolist() == [0] * len(sizes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_launch_tables_and_windows(device):
+    """Low-rank calls (HAS_FACTORS): windows spanning several rows and programs (block 128),
+    rank 1 (no sum past l = 0) and a dense vector in the same launch, bit for bit with the
+    reference (Rademacher: exact); the table has the factor columns (U, V, m, n; 0, 0, 0, 1
+    for the dense tensor), is cached on the factors' addresses, and a call whose factors are
+    all None is a dense launch (6-column table)."""
+    _need(device)
+    from zofo_kernels.core.backends.triton.launcher import TritonBackend
+    backend, ref = TritonBackend(block=128), base.get("reference")
+    start = [_weights((20, 13), torch.bfloat16), _weights((37,), torch.bfloat16),
+             _weights((6, 7), torch.bfloat16)]
+    offsets = [2 ** 32 + 77, 2 ** 32 + 500, 2 ** 32 + 700]
+    seed = int(RNG.integers(0, 2 ** 63 - 1))
+
+    def pair(m, n):
+        return tuple(torch.from_numpy(contract.noise(seed, o, 2 * rows, "rademacher"))
+                     .reshape(2, rows, 1).to(device) for o, rows in ((0, m), (99, n)))
+    factors = [pair(20, 13), None, pair(6, 7)]
+    got = [t.clone().to(device) for t in start]
+    want = [t.clone() for t in start]
+    grads = torch.tensor([0.5, -2.0])
+    for impl, ts, fs, g in ((backend, got, factors, grads.to(device)),
+                            (ref, want, [None if f is None else tuple(x.cpu() for x in f)
+                                         for f in factors], grads)):
+        impl.perturb(ts, offsets, seed, "rademacher", 1e-2, 1, 0.0, 0, factors=fs)
+        impl.perturb(ts, offsets, seed, "rademacher", -2e-2, 1, 0.0, 0, factors=fs)
+        impl.update(ts, offsets, seed, "rademacher", lr=1e-2, projected_grads=g,
+                    restore_scale=1e-2, restore_direction=1, weight_decay=0.1,
+                    stochastic_rounding=True, factors=fs)
+    note = _note(seed=seed)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b), note
+    assert backend.table_builds == 1, "the same factors rebuilt their table"
+    table = backend._table(got, offsets, 128, factors=factors)[0].cpu()
+    assert table.shape == (3, 10)
+    assert table[:, 6:].tolist() == [[factors[0][0].data_ptr(), factors[0][1].data_ptr(), 20, 13],
+                                     [0, 0, 0, 1],
+                                     [factors[2][0].data_ptr(), factors[2][1].data_ptr(), 6, 7]]
+    other = [pair(20, 13), None, factors[2]]
+    backend.perturb(got, offsets, seed, "rademacher", 1e-2, 0, 0.0, 0, factors=other)
+    assert backend.table_builds == 2
+    backend.perturb(got, offsets, seed, "rademacher", 1e-2, 0, 0.0, 0, factors=[None] * 3)
+    backend.perturb(got, offsets, seed, "rademacher", 1e-2, 0, 0.0, 0)
+    assert backend.table_builds == 3
+    assert backend._table(got, offsets, 128, factors=[None] * 3)[0].shape == (3, 6)
 
 
 def _magnitude_values(n: int, dtype, threshold: float) -> torch.Tensor:

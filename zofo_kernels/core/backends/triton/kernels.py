@@ -27,6 +27,19 @@ bitmap and tests bit j & 31; the window is computed as usual but stored only on 
 inside the tensor whose bit is set (always the masked store, full window or not). Dense
 launches (HAS_MASK false) never read the mask column and compile as they would without it.
 
+Low-rank launches (HAS_FACTORS; see "Low-rank directions" in
+:mod:`zofo_kernels.core.backends.base`) take a wider ``tensor_table``, int64 [T, 10]: the six
+columns above, then (U data_ptr, V data_ptr, m, n) of the tensor's factors, U (D, m, r) and
+V (D, n, r) float32 contiguous; U data_ptr 0 marks a tensor without factors (then m = 0,
+n = 1), which keeps its dense noise: the choice is a branch per program (uniform, no
+divergence), so dense and low-rank tensors of a call share one launch. The rank r and
+float32(1/sqrt(r)) are launch arguments (one rank per call). A low-rank lane computes its row
+i = j div n and column c = j mod n once, then per direction k the contract's fixed-order sum
+acc = U[k,i,0] V[k,c,0]; acc = acc + U[k,i,l] V[k,c,l] (l = 1 .. r-1); z = acc * s_r, in
+place of the noise everywhere (restore, perturbation, every update direction); the
+stochastic-rounding words still come from the seed. Launches without factors (HAS_FACTORS
+false) keep the 6-column table, never read the factor arguments and compile as before.
+
 ``_magnitude_mask_kernel`` writes bitmaps: each program packs ``WORDS`` consecutive words
 (32 * WORDS elements, a [WORDS, 32] tile of bits OR-reduced along its rows) of one tensor, described
 by its own ``mask_table`` (int64 [T, 4] = (data_ptr, numel, bitmap data_ptr, first program
@@ -59,6 +72,7 @@ def _is_interpreted(fn) -> bool:
 
 WINDOW_ALIGN = 128  # window starts are multiples of this (a Rademacher block)
 TABLE_COLUMNS = tl.constexpr(6)  # the tensor_table's row length
+FACTOR_TABLE_COLUMNS = tl.constexpr(10)  # ... of a low-rank launch (HAS_FACTORS)
 MASK_TABLE_COLUMNS = tl.constexpr(4)  # the mask_table's row length
 
 # The STORAGE and DIST codes the kernels take: zofo_noise.h's DType and Distribution, and
@@ -255,11 +269,12 @@ def _typed_ptr(addr, STORAGE: tl.constexpr):
 
 @triton.jit
 def _window(tensor_table, program_table, STORAGE: tl.constexpr, BLOCK: tl.constexpr,
-            ALIGNED: tl.constexpr):
-    """This program's (pointers, local indices j, numel, window start g0, full?, table row)."""
+            ALIGNED: tl.constexpr, COLUMNS: tl.constexpr):
+    """This program's (pointers, local indices j, numel, window start g0, full?, table row);
+    the tensor_table has rows of COLUMNS values."""
     pid = tl.program_id(0)
     t = tl.load(program_table + pid).to(tl.int64)
-    row = tensor_table + TABLE_COLUMNS * t
+    row = tensor_table + COLUMNS * t
     addr = tl.load(row)
     offset = tl.load(row + 1)
     numel = tl.load(row + 2)
@@ -289,26 +304,72 @@ def _mask_lanes(row, j, inside):
 
 
 @triton.jit
-def _load_restored(tensor_table, program_table, seed, restore_scale, restore_direction,
-                   STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
-                   HAS_RESTORE: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr,
-                   HAS_MASK: tl.constexpr):
-    """This program's window (pointers, lanes to store, full?, start g0) and its weights as
-    float32, restored: w = rn(p + restore_scale * z_r) [if HAS_RESTORE]. With HAS_MASK the
-    lanes to store are those inside the tensor whose bit is set."""
-    ptrs, j, numel, g0, full, row = _window(tensor_table, program_table, STORAGE, BLOCK,
-                                            ALIGNED)
+def _load_window(tensor_table, program_table, STORAGE: tl.constexpr, BLOCK: tl.constexpr,
+                 ALIGNED: tl.constexpr, HAS_FACTORS: tl.constexpr):
+    """This program's window (pointers, local indices j, lanes inside the tensor, full?,
+    start g0, table row) and its weights as float32."""
+    if HAS_FACTORS:
+        ptrs, j, numel, g0, full, row = _window(tensor_table, program_table, STORAGE, BLOCK,
+                                                ALIGNED, FACTOR_TABLE_COLUMNS)
+    else:
+        ptrs, j, numel, g0, full, row = _window(tensor_table, program_table, STORAGE, BLOCK,
+                                                ALIGNED, TABLE_COLUMNS)
     inside = (j >= 0) & (j < numel)
     if full:
         w = _widen(tl.load(ptrs), STORAGE)
     else:
         w = _widen(tl.load(ptrs, mask=inside, other=0), STORAGE)
-    if HAS_RESTORE:
-        z_r = _noise_window(seed, g0, restore_direction, BLOCK, DIST, PRECISE)
-        w = _round_rn(w + restore_scale * z_r, STORAGE)
-    if HAS_MASK:
-        inside = _mask_lanes(row, j, inside)
-    return ptrs, inside, full, g0, w
+    return ptrs, j, inside, full, g0, row, w
+
+
+@triton.jit
+def _lowrank_lanes(row, j, inside, rank):
+    """The low-rank setup of a window of a launch with factors: (has factors?, pointers to
+    U[0, i, 0] and V[0, c, 0] of each lane's row i = j div n and column c = j mod n, m * r,
+    n * r) from columns 6..9 of the tensor's row (U data_ptr 0: no factors, dense noise)."""
+    u_addr = tl.load(row + 6)
+    v_addr = tl.load(row + 7)
+    m = tl.load(row + 8)
+    n = tl.load(row + 9)  # 1 for a tensor without factors: no division by zero
+    jj = tl.where(inside, j, 0)  # lanes outside the tensor: a valid element, never loaded
+    i = jj // n
+    c = jj - i * n
+    r = rank.to(tl.int64)
+    u = u_addr.to(tl.pointer_type(tl.float32)) + i * r
+    v = v_addr.to(tl.pointer_type(tl.float32)) + c * r
+    return u_addr != 0, u, v, m * r, n * r
+
+
+@triton.jit
+def _lowrank_z(u, v, inside, direction, mr, nr, rank, lowrank_scale):
+    """The contract's low-rank z of direction k: acc = U[k,i,0] V[k,c,0];
+    acc = acc + U[k,i,l] V[k,c,l] (l = 1 .. r-1); z = acc * s_r, each operation rounded
+    separately (no FMA: the launcher disables contraction)."""
+    k = tl.cast(direction, tl.int64)
+    u = u + k * mr
+    v = v + k * nr
+    acc = tl.load(u, mask=inside, other=0.0) * tl.load(v, mask=inside, other=0.0)
+    for l in range(1, rank):
+        acc = acc + tl.load(u + l, mask=inside, other=0.0) * tl.load(v + l, mask=inside,
+                                                                     other=0.0)
+    return acc * lowrank_scale
+
+
+@triton.jit
+def _z(seed, g0, direction, lowrank, u, v, inside, mr, nr, rank, lowrank_scale,
+       BLOCK: tl.constexpr, DIST: tl.constexpr, PRECISE: tl.constexpr,
+       HAS_FACTORS: tl.constexpr):
+    """z of the window in ``direction``: the contract noise, or (HAS_FACTORS and the tensor
+    has factors: ``lowrank``, uniform over the program) its low-rank z. Without HAS_FACTORS
+    the low-rank arguments are unused placeholders."""
+    if HAS_FACTORS:
+        if lowrank:
+            z = _lowrank_z(u, v, inside, direction, mr, nr, rank, lowrank_scale)
+        else:
+            z = _noise_window(seed, g0, direction, BLOCK, DIST, PRECISE)
+    else:
+        z = _noise_window(seed, g0, direction, BLOCK, DIST, PRECISE)
+    return z
 
 
 @triton.jit
@@ -325,7 +386,7 @@ def _store(ptrs, inside, full, p, HAS_MASK: tl.constexpr):
 
 # --------------------------------------------------------------------------- kernels
 #
-# Private: their parameter lists are the launch ABI (4 to 17 values, in this order), and
+# Private: their parameter lists are the launch ABI (4 to 20 values, in this order), and
 # only :class:`zofo_kernels.core.backends.triton.launcher.TritonBackend` launches them.
 
 @triton.jit(do_not_specialize=["seed", "start", "numel", "direction"])
@@ -343,39 +404,63 @@ def _noise_kernel(out_ptr, seed: tl.int64, start: tl.int64, numel: tl.int64,
     tl.store(out_ptr + j, z, mask=(j >= 0) & (j < numel))
 
 
-@triton.jit(do_not_specialize=["seed", "direction", "restore_direction"])
+@triton.jit(do_not_specialize=["seed", "direction", "restore_direction", "rank"])
 def _perturb_kernel(tensor_table, program_table, seed: tl.int64, scale: tl.float32,
                    direction: tl.uint32, restore_scale: tl.float32, restore_direction: tl.uint32,
+                   rank: tl.int32, lowrank_scale: tl.float32,
                    STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                    HAS_RESTORE: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr,
-                   HAS_MASK: tl.constexpr):
+                   HAS_MASK: tl.constexpr, HAS_FACTORS: tl.constexpr):
     """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; p = rn(w + scale * z) (only the
-    elements whose bit is set if HAS_MASK)."""
-    ptrs, inside, full, g0, w = _load_restored(
-        tensor_table, program_table, seed, restore_scale, restore_direction,
-        STORAGE, BLOCK, DIST, HAS_RESTORE, PRECISE, ALIGNED, HAS_MASK)
-    z = _noise_window(seed, g0, direction, BLOCK, DIST, PRECISE)
+    elements whose bit is set if HAS_MASK; z low-rank for the tensors with factors if
+    HAS_FACTORS, of rank ``rank`` and scale ``lowrank_scale``)."""
+    ptrs, j, inside, full, g0, row, w = _load_window(tensor_table, program_table, STORAGE,
+                                                     BLOCK, ALIGNED, HAS_FACTORS)
+    if HAS_FACTORS:
+        lowrank, u_lanes, v_lanes, mr, nr = _lowrank_lanes(row, j, inside, rank)
+    else:
+        lowrank, u_lanes, v_lanes, mr, nr = 0, 0, 0, 0, 0  # unused
+    if HAS_RESTORE:
+        z_r = _z(seed, g0, restore_direction, lowrank, u_lanes, v_lanes, inside, mr, nr, rank,
+                 lowrank_scale, BLOCK, DIST, PRECISE, HAS_FACTORS)
+        w = _round_rn(w + restore_scale * z_r, STORAGE)
+    if HAS_MASK:
+        inside = _mask_lanes(row, j, inside)
+    z = _z(seed, g0, direction, lowrank, u_lanes, v_lanes, inside, mr, nr, rank, lowrank_scale,
+           BLOCK, DIST, PRECISE, HAS_FACTORS)
     _store(ptrs, inside, full, _narrow(w + scale * z, STORAGE), HAS_MASK)
 
 
-@triton.jit(do_not_specialize=["seed", "q", "restore_direction"])
+@triton.jit(do_not_specialize=["seed", "q", "restore_direction", "rank"])
 def _update_kernel(tensor_table, program_table, seed: tl.int64, lr: tl.float32, grads_ptr,
                   q: tl.int32, restore_scale: tl.float32, restore_direction: tl.uint32,
-                  weight_decay: tl.float32,
+                  weight_decay: tl.float32, rank: tl.int32, lowrank_scale: tl.float32,
                   STORAGE: tl.constexpr, BLOCK: tl.constexpr, DIST: tl.constexpr,
                   HAS_RESTORE: tl.constexpr, STOCHASTIC: tl.constexpr,
-                  PRECISE: tl.constexpr, ALIGNED: tl.constexpr, HAS_MASK: tl.constexpr):
+                  PRECISE: tl.constexpr, ALIGNED: tl.constexpr, HAS_MASK: tl.constexpr,
+                  HAS_FACTORS: tl.constexpr):
     """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; d = sum_k g_k z_k; d += wd * w;
     v = w - lr * d; p = sr(v) if STOCHASTIC else rn(v) (only the elements whose bit is set
-    if HAS_MASK)."""
-    ptrs, inside, full, g0, w = _load_restored(
-        tensor_table, program_table, seed, restore_scale, restore_direction,
-        STORAGE, BLOCK, DIST, HAS_RESTORE, PRECISE, ALIGNED, HAS_MASK)
+    if HAS_MASK; every z low-rank for the tensors with factors if HAS_FACTORS)."""
+    ptrs, j, inside, full, g0, row, w = _load_window(tensor_table, program_table, STORAGE,
+                                                     BLOCK, ALIGNED, HAS_FACTORS)
+    if HAS_FACTORS:
+        lowrank, u_lanes, v_lanes, mr, nr = _lowrank_lanes(row, j, inside, rank)
+    else:
+        lowrank, u_lanes, v_lanes, mr, nr = 0, 0, 0, 0, 0  # unused
+    if HAS_RESTORE:
+        z_r = _z(seed, g0, restore_direction, lowrank, u_lanes, v_lanes, inside, mr, nr, rank,
+                 lowrank_scale, BLOCK, DIST, PRECISE, HAS_FACTORS)
+        w = _round_rn(w + restore_scale * z_r, STORAGE)
+    if HAS_MASK:
+        inside = _mask_lanes(row, j, inside)
     g = tl.load(grads_ptr)
-    d = g * _noise_window(seed, g0, 0, BLOCK, DIST, PRECISE)
+    d = g * _z(seed, g0, 0, lowrank, u_lanes, v_lanes, inside, mr, nr, rank, lowrank_scale,
+               BLOCK, DIST, PRECISE, HAS_FACTORS)
     for k in range(1, q):
         g_k = tl.load(grads_ptr + k)
-        d = d + g_k * _noise_window(seed, g0, k, BLOCK, DIST, PRECISE)
+        d = d + g_k * _z(seed, g0, k, lowrank, u_lanes, v_lanes, inside, mr, nr, rank,
+                         lowrank_scale, BLOCK, DIST, PRECISE, HAS_FACTORS)
     d = d + weight_decay * w
     v = w - lr * d
     if STOCHASTIC:

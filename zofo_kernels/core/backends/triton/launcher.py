@@ -7,8 +7,13 @@ missing or broken Triton makes this backend unavailable, never ``import zofo_ker
 
 Each launch is described by two small int64/int32 tables (see the kernels module) that
 depend only on the tensors' data pointers, sizes and global offsets (and the bitmaps' data
-pointers of a sparse call); they are built once and cached, so the repeated perturb/update
-calls of an optimizer step reuse them.
+pointers of a sparse call, the factors' data pointers and shapes of a low-rank call); they are
+built once and cached, so the repeated perturb/update calls of an optimizer step reuse them.
+
+A low-rank call (``factors`` with at least one pair) is one launch of the HAS_FACTORS variant:
+its table has four more columns (U and V data pointers, m, n; zeros and n = 1 for the tensors
+without factors, which keep their dense noise through a per-program branch). A call whose
+factors are all None is a dense launch.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from zofo_kernels.core import contract
 from zofo_kernels.core.backends.base import (DISTRIBUTION_CODES, Backend, BackendStatus,
-                                             LaunchTables, check_group, check_masks, register)
+                                             LaunchTables, check_factors, check_group,
+                                             check_masks, register)
 
 
 def _pointers(tensors) -> np.ndarray:
@@ -113,16 +120,22 @@ class TritonBackend(Backend):
     # ------------------------------------------------------------------ launch tables
 
     def _table(self, tensors: List[torch.Tensor], offsets: List[int], align: int,
-               masks: Optional[List[torch.Tensor]] = None):
-        """(tensor_table, program_table, programs, aligned), cached on the tensors' layout
-        and the bitmaps' addresses (None: a dense launch)."""
+               masks: Optional[List[torch.Tensor]] = None, factors=None):
+        """(tensor_table, program_table, programs, aligned), cached on the tensors' layout,
+        the bitmaps' addresses (None: no masks) and the factors' addresses and shapes (None:
+        no factors, or none but None entries: a dense launch with the 6-column table)."""
+        if factors is not None and all(f is None for f in factors):
+            factors = None
         mask_ptrs = None if masks is None else tuple(m.data_ptr() for m in masks)
+        factor_key = None if factors is None else tuple(
+            None if f is None else (f[0].data_ptr(), f[1].data_ptr(), f[0].shape[1],
+                                    f[1].shape[1]) for f in factors)
         return self._tables.get(
-            tensors, offsets, lambda: self._build_table(tensors, offsets, align, masks),
-            extra=(align, self.block, mask_ptrs))
+            tensors, offsets, lambda: self._build_table(tensors, offsets, align, masks, factors),
+            extra=(align, self.block, mask_ptrs, factor_key))
 
     def _build_table(self, tensors: List[torch.Tensor], offsets: List[int], align: int,
-                     masks: Optional[List[torch.Tensor]]):
+                     masks: Optional[List[torch.Tensor]], factors=None):
         device = tensors[0].device
         ptrs = [t.data_ptr() for t in tensors]
         block = self.block
@@ -132,7 +145,15 @@ class TritonBackend(Backend):
         count = np.where(n > 0, (off + n - first + block - 1) // block, 0)
         first_program, program_table, programs = _program_table(count)
         mask_ptrs = np.zeros(len(tensors), np.int64) if masks is None else _pointers(masks)
-        table = np.stack([_pointers(tensors), off, n, first, first_program, mask_ptrs], axis=1)
+        columns = [_pointers(tensors), off, n, first, first_program, mask_ptrs]
+        if factors is not None:  # U, V data pointers, m, n (0, 0, 0, 1: no factors)
+            lowrank = np.zeros((len(tensors), 4), np.int64)
+            lowrank[:, 3] = 1
+            for i, f in enumerate(factors):
+                if f is not None:
+                    lowrank[i] = (*_pointers(f), f[0].shape[1], f[1].shape[1])
+            columns += list(lowrank.T)
+        table = np.stack(columns, axis=1)
         itemsize = tensors[0].element_size()
         aligned = all((p - o * itemsize) % 16 == 0 for p, o in zip(ptrs, offsets))
         return (torch.from_numpy(np.ascontiguousarray(table)).to(device),
@@ -176,38 +197,48 @@ class TritonBackend(Backend):
                 PRECISE=self._precise(), **self._launch_options())
         return out
 
+    @staticmethod
+    def _lowrank_args(rank: int):
+        """(rank, float32(1/sqrt(rank))) launch arguments; placeholders without factors."""
+        return (rank, float(contract.lowrank_scale(rank))) if rank else (1, 1.0)
+
     def perturb(self, tensors, offsets, seed, distribution, scale, direction,
-                restore_scale, restore_direction, *, masks=None):
+                restore_scale, restore_direction, *, masks=None, factors=None):
         code = check_group(tensors, offsets, self.name)
         check_masks(tensors, masks, self.name)
+        rank = check_factors(tensors, factors, (direction, restore_direction), self.name,
+                             masks)
         device = tensors[0].device
         tk = self._require(device)
         table, program_table, programs, aligned = self._table(
-            tensors, offsets, tk.WINDOW_ALIGN, masks)
+            tensors, offsets, tk.WINDOW_ALIGN, masks, factors)
         if programs == 0:
             return
         with self._device_guard(device):
             tk._perturb_kernel[(programs,)](
                 table, program_table, seed, float(scale), direction,
-                float(restore_scale), restore_direction,
+                float(restore_scale), restore_direction, *self._lowrank_args(rank),
                 STORAGE=code, BLOCK=self.block,
                 DIST=DISTRIBUTION_CODES[distribution], HAS_RESTORE=restore_scale != 0.0,
                 PRECISE=self._precise(), ALIGNED=aligned, HAS_MASK=masks is not None,
-                **self._launch_options())
+                HAS_FACTORS=rank > 0, **self._launch_options())
 
     def update(self, tensors, offsets, seed, distribution, *, lr, projected_grads,
                restore_scale, restore_direction, weight_decay, stochastic_rounding,
-               masks=None):
+               masks=None, factors=None):
         code = check_group(tensors, offsets, self.name)
         check_masks(tensors, masks, self.name)
         device = tensors[0].device
-        tk = self._require(device)
         grads = projected_grads.detach().reshape(-1)
         if grads.numel() == 0:
             raise ValueError("projected_grads is empty: give one scalar per direction (q >= 1)")
+        directions = range(grads.numel()) if restore_scale == 0.0 else \
+            list(range(grads.numel())) + [restore_direction]
+        rank = check_factors(tensors, factors, directions, self.name, masks)
+        tk = self._require(device)
         grads = grads.to(device=device, dtype=torch.float32).contiguous()
         table, program_table, programs, aligned = self._table(
-            tensors, offsets, tk.WINDOW_ALIGN, masks)
+            tensors, offsets, tk.WINDOW_ALIGN, masks, factors)
         if programs == 0:
             return
         dtype = tensors[0].dtype
@@ -216,10 +247,11 @@ class TritonBackend(Backend):
             tk._update_kernel[(programs,)](
                 table, program_table, seed, float(lr), grads, grads.numel(),
                 float(restore_scale), restore_direction, float(weight_decay),
+                *self._lowrank_args(rank),
                 STORAGE=code, BLOCK=self.block,
                 DIST=DISTRIBUTION_CODES[distribution], HAS_RESTORE=restore_scale != 0.0,
                 STOCHASTIC=stochastic, PRECISE=self._precise(), ALIGNED=aligned,
-                HAS_MASK=masks is not None, **self._launch_options())
+                HAS_MASK=masks is not None, HAS_FACTORS=rank > 0, **self._launch_options())
 
     def magnitude_mask(self, tensors, thresholds, masks):
         code = check_group(tensors, [0] * len(tensors), self.name)
