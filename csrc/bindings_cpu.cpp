@@ -38,14 +38,35 @@ namespace {
 
 using Segments = std::vector<Segment>;
 
+// Low-rank factors of a call, one entry per tensor in each list (or all lists empty): the
+// addresses of U (depth, rows, rank) and V (depth, cols, rank), both 0 for a dense tensor,
+// V's row count `cols` (rows = numel / cols) and the directions `depth` they hold; one rank
+// for the call.
+struct LowRankArgs {
+  std::vector<uintptr_t> u, v;
+  std::vector<int64_t> cols, depth;
+  int64_t rank = 0;
+};
+
 // `masks`: empty (every tensor dense), or one bitmap pointer per tensor, 0 for a dense one.
+// `lowrank`: see LowRankArgs; the directions each tensor's factors must hold are checked by
+// the kernels, which know the call's directions.
 Segments segments(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& numels,
                   const std::vector<int64_t>& offsets,
-                  const std::vector<uintptr_t>& masks = std::vector<uintptr_t>()) {
+                  const std::vector<uintptr_t>& masks = std::vector<uintptr_t>(),
+                  const LowRankArgs& lowrank = LowRankArgs()) {
   if (ptrs.size() != numels.size() || ptrs.size() != offsets.size())
     throw std::invalid_argument("ptrs, numels and offsets must have the same length");
   if (!masks.empty() && masks.size() != ptrs.size())
     throw std::invalid_argument("masks must be empty or have one pointer (0: none) per tensor");
+  const size_t nf = lowrank.u.size();
+  if (lowrank.v.size() != nf || lowrank.cols.size() != nf || lowrank.depth.size() != nf ||
+      (nf != 0 && nf != ptrs.size()))
+    throw std::invalid_argument(
+        "lowrank_u, lowrank_v, lowrank_cols and lowrank_depth must all be empty or have one "
+        "entry per tensor (0: dense)");
+  if (lowrank.rank < 0 || lowrank.rank > INT32_MAX)
+    throw std::invalid_argument("rank must be in [0, 2**31)");
   Segments out;
   out.reserve(ptrs.size());
   for (size_t i = 0; i < ptrs.size(); ++i) {
@@ -55,49 +76,80 @@ Segments segments(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>
     if (numels[i] > 0 && numels[i] - 1 > INT64_MAX - offsets[i])
       throw std::invalid_argument("offset + numel overflows the 2**63 global index space");
     const uintptr_t mask = masks.empty() ? 0 : masks[i];
-    out.push_back(Segment{reinterpret_cast<void*>(ptrs[i]), numels[i], offsets[i],
-                          reinterpret_cast<const uint32_t*>(mask)});
+    Segment seg{reinterpret_cast<void*>(ptrs[i]), numels[i], offsets[i],
+                reinterpret_cast<const uint32_t*>(mask)};
+    if (nf != 0 && (lowrank.u[i] != 0 || lowrank.v[i] != 0)) {
+      const std::string which = "tensor " + std::to_string(i) + ": ";
+      if (lowrank.u[i] == 0 || lowrank.v[i] == 0)
+        throw std::invalid_argument(which + "null low-rank factor pointer (give both U and V, "
+                                    "or neither)");
+      if (mask != 0)
+        throw std::invalid_argument(which + "masks and low-rank factors cannot be combined");
+      if (lowrank.rank < 1)
+        throw std::invalid_argument("rank must be >= 1 when low-rank factors are given");
+      if (lowrank.cols[i] < 1 || numels[i] % lowrank.cols[i] != 0)
+        throw std::invalid_argument(which + "lowrank_cols must be >= 1 and divide numel " +
+                                    std::to_string(numels[i]));
+      if (lowrank.depth[i] < 1)
+        throw std::invalid_argument(which + "lowrank_depth must be >= 1");
+      seg.fu = reinterpret_cast<const float*>(lowrank.u[i]);
+      seg.fv = reinterpret_cast<const float*>(lowrank.v[i]);
+      seg.cols = lowrank.cols[i];
+      seg.rows = numels[i] / lowrank.cols[i];
+      seg.depth = lowrank.depth[i];
+    }
+    out.push_back(seg);
   }
   return out;
 }
 
 // m.def of an operation on a list of tensors: Python passes the lists ptrs, numels and offsets
-// first, then the other arguments (named by `extra`), and optionally the keyword argument
-// masks (bitmap pointers, see segments()); `fn` receives the checked Segments and the others.
+// first, then the other arguments (named by `extra`), and optionally the keyword arguments
+// masks (bitmap pointers, see segments()) and lowrank_u, lowrank_v, lowrank_cols,
+// lowrank_depth and rank (LowRankArgs); `fn` receives the checked Segments, the rank, then
+// the others.
 template <typename... Rest, typename... Extra>
-void def_multi_tensor(py::module_& m, const char* name, void (*fn)(const Segments&, Rest...),
-                      const Extra&... extra) {
+void def_multi_tensor(py::module_& m, const char* name,
+                      void (*fn)(const Segments&, int, Rest...), const Extra&... extra) {
   m.def(
       name,
       [fn](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& numels,
            const std::vector<int64_t>& offsets, Rest... rest,
-           const std::vector<uintptr_t>& masks) {
-        fn(segments(ptrs, numels, offsets, masks), rest...);
+           const std::vector<uintptr_t>& masks, const std::vector<uintptr_t>& lowrank_u,
+           const std::vector<uintptr_t>& lowrank_v, const std::vector<int64_t>& lowrank_cols,
+           const std::vector<int64_t>& lowrank_depth, int64_t rank) {
+        const LowRankArgs lowrank{lowrank_u, lowrank_v, lowrank_cols, lowrank_depth, rank};
+        fn(segments(ptrs, numels, offsets, masks, lowrank), (int)rank, rest...);
       },
       py::arg("ptrs"), py::arg("numels"), py::arg("offsets"), extra...,
-      py::arg("masks") = std::vector<uintptr_t>());
+      py::arg("masks") = std::vector<uintptr_t>(),
+      py::arg("lowrank_u") = std::vector<uintptr_t>(),
+      py::arg("lowrank_v") = std::vector<uintptr_t>(),
+      py::arg("lowrank_cols") = std::vector<int64_t>(),
+      py::arg("lowrank_depth") = std::vector<int64_t>(), py::arg("rank") = (int64_t)0);
 }
 
-void perturb(const Segments& segs, int dtype, uint64_t seed, int distribution, double scale,
-             int64_t direction, double restore_scale, int64_t restore_direction,
+void perturb(const Segments& segs, int rank, int dtype, uint64_t seed, int distribution,
+             double scale, int64_t direction, double restore_scale, int64_t restore_direction,
              int num_threads) {
   const uint32_t dir = direction32(direction, "direction");
   const uint32_t rdir = direction32(restore_direction, "restore_direction");
   py::gil_scoped_release release;
   zofo::cpu::perturb(segs, dtype, seed64(seed), distribution, (float)scale, dir,
-                     (float)restore_scale, rdir, num_threads);
+                     (float)restore_scale, rdir, num_threads, rank);
 }
 
-void update(const Segments& segs, int dtype, uint64_t seed, int distribution, double lr,
-            uintptr_t grads, int64_t q, double restore_scale, int64_t restore_direction,
-            double weight_decay, bool stochastic_rounding, int num_threads) {
+void update(const Segments& segs, int rank, int dtype, uint64_t seed, int distribution,
+            double lr, uintptr_t grads, int64_t q, double restore_scale,
+            int64_t restore_direction, double weight_decay, bool stochastic_rounding,
+            int num_threads) {
   check_q(q);
   if (grads == 0) throw std::invalid_argument("null projected-gradient pointer");
   const uint32_t rdir = direction32(restore_direction, "restore_direction");
   py::gil_scoped_release release;
   zofo::cpu::update(segs, dtype, seed64(seed), distribution, (float)lr,
                     reinterpret_cast<const float*>(grads), q, (float)restore_scale, rdir,
-                    (float)weight_decay, stochastic_rounding, num_threads);
+                    (float)weight_decay, stochastic_rounding, num_threads, rank);
 }
 
 // Per tensor: `numel` elements at ptrs[i] (storage dtype `dtype`), the rule's threshold, and
@@ -211,14 +263,16 @@ PYBIND11_MODULE(ZOFO_MODULE_NAME, m) {
                    py::arg("distribution"), py::arg("scale"), py::arg("direction"),
                    py::arg("restore_scale"), py::arg("restore_direction"), py::arg("num_threads"),
                    "In place on every tensor: p = rn(rn(p + restore_scale*z_r) + scale*z) "
-                   "(only the elements whose bit is set, for a tensor with a bitmap in masks).");
+                   "(only the elements whose bit is set, for a tensor with a bitmap in masks; "
+                   "z from the low-rank factors for a tensor that has them).");
   def_multi_tensor(m, "update", &update, py::arg("dtype"), py::arg("seed"),
                    py::arg("distribution"), py::arg("lr"), py::arg("grads"), py::arg("q"),
                    py::arg("restore_scale"), py::arg("restore_direction"),
                    py::arg("weight_decay"), py::arg("stochastic_rounding"),
                    py::arg("num_threads"),
                    "Fused restore + ZO-SGD update in place; grads points to q float32 values "
-                   "(only the elements whose bit is set, for a tensor with a bitmap in masks).");
+                   "(only the elements whose bit is set, for a tensor with a bitmap in masks; "
+                   "every z from the low-rank factors for a tensor that has them).");
 
   m.def("magnitude_mask", &magnitude_mask, py::arg("ptrs"), py::arg("numels"),
         py::arg("thresholds"), py::arg("words"), py::arg("dtype"), py::arg("num_threads"),

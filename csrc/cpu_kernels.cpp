@@ -6,11 +6,15 @@
 // units of (almost) equal count, so the split is balanced however unequal the tensors are.
 // Within a unit the noise of the whole 128-block is generated into small arrays by loops
 // over lanes that the compiler vectorises, then the weights of the unit are updated in one
-// more vectorisable loop. All indices are 64-bit.
+// more vectorisable loop. All indices are 64-bit. A tensor with low-rank factors fills the
+// unit's z from them instead of the noise (see "low-rank z" below); everything else is the
+// same.
 
 #include "cpu_kernels.h"
 
 #include <algorithm>
+#include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -227,6 +231,214 @@ void parallel_units(const std::vector<Segment>& segs, int num_threads, Body&& bo
                  [&](int64_t begin, int64_t end) { body(plan, begin, end); });
 }
 
+// ----------------------------------------------------------------------------- low-rank z
+//
+// A segment with factors takes, in direction k, z of local element j = (row i, column c) =
+// lowrank_value(U_k + i*r, V_k + c*r, r, s_r) of zofo_noise.h: acc = u[0]*v[0], then
+// acc = acc + u[l]*v[l] (l = 1 .. r-1), z = acc * s_r. To vectorise it over the columns, each
+// V_k the call uses is transposed once per call into Vt_k (r rows of `vt_stride(cols)`
+// floats; r = 1: V_k is its own transpose and is read in place); a unit then walks its
+// elements row span by row span (one division per unit; a row changes at most once per unit
+// when cols >= 128) and computes each span in runs of kChunk columns whose sums stay in
+// registers through the r terms, z[e] = z[e] + u[l] * Vt_k[l][c + e], the row's u[l]
+// broadcast. Per element that is exactly lowrank_value's sequence of separately rounded
+// float32 operations (the build never contracts them into FMAs), so the bits are the
+// reference's on every variant. Vt costs about cols * r floats per direction and tensor: no
+// more than V itself.
+
+// Row stride of Vt, in floats: whole 64-byte lines, an odd number of them, so that the r rows
+// a run reads fall into different L1 sets (with a power-of-two cols, rows 2**k bytes apart
+// share a set and evict each other: measured 2x slower at r = 16).
+inline int64_t vt_stride(int64_t cols) {
+  const int64_t lines = (cols + 15) / 16;
+  return 16 * (lines | 1);
+}
+
+// The directions of a call (one slot each) and, per segment with factors and slot, Vt_k
+// (nullptr for a dense segment).
+struct LowRank {
+  bool any = false;
+  int rank = 0;
+  float scale = 0.0f;
+  std::vector<uint32_t> dirs;
+  std::vector<const float*> vt;  // [segment * dirs.size() + slot]
+  std::vector<int64_t> stride;   // [segment]: Vt's row stride (0 when r = 1)
+  std::vector<std::unique_ptr<float[]>> owned;
+
+  const float* v_of(size_t seg, size_t slot) const { return vt[seg * dirs.size() + slot]; }
+};
+
+// Checks the segments' factors against the call (`dirs`: every direction it uses).
+void check_lowrank(const std::vector<Segment>& segs, int rank,
+                   const std::vector<uint32_t>& dirs) {
+  for (size_t t = 0; t < segs.size(); ++t) {
+    const Segment& s = segs[t];
+    if ((s.fu == nullptr) != (s.fv == nullptr))
+      throw std::invalid_argument("tensor " + std::to_string(t) +
+                                  ": low-rank factors need both U and V");
+    if (s.fu == nullptr) continue;
+    if (s.mask != nullptr)
+      throw std::invalid_argument("masks and low-rank factors cannot be combined");
+    if (rank < 1)
+      throw std::invalid_argument("rank must be >= 1 when low-rank factors are given");
+    if (s.cols < 1 || s.rows < 0 || s.rows * s.cols != s.numel)
+      throw std::invalid_argument("tensor " + std::to_string(t) + ": factor rows * cols (" +
+                                  std::to_string(s.rows) + " * " + std::to_string(s.cols) +
+                                  ") must equal numel " + std::to_string(s.numel));
+    for (uint32_t d : dirs)
+      if ((int64_t)d >= s.depth)
+        throw std::invalid_argument("tensor " + std::to_string(t) + ": factors hold " +
+                                    std::to_string(s.depth) + " direction(s); the call uses " +
+                                    "direction " + std::to_string(d));
+  }
+}
+
+// The call's LowRank: checks the factors, then transposes each V_k it needs (in parallel over
+// all the call's columns).
+LowRank make_lowrank(const std::vector<Segment>& segs, int rank, std::vector<uint32_t> dirs,
+                     int num_threads) {
+  LowRank f;
+  for (const Segment& s : segs) f.any = f.any || s.fu != nullptr || s.fv != nullptr;
+  if (!f.any) return f;
+  check_lowrank(segs, rank, dirs);
+  f.rank = rank;
+  f.scale = lowrank_scale(rank);
+  f.dirs = std::move(dirs);
+  const size_t slots = f.dirs.size();
+  f.vt.assign(segs.size() * slots, nullptr);
+  f.stride.assign(segs.size(), 0);
+  struct Job {
+    const float* v;  // V_k, (cols, r)
+    float* out;      // Vt_k, (r, stride)
+    int64_t stride;
+  };
+  std::vector<Job> jobs;
+  std::vector<int64_t> prefix{0};  // columns before job j
+  for (size_t t = 0; t < segs.size(); ++t) {
+    const Segment& s = segs[t];
+    if (s.fu == nullptr || s.cols == 0 || s.numel == 0) continue;
+    if (rank > 1) f.stride[t] = vt_stride(s.cols);
+    for (size_t k = 0; k < slots; ++k) {
+      const float* v = s.fv + (int64_t)f.dirs[k] * s.cols * rank;
+      if (rank == 1) {
+        f.vt[t * slots + k] = v;
+        continue;
+      }
+      f.owned.emplace_back(new float[(size_t)(f.stride[t] * rank)]);
+      f.vt[t * slots + k] = f.owned.back().get();
+      jobs.push_back({v, f.owned.back().get(), f.stride[t]});
+      prefix.push_back(prefix.back() + s.cols);
+    }
+  }
+  const int64_t total = prefix.back();
+  if (total == 0) return f;
+  parallel_range(total, threads_for(total * rank, num_threads),
+                 [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
+    size_t j = std::upper_bound(prefix.begin(), prefix.end(), begin) - prefix.begin() - 1;
+    for (int64_t c0 = begin; c0 < end; j++) {
+      const Job& job = jobs[j];
+      const int64_t a = c0 - prefix[j];
+      const int64_t b = std::min(end, prefix[j + 1]) - prefix[j];
+      for (int64_t cb = a; cb < b; cb += 256) {  // 256 columns at a time stay in L1
+        const int64_t ce = std::min(b, cb + 256);
+        for (int l = 0; l < rank; ++l) {
+          float* __restrict o = job.out + l * job.stride;
+          const float* __restrict v = job.v + l;
+          for (int64_t c = cb; c < ce; ++c) o[c] = v[c * rank];
+        }
+      }
+      c0 = prefix[j] + b;
+    }
+  });
+  return f;
+}
+
+// z[e] for the `len` columns c .. c + len - 1 of one row: u = the row of U_k (r floats),
+// vt = &Vt_k[0][c], Vt_k's rows `stride` apart. Runs of kChunk = 32 columns keep their sums
+// in kRunVecs vector registers through all r terms (per term: a vector multiply by the
+// broadcast u[l], then a vector add, lane by lane exactly the scalar operations); what is
+// left of the span goes one vector at a time, then the last < kVecLanes columns scalar. The
+// vectors are GCC/Clang vector extensions, not plain loops: GCC 12 fully unrolled plain
+// 16-column loops into scalar code in some inlined copies (2.4x slower). 32 columns, on a
+// 4096 x 4096 sweep: SSE2 (8 registers) 10-40% faster than 16 columns, AVX2 (4 registers)
+// the same within 7%; AVX-512 (2 registers) not measured (no such machine at hand).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+typedef float LowRankVec __attribute__((vector_size(kVecBytes)));
+constexpr int kVecLanes = kVecBytes / (int)sizeof(float);
+constexpr int kChunk = 32;
+constexpr int kRunVecs = kChunk / kVecLanes;
+
+inline LowRankVec load_vec(const float* p) {
+  LowRankVec v;
+  memcpy(&v, p, sizeof(v));  // an unaligned vector load
+  return v;
+}
+
+// z[e .. e + kN * kVecLanes) of lowrank_span.
+template <int kN>
+inline void lowrank_run(const float* __restrict u, const float* __restrict vt, int64_t stride,
+                        int rank, float scale, float* __restrict z) {
+  LowRankVec acc[kN];
+  const float u0 = u[0];
+  for (int q = 0; q < kN; ++q) acc[q] = u0 * load_vec(vt + q * kVecLanes);
+  for (int l = 1; l < rank; ++l) {
+    const float ul = u[l];
+    const float* v = vt + l * stride;
+    for (int q = 0; q < kN; ++q) acc[q] = acc[q] + ul * load_vec(v + q * kVecLanes);
+  }
+  for (int q = 0; q < kN; ++q) {
+    const LowRankVec out = acc[q] * scale;
+    memcpy(z + q * kVecLanes, &out, sizeof(out));
+  }
+}
+
+inline void lowrank_span(const float* __restrict u, const float* __restrict vt, int64_t stride,
+                         int rank, float scale, int64_t len, float* __restrict z) {
+  int64_t e = 0;
+  for (; e + kChunk <= len; e += kChunk)
+    lowrank_run<kRunVecs>(u, vt + e, stride, rank, scale, z + e);
+  for (; e + kVecLanes <= len; e += kVecLanes)
+    lowrank_run<1>(u, vt + e, stride, rank, scale, z + e);
+  for (; e < len; ++e) {
+    float acc = u[0] * vt[e];
+    for (int l = 1; l < rank; ++l) acc = acc + u[l] * vt[l * stride + e];
+    z[e] = acc * scale;
+  }
+}
+
+// The low-rank z of slot `slot` for the unit's local elements [local, local + n) into
+// z[j0 .. j0 + n) (the unit's 128-block layout, as noise_unit); the rest of z[0 .. 128) is
+// set to 0, so that loops over the whole block read defined values.
+inline void lowrank_unit(const Segment& s, const LowRank& f, size_t seg, size_t slot,
+                         int64_t local, int64_t n, int j0, float* __restrict z) {
+  const int rank = f.rank;
+  const float* vt = f.v_of(seg, slot);
+  const int64_t stride = f.stride[seg];
+  int64_t i = local / s.cols;
+  int64_t c = local - i * s.cols;
+  const float* u = s.fu + ((int64_t)f.dirs[slot] * s.rows + i) * rank;
+  float* out = z + j0;
+  for (int64_t e = 0;;) {
+    const int64_t len = std::min(n - e, s.cols - c);
+    lowrank_span(u, vt + c, stride, rank, f.scale, len, out + e);
+    e += len;
+    if (e >= n) break;
+    c = 0;
+    u += rank;
+  }
+  if (j0 > 0 || n < kBlock) {
+    for (int j = 0; j < j0; ++j) z[j] = 0.0f;
+    for (int j = j0 + (int)n; j < kBlock; ++j) z[j] = 0.0f;
+  }
+}
+
 // ----------------------------------------------------------------------------- operations
 //
 // Masked units: the bits of the unit's elements are gathered first (mask_window); a unit
@@ -315,8 +527,13 @@ inline void perturb_elems(typename Storage<T>::raw_t* __restrict p, int64_t n,
 
 template <typename T>
 void perturb_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, float s,
-                   uint32_t dir, float rs, uint32_t rdir, int num_threads) {
+                   uint32_t dir, float rs, uint32_t rdir, int num_threads, int rank) {
   const bool restore = rs != 0.0f;
+  // low-rank slots: 0 = dir, 1 = rdir (when restoring another direction)
+  std::vector<uint32_t> dirs{dir};
+  if (restore && rdir != dir) dirs.push_back(rdir);
+  const size_t rslot = dirs.size() - 1;
+  const LowRank lowrank = make_lowrank(segs, rank, dirs, num_threads);
   parallel_units(segs, num_threads, [&](const Plan& plan, int64_t begin, int64_t end) {
     alignas(64) float zd[kBlock];
     alignas(64) float zr[kBlock];
@@ -327,9 +544,20 @@ void perturb_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, fl
       const uint32_t* keep = unit_mask(segs[t], local, n, bits, &skip);
       if (skip) return;
       auto* p = static_cast<typename Storage<T>::raw_t*>(segs[t].ptr) + local;
-      noise_unit(seed, unit, dir, dist, zd);
+      const bool low = segs[t].fu != nullptr;
+      if (low) {
+        lowrank_unit(segs[t], lowrank, t, 0, local, n, j0, zd);
+      } else {
+        noise_unit(seed, unit, dir, dist, zd);
+      }
       ZOFO_BOOL_SWITCH(restore, kRestore, [&] {
-        if (kRestore) noise_unit(seed, unit, rdir, dist, zr);
+        if (kRestore) {
+          if (low) {
+            lowrank_unit(segs[t], lowrank, t, rslot, local, n, j0, zr);
+          } else {
+            noise_unit(seed, unit, rdir, dist, zr);
+          }
+        }
         perturb_elems<T, kRestore>(p, n, keep, zd + j0, zr + j0, s, rs);
       });
     });
@@ -368,10 +596,20 @@ inline void update_elems(typename Storage<T>::raw_t* __restrict p, int64_t n,
 template <typename T>
 void update_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, float lr,
                   const float* grads, int64_t q, float rs, uint32_t rdir, float wd, bool sr,
-                  int num_threads) {
+                  int num_threads, int rank) {
   const bool restore = rs != 0.0f;
   const bool stochastic = sr && Storage<T>::kCode != kFloat32;
   std::vector<float> g(grads, grads + q);
+  // low-rank slots: k = direction k (k < q), then rdir when restoring a direction >= q
+  const bool lowrank_any = std::any_of(segs.begin(), segs.end(),
+                                       [](const Segment& x) { return x.fu != nullptr; });
+  std::vector<uint32_t> dirs;
+  if (lowrank_any) {
+    for (int64_t k = 0; k < q; ++k) dirs.push_back((uint32_t)k);
+    if (restore && (int64_t)rdir >= q) dirs.push_back(rdir);
+  }
+  const size_t rslot = restore && (int64_t)rdir < q ? (size_t)rdir : (size_t)q;
+  const LowRank lowrank = make_lowrank(segs, rank, std::move(dirs), num_threads);
   parallel_units(segs, num_threads, [&](const Plan& plan, int64_t begin, int64_t end) {
     alignas(64) float z[kBlock];
     alignas(64) float zr[kBlock];
@@ -384,11 +622,22 @@ void update_typed(const std::vector<Segment>& segs, uint64_t seed, int dist, flo
       const uint32_t* keep = unit_mask(segs[t], local, n, bits, &skip);
       if (skip) return;
       auto* p = static_cast<typename Storage<T>::raw_t*>(segs[t].ptr) + local;
-      if (restore) noise_unit(seed, unit, rdir, dist, zr);
+      // low-rank: z of the unit's elements, 0 elsewhere in the block (the loops below run
+      // over the whole block)
+      const bool low = segs[t].fu != nullptr;
+      if (restore) {
+        if (low) {
+          lowrank_unit(segs[t], lowrank, t, rslot, local, n, j0, zr);
+        } else {
+          noise_unit(seed, unit, rdir, dist, zr);
+        }
+      }
       for (int64_t k = 0; k < q; ++k) {
         const float* zk = z;
         if (restore && (uint64_t)k == rdir) {
           zk = zr;
+        } else if (low) {
+          lowrank_unit(segs[t], lowrank, t, (size_t)k, local, n, j0, z);
         } else {
           noise_unit(seed, unit, (uint32_t)k, dist, z);
         }
@@ -472,25 +721,25 @@ void noise(float* out, uint64_t seed, int64_t start, int64_t numel, int distribu
 
 void perturb(const std::vector<Segment>& segments, int dtype, uint64_t seed, int distribution,
              float scale, uint32_t direction, float restore_scale, uint32_t restore_direction,
-             int num_threads) {
+             int num_threads, int rank) {
   check_dtype(dtype);
   check_distribution(distribution);
   ZOFO_DTYPE_SWITCH(dtype, T, [&] {
     perturb_typed<T>(segments, seed, distribution, scale, direction, restore_scale,
-                     restore_direction, num_threads);
+                     restore_direction, num_threads, rank);
   });
 }
 
 void update(const std::vector<Segment>& segments, int dtype, uint64_t seed, int distribution,
             float lr, const float* grads, int64_t q, float restore_scale,
             uint32_t restore_direction, float weight_decay, bool stochastic_rounding,
-            int num_threads) {
+            int num_threads, int rank) {
   check_dtype(dtype);
   check_distribution(distribution);
   if (q < 1) throw std::invalid_argument("update needs at least one projected gradient");
   ZOFO_DTYPE_SWITCH(dtype, T, [&] {
     update_typed<T>(segments, seed, distribution, lr, grads, q, restore_scale,
-                    restore_direction, weight_decay, stochastic_rounding, num_threads);
+                    restore_direction, weight_decay, stochastic_rounding, num_threads, rank);
   });
 }
 

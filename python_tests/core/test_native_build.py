@@ -193,7 +193,8 @@ def test_forced_cpu_variant_in_a_fresh_process():
 def test_cpu_variants_agree_bit_for_bit(dtype, distribution, monkeypatch):
     """Every variant this machine runs computes the same bits as the generic one: noise
     (Gaussian too: same IEEE float32 operations, no FMA contraction, no fast-math), the fused
-    perturb and update (stochastic rounding included) and the element-wise header math."""
+    perturb and update (stochastic rounding included, sparse and low-rank too) and the
+    element-wise header math."""
     from zofo_kernels.core.backends.native.cpu import CpuBackend
 
     gen = torch.Generator().manual_seed(41 + DTYPES.index(dtype))
@@ -219,6 +220,20 @@ def test_cpu_variants_agree_bit_for_bit(dtype, distribution, monkeypatch):
                       weight_decay=0.1, distribution=distribution, offsets=offs,
                       backend="cpu", mask=masks)
         ts += zk.magnitude_mask(ts, [0.02] * len(ts), backend="cpu")
+        # low-rank directions, rank 1 and 5: a matrix long enough for the threaded path (rows
+        # of 251, across the 128-blocks) beside a vector that stays dense
+        mat = [rand_weights(301 * 251, dtype, torch.Generator().manual_seed(43)).view(301, 251),
+               ts0[0].clone()]
+        mat_offs = [2 ** 35 + 5, 2 ** 35 + 5 + 301 * 251 + 7]
+        for rank in (1, 5):
+            fs = zk.lowrank_factors(mat, 79, rank, distribution=distribution, n_directions=3,
+                                    offsets=mat_offs, backend="cpu")
+            zk.perturb_(mat, 79, 1e-3, distribution, 2, offsets=mat_offs, backend="cpu",
+                        restore_scale=-1e-3, restore_direction=0, factors=fs)
+            zk.zo_update_(mat, 79, lr=2e-3, projected_grads=[0.4, -0.9], restore_scale=-1e-3,
+                          restore_direction=2, weight_decay=0.1, distribution=distribution,
+                          offsets=mat_offs, backend="cpu", factors=fs)
+            ts += [m.clone() for m in mat]
         z = zk.noise(5, 2 ** 40 + 3, 100_003, distribution, 9, backend="cpu")
         x = np.linspace(1e-7, 1.0, 50_001, dtype=np.float32)
         t = x * np.float32(6.28)

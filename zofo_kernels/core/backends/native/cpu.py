@@ -9,7 +9,10 @@ down as integers and one OpenMP parallel region processes all of them (blocks of
 elements, split evenly across threads). The thread count follows ``torch.get_num_threads()``.
 Sparse masks go down as one more list, the bitmaps' addresses: a block with no kept element
 is skipped before its noise is made, and only kept elements are written. ``magnitude_mask``
-is one more parallel region over the call's bitmap words.
+is one more parallel region over the call's bitmap words. Low-rank factors go down as the
+addresses of each tensor's U and V (0 for a dense tensor), V's row count n and the directions
+they hold, plus the call's rank; the kernels transpose each V_k the call uses once and fill
+a unit's z from the factors instead of the noise.
 """
 
 from __future__ import annotations
@@ -18,12 +21,24 @@ import torch
 
 from zofo_kernels.core.backends.native import loader as _native
 from zofo_kernels.core.backends.base import (DISTRIBUTION_CODES, Backend, BackendStatus,
-                                             check_group, check_masks, register)
+                                             check_factors, check_group, check_masks, register)
 
 
 def _mask_ptrs(masks) -> list:
     """The bitmaps' addresses for the native call: [] when dense, else one per tensor."""
     return [] if masks is None else [m.data_ptr() for m in masks]
+
+
+def _factor_args(factors, rank: int) -> dict:
+    """The low-rank keyword arguments of the native call ({} when no tensor has factors):
+    per tensor the addresses of U (D, m, r) and V (D, n, r) (0: dense), n and D; the rank."""
+    if not rank:
+        return {}
+    return dict(lowrank_u=[0 if f is None else f[0].data_ptr() for f in factors],
+                lowrank_v=[0 if f is None else f[1].data_ptr() for f in factors],
+                lowrank_cols=[0 if f is None else int(f[1].shape[1]) for f in factors],
+                lowrank_depth=[0 if f is None else int(f[0].shape[0]) for f in factors],
+                rank=rank)
 
 
 class CpuBackend(Backend):
@@ -70,28 +85,37 @@ class CpuBackend(Backend):
         return out.to(device)
 
     def perturb(self, tensors, offsets, seed, distribution, scale, direction,
-                restore_scale, restore_direction, *, masks=None):
+                restore_scale, restore_direction, *, masks=None, factors=None):
         mod = self._native()
         code = check_group(tensors, offsets, self.name, device_type="cpu")
         check_masks(tensors, masks, self.name)
+        # the directions ops.perturb_ checks: the restore one only when it is used
+        rank = check_factors(tensors, factors, (direction, restore_direction)
+                             if restore_scale != 0.0 else (direction,), self.name, masks)
         mod.perturb([t.data_ptr() for t in tensors], [t.numel() for t in tensors],
                     [int(o) for o in offsets], code, seed, DISTRIBUTION_CODES[distribution],
                     float(scale), direction, float(restore_scale), restore_direction,
-                    torch.get_num_threads(), masks=_mask_ptrs(masks))
+                    torch.get_num_threads(), masks=_mask_ptrs(masks),
+                    **_factor_args(factors, rank))
 
     def update(self, tensors, offsets, seed, distribution, *, lr, projected_grads,
-               restore_scale, restore_direction, weight_decay, stochastic_rounding, masks=None):
+               restore_scale, restore_direction, weight_decay, stochastic_rounding, masks=None,
+               factors=None):
         mod = self._native()
         code = check_group(tensors, offsets, self.name, device_type="cpu")
         check_masks(tensors, masks, self.name)
         grads = projected_grads.detach().to(device="cpu", dtype=torch.float32).contiguous()
         if grads.dim() != 1 or grads.numel() < 1:
             raise ValueError("projected_grads must be a 1-D tensor with at least one value")
+        q = grads.numel()
+        rank = check_factors(tensors, factors, list(range(q)) + (
+            [restore_direction] if restore_scale != 0.0 else []), self.name, masks)
         mod.update([t.data_ptr() for t in tensors], [t.numel() for t in tensors],
                    [int(o) for o in offsets], code, seed, DISTRIBUTION_CODES[distribution],
                    float(lr), grads.data_ptr(), grads.numel(), float(restore_scale),
                    restore_direction, float(weight_decay), bool(stochastic_rounding),
-                   torch.get_num_threads(), masks=_mask_ptrs(masks))
+                   torch.get_num_threads(), masks=_mask_ptrs(masks),
+                   **_factor_args(factors, rank))
 
     def magnitude_mask(self, tensors, thresholds, masks):
         mod = self._native()
