@@ -89,7 +89,8 @@ class ReferenceBackend(Backend):
     def perturb(self, tensors, offsets, seed, distribution, scale, direction,
                 restore_scale, restore_direction, *, masks=None, factors=None):
         check_masks(tensors, masks, self.name)
-        check_factors(tensors, factors, (direction, restore_direction), self.name, masks)
+        check_factors(tensors, factors, (direction, restore_direction) if restore_scale != 0.0
+                      else (direction,), self.name, masks)
         s = _f32(scale)
         for c in self._chunks(tensors, offsets, masks, factors):
             w = c.flat[c.a:c.b].detach().float().cpu()
