@@ -23,7 +23,9 @@ def test_bench_end_to_end_on_a_tiny_model(tmp_path):
     per_step = {m: (int(r["forwards_per_step"]), int(r["backwards_per_step"]))
                 for m, r in steps.items()}
     assert per_step == {"forward": (1, 0), "mezo": (2, 0), "mezo-rademacher": (2, 0),
-                        "mezo-sparse": (2, 0), "mezo-ref": (2, 0), "fo-full": (1, 1), "fo-lora": (1, 1),
+                        "mezo-sparse": (2, 0), "mezo-lowrank": (2, 0),
+                        "mezo-fzoo": (bench.FZOO_DIRECTIONS + 1, 0), "mezo-ref": (2, 0),
+                        "fo-full": (1, 1), "fo-lora": (1, 1),
                         # K=1 lower step, FO upper step (f and g_P), g_S at theta (f and g_P
                         # reused for L0), forward-difference ZO: 3 forwards per direction
                         "bilevel-zofo": (1 + 2 + 1 + 3, 1 + 2),

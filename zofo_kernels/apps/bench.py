@@ -43,6 +43,7 @@ from zofo_kernels.apps.measure import CountedLoss
 SPARSE_FRACTION = 0.2  # Sparse-MeZO's setting: the 20% smallest weights of each tensor
 LOWRANK = 2  # LOZO's rank (its default), V redrawn every LOWRANK_PERIOD steps
 LOWRANK_PERIOD = 50
+FZOO_DIRECTIONS = 4  # the estimator screening's FZOO row: 4 one-sided directions, 5 forwards
 
 # A benchmark row: a method of the registry (zofo_kernels/integrations/methods.py) with fixed
 # settings, a forward pass, or the MeZO reference implementation (the baseline the kernels
@@ -54,6 +55,8 @@ ROWS = {
     "mezo-sparse": ("mezo", dict(distribution="rademacher", sparse_fraction=SPARSE_FRACTION)),
     "mezo-lowrank": ("mezo", dict(distribution="rademacher", lowrank=LOWRANK,
                                   lowrank_period=LOWRANK_PERIOD)),
+    "mezo-fzoo": ("mezo", dict(distribution="rademacher", estimator="forward",
+                               n_directions=FZOO_DIRECTIONS, normalize="std")),
     "mezo-ref": (None, {}),
     "fo-full": ("fo-full", {}),
     "fo-lora": ("fo-lora", {}),
@@ -72,6 +75,8 @@ DESCRIPTIONS = {
                    "of each tensor (Rademacher; mask bitmap built per step)",
     "mezo-lowrank": f"MeZO step, low-rank directions: rank {LOWRANK} U V^T per matrix, V "
                     f"redrawn every {LOWRANK_PERIOD} steps (Rademacher; factors per step)",
+    "mezo-fzoo": f"FZOO step: {FZOO_DIRECTIONS} one-sided Rademacher directions from one "
+                 "unperturbed loss, the update over the spread of their slopes",
     "mezo-ref": "MeZO reference step (torch.normal per parameter, 4 sweeps)",
     "fo-full": "FO full fine-tuning step (Adam)",
     "fo-lora": "FO-LoRA step (Adam, r=8 on q/v)",
@@ -195,7 +200,8 @@ def _pct(values: List[float], q: float) -> float:
 
 # --------------------------------------------------------------------------- step times
 
-OWN_FWD_ROWS = ("mezo", "mezo-rademacher", "mezo-sparse")  # rows that are two forwards + sweeps
+# rows that are forward passes + sweeps (the ZO steps on the kernels)
+OWN_FWD_ROWS = ("mezo", "mezo-rademacher", "mezo-sparse", "mezo-lowrank", "mezo-fzoo")
 
 
 def time_steps(name: str, args, device) -> List[dict]:
@@ -375,8 +381,11 @@ def checks(step_rows: List[dict], mem_rows: List[dict]) -> List[dict]:
         m = {r["method"]: r for r in mem_rows if r["model"] == model}
         for zo, label in (("mezo", "Gaussian"), ("mezo-rademacher", "Rademacher"),
                           ("mezo-sparse", "sparse, Rademacher"),
-                          ("mezo-lowrank", f"low-rank r={LOWRANK}, Rademacher")):
-            if zo in s and s[zo]["step_over_2fwd"] is not None:
+                          ("mezo-lowrank", f"low-rank r={LOWRANK}, Rademacher"),
+                          ("mezo-fzoo", f"FZOO, {FZOO_DIRECTIONS} directions")):
+            # the two-forward target holds for two-forward steps (FZOO takes q + 1 forwards)
+            if zo in s and s[zo]["step_over_2fwd"] is not None and \
+                    s[zo].get("forwards_per_step", 2) == 2:
                 v = s[zo]["step_over_2fwd"]
                 out.append(dict(model=model, check=f"ZO step ({label}) / two forward passes",
                                 value=v, target=f"<= {TARGET_STEP_OVER_2FWD}",
@@ -384,7 +393,7 @@ def checks(step_rows: List[dict], mem_rows: List[dict]) -> List[dict]:
             if zo in s and s[zo].get("step_over_own_fwd") is not None:
                 v = s[zo]["step_over_own_fwd"]
                 out.append(dict(model=model,
-                                check=f"ZO step ({label}) / its own two forward passes",
+                                check=f"ZO step ({label}) / its own forward passes",
                                 value=v, target=f"<= {TARGET_STEP_OVER_2FWD}",
                                 passed=v <= TARGET_STEP_OVER_2FWD))
             if zo in s and s[zo]["mezo_ref_over_step"] is not None:

@@ -137,6 +137,11 @@ def _add_hyperparameters(h) -> None:
                    help="ZO methods: sparse perturbation, each step perturbs and updates only "
                         "the fraction F (0 < F <= 1) of each ZO-trained tensor with the "
                         "smallest magnitudes at the step's start (default: dense)")
+    h.add_argument("--normalize", default=None, choices=("none", "rms", "std"),
+                   help="mezo, mezo-lora: the ZO update's scale (default none: MeZO's plain "
+                        "ZO-SGD; rms: the slope over its running RMS; std: FZOO's step, the "
+                        "slopes over their spread within the step, needs --n-directions >= 2, "
+                        "usually with --estimator forward)")
     h.add_argument("--lowrank", type=int, default=None, metavar="R",
                    help="ZO methods: low-rank directions, each ZO-trained matrix is perturbed "
                         "along U V^T / sqrt(R) (rank R, LOZO style) instead of dense noise "
@@ -151,10 +156,13 @@ def _add_hyperparameters(h) -> None:
                         f"per outer step (default {bilevel['inner_steps']})")
     h.add_argument("--peft-lr", type=float, default=None,
                    help=f"bilevel-zofo: Adam lr of P and S (default {bilevel['peft_lr']:g})")
-    h.add_argument("--theta-update", default=None, choices=("rms", "sgd", "scaled-sgd", "adam"),
+    h.add_argument("--theta-update", default=None,
+                   choices=("rms", "sgd", "scaled-sgd", "std", "adam"),
                    help="bilevel-zofo: the backbone's update (default rms: ZO-SGD on the "
-                        "projected gradient over its running RMS; adam: the authors' "
-                        "materialised Adam on theta and P, three backbone-sized buffers)")
+                        "projected gradient over its running RMS; std: FZOO's step, the "
+                        "slopes over their spread within the step, needs --n-directions >= 2; "
+                        "adam: the authors' materialised Adam on theta and P, three "
+                        "backbone-sized buffers)")
     h.add_argument("--order", default=None, choices=("official", "p-first"),
                    help="bilevel-zofo: official (P's gradient, the ZO step reusing f and g_P, "
                         "then P's step) or p-first (P steps before the ZO step)")
@@ -278,6 +286,10 @@ def validate(o: Dict[str, Any]) -> None:
                              f"zeroth-order methods "
                              f"({', '.join(methods_mod.names(zeroth_order=True))}); "
                              f"{o['method']} trains by Adam and perturbs nothing")
+    if o.get("normalize") is not None and \
+            "normalize" not in methods_mod.get(o["method"]).setting_names():
+        raise SystemExit(f"zofo-train: --normalize is a setting of mezo and mezo-lora, not of "
+                         f"{o['method']} (bilevel-zofo's backbone update is --theta-update)")
     if o.get("lowrank_period") is not None and o.get("lowrank") is None:
         raise SystemExit("zofo-train: --lowrank-period needs --lowrank R (it says how often "
                          "the low-rank directions' V is redrawn)")

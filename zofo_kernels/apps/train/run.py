@@ -28,7 +28,8 @@ from zofo_kernels.integrations import durable
 # the optimizer settings summary.json reports (None where the method has none)
 SUMMARY_SETTINGS = ("lr", "eps", "estimator", "lam", "inner_steps", "peft_lr", "theta_update",
                     "order", "penalty_batch", "backbone_regex", "weight_decay", "distribution",
-                    "n_directions", "sparse_fraction", "lowrank", "lowrank_period")
+                    "n_directions", "normalize", "sparse_fraction", "lowrank",
+                    "lowrank_period")
 
 
 def run(config: RunConfig, on_trained: Optional[Callable[[Runner], None]] = None) -> dict:

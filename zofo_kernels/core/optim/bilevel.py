@@ -33,6 +33,9 @@ theta's update (``theta_update``):
   buffer.
 * ``"sgd"``: plain ZO-SGD, theta moves by lr * g * z (the step grows with lam).
 * ``"scaled-sgd"``: plain ZO-SGD on L / (1 + lam).
+* ``"std"``: FZOO's normalised step (``ZOOptimizer(normalize="std")``, needs
+  ``n_directions >= 2``): the slopes divided by their spread within the step, so a weight
+  moves by about lr per step, with no state that remembers earlier, larger slopes.
 * ``"adam"``: the authors' update, for exact reproduction: theta.grad = g * z is materialised
   and one ``torch.optim.AdamW`` steps theta and P together with ``lr`` (P's ``peft_lr`` is
   not used; S keeps its own optimizer with ``lower_lr``, default ``peft_lr``). It costs three
@@ -71,7 +74,9 @@ from zofo_kernels.core.validation import choice, integer, real
 DEFAULT_LR = 1e-4
 DEFAULT_LAM = 10.0
 DEFAULT_INNER_STEPS = 3
-THETA_UPDATES = ("rms", "sgd", "scaled-sgd", "adam")
+THETA_UPDATES = ("rms", "sgd", "scaled-sgd", "std", "adam")
+# the ZOOptimizer normalisation each theta_update uses ("adam": the ZO step only perturbs)
+_THETA_NORMALIZE = {"rms": "rms", "std": "std"}
 ORDERS = ("official", "p-first")
 _COUNTERS = ("forward_count", "backward_count", "outer_steps")
 
@@ -297,7 +302,7 @@ class BilevelOptimizer:
         # to ZOOptimizer, which checks them
         self.zo = ZOOptimizer(backbone_groups, lr=0.0 if adam else lr, include_frozen=True,
                               estimator=estimator, weight_decay=0.0 if adam else weight_decay,
-                              normalize="rms" if self.theta_update == "rms" else "none",
+                              normalize=_THETA_NORMALIZE.get(self.theta_update, "none"),
                               **zo_kwargs)
         self.pairs: Dict[Any, PeftPair] = {
             name: PeftPair(name, upper, lower, select, loss_fn, opt_cls=peft_optimizer,

@@ -20,7 +20,9 @@ v <- beta*v + (1 - beta)*mean_k g_k^2, updated before use, as Adam's second mome
 weight then moves by about lr*|z| per step whatever the scale of the loss: multiplying the
 objective by c (e.g. a penalty weight lambda) leaves the trajectory unchanged. This is Adam's
 scale invariance at O(1) memory (Adam on theta.grad = g*z would need three backbone-sized
-buffers); it keeps no momentum.
+buffers); it keeps no momentum. ``normalize="std"`` (FZOO, with q >= 2 directions, usually
+the forward estimator): g_k / s with s the standard deviation of this step's q slopes, the
+spread of its perturbed losses over eps; no state.
 
 Sparse perturbation (``sparse_fraction=f``, Sparse-MeZO style): each step perturbs and
 updates only about the fraction f of each tensor holding its elements of smallest magnitude
@@ -215,7 +217,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     ``loss_reduce`` (callable applied to the float64 tensor of the step's losses, e.g. an
     all-reduce mean across data-parallel ranks), ``backend`` (kernel backend name or None),
     ``normalize`` ("none": plain ZO-SGD, MeZO's update; "rms": the projected gradient divided
-    by its running RMS, see the module docstring), ``rms_beta`` (that running mean's decay),
+    by its running RMS; "std": by the spread of the step's slopes, FZOO's step; see the module
+    docstring), ``rms_beta`` (that running mean's decay),
     ``include_frozen`` and ``sparse_fraction`` (None: dense; f in (0, 1]: each step perturbs
     and updates only the fraction f of each tensor with the smallest magnitudes,
     :mod:`zofo_kernels.core.optim.sparse`), ``lowrank`` (None: dense; r: rank-r directions
@@ -258,6 +261,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.loss_reduce = loss_reduce
         self.backend = check_backend(backend)
         self.normalize = choice(normalize, "normalize", NORMALIZATIONS)
+        if self.normalize == "std" and self.n_directions < 2:
+            raise ValueError("normalize='std' (FZOO) divides by the spread of a step's "
+                             "directional slopes: it needs n_directions >= 2, got "
+                             f"{self.n_directions}")
         self.rms_beta = real(rms_beta, "rms_beta", nonneg=True)
         if not self.rms_beta < 1.0:
             raise ValueError(f"rms_beta must be in [0, 1), got {rms_beta!r}")

@@ -39,7 +39,7 @@ from zofo_kernels.core.optim.layout import split_by_device, zo_layout
 from zofo_kernels.core.validation import as_float32
 
 ESTIMATORS = ("central", "forward")
-NORMALIZATIONS = ("none", "rms")
+NORMALIZATIONS = ("none", "rms", "std")
 
 # Philox counter word c3 that tags "derive a step seed" (the noise stream uses 0 and 1).
 SEED_PURPOSE = 0x5EED5EED
@@ -255,13 +255,21 @@ def step_loss(losses: Sequence[float], estimator: str) -> float:
 
 def update_coefficients(grads: Sequence[float], *, normalize: str, rms_beta: float,
                         sq_avg: float, sq_count: int):
-    """(update coefficients c_k, the RMS that divided them or None, the new
+    """(update coefficients c_k, the scale that divided them or None, the new
     (sq_avg, sq_count) or None) for the projected gradients of one step; theta moves by
     -lr * sum_k c_k z_k. ``normalize="rms"``: c_k = g_k / q / sqrt(v_hat), v_hat the
-    bias-corrected running mean of g^2 (v <- beta*v + (1 - beta)*mean_k g_k^2)."""
+    bias-corrected running mean of g^2 (v <- beta*v + (1 - beta)*mean_k g_k^2).
+    ``normalize="std"`` (FZOO): c_k = g_k / q / s, s the sample standard deviation (q - 1 in
+    the denominator) of this step's q slopes, i.e. of its perturbed losses divided by eps;
+    no state (q >= 2)."""
     q = len(grads)
     if normalize == "none":
         return [g / q for g in grads], None, None
+    if normalize == "std":
+        mean = sum(grads) / q
+        std = math.sqrt(sum((g - mean) ** 2 for g in grads) / (q - 1))
+        # equal slopes: no spread to scale by, no step
+        return [g / q / std if std > 0.0 else 0.0 for g in grads], std, None
     beta = rms_beta
     sq_avg = beta * sq_avg + (1.0 - beta) * sum(g * g for g in grads) / q
     count = sq_count + 1

@@ -30,7 +30,7 @@ class ZOFOOptimizer(BilevelOptimizer):
     for "upper", S for "lower"), ``loss_fn(batch)`` (scalar loss of the model on a batch),
     ``lr`` (theta's learning rate, default 1e-4). Keyword-only: ``eps``, ``lam`` (penalty
     weight lambda, default 10), ``inner_steps`` (lower steps of S per outer step, default 3),
-    ``theta_update`` ("rms" | "sgd" | "scaled-sgd" | "adam"), ``order`` ("official" | "p-first"),
+    ``theta_update`` ("rms" | "sgd" | "scaled-sgd" | "std" | "adam"), ``order`` ("official" | "p-first"),
     ``peft_optimizer`` (torch.optim class for P and S), ``peft_lr`` (lr of P, and of S unless
     ``lower_lr`` is given), ``peft_optimizer_kwargs``, ``estimator`` (default "forward", as the
     authors), ``weight_decay``, and every other setting of :class:`ZOOptimizer`
