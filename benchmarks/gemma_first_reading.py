@@ -24,7 +24,9 @@ One seed, a first reading (the full comparison is the estimator study's). The pl
 
 Runs are archived as the SST-2 study's are (``study_sst2.RunArchive``: one runs.zip, a run the
 archive holds is skipped, ``--commit`` commits it after every run), so the reading resumes run
-by run. ``--phase report`` writes reading.md, reading.csv and reading.png.
+by run. ``--phase report`` writes reading.md, reading.csv and reading.png. ``--phase ceiling``
+chooses FO full's lr by the same held-out pilot (FO_FULL_LRS) and reruns FO full at it with the
+reading's budget, so that FO full - FO-LoRA is read at a tuned lr.
 
   python benchmarks/gemma_first_reading.py --phase all --commit
 """
@@ -59,6 +61,11 @@ MEZO_LRS = (1e-5, 1e-6)  # zofo-train's default, and MeZO's value for OPT
 # weights move, so the same lr moves the model less)
 SPARSE_FRACTION = 0.2
 SPARSE_LRS = (1e-6, 5e-6)
+# the ceiling (phase "ceiling"): FO full's lr by the same held-out pilot (zofo-train's default
+# 3e-5 overshot in the reading: best 0.868 at step 108, then 0.808), then FO full at the chosen
+# lr with the reading's budget on dev, so FO full - FO-LoRA is read at a tuned lr
+FO_FULL_LRS = (3e-5, 1e-5, 3e-6)
+FO_FULL_DEFAULT_LR = 3e-5
 COMMON = ["--batch-size", "8", "--max-length", "48", "--threads", "2", "--seed", "0",
           "--data-seed", "0", "--num-train", "1000", "--no-save", "--no-progress"]
 
@@ -129,14 +136,43 @@ class Reading:
                       str(PILOT_STEPS), "--eval-every-steps", every, "--holdout",
                       str(self.args.holdout)])
 
-    def mezo_lr(self) -> float:
+    def ceiling(self):
+        every = str(PILOT_STEPS // 3)
+        for lr in FO_FULL_LRS:
+            self.run(f"pilot_fo-full_lr{lr:g}", "fo-full",
+                     ["--lr", f"{lr:g}", "--steps", str(PILOT_STEPS), "--eval-every-steps",
+                      every, "--holdout", str(self.args.holdout)])
+        lr = self.pilot_best("pilot_fo-full", FO_FULL_LRS, "ceiling")
+        if lr != FO_FULL_DEFAULT_LR:  # at the default lr the reading's run is the ceiling run
+            n = self.steps("fo-full")
+            self.run(f"ceiling_fo-full_lr{lr:g}", "fo-full",
+                     ["--lr", f"{lr:g}", "--steps", str(n), "--eval-every-steps",
+                      str(max(1, n // self.args.evals)), "--eval",
+                      _rel(self.args.data / "dev.tsv")])
+
+    def ceiling_run(self):
+        """The summary of FO full at the pilot's lr on dev, or None (not run yet)."""
+        try:
+            lr = self.pilot_best("pilot_fo-full", FO_FULL_LRS, "ceiling")
+        except SystemExit:
+            return None
+        if lr == FO_FULL_DEFAULT_LR:
+            return self.summary("reading_fo-full")
+        return self.summary(f"ceiling_fo-full_lr{lr:g}")
+
+    def pilot_best(self, prefix: str, lrs, phase: str) -> float:
+        """The lr whose pilot run ``{prefix}_lr{X}`` ends highest on the held-out examples
+        (ties: the higher best)."""
         scored = []
-        for lr in MEZO_LRS:
-            s = self.summary(f"pilot_mezo_lr{lr:g}")
+        for lr in lrs:
+            s = self.summary(f"{prefix}_lr{lr:g}")
             if s is None:
-                raise SystemExit("gemma_first_reading: run the pilot phase first")
+                raise SystemExit(f"gemma_first_reading: run the {phase} phase first")
             scored.append(((s["eval_accuracy"], s["best_eval_accuracy"]), lr))
         return max(scored)[1]
+
+    def mezo_lr(self) -> float:
+        return self.pilot_best("pilot_mezo", MEZO_LRS, "pilot")
 
     def steps(self, method: str) -> int:
         return int(self.args.budget_minutes * 60 / self.step_seconds(method))
@@ -195,6 +231,7 @@ class Reading:
                self._pilot_text(), "", "Curves: `reading.png` (dev accuracy against training "
                "time and against forward passes).", ""]
         md += self._verdicts(runs, cal)
+        md += self._ceiling_text(runs)
         (self.out / "reading.md").write_text("\n".join(md) + "\n")
         write_csv(self.out / "reading.csv", rows)
         self._plot(runs, raw, cal)
@@ -221,6 +258,23 @@ class Reading:
                 share = (acc["bilevel-zofo"] - acc["fo-lora"]) / ceiling
                 out.append(f"Bilevel-ZOFO minus FO-LoRA, as a fraction of that ceiling: "
                            f"{share:+.2f}.")
+        return out
+
+    def _ceiling_text(self, runs) -> list:
+        pilot = self._pilot_results("pilot_fo-full", FO_FULL_LRS)
+        if not pilot:
+            return []
+        out = ["", f"FO full's lr by the held-out pilot (phase `ceiling`, {PILOT_STEPS} steps, "
+               f"{self.args.holdout} held-out training examples): " + "; ".join(pilot) + "."]
+        s = self.ceiling_run()
+        if s is not None and "fo-lora" in runs:
+            lora = runs["fo-lora"]
+            lr = s["hyperparameters"]["lr"]
+            out.append(f"FO full at lr {lr:g} with the reading's budget ({s['steps']} steps): "
+                       f"{s['eval_accuracy']:.3f} on dev (best {s['best_eval_accuracy']:.3f}); "
+                       f"**the ceiling FO full - FO-LoRA = "
+                       f"{s['eval_accuracy'] - lora['eval_accuracy']:+.3f}** (best against best "
+                       f"{s['best_eval_accuracy'] - lora['best_eval_accuracy']:+.3f}).")
         return out
 
     def _pilot_results(self, prefix: str, lrs) -> list:
@@ -292,7 +346,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--phase", default="all",
-                   choices=("timing", "pilot", "reading", "sparse", "report", "all"))
+                   choices=("timing", "pilot", "reading", "sparse", "ceiling", "report", "all"))
     p.add_argument("--budget-minutes", type=float, default=17.0,
                    help="training budget of each reading run (17 min: MeZO makes > 1,000 "
                         "steps at ~0.9 s a step)")

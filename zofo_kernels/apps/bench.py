@@ -64,8 +64,8 @@ ROWS = {
     "bilevel-zofo-adam": ("bilevel-zofo", dict(theta_update="adam")),
 }
 METHODS = tuple(ROWS)
-MEMORY_METHODS = ("inference", "mezo", "mezo-sparse", "mezo-lowrank", "mezo-ref", "fo-full",
-                  "fo-lora", "bilevel-zofo", "bilevel-zofo-adam")
+MEMORY_METHODS = ("inference", "mezo", "mezo-sparse", "mezo-lowrank", "mezo-fzoo", "mezo-ref",
+                  "fo-full", "fo-lora", "bilevel-zofo", "bilevel-zofo-adam")
 DESCRIPTIONS = {
     "forward": "one forward pass (no_grad)",
     "inference": "forward pass under no_grad",
