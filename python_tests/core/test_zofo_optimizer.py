@@ -625,12 +625,14 @@ def test_minilm_lora_sst2_training_loss_decreases(sst2_dir, one_thread):
                                   peft_lr=2e-3, estimator="forward", distribution="rademacher",
                                   seed=0)
     start = mean_loss(loss_fn, lower + upper)
-    for t in range(100):
+    # 30 outer steps: measured 0.88 / 0.30 / 0.03 of the start loss after 10 / 20 / 30 steps
+    # (0.0016 after 100, the earlier length of this test)
+    for t in range(30):
         opt.step(upper[t % 2], [lower[t % 4]])
     opt.eval_mode()
     end = mean_loss(loss_fn, lower + upper)
-    assert opt.forward_count == 100 * (1 + 3 + 3) and opt.backward_count == 100 * 3
-    print(f"MiniLM + LoRA, SST-2, 100 outer steps: training loss {start:.4f} -> {end:.4f}")
+    assert opt.forward_count == 30 * (1 + 3 + 3) and opt.backward_count == 30 * 3
+    print(f"MiniLM + LoRA, SST-2, 30 outer steps: training loss {start:.4f} -> {end:.4f}")
     assert end < 0.8 * start, (start, end)
 
 

@@ -11,7 +11,8 @@ right before the first step (CPU: peak RSS, reset through /proc/self/clear_refs;
 ``torch.cuda.max_memory_allocated``). The inference row is a forward pass under no_grad.
 
 ``zofo-bench --quick`` runs MiniLM-L6's shape with random weights on a synthetic batch
-(no data, no download) in a few minutes on two CPU cores. Everything it runs is inside the
+(no data, no download) in a few minutes on two CPU cores, on every row but the estimator
+variants (ESTIMATOR_ROWS: sparse, low-rank, FZOO), which ``--methods`` names. Everything it runs is inside the
 package (the MeZO baseline is :mod:`zofo_kernels.apps.mezo_reference`), so an installed copy
 works from any folder; it writes into ``--output`` (default ``./zofo-bench-results`` under
 the current folder) and ends by naming the absolute output folder and the files written.
@@ -64,6 +65,8 @@ ROWS = {
     "bilevel-zofo-adam": ("bilevel-zofo", dict(theta_update="adam")),
 }
 METHODS = tuple(ROWS)
+# the estimator variants of the MeZO step: measured when named (--methods) or without --quick
+ESTIMATOR_ROWS = ("mezo-sparse", "mezo-lowrank", "mezo-fzoo")
 MEMORY_METHODS = ("inference", "mezo", "mezo-sparse", "mezo-lowrank", "mezo-fzoo", "mezo-ref",
                   "fo-full", "fo-lora", "bilevel-zofo", "bilevel-zofo-adam")
 DESCRIPTIONS = {
@@ -470,7 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: minilm; --quick: minilm-random)")
     p.add_argument("--model", dest="models_single", default=None,
                    help="one model (same as --models NAME)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                   help="rows to measure (default: all; --quick: all but the estimator "
+                        f"variants {', '.join(ESTIMATOR_ROWS)})")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10; quick 3)")
@@ -508,6 +513,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ["minilm-random"] if args.quick else ["minilm"])
     if args.repeats is None:
         args.repeats = 3 if args.quick else 10
+    if args.methods is None:
+        args.methods = [m for m in METHODS if not (args.quick and m in ESTIMATOR_ROWS)]
     if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1 or args.seq_len < 1:
         raise SystemExit("zofo-bench: --repeats, --batch-size, --seq-len must be positive")
     for name in models:
