@@ -121,6 +121,16 @@ def build_estimators(args, names: Sequence[str], params: Sequence[torch.Tensor])
                       description=f"low-rank U V^T/sqrt({r}) per matrix, fresh U, V (SubZero-like)"))
     add(E.ZOEstimator("lozo-c1", E.LowRank(r, args.lozo_period, args.seed), 1, True, eps,
                       description=f"LOZO: rank {r}, V kept {args.lozo_period} steps"))
+    # the same estimators through the package itself (ZOOptimizer on the fused kernels)
+    add(E.LibraryStep("lib-mezo", "the package's MeZO step (Gaussian, central)", eps=eps))
+    add(E.LibraryStep("lib-sparse", f"the package's sparse step (sparse_fraction "
+                      f"{args.sparse_keep:g}, every tensor, tau per step)", eps=eps,
+                      sparse_fraction=args.sparse_keep))
+    add(E.LibraryStep("lib-lowrank", f"the package's low-rank step (lowrank={r}, fresh V)",
+                      eps=eps, lowrank=r))
+    add(E.LibraryStep(f"lib-fzoo-{n}", f"the package's FZOO step ({n} forward Rademacher "
+                      "directions, normalize='std')", eps=eps, estimator="forward",
+                      n_directions=n, distribution="rademacher", normalize="std"))
     if bases:
         known = E.AdapterProjection(bases)
         add(known)

@@ -479,6 +479,33 @@ class ZOEstimator(Estimator):
         return out
 
 
+class LibraryStep(Estimator):
+    """The package's own step: one ``zofo_kernels.ZOOptimizer`` step (the fused kernels, the
+    library's sparse masks, low-rank factors or FZOO normalisation) at lr 1 from the step's
+    start, the update read back as start - after. It checks that the library's estimators
+    estimate what their references here do; it has no directions to re-derive, so its exact-
+    derivative and limit cosines are not computed."""
+
+    def __init__(self, name: str, description: str = "", **settings):
+        self.name, self.description, self.settings = name, description, settings
+        q = settings.get("n_directions", 1)
+        forward = settings.get("estimator", "central") == "forward"
+        self.forwards_per_step, self.backwards_per_step = (q + 1 if forward else 2 * q), 0
+
+    def estimate(self, problem, seed, step):
+        from zofo_kernels import ZOOptimizer
+        problem.begin()
+        opt = ZOOptimizer(problem.params, lr=1.0, seed=seed & 0x7FFFFFFFFFFFFFFF,
+                          **self.settings)
+        loss = opt.step(problem.loss)
+        update = [(s - p.detach()) for s, p in zip(problem.start, problem.params)]
+        problem.set_weights()
+        return Estimate(update, self.forwards_per_step, 0, loss)
+
+    def expected(self, grad, problem):
+        return [None] * len(grad)
+
+
 @torch.no_grad()
 def apply_update(params: Sequence[torch.nn.Parameter], update: Tensors, lr: float) -> None:
     for p, u in zip(params, update):
