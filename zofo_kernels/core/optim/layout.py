@@ -17,6 +17,17 @@ import torch
 Layout = List[List[Tuple[torch.Tensor, int]]]
 
 
+def sharded_parameter(param_groups: Sequence[Mapping]):
+    """The first parameter that is a DTensor with a non-replicated placement (an FSDP2
+    shard), or None: the settings that need whole tensors on every rank refuse it."""
+    for g in param_groups:
+        for p in g["params"]:
+            placements = getattr(p, "placements", None)
+            if placements is not None and not all(pl.is_replicate() for pl in placements):
+                return p
+    return None
+
+
 def zo_numel(param_groups: Sequence[Mapping]) -> int:
     """Total number of elements of all parameters of all groups (the index space size)."""
     return sum(p.numel() for g in param_groups for p in g["params"])

@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence
 
 from zofo_kernels.core.ops import lowrank_factors
 from zofo_kernels.core.optim import zo_functional as F
+from zofo_kernels.core.optim.layout import sharded_parameter
 from zofo_kernels.core.validation import integer
 
 
@@ -58,15 +59,13 @@ def z_bound(distribution: str, rank: Optional[int]) -> float:
 def refuse_sharded(param_groups) -> None:
     """Each rank must see whole matrices: a sharded parameter (FSDP2 ``fully_shard``, a
     DTensor with a Shard placement) would be viewed as the matrix of its shard."""
-    for g in param_groups:
-        for p in g["params"]:
-            placements = getattr(p, "placements", None)
-            if placements is not None and not all(pl.is_replicate() for pl in placements):
-                raise ValueError(
-                    f"lowrank is not supported with sharded parameters (a DTensor of global "
-                    f"shape {tuple(p.shape)} with placements {p.placements}, e.g. FSDP2 "
-                    "fully_shard): U and V would be drawn per shard, so the run would depend "
-                    "on the sharding; use data parallelism without sharding, or lowrank=None")
+    p = sharded_parameter(param_groups)
+    if p is not None:
+        raise ValueError(
+            f"lowrank is not supported with sharded parameters (a DTensor of global "
+            f"shape {tuple(p.shape)} with placements {p.placements}, e.g. FSDP2 "
+            "fully_shard): U and V would be drawn per shard, so the run would depend "
+            "on the sharding; use data parallelism without sharding, or lowrank=None")
 
 
 def attach_factors(units: Sequence[F.Unit], seed: int, key: int, rank: int, *,

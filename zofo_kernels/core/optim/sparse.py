@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from zofo_kernels.core.ops import magnitude_mask
+from zofo_kernels.core.optim.layout import sharded_parameter
 from zofo_kernels.core.validation import real
 
 SAMPLE = 16384
@@ -57,16 +58,14 @@ def refuse_sharded(param_groups) -> None:
     """Sparse perturbation needs each rank to see whole tensors: a sharded parameter (FSDP2
     ``fully_shard``, a DTensor with a Shard placement) would get a threshold per shard, and
     the sharded run would no longer be the unsharded one."""
-    for g in param_groups:
-        for p in g["params"]:
-            placements = getattr(p, "placements", None)
-            if placements is not None and not all(pl.is_replicate() for pl in placements):
-                raise ValueError(
-                    f"sparse_fraction is not supported with sharded parameters (a DTensor of "
-                    f"global shape {tuple(p.shape)} with placements {p.placements}, e.g. "
-                    "FSDP2 fully_shard): the magnitude threshold would be computed per "
-                    "shard, so the run would depend on the sharding; use data parallelism "
-                    "without sharding, or sparse_fraction=None")
+    p = sharded_parameter(param_groups)
+    if p is not None:
+        raise ValueError(
+            f"sparse_fraction is not supported with sharded parameters (a DTensor of "
+            f"global shape {tuple(p.shape)} with placements {p.placements}, e.g. "
+            "FSDP2 fully_shard): the magnitude threshold would be computed per "
+            "shard, so the run would depend on the sharding; use data parallelism "
+            "without sharding, or sparse_fraction=None")
 
 
 def weyl_step(numel: int) -> int:
