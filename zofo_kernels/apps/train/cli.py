@@ -87,6 +87,10 @@ def _add_data_options(p) -> None:
                    help="bilevel-zofo: share of the sample used as upper-level set D_f (1/3)")
     p.add_argument("--eval-max", type=int, default=None,
                    help="evaluate on at most this many examples (a seeded sample)")
+    p.add_argument("--select-max", type=int, default=None,
+                   help="compute the model-selection loss on at most the first N examples of "
+                        "D_f (default: all of it; every evaluation computes it, so on a large "
+                        "sample it can cost more than training)")
 
 
 def _add_run_options(p) -> None:
@@ -334,7 +338,7 @@ def _validate_ranges(o: Dict[str, Any]) -> None:
     import math
     positive_ints = ("steps", "num_train", "batch_size", "max_length", "log_every",
                      "eval_batch_size", "eval_every_steps", "checkpoint_every_steps",
-                     "n_directions", "eval_max", "lora_r", "lora_alpha", "num_virtual_tokens",
+                     "n_directions", "eval_max", "select_max", "lora_r", "lora_alpha", "num_virtual_tokens",
                      "threads")
     for name in positive_ints:
         if o.get(name) is not None and o[name] <= 0:

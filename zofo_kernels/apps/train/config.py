@@ -27,6 +27,7 @@ class DataConfig:
     holdout: int
     upper_fraction: float   # D_f: the last share of the sample (Bilevel-ZOFO's upper level)
     eval_max: Optional[int]
+    select_max: Optional[int]  # the model-selection loss reads at most the first N of D_f
     data_seed: int          # --data-seed, or --seed
     split: bool             # Bilevel-ZOFO: the sample is split into D_g and D_f
     batch_size: int
@@ -138,6 +139,7 @@ def build(options: Mapping[str, Any], resume: Optional[Resume] = None) -> RunCon
         train=o["train"], eval=o["eval"], text_column=o["text_column"],
         label_column=o["label_column"], num_train=o["num_train"], holdout=o["holdout"],
         upper_fraction=o["upper_fraction"], eval_max=o["eval_max"],
+        select_max=o.get("select_max"),
         data_seed=o["seed"] if o["data_seed"] is None else o["data_seed"],
         split=method.name == "bilevel-zofo", batch_size=o["batch_size"],
         eval_batch_size=o["eval_batch_size"], max_length=o["max_length"])

@@ -49,8 +49,8 @@ def load_data(config: RunConfig) -> RunData:
         eval_ex = data_mod.sample(eval_ex, d.eval_max, d.data_seed + 7)
     lower_ex, upper_ex = (data_mod.split(train_ex, d.upper_fraction) if d.split
                           else (train_ex, []))
-    data = RunData(train_ex, eval_ex, lower_ex, upper_ex,
-                   data_mod.split(train_ex, d.upper_fraction)[1], str(eval_name),
+    select_ex = data_mod.split(train_ex, d.upper_fraction)[1][:d.select_max]
+    data = RunData(train_ex, eval_ex, lower_ex, upper_ex, select_ex, str(eval_name),
                    max(2, data_mod.num_labels(train_ex, eval_ex)), d.data_seed,
                    config.model.head)
     if data.head == "prompt":

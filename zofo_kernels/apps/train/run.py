@@ -287,7 +287,8 @@ def run_summary(config: RunConfig, data: RunData, loaded, runner: Runner, pr: Pr
         selected_eval_accuracy=pr.selected_acc,
         selected_step=pr.selected_step, selection_loss=pr.select_loss,
         selection_data=f"D_f: last {config.data.upper_fraction:.3g} of the training sample "
-                       f"({len(data.select)} examples)",
+                       f"({len(data.select)} examples"
+                       f"{'' if config.data.select_max is None else ', --select-max'})",
         head=data.head, template=spec.template if spec else None,
         label_words=list(spec.label_words) if spec else None,
         eval_data=data.eval_name, eval_examples=len(data.eval),

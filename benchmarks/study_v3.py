@@ -1,0 +1,271 @@
+"""Study v3 on SST-2: is there room for the backbone's ZO step, and do the new estimators use it?
+
+Study v2 (``study_sst2.py``) found Bilevel-ZOFO's ZO step worth nothing over its lr-0
+ablation on MiniLM with 1,000 examples, where FO full fine-tuning beats FO-LoRA by only 0.011
+(the *ceiling*: the most training the backbone can add on top of an adapter). Study v3 asks
+the two questions in order, with study v2's protocol (MiniLM-L6 with the prompt head, batch
+16, 64 tokens, one thread per run, two runs at a time, dev.tsv) and its chosen settings:
+
+  ceiling  FO full and FO-LoRA on CEILING_SIZES training examples (seed 0): where is the
+           ceiling clearly larger than on 1,000?
+  theta    at the size with the largest ceiling (``--theta-size`` to choose another),
+           Bilevel-ZOFO with each theta update (THETA_ROWS) beside its lr-0 ablation
+           (seed 0; ``--seeds`` for more): each gain over lr 0, as a fraction of the ceiling.
+  report   tables, figures and the reading (study.md) from whatever runs the archive holds.
+
+Budgets are step counts, not minutes: each row gets the steps its row made in study v2's
+25-minute runs under the same load (two one-thread runs on two cores), read from study v2's
+archive (mean over its seeds). So a run's result does not depend on what else the machine
+did while it ran, and "equal steps" here is study v2's equal wall-clock budget. Runs are kept
+in ``runs.zip`` and skipped on a re-run, exactly as in study v2 (``study_sst2.RunArchive``).
+
+  python benchmarks/study_v3.py --phase ceiling --commit
+  python benchmarks/study_v3.py --phase theta --commit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import study_sst2  # noqa: E402  (the run archive, the run launcher, the report helpers)
+
+RESULTS = study_sst2.ROOT / "benchmarks" / "results"
+V2 = RESULTS / "study_v2"
+# 8,000: study v2's data phase; 67,349: every row of train.tsv
+CEILING_SIZES = (8000, 67349)
+CEILING_ROWS = ("fo-full", "fo-lora")
+# theta's step rules at study v2's chosen Bilevel-ZOFO setting, each set before any run:
+#   rms     the default (study v2's row): theta's step shrank ~100x over a run as the loss fell
+#   std     FZOO's normalised step on 2 directions: judged on the step's own spread of slopes
+#   sparse  Sparse-MeZO: each step perturbs and moves the 20% of each tensor's weights of
+#           smallest magnitude (lr unchanged: under a normalised update a moved weight
+#           moves by about lr whatever the fraction)
+#   zo0     theta's lr 0: the ablation every row is read against
+THETA_ROWS = {
+    "rms": {},
+    "std": {"theta_update": "std", "n_directions": 2},
+    "sparse": {"sparse_fraction": 0.2},
+    "zo0": {"lr": 0.0},
+}
+# run order: each candidate beside the ablation first, so a partial sitting answers something
+THETA_ORDER = ("std", "zo0", "rms", "sparse")
+# every run's model-selection loss reads the first 1,000 examples of D_f: every evaluation
+# computes it, and on all of D_f (22,450 examples at 67,349) it would cost more than training
+SELECT_MAX = 1000
+
+
+def v2_steps(row: str) -> int:
+    """The mean step count of ``row`` over study v2's main-phase seeds (its 25-minute
+    budget under the load this study runs with); Bilevel-ZOFO's from v2's data phase, whose
+    runs had 8,000 examples like this study's."""
+    archive = study_sst2.RunArchive(V2 / study_sst2.ARCHIVE)
+    names = ([n for n in archive.runs() if n.startswith(f"main_{row}_seed")] if
+             row != "bilevel-zofo" else
+             [n for n in archive.runs() if n.startswith("data8000_bilevel-zofo")])
+    if not names:
+        raise SystemExit(f"study_v3: {archive.path} holds no {row} runs to read a budget from")
+    return round(statistics.fmean(json.loads(archive.read(f"{n}/summary.json"))["steps"]
+                                  for n in names))
+
+
+def v2_chosen() -> dict:
+    return json.loads((V2 / "chosen_hyperparameters.json").read_text())
+
+
+class StudyV3(study_sst2.Study):
+    # -- phases ----------------------------------------------------------------------------
+    def ceiling_phase(self):
+        chosen = v2_chosen()
+        jobs = [(f"ceiling{n}_{row}_seed0", row, dict(chosen[row], select_max=SELECT_MAX), 0, False,
+                 dict(steps=v2_steps(row), num_train=n))
+                for n in CEILING_SIZES for row in CEILING_ROWS]
+        self.run_all(jobs)
+
+    def ceilings(self) -> dict:
+        """Size -> (FO full's summary, FO-LoRA's summary, final-accuracy ceiling), for the
+        sizes whose pair has finished."""
+        out = {}
+        for n in CEILING_SIZES:
+            full, lora = (self.summary(f"ceiling{n}_{row}_seed0") for row in CEILING_ROWS)
+            if full is not None and lora is not None:
+                out[n] = (full, lora, full["eval_accuracy"] - lora["eval_accuracy"])
+        return out
+
+    def theta_size(self) -> int:
+        if self.args.theta_size:
+            return self.args.theta_size
+        ceilings = self.ceilings()
+        if not ceilings:
+            raise SystemExit("study_v3: the theta phase needs a finished ceiling pair first "
+                             "(--phase ceiling) or --theta-size")
+        return max(ceilings, key=lambda n: ceilings[n][2])
+
+    def theta_name(self, rule: str, seed: int) -> str:
+        return f"theta{self.theta_size()}_{rule}_seed{seed}"
+
+    def theta_phase(self):
+        base = v2_chosen()["bilevel-zofo"]
+        steps, n = v2_steps("bilevel-zofo"), self.theta_size()
+        self.run_all([(self.theta_name(rule, seed), "bilevel-zofo",
+                       dict(base, **THETA_ROWS[rule], select_max=SELECT_MAX),
+                       seed, False, dict(steps=steps, num_train=n))
+                      for seed in self.args.seeds for rule in THETA_ORDER])
+
+    # -- report ----------------------------------------------------------------------------
+    def report(self):
+        md = [f"# SST-2 study `{self.out.name}`", "",
+              "MiniLM-L6 (pretrained) with the prompt head, study v2's protocol and chosen "
+              "settings; 1 thread per run, 2 runs at a time on a 2-core machine; dev.tsv (872 "
+              "sentences). Budgets are the step counts each row made in study v2's 25-minute "
+              "runs under that load (mean over its seeds), so results do not depend on the "
+              "machine's load while they ran.", ""]
+        md += self._ceiling_section() + self._theta_section()
+        (self.out / "study.md").write_text("\n".join(md) + "\n")
+        print("\n".join(md))
+
+    def _ceiling_section(self):
+        ceilings = self.ceilings()
+        if not ceilings:
+            return []
+        v2 = {row: statistics.fmean(
+            json.loads(study_sst2.RunArchive(V2 / study_sst2.ARCHIVE).read(
+                f"main_{row}_seed{sd}/summary.json"))["eval_accuracy"] for sd in (0, 1, 2))
+            for row in CEILING_ROWS}
+        lines = ["## The ceiling: FO full minus FO-LoRA at an equal budget (seed 0)", "",
+                 "| training examples | FO full final (best) | FO-LoRA final (best) | "
+                 "ceiling, final (best) | FO full steps | FO-LoRA steps |",
+                 "|---:|---:|---:|---:|---:|---:|",
+                 f"| 1,000 (study v2, 3 seeds) | {v2['fo-full']:.3f} | {v2['fo-lora']:.3f} | "
+                 f"{v2['fo-full'] - v2['fo-lora']:+.3f} | | |"]
+        curves = {}
+        for n, (full, lora, gap) in ceilings.items():
+            lines.append(f"| {n:,} | {full['eval_accuracy']:.3f} ({full['best_eval_accuracy']:.3f})"
+                         f" | {lora['eval_accuracy']:.3f} ({lora['best_eval_accuracy']:.3f}) | "
+                         f"{gap:+.3f} ({full['best_eval_accuracy'] - lora['best_eval_accuracy']:+.3f})"
+                         f" | {full['steps']} | {lora['steps']} |")
+            curves[f"{n:,} examples"] = {row: self.rows(f"ceiling{n}_{row}_seed0", "eval")
+                                         for row in CEILING_ROWS}
+        _plot_budget_curves(curves, self.out / "ceiling.png",
+                            "MiniLM on SST-2 dev: FO full and FO-LoRA by training-set size")
+        best = max(ceilings, key=lambda n: ceilings[n][2])
+        lines += ["", f"Largest ceiling: {ceilings[best][2]:+.3f} at {best:,} examples (one "
+                  "seed; study v2's seed-to-seed sd of a final accuracy is about 0.01). "
+                  "Curves: `ceiling.png` (x: the fraction of the equal budget).", ""]
+        return lines
+
+    def _theta_section(self):
+        n = self.args.theta_size or (self.theta_size() if self.ceilings() else None)
+        if n is None:
+            return []
+        runs = {rule: [(sd, self.summary(f"theta{n}_{rule}_seed{sd}")) for sd in self.args.seeds]
+                for rule in THETA_ORDER}
+        runs = {rule: [(sd, s) for sd, s in v if s is not None] for rule, v in runs.items()}
+        runs = {rule: v for rule, v in runs.items() if v}
+        if not runs:
+            return []
+        ceiling = self.ceilings().get(n, (None, None, None))[2]
+        zero = {sd: s["eval_accuracy"] for sd, s in runs.get("zo0", [])}
+        lines = [f"## Bilevel-ZOFO's theta update beside its lr-0 ablation ({n:,} examples, "
+                 f"{v2_steps('bilevel-zofo')} outer steps)", "",
+                 "| theta update | seeds | final | best | selected (D_f) | forwards | "
+                 "minus lr 0 (same seeds) | fraction of the ceiling |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for rule, v in runs.items():
+            finals = [s["eval_accuracy"] for _, s in v]
+            paired = [s["eval_accuracy"] - zero[sd] for sd, s in v if sd in zero]
+            gain = statistics.fmean(paired) if paired and rule != "zo0" else None
+            frac = (f"{gain / ceiling:+.2f}" if gain is not None and ceiling and ceiling > 0
+                    else "")
+            lines.append(
+                f"| {rule} | {len(v)} | {study_sst2._ms(finals)} | "
+                f"{study_sst2._ms(s['best_eval_accuracy'] for _, s in v)} | "
+                f"{study_sst2._ms(s['selected_eval_accuracy'] for _, s in v)} | "
+                f"{statistics.fmean(s['forward_count'] for _, s in v):.0f} | "
+                f"{'' if gain is None else f'{gain:+.3f}'} | {frac} |")
+        _plot_budget_curves({f"seed {sd}": {rule: self.rows(f"theta{n}_{rule}_seed{sd}", "eval")
+                                            for rule, v in runs.items() for s_sd, _ in v
+                                            if s_sd == sd}
+                             for sd in self.args.seeds if any(sd == x for v in runs.values()
+                                                                 for x, _ in v)},
+                            self.out / "theta.png",
+                            f"Bilevel-ZOFO on SST-2 dev, {n:,} examples: theta's update rule")
+        where = (f"{ceiling:+.3f}" if ceiling is not None else "not measured at this size")
+        lines += ["", f"The ceiling at this size: {where}. Theta's settings beyond the row's "
+                  "own: " + "; ".join(f"{r}: {study_sst2._hp_text(hp) or 'none'}"
+                                      for r, hp in THETA_ROWS.items()) +
+                  f" (on top of {study_sst2._hp_text(v2_chosen()['bilevel-zofo'])}). "
+                  "Curves: `theta.png`.", ""]
+        return lines
+
+
+def _plot_budget_curves(panels: dict, path: Path, title: str) -> None:
+    """One panel per entry of ``panels`` (title -> {series: eval rows}); dev accuracy against
+    the step as a fraction of the run's own last step (the equal budget's fraction)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    names = [s for series in panels.values() for s in series]
+    colors = study_sst2.plotting.method_colors(names)
+    for ax, (panel, series) in zip(axes[0], panels.items()):
+        for name, rows in series.items():
+            end = max(r["step"] for r in rows) or 1
+            ax.plot([r["step"] / end for r in rows], [r["eval_accuracy"] for r in rows],
+                    marker="o", ms=3, color=colors[name], label=name)
+        ax.set_title(panel)
+        ax.set_xlabel("fraction of the equal budget (steps)")
+        ax.set_ylabel("dev accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--phase", default="report", choices=("ceiling", "theta", "report"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--theta-size", type=int, default=None,
+                   help="training examples of the theta phase (default: the ceiling phase's "
+                        "size with the largest ceiling)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    p.add_argument("--evals", type=int, default=12, help="evaluations per run")
+    p.add_argument("--data", type=Path, default=study_sst2.SST2_DEFAULT)
+    p.add_argument("--output", type=Path, default=RESULTS / "study_v3")
+    p.add_argument("--commit", action="store_true",
+                   help="git-commit the run archive after every finished run")
+    p.add_argument("--code", type=Path, default=None,
+                   help="import zofo_kernels from this copy of the repository instead of "
+                        "the working tree (so the tree can change while a study runs)")
+    args = p.parse_args(argv)
+    # what study_sst2.Study.run reads and this study fixes: study v2's model and holdout
+    args.model, args.holdout, args.num_train = "minilm", 500, 1000
+    args.budget_minutes = args.sweep_minutes = None
+    if args.phase != "report":
+        for f in ("train.tsv", "dev.tsv"):
+            if not (args.data / f).is_file():
+                raise SystemExit(f"study_v3: {args.data / f} not found (SST-2 is expected at "
+                                 "../shared/data/sst2 next to the repository)")
+    study = StudyV3(args)
+    if args.phase == "ceiling":
+        study.ceiling_phase()
+    elif args.phase == "theta":
+        study.theta_phase()
+    study.report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
