@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -520,3 +521,24 @@ def test_zofo_train_runs_data_parallel_under_torchrun(tmp_path, method, extra):
     # one summary line printed (rank 0 only), one metrics file
     assert res.stdout.count('"best_eval_accuracy"') == 1
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".jsonl") == ["metrics.jsonl"]
+
+
+def test_select_max_keeps_the_first_examples_of_d_f(tmp_path, sst2_dir):
+    """--select-max N: the model-selection loss reads the first N examples of D_f (the last
+    third of the sample), in order; without it, all of D_f; a bad N is refused."""
+    from zofo_kernels.apps.train.inputs import load_data
+
+    def load(*extra):
+        return load_data(train.parse([
+            "--method", "fo-lora", "--train", os.path.join(sst2_dir, "train.tsv"),
+            "--eval", os.path.join(sst2_dir, "dev.tsv"), "--num-train", "90", "--steps", "1",
+            "--output", str(tmp_path / "o"), *extra]))
+
+    whole, capped = load(), load("--select-max", "7")
+    assert len(whole.select) == 30
+    assert [e.text for e in capped.select] == [e.text for e in whole.select[:7]]
+    assert [e.text for e in capped.train] == [e.text for e in whole.train]  # training unchanged
+    assert len(load("--select-max", "500").select) == 30  # more than D_f holds: all of it
+    with pytest.raises(SystemExit, match="--select-max 0"):
+        train.parse(["--method", "mezo", "--train", "t.tsv", "--eval", "e.tsv", "--steps", "1",
+                     "--output", str(tmp_path / "p"), "--select-max", "0"])
