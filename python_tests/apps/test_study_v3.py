@@ -1,0 +1,127 @@
+"""benchmarks/study_v3.py: the ceiling phase runs FO full and FO-LoRA at each size with study
+v2's budgets as step counts (read from study v2's committed archive), the theta phase runs
+every theta update beside its lr-0 ablation at the size whose ceiling is largest, and the
+report reads the gains as fractions of that ceiling. zofo-train itself is stood in for by a
+fake process that writes what it writes; the runs' commands are checked flag by flag."""
+
+import importlib.util
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def v3():
+    spec = importlib.util.spec_from_file_location("study_v3_under_test",
+                                                  ROOT / "benchmarks" / "study_v3.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# accuracy the fake zofo-train reports: FO full gains more from data than FO-LoRA, so the
+# largest ceiling is at the largest size; theta's std update gains 0.004 over lr 0
+def _accuracy(cmd):
+    def flag(name, default=None):
+        return cmd[cmd.index(name) + 1] if name in cmd else default
+    n, method = int(flag("--num-train")), flag("--method")
+    if method == "fo-full":
+        return 0.80 + n / 1e6
+    if method == "fo-lora":
+        return 0.80
+    return 0.84 + (0.004 if flag("--theta-update") == "std" else 0.0)
+
+
+class FakeTrain:
+    def __init__(self):
+        self.commands = {}
+
+    def __call__(self, cmd, log):
+        out = Path(cmd[cmd.index("--output") + 1])
+        self.commands[out.name] = cmd
+        log.write_text("training\n")
+        acc = round(_accuracy(cmd), 4)
+        steps = int(cmd[cmd.index("--steps") + 1])
+        evals = [dict(kind="eval", step=s, wall_time_s=float(s), eval_accuracy=a)
+                 for s, a in ((0, 0.7), (steps, acc))]
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+        (out / "summary.json").write_text(json.dumps(dict(
+            eval_accuracy=acc, best_eval_accuracy=acc, selected_eval_accuracy=acc,
+            initial_eval_accuracy=0.7, steps=steps, forward_count=2 * steps,
+            peak_memory_bytes=2**20)))
+        return 0
+
+
+def _faked(v3):
+    """(the fake zofo-train, a StudyV3 that launches it and commits nothing)"""
+    train = FakeTrain()
+    real = v3.StudyV3
+
+    class Faked(real):
+        def __init__(self, args):
+            super().__init__(args)
+            self._launch = train
+            self._commit = lambda *a: None
+    return train, Faked
+
+
+def test_ceiling_then_theta_at_the_largest_ceiling(v3, tmp_path, monkeypatch):
+    if not (ROOT.parent / "shared" / "data" / "sst2" / "train.tsv").is_file():
+        pytest.skip("SST-2 is absent")  # the phases check their data before launching
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    out = tmp_path / "study_v3"
+    train, faked = _faked(v3)
+    monkeypatch.setattr(v3, "StudyV3", faked)
+
+    # the theta phase refuses to guess the size before any ceiling pair has finished
+    with pytest.raises(SystemExit, match="needs a finished ceiling pair"):
+        v3.main(["--phase", "theta", "--output", str(out)])
+    assert train.commands == {}
+
+    assert v3.main(["--phase", "ceiling", "--output", str(out)]) == 0
+    steps = {row: v3.v2_steps(row) for row in ("fo-full", "fo-lora", "bilevel-zofo")}
+    # study v2's 25-minute budgets as counted in its archive (mean over its seeds)
+    assert steps == {"fo-full": 1955, "fo-lora": 3467, "bilevel-zofo": 525}
+    chosen = json.loads((ROOT / "benchmarks/results/study_v2/chosen_hyperparameters.json")
+                        .read_text())
+    assert sorted(train.commands) == sorted(f"ceiling{n}_{row}_seed0" for n in (8000, 67349)
+                                            for row in ("fo-full", "fo-lora"))
+    for name, cmd in train.commands.items():
+        n, row = name[len("ceiling"):].split("_")[:2]
+        text = " ".join(cmd)
+        assert f"--method {row} " in text and f"--num-train {n} " in text
+        assert f"--steps {steps[row]} " in text and f"--lr {chosen[row]['lr']}" in text
+        assert "--select-max 1000" in text and "--eval " in text and "--holdout" not in text
+    md = (out / "study.md").read_text()
+    assert "| 67,349 | 0.867 (0.867) | 0.800 (0.800) | +0.067 (+0.067) | 1955 | 3467 |" in md
+    assert "Largest ceiling: +0.067 at 67,349 examples" in md
+    assert (out / "ceiling.png").read_bytes()[:4] == b"\x89PNG"
+
+    before = set(train.commands)
+    assert v3.main(["--phase", "theta", "--output", str(out)]) == 0
+    theta = {n: train.commands[n] for n in set(train.commands) - before}
+    assert sorted(theta) == sorted(f"theta67349_{r}_seed0" for r in ("rms", "std", "sparse",
+                                                                       "zo0"))
+    for name, cmd in theta.items():
+        text = " ".join(cmd) + " "
+        assert "--method bilevel-zofo " in text and "--num-train 67349 " in text
+        assert "--steps 525 " in text and "--lam 10.0 " in text
+    assert "--theta-update std --n-directions 2 " in " ".join(theta["theta67349_std_seed0"]) + " "
+    assert "--sparse-fraction 0.2 " in " ".join(theta["theta67349_sparse_seed0"]) + " "
+    assert "--lr 0.0 " in " ".join(theta["theta67349_zo0_seed0"]) + " "
+    assert "--lr 0.0001 " in " ".join(theta["theta67349_rms_seed0"]) + " "
+    md = (out / "study.md").read_text()
+    # std's gain over lr 0 and as a fraction of the ceiling at that size: 0.004 / 0.067
+    assert "| std | 1 | 0.844 | 0.844 | 0.844 | 1050 | +0.004 | +0.06 |" in md
+    assert "| rms | 1 | 0.840 | 0.840 | 0.840 | 1050 | +0.000 | +0.00 |" in md
+
+    # a re-run launches nothing: every run is in the archive
+    count = len(train.commands)
+    v3.main(["--phase", "theta", "--output", str(out)])
+    v3.main(["--phase", "ceiling", "--output", str(out)])
+    assert len(train.commands) == count
