@@ -11,7 +11,14 @@ the two questions in order, with study v2's protocol (MiniLM-L6 with the prompt 
   theta    at the size with the largest ceiling (``--theta-size`` to choose another),
            Bilevel-ZOFO with each theta update (THETA_ROWS) beside its lr-0 ablation
            (seed 0; ``--seeds`` for more): each gain over lr 0, as a fraction of the ceiling.
-  report   tables, figures and the reading (study.md) from whatever runs the archive holds.
+  gemma-pilot  Gemma 3 270M, the first reading's protocol (benchmarks/gemma_first_reading.py:
+           1,000 examples, batch 8, 48 tokens, 2 threads, Rademacher directions): FZOO's lr
+           by the first reading's held-out pilot at its forward count (FZOO_LRS);
+  gemma-mezo   MeZO's estimators at the first reading's MeZO budget in forward passes: sparse
+           perturbation (lr by the first reading's sparse pilot) and FZOO (lr by gemma-pilot),
+           beside the first reading's plain MeZO run: does either reach plain MeZO's final
+           accuracy in at most half its forward passes?
+  report   tables, figures and the reading (study.md) from whatever runs the archives hold.
 
 Budgets are step counts, not minutes: each row gets the steps its row made in study v2's
 25-minute runs under the same load (two one-thread runs on two cores), read from study v2's
@@ -21,6 +28,7 @@ in ``runs.zip`` and skipped on a re-run, exactly as in study v2 (``study_sst2.Ru
 
   python benchmarks/study_v3.py --phase ceiling --commit
   python benchmarks/study_v3.py --phase theta --commit
+  python benchmarks/study_v3.py --phase gemma-mezo --commit     # runs gemma-pilot first
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gemma_first_reading as first  # noqa: E402  (Gemma's protocol and its runs)
 import study_sst2  # noqa: E402  (the run archive, the run launcher, the report helpers)
 
 RESULTS = study_sst2.ROOT / "benchmarks" / "results"
@@ -58,6 +67,15 @@ THETA_ORDER = ("std", "zo0", "rms", "sparse")
 # every run's model-selection loss reads the first 1,000 examples of D_f: every evaluation
 # computes it, and on all of D_f (22,450 examples at 67,349) it would cost more than training
 SELECT_MAX = 1000
+# Gemma's MeZO rows. FZOO: 4 one-sided Rademacher directions from one unperturbed loss (5
+# forwards a step), the step scaled by the spread of the 4 slopes. Its step moves a weight by
+# about 0.4 lr whatever the loss's scale; plain MeZO's (lr 1e-6) by lr |g|, with |g| about 140
+# at the start on this model (estimators/gemma3-270m.md: update norm / sqrt(d)), i.e. 1.4e-4:
+# FZOO's lr matching it is about 3e-4, the pilot brackets it.
+FZOO_FLAGS = ["--estimator", "forward", "--n-directions", "4", "--normalize", "std"]
+FZOO_FORWARDS_PER_STEP = 5
+FZOO_LRS = (1e-4, 3e-4, 1e-3)
+GEMMA_FIRST = RESULTS / "gemma3-270m" / "first_reading"
 
 
 def v2_steps(row: str) -> int:
@@ -117,6 +135,40 @@ class StudyV3(study_sst2.Study):
                        seed, False, dict(steps=steps, num_train=n))
                       for seed in self.args.seeds for rule in THETA_ORDER])
 
+    # -- Gemma's MeZO rows -----------------------------------------------------------------
+    def gemma(self) -> "first.Reading":
+        """A first-reading runner whose archive is this study's ``gemma3-270m/runs.zip``."""
+        a = self.args
+        return first.Reading(argparse.Namespace(
+            output=self.out / "gemma3-270m", data=a.data, code=a.code, commit=a.commit,
+            holdout=300, evals=6, budget_minutes=17.0, note=None))
+
+    @staticmethod
+    def first_reading() -> "first.Reading":
+        """The first reading's own archive (plain MeZO's run, the pilots), read only."""
+        return first.Reading(argparse.Namespace(output=GEMMA_FIRST, commit=False))
+
+    def gemma_pilot_phase(self):
+        g, steps = self.gemma(), first.PILOT_STEPS * 2 // FZOO_FORWARDS_PER_STEP
+        for lr in FZOO_LRS:
+            g.run(f"pilot_mezo-fzoo_lr{lr:g}", "mezo",
+                  [*FZOO_FLAGS, "--lr", f"{lr:g}", "--steps", str(steps), "--eval-every-steps",
+                   str(steps // 3), "--holdout", "300"])
+
+    def gemma_mezo_phase(self):
+        self.gemma_pilot_phase()
+        g, ref = self.gemma(), self.first_reading()
+        forwards = ref.summary("reading_mezo")["forward_count"]
+        rows = {"mezo-sparse": (ref.pilot_best("pilot_mezo-sparse", first.SPARSE_LRS, "sparse"),
+                                ["--sparse-fraction", f"{first.SPARSE_FRACTION:g}"], 2),
+                "mezo-fzoo": (g.pilot_best("pilot_mezo-fzoo", FZOO_LRS, "gemma-pilot"),
+                              FZOO_FLAGS, FZOO_FORWARDS_PER_STEP)}
+        for row, (lr, flags, per_step) in rows.items():
+            n = forwards // per_step
+            g.run(f"gemma_{row}", "mezo",
+                  [*flags, "--lr", f"{lr:g}", "--steps", str(n), "--eval-every-steps",
+                   str(max(1, n // 6)), "--eval", study_sst2._rel(self.args.data / "dev.tsv")])
+
     # -- report ----------------------------------------------------------------------------
     def report(self):
         md = [f"# SST-2 study `{self.out.name}`", "",
@@ -125,7 +177,7 @@ class StudyV3(study_sst2.Study):
               "sentences). Budgets are the step counts each row made in study v2's 25-minute "
               "runs under that load (mean over its seeds), so results do not depend on the "
               "machine's load while they ran.", ""]
-        md += self._ceiling_section() + self._theta_section()
+        md += self._ceiling_section() + self._theta_section() + self._gemma_section()
         (self.out / "study.md").write_text("\n".join(md) + "\n")
         print("\n".join(md))
 
@@ -204,6 +256,69 @@ class StudyV3(study_sst2.Study):
         return lines
 
 
+    def _gemma_section(self):
+        if not (self.out / "gemma3-270m" / "runs.zip").is_file():
+            return []
+        g, ref = self.gemma(), self.first_reading()
+        runs = {"mezo (plain)": (ref, "reading_mezo")}
+        runs.update({row: (g, f"gemma_{row}") for row in ("mezo-sparse", "mezo-fzoo")})
+        runs = {row: (r, name, r.summary(name)) for row, (r, name) in runs.items()}
+        runs = {row: v for row, v in runs.items() if v[2] is not None}
+        pilot = g._pilot_results("pilot_mezo-fzoo", FZOO_LRS)
+        if len(runs) < 2 and not pilot:
+            return []
+        plain = runs["mezo (plain)"][2]
+        target, budget = plain["eval_accuracy"], plain["forward_count"]
+        lines = ["## Gemma 3 270M: MeZO's estimators at equal forward passes (seed 0, dev)", "",
+                 "The first reading's protocol (1,000 examples, batch 8, <= 48 tokens, 2 "
+                 "threads, Rademacher directions); plain MeZO is the first reading's run. A "
+                 "FZOO step takes 5 forwards in 1.14x their time and a MeZO step 2 in 1.16x "
+                 "(zofo-bench on this model), so equal forwards is equal time to within a few "
+                 "per cent.", "",
+                 "| row | lr | steps | forwards | final | best | forwards to plain MeZO's final "
+                 f"({target:.3f}) | fraction of plain MeZO's {budget} |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        curves = {}
+        for row, (r, name, s) in runs.items():
+            evals = r.evals(name)
+            curves[row] = evals
+            hit = next((e["forward_count"] for e in evals if e["eval_accuracy"] >= target
+                        and e["step"] > 0), None)
+            lines.append(f"| {row} | {s['hyperparameters']['lr']:g} | {s['steps']} | "
+                         f"{s['forward_count']} | {s['eval_accuracy']:.3f} | "
+                         f"{s['best_eval_accuracy']:.3f} | {hit if hit is not None else 'not reached'} "
+                         f"| {'' if hit is None else f'{hit / budget:.2f}'} |")
+        if pilot:
+            lines += ["", f"FZOO's lr by the held-out pilot ({first.PILOT_STEPS * 2} forwards, "
+                      "300 held-out training examples, as the first reading's MeZO pilot): "
+                      + "; ".join(pilot) + "."]
+        if len(curves) > 1:
+            _plot_forward_curves(curves, self.out / "gemma_mezo.png",
+                                 "Gemma 3 270M on SST-2 dev: MeZO's estimators, seed 0")
+            lines += ["", "Curves: `gemma_mezo.png` (dev accuracy against forward passes)."]
+        return lines + [""]
+
+
+def _plot_forward_curves(curves: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = study_sst2.plotting.method_colors(list(curves))
+    for name, rows in curves.items():
+        ax.plot([r["forward_count"] for r in rows], [r["eval_accuracy"] for r in rows],
+                marker="o", ms=3, color=colors[name], label=name)
+    ax.set_xlabel("forward passes")
+    ax.set_ylabel("dev accuracy (872)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _plot_budget_curves(panels: dict, path: Path, title: str) -> None:
     """One panel per entry of ``panels`` (title -> {series: eval rows}); dev accuracy against
     the step as a fraction of the run's own last step (the equal budget's fraction)."""
@@ -234,7 +349,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--phase", default="report", choices=("ceiling", "theta", "report"))
+    p.add_argument("--phase", default="report",
+                   choices=("ceiling", "theta", "gemma-pilot", "gemma-mezo", "report"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--theta-size", type=int, default=None,
                    help="training examples of the theta phase (default: the ceiling phase's "
@@ -264,6 +380,10 @@ def main(argv=None) -> int:
         study.ceiling_phase()
     elif args.phase == "theta":
         study.theta_phase()
+    elif args.phase == "gemma-pilot":
+        study.gemma_pilot_phase()
+    elif args.phase == "gemma-mezo":
+        study.gemma_mezo_phase()
     study.report()
     return 0
 

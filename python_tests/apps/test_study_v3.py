@@ -125,3 +125,71 @@ def test_ceiling_then_theta_at_the_largest_ceiling(v3, tmp_path, monkeypatch):
     v3.main(["--phase", "theta", "--output", str(out)])
     v3.main(["--phase", "ceiling", "--output", str(out)])
     assert len(train.commands) == count
+
+
+class FakeGemmaTrain:
+    """Stands in for subprocess.run of gemma_first_reading.Reading: writes a finished run into
+    --output. FZOO's pilot ends highest at lr 3e-4; a dev run climbs linearly with the forward
+    passes to 0.80 + lr-dependent end, so the forwards to a target are predictable."""
+
+    def __init__(self):
+        self.commands = {}
+
+    def __call__(self, cmd, cwd=None, stdout=None, stderr=None, env=None):
+        out = Path(cmd[cmd.index("--output") + 1])
+        self.commands[out.name] = cmd
+        steps = int(cmd[cmd.index("--steps") + 1])
+        every = int(cmd[cmd.index("--eval-every-steps") + 1])
+        per_step = 5 if "--normalize" in cmd else 2
+        lr = float(cmd[cmd.index("--lr") + 1])
+        end = {1e-4: 0.70, 3e-4: 0.80, 1e-3: 0.60}.get(lr, 0.90)
+        evals = [dict(kind="eval", step=s, forward_count=s * per_step,
+                      eval_accuracy=round(0.66 + (end - 0.66) * s / steps, 4))
+                 for s in [*range(0, steps, every), steps]]
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+        (out / "summary.json").write_text(json.dumps(dict(
+            eval_accuracy=evals[-1]["eval_accuracy"], best_eval_accuracy=evals[-1]["eval_accuracy"],
+            steps=evals[-1]["step"], forward_count=evals[-1]["forward_count"],
+            hyperparameters={"lr": lr})))
+        return type("Done", (), {"returncode": 0})()
+
+
+def test_gemma_mezo_rows_at_plain_mezos_forwards(v3, tmp_path, monkeypatch):
+    if not (ROOT.parent / "shared" / "data" / "sst2" / "train.tsv").is_file():
+        pytest.skip("SST-2 is absent")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    fake = FakeGemmaTrain()
+    monkeypatch.setattr(v3.first, "subprocess", type("P", (), {"run": staticmethod(fake),
+                                                               "STDOUT": -2}))
+    out = tmp_path / "study_v3"
+    assert v3.main(["--phase", "gemma-mezo", "--output", str(out)]) == 0
+    first = v3.StudyV3.first_reading()
+    plain = first.summary("reading_mezo")
+    sparse_lr = first.pilot_best("pilot_mezo-sparse", (1e-6, 5e-6), "sparse")
+    assert sorted(fake.commands) == ["gemma_mezo-fzoo", "gemma_mezo-sparse",
+                                     "pilot_mezo-fzoo_lr0.0001", "pilot_mezo-fzoo_lr0.0003",
+                                     "pilot_mezo-fzoo_lr0.001"]
+    texts = {n: " ".join(c) + " " for n, c in fake.commands.items()}
+    for lr in ("0.0001", "0.0003", "0.001"):
+        t = texts[f"pilot_mezo-fzoo_lr{lr}"]
+        # the first reading's pilot budget in forwards (150 MeZO steps = 300), held-out data
+        assert "--steps 60 " in t and "--holdout 300 " in t and f"--lr {lr} " in t
+    for t in texts.values():
+        assert "--model gemma3-270m --method mezo " in t and "--distribution rademacher " in t
+    fzoo = "--estimator forward --n-directions 4 --normalize std "
+    assert all(fzoo in t for n, t in texts.items() if "fzoo" in n)
+    # plain MeZO's forward count, as steps of each row; FZOO at the pilot's best lr
+    assert f"--steps {plain['forward_count'] // 2} " in texts["gemma_mezo-sparse"]
+    assert f"--sparse-fraction 0.2 --lr {sparse_lr:g} " in texts["gemma_mezo-sparse"]
+    assert f"--steps {plain['forward_count'] // 5} " in texts["gemma_mezo-fzoo"]
+    assert "--lr 0.0003 " in texts["gemma_mezo-fzoo"] and "--eval " in texts["gemma_mezo-fzoo"]
+    md = (out / "study.md").read_text()
+    assert "lr 0.0003: 0.800 (best 0.800)" in md
+    # the fake sparse run climbs linearly to 0.90 and passes plain MeZO's final; FZOO's
+    # ends at 0.80, below it
+    row = next(line for line in md.splitlines() if line.startswith("| mezo-sparse |"))
+    assert "| 0.900 | 0.900 |" in row and "not reached" not in row
+    assert "not reached" in next(line for line in md.splitlines()
+                                  if line.startswith("| mezo-fzoo |"))  # ends at 0.80
+    assert (out / "gemma_mezo.png").read_bytes()[:4] == b"\x89PNG"
