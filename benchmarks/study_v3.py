@@ -197,10 +197,10 @@ class StudyV3(study_sst2.Study):
                  f"{v2['fo-full'] - v2['fo-lora']:+.3f} | | |"]
         curves = {}
         for n, (full, lora, gap) in ceilings.items():
+            best_gap = full["best_eval_accuracy"] - lora["best_eval_accuracy"]
             lines.append(f"| {n:,} | {full['eval_accuracy']:.3f} ({full['best_eval_accuracy']:.3f})"
                          f" | {lora['eval_accuracy']:.3f} ({lora['best_eval_accuracy']:.3f}) | "
-                         f"{gap:+.3f} ({full['best_eval_accuracy'] - lora['best_eval_accuracy']:+.3f})"
-                         f" | {full['steps']} | {lora['steps']} |")
+                         f"{gap:+.3f} ({best_gap:+.3f}) | {full['steps']} | {lora['steps']} |")
             curves[f"{n:,} examples"] = {row: self.rows(f"ceiling{n}_{row}_seed0", "eval")
                                          for row in CEILING_ROWS}
         _plot_budget_curves(curves, self.out / "ceiling.png",
@@ -284,10 +284,10 @@ class StudyV3(study_sst2.Study):
             curves[row] = evals
             hit = next((e["forward_count"] for e in evals if e["eval_accuracy"] >= target
                         and e["step"] > 0), None)
+            reach = ("not reached |" if hit is None else f"{hit} | {hit / budget:.2f}")
             lines.append(f"| {row} | {s['hyperparameters']['lr']:g} | {s['steps']} | "
                          f"{s['forward_count']} | {s['eval_accuracy']:.3f} | "
-                         f"{s['best_eval_accuracy']:.3f} | {hit if hit is not None else 'not reached'} "
-                         f"| {'' if hit is None else f'{hit / budget:.2f}'} |")
+                         f"{s['best_eval_accuracy']:.3f} | {reach} |")
         if pilot:
             lines += ["", f"FZOO's lr by the held-out pilot ({first.PILOT_STEPS * 2} forwards, "
                       "300 held-out training examples, as the first reading's MeZO pilot): "

@@ -545,7 +545,7 @@ def perturb_(tensors: TensorList, seed, scale, distribution: str = "gaussian", d
     device = _check_tensors(tensors)
     masks = _masks(mask, tensors, device)
     pairs = _factors(factors, tensors, device, masks,
-                     (direction, restore_direction) if restore_scale != 0.0 else (direction,))
+                     base.call_directions((direction,), restore_scale, restore_direction))
     _run(tensors, offs, device, backend, lambda impl, ts, os_, ms, fs: impl.perturb(
         ts, os_, seed, distribution, scale, direction, restore_scale, restore_direction,
         masks=ms, factors=fs), masks, pairs)
@@ -598,8 +598,8 @@ def zo_update_(tensors: TensorList, seed, *, lr, projected_grads, restore_scale=
         raise ValueError("too many directions")
     restore_direction = q - 1 if restore_direction is None else _direction(
         restore_direction, "restore_direction")
-    pairs = _factors(factors, tensors, device, masks, tuple(range(q)) + (
-        (restore_direction,) if restore_scale != 0.0 else ()))
+    pairs = _factors(factors, tensors, device, masks,
+                     base.call_directions(range(q), restore_scale, restore_direction))
     _run(tensors, offs, device, backend, lambda impl, ts, os_, ms, fs: impl.update(
         ts, os_, seed, distribution, lr=lr, projected_grads=grads, restore_scale=restore_scale,
         restore_direction=restore_direction, weight_decay=weight_decay,

@@ -45,7 +45,7 @@ from __future__ import annotations
 import abc
 import collections
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -193,6 +193,14 @@ def check_masks(tensors: List[torch.Tensor], masks: Optional[List[torch.Tensor]]
                 or m.device != t.device:
             raise ValueError(f"masks[{i}] must be a contiguous int32 tensor of {words} words on "
                              f"{t.device}, got {m.dtype} with {m.numel()} elements on {m.device}")
+
+
+def call_directions(swept: Iterable[int], restore_scale: float,
+                    restore_direction: int) -> Tuple[int, ...]:
+    """The directions a perturb or update call draws noise for: the ``swept`` ones (a
+    perturb's one direction, an update's 0 .. q-1) and the restore direction when the call
+    restores (``restore_scale`` != 0). Factors and masks are checked against these."""
+    return tuple(swept) + ((restore_direction,) if restore_scale != 0.0 else ())
 
 
 def check_factors(tensors: List[torch.Tensor], factors: Optional[List[Optional[Factors]]],

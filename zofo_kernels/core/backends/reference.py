@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from zofo_kernels.core import contract
-from zofo_kernels.core.backends.base import (Backend, BackendStatus, check_factors, check_masks,
-                                             register)
+from zofo_kernels.core.backends.base import (Backend, BackendStatus, call_directions,
+                                             check_factors, check_masks, register)
 
 CHUNK = 1 << 18
 
@@ -89,8 +89,8 @@ class ReferenceBackend(Backend):
     def perturb(self, tensors, offsets, seed, distribution, scale, direction,
                 restore_scale, restore_direction, *, masks=None, factors=None):
         check_masks(tensors, masks, self.name)
-        check_factors(tensors, factors, (direction, restore_direction) if restore_scale != 0.0
-                      else (direction,), self.name, masks)
+        check_factors(tensors, factors, call_directions((direction,), restore_scale,
+                                                        restore_direction), self.name, masks)
         s = _f32(scale)
         for c in self._chunks(tensors, offsets, masks, factors):
             w = c.flat[c.a:c.b].detach().float().cpu()
@@ -103,9 +103,8 @@ class ReferenceBackend(Backend):
                masks=None, factors=None):
         check_masks(tensors, masks, self.name)
         grads = projected_grads.detach().float().cpu()
-        directions = range(grads.numel()) if restore_scale == 0.0 else \
-            list(range(grads.numel())) + [restore_direction]
-        check_factors(tensors, factors, directions, self.name, masks)
+        check_factors(tensors, factors, call_directions(range(grads.numel()), restore_scale,
+                                                        restore_direction), self.name, masks)
         lr32, wd32 = _f32(lr), _f32(weight_decay)
         for c in self._chunks(tensors, offsets, masks, factors):
             w = c.flat[c.a:c.b].detach().float().cpu()

@@ -21,7 +21,8 @@ import torch
 
 from zofo_kernels.core.backends.native import loader as _native
 from zofo_kernels.core.backends.base import (DISTRIBUTION_CODES, Backend, BackendStatus,
-                                             check_factors, check_group, check_masks, register)
+                                             call_directions, check_factors, check_group,
+                                             check_masks, register)
 
 
 def _mask_ptrs(masks) -> list:
@@ -89,9 +90,8 @@ class CpuBackend(Backend):
         mod = self._native()
         code = check_group(tensors, offsets, self.name, device_type="cpu")
         check_masks(tensors, masks, self.name)
-        # the directions ops.perturb_ checks: the restore one only when it is used
-        rank = check_factors(tensors, factors, (direction, restore_direction)
-                             if restore_scale != 0.0 else (direction,), self.name, masks)
+        rank = check_factors(tensors, factors, call_directions(
+            (direction,), restore_scale, restore_direction), self.name, masks)
         mod.perturb([t.data_ptr() for t in tensors], [t.numel() for t in tensors],
                     [int(o) for o in offsets], code, seed, DISTRIBUTION_CODES[distribution],
                     float(scale), direction, float(restore_scale), restore_direction,
@@ -108,8 +108,8 @@ class CpuBackend(Backend):
         if grads.dim() != 1 or grads.numel() < 1:
             raise ValueError("projected_grads must be a 1-D tensor with at least one value")
         q = grads.numel()
-        rank = check_factors(tensors, factors, list(range(q)) + (
-            [restore_direction] if restore_scale != 0.0 else []), self.name, masks)
+        rank = check_factors(tensors, factors, call_directions(
+            range(q), restore_scale, restore_direction), self.name, masks)
         mod.update([t.data_ptr() for t in tensors], [t.numel() for t in tensors],
                    [int(o) for o in offsets], code, seed, DISTRIBUTION_CODES[distribution],
                    float(lr), grads.data_ptr(), grads.numel(), float(restore_scale),

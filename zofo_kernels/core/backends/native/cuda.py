@@ -22,8 +22,8 @@ import torch
 
 from zofo_kernels.core.backends.native import loader as _native
 from zofo_kernels.core.backends.base import (DISTRIBUTION_CODES, Backend, BackendStatus,
-                                             LaunchTables, check_factors, check_group,
-                                             check_masks, register)
+                                             LaunchTables, call_directions, check_factors,
+                                             check_group, check_masks, register)
 
 GROUP = 4  # global indices per work item (one Gaussian Philox block)
 
@@ -158,7 +158,8 @@ class CudaBackend(Backend):
         mod = self._native()
         code = check_group(tensors, offsets, self.name, device_type="cuda", nonempty=True)
         check_masks(tensors, masks, self.name)
-        rank = check_factors(tensors, factors, (direction, restore_direction), self.name, masks)
+        rank = check_factors(tensors, factors, call_directions(
+            (direction,), restore_scale, restore_direction), self.name, masks)
         idx = self._device_index(tensors[0].device)
         table, total = self._table(tensors, offsets, masks, factors)
         mod.perturb(table.data_ptr(), len(tensors), total, code, seed,
@@ -175,8 +176,8 @@ class CudaBackend(Backend):
         if projected_grads.dim() != 1 or projected_grads.numel() < 1:
             raise ValueError("projected_grads must be a 1-D tensor with at least one value")
         q = projected_grads.numel()
-        directions = range(q) if restore_scale == 0.0 else list(range(q)) + [restore_direction]
-        rank = check_factors(tensors, factors, directions, self.name, masks)
+        rank = check_factors(tensors, factors, call_directions(
+            range(q), restore_scale, restore_direction), self.name, masks)
         idx = self._device_index(tensors[0].device)
         grads = projected_grads.detach().to(device=tensors[0].device,
                                             dtype=torch.float32).contiguous()

@@ -26,8 +26,8 @@ import torch
 
 from zofo_kernels.core import contract
 from zofo_kernels.core.backends.base import (DISTRIBUTION_CODES, Backend, BackendStatus,
-                                             LaunchTables, check_factors, check_group,
-                                             check_masks, register)
+                                             LaunchTables, call_directions, check_factors,
+                                             check_group, check_masks, register)
 
 
 def _pointers(tensors) -> np.ndarray:
@@ -206,8 +206,8 @@ class TritonBackend(Backend):
                 restore_scale, restore_direction, *, masks=None, factors=None):
         code = check_group(tensors, offsets, self.name)
         check_masks(tensors, masks, self.name)
-        rank = check_factors(tensors, factors, (direction, restore_direction), self.name,
-                             masks)
+        rank = check_factors(tensors, factors, call_directions(
+            (direction,), restore_scale, restore_direction), self.name, masks)
         device = tensors[0].device
         tk = self._require(device)
         table, program_table, programs, aligned = self._table(
@@ -232,9 +232,8 @@ class TritonBackend(Backend):
         grads = projected_grads.detach().reshape(-1)
         if grads.numel() == 0:
             raise ValueError("projected_grads is empty: give one scalar per direction (q >= 1)")
-        directions = range(grads.numel()) if restore_scale == 0.0 else \
-            list(range(grads.numel())) + [restore_direction]
-        rank = check_factors(tensors, factors, directions, self.name, masks)
+        rank = check_factors(tensors, factors, call_directions(
+            range(grads.numel()), restore_scale, restore_direction), self.name, masks)
         tk = self._require(device)
         grads = grads.to(device=device, dtype=torch.float32).contiguous()
         table, program_table, programs, aligned = self._table(
