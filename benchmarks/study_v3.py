@@ -203,8 +203,8 @@ class StudyV3(study_sst2.Study):
                          f"{gap:+.3f} ({best_gap:+.3f}) | {full['steps']} | {lora['steps']} |")
             curves[f"{n:,} examples"] = {row: self.rows(f"ceiling{n}_{row}_seed0", "eval")
                                          for row in CEILING_ROWS}
-        _plot_budget_curves(curves, self.out / "ceiling.png",
-                            "MiniLM on SST-2 dev: FO full and FO-LoRA by training-set size")
+        _plot_curves(curves, self.out / "ceiling.png",
+                     "MiniLM on SST-2 dev: FO full and FO-LoRA by training-set size", x="budget")
         best = max(ceilings, key=lambda n: ceilings[n][2])
         lines += ["", f"Largest ceiling: {ceilings[best][2]:+.3f} at {best:,} examples (one "
                   "seed; study v2's seed-to-seed sd of a final accuracy is about 0.01). "
@@ -240,13 +240,12 @@ class StudyV3(study_sst2.Study):
                 f"{study_sst2._ms(s['selected_eval_accuracy'] for _, s in v)} | "
                 f"{statistics.fmean(s['forward_count'] for _, s in v):.0f} | "
                 f"{'' if gain is None else f'{gain:+.3f}'} | {frac} |")
-        _plot_budget_curves({f"seed {sd}": {rule: self.rows(f"theta{n}_{rule}_seed{sd}", "eval")
-                                            for rule, v in runs.items() for s_sd, _ in v
-                                            if s_sd == sd}
-                             for sd in self.args.seeds if any(sd == x for v in runs.values()
-                                                                 for x, _ in v)},
-                            self.out / "theta.png",
-                            f"Bilevel-ZOFO on SST-2 dev, {n:,} examples: theta's update rule")
+        panels = {f"seed {sd}": {rule: self.rows(f"theta{n}_{rule}_seed{sd}", "eval")
+                                 for rule, v in runs.items() if sd in dict(v)}
+                  for sd in self.args.seeds if any(sd in dict(v) for v in runs.values())}
+        _plot_curves(panels, self.out / "theta.png",
+                     f"Bilevel-ZOFO on SST-2 dev, {n:,} examples: theta's update rule",
+                     x="budget")
         where = (f"{ceiling:+.3f}" if ceiling is not None else "not measured at this size")
         lines += ["", f"The ceiling at this size: {where}. Theta's settings beyond the row's "
                   "own: " + "; ".join(f"{r}: {study_sst2._hp_text(hp) or 'none'}"
@@ -293,50 +292,33 @@ class StudyV3(study_sst2.Study):
                       "300 held-out training examples, as the first reading's MeZO pilot): "
                       + "; ".join(pilot) + "."]
         if len(curves) > 1:
-            _plot_forward_curves(curves, self.out / "gemma_mezo.png",
-                                 "Gemma 3 270M on SST-2 dev: MeZO's estimators, seed 0")
+            _plot_curves({"seed 0": curves}, self.out / "gemma_mezo.png",
+                         "Gemma 3 270M on SST-2 dev: MeZO's estimators", x="forwards")
             lines += ["", "Curves: `gemma_mezo.png` (dev accuracy against forward passes)."]
         return lines + [""]
 
 
-def _plot_forward_curves(curves: dict, path: Path, title: str) -> None:
+def _plot_curves(panels: dict, path: Path, title: str, x: str) -> None:
+    """One panel per entry of ``panels`` (title -> {series: eval rows}): dev accuracy against
+    ``x``: "budget" (the step as a fraction of the run's own last step: the fraction of the
+    equal budget) or "forwards" (forward passes)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = study_sst2.plotting.method_colors(list(curves))
-    for name, rows in curves.items():
-        ax.plot([r["forward_count"] for r in rows], [r["eval_accuracy"] for r in rows],
-                marker="o", ms=3, color=colors[name], label=name)
-    ax.set_xlabel("forward passes")
-    ax.set_ylabel("dev accuracy (872)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_budget_curves(panels: dict, path: Path, title: str) -> None:
-    """One panel per entry of ``panels`` (title -> {series: eval rows}); dev accuracy against
-    the step as a fraction of the run's own last step (the equal budget's fraction)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    names = [s for series in panels.values() for s in series]
-    colors = study_sst2.plotting.method_colors(names)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1.5, 4.2),
+                             squeeze=False)
+    colors = study_sst2.plotting.method_colors([s for v in panels.values() for s in v])
     for ax, (panel, series) in zip(axes[0], panels.items()):
         for name, rows in series.items():
             end = max(r["step"] for r in rows) or 1
-            ax.plot([r["step"] / end for r in rows], [r["eval_accuracy"] for r in rows],
-                    marker="o", ms=3, color=colors[name], label=name)
+            xs = [r["step"] / end if x == "budget" else r["forward_count"] for r in rows]
+            ax.plot(xs, [r["eval_accuracy"] for r in rows], marker="o", ms=3,
+                    color=colors[name], label=name)
         ax.set_title(panel)
-        ax.set_xlabel("fraction of the equal budget (steps)")
-        ax.set_ylabel("dev accuracy")
+        ax.set_xlabel("fraction of the equal budget (steps)" if x == "budget"
+                      else "forward passes")
+        ax.set_ylabel("dev accuracy (872)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
