@@ -845,3 +845,21 @@ def test_stochastic_rounding_tiny_updates(device, dtype):
                           distribution="rademacher", offsets=[2 ** 32 + 1], backend=name)
         _assert_same(got, want, "rademacher", _note(seed=seed, lr=lr, dtype=dtype))
     assert torch.count_nonzero(got[: n // 3]) > 0, "tiny updates all rounded away"
+
+
+def test_every_kernel_variant_compiles_for_sm90_without_fused_multiply_adds():
+    """The kernels as a GPU would build them, on this GPU-less machine: Triton lowers each
+    variant (every launch-time switch, dtype and distribution at least once) to sm_90 PTX and
+    assembles it (its own ptxas, no driver), with the backend's launch options. The noise
+    contract rounds every float32 product and sum separately: no fma.rn.f32 may appear in the
+    PTX (with fp fusion enabled, Triton contracts the low-rank z and w + scale * z into them)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    import json
+    code = ("import runpy\n"
+            "runpy.run_path('python_tests/core/triton_sm90_compile.py', run_name='__main__')")
+    out = json.loads(_run_python(code, {"TRITON_INTERPRET": None}).splitlines()[-1])
+    assert out.pop("options")["enable_fp_fusion"] is False
+    assert len(out) == 10
+    for variant, built in out.items():
+        assert built["cubin_bytes"] > 0, variant
+        assert built["fma_f32"] == 0, f"{variant}: {built['fma_f32']} fused multiply-adds"
