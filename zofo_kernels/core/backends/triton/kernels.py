@@ -373,6 +373,30 @@ def _z(seed, g0, direction, lowrank, u, v, inside, mr, nr, rank, lowrank_scale,
 
 
 @triton.jit
+def _sweep_start(tensor_table, program_table, seed, restore_scale, restore_direction, rank,
+                 lowrank_scale, STORAGE: tl.constexpr, BLOCK: tl.constexpr,
+                 DIST: tl.constexpr, HAS_RESTORE: tl.constexpr, PRECISE: tl.constexpr,
+                 ALIGNED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_FACTORS: tl.constexpr):
+    """What a perturb and an update sweep do first: the window and its float32 weights, the
+    low-rank lanes (placeholders without HAS_FACTORS), the restore w = rn(w + restore_scale *
+    z_r) if HAS_RESTORE, and the lanes to store (the mask's bits if HAS_MASK). Returns
+    (ptrs, lanes to store, full?, g0, w, lowrank?, U lanes, V lanes, m * r, n * r)."""
+    ptrs, j, inside, full, g0, row, w = _load_window(tensor_table, program_table, STORAGE,
+                                                     BLOCK, ALIGNED, HAS_FACTORS)
+    if HAS_FACTORS:
+        lowrank, u_lanes, v_lanes, mr, nr = _lowrank_lanes(row, j, inside, rank)
+    else:
+        lowrank, u_lanes, v_lanes, mr, nr = 0, 0, 0, 0, 0  # unused
+    if HAS_RESTORE:
+        z_r = _z(seed, g0, restore_direction, lowrank, u_lanes, v_lanes, inside, mr, nr, rank,
+                 lowrank_scale, BLOCK, DIST, PRECISE, HAS_FACTORS)
+        w = _round_rn(w + restore_scale * z_r, STORAGE)
+    if HAS_MASK:
+        inside = _mask_lanes(row, j, inside)
+    return ptrs, inside, full, g0, w, lowrank, u_lanes, v_lanes, mr, nr
+
+
+@triton.jit
 def _store(ptrs, inside, full, p, HAS_MASK: tl.constexpr):
     """Stores a window's storage values: all lanes when full (and no mask), else the lanes
     ``inside`` (with a mask: inside the tensor and bit set, full window or not)."""
@@ -414,18 +438,10 @@ def _perturb_kernel(tensor_table, program_table, seed: tl.int64, scale: tl.float
     """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; p = rn(w + scale * z) (only the
     elements whose bit is set if HAS_MASK; z low-rank for the tensors with factors if
     HAS_FACTORS, of rank ``rank`` and scale ``lowrank_scale``)."""
-    ptrs, j, inside, full, g0, row, w = _load_window(tensor_table, program_table, STORAGE,
-                                                     BLOCK, ALIGNED, HAS_FACTORS)
-    if HAS_FACTORS:
-        lowrank, u_lanes, v_lanes, mr, nr = _lowrank_lanes(row, j, inside, rank)
-    else:
-        lowrank, u_lanes, v_lanes, mr, nr = 0, 0, 0, 0, 0  # unused
-    if HAS_RESTORE:
-        z_r = _z(seed, g0, restore_direction, lowrank, u_lanes, v_lanes, inside, mr, nr, rank,
-                 lowrank_scale, BLOCK, DIST, PRECISE, HAS_FACTORS)
-        w = _round_rn(w + restore_scale * z_r, STORAGE)
-    if HAS_MASK:
-        inside = _mask_lanes(row, j, inside)
+    ptrs, inside, full, g0, w, lowrank, u_lanes, v_lanes, mr, nr = _sweep_start(
+        tensor_table, program_table, seed, restore_scale, restore_direction, rank,
+        lowrank_scale, STORAGE, BLOCK, DIST, HAS_RESTORE, PRECISE, ALIGNED, HAS_MASK,
+        HAS_FACTORS)
     z = _z(seed, g0, direction, lowrank, u_lanes, v_lanes, inside, mr, nr, rank, lowrank_scale,
            BLOCK, DIST, PRECISE, HAS_FACTORS)
     _store(ptrs, inside, full, _narrow(w + scale * z, STORAGE), HAS_MASK)
@@ -442,18 +458,10 @@ def _update_kernel(tensor_table, program_table, seed: tl.int64, lr: tl.float32, 
     """w = rn(p + restore_scale * z_r) [if HAS_RESTORE]; d = sum_k g_k z_k; d += wd * w;
     v = w - lr * d; p = sr(v) if STOCHASTIC else rn(v) (only the elements whose bit is set
     if HAS_MASK; every z low-rank for the tensors with factors if HAS_FACTORS)."""
-    ptrs, j, inside, full, g0, row, w = _load_window(tensor_table, program_table, STORAGE,
-                                                     BLOCK, ALIGNED, HAS_FACTORS)
-    if HAS_FACTORS:
-        lowrank, u_lanes, v_lanes, mr, nr = _lowrank_lanes(row, j, inside, rank)
-    else:
-        lowrank, u_lanes, v_lanes, mr, nr = 0, 0, 0, 0, 0  # unused
-    if HAS_RESTORE:
-        z_r = _z(seed, g0, restore_direction, lowrank, u_lanes, v_lanes, inside, mr, nr, rank,
-                 lowrank_scale, BLOCK, DIST, PRECISE, HAS_FACTORS)
-        w = _round_rn(w + restore_scale * z_r, STORAGE)
-    if HAS_MASK:
-        inside = _mask_lanes(row, j, inside)
+    ptrs, inside, full, g0, w, lowrank, u_lanes, v_lanes, mr, nr = _sweep_start(
+        tensor_table, program_table, seed, restore_scale, restore_direction, rank,
+        lowrank_scale, STORAGE, BLOCK, DIST, HAS_RESTORE, PRECISE, ALIGNED, HAS_MASK,
+        HAS_FACTORS)
     g = tl.load(grads_ptr)
     d = g * _z(seed, g0, 0, lowrank, u_lanes, v_lanes, inside, mr, nr, rank, lowrank_scale,
                BLOCK, DIST, PRECISE, HAS_FACTORS)
