@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from zofo_kernels.core import contract
+from zofo_kernels.core.optim import NonFiniteLossError
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SR_KIND = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -123,6 +124,33 @@ def closure_of(params, loss, seen=None):
         if seen is not None:
             seen.append(ws)
         return loss(ws)
+    return closure
+
+
+class InjectedFault(Exception):
+    """What a faulty closure raises for the fault "raise"."""
+
+
+# the error a step must let through after restoring the weights, per injected fault
+FAULT_ERRORS = {"raise": InjectedFault, "interrupt": KeyboardInterrupt,
+                "nan": NonFiniteLossError}
+
+
+def faulty_closure(params, loss, fault, at):
+    """A closure whose evaluation number ``at`` fails: raises InjectedFault ("raise"),
+    KeyboardInterrupt ("interrupt") or returns NaN ("nan"); the others return the loss."""
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        value = loss(flat(params))
+        if calls["n"] == at:
+            if fault == "raise":
+                raise InjectedFault("injected")
+            if fault == "interrupt":
+                raise KeyboardInterrupt
+            return float("nan")
+        return value
     return closure
 
 

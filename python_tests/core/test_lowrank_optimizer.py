@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from zo_oracle import (DTYPES, Oracle, assert_bitwise, bits, closure_of, flat, make_loss,
-                       make_params, two_groups)
+from zo_oracle import (DTYPES, FAULT_ERRORS, Oracle, assert_bitwise, bits, closure_of,
+                       faulty_closure, make_loss, make_params, two_groups)
 from zofo_kernels.core import contract
-from zofo_kernels.core.optim import NonFiniteLossError, ZOFOOptimizer, ZOOptimizer
+from zofo_kernels.core.optim import ZOFOOptimizer, ZOOptimizer
 from zofo_kernels.core.optim.zo_functional import step_seed
 
 # a (12, 10) matrix, a vector, a (3, 4, 5) tensor (viewed as (3, 20)), and a (2, 30) matrix
@@ -146,10 +146,6 @@ def test_a_differently_configured_state_dict_is_refused(mine, saved):
     assert opt.base_seed == 1
 
 
-class Boom(Exception):
-    pass
-
-
 @pytest.mark.parametrize("fault,at", [("raise", 2), ("interrupt", 3), ("nan", 4)])
 def test_a_fault_mid_step_restores_every_weight_bit_for_bit(fault, at):
     """Weights on the 2**-5 grid, eps 2**-7, rank 4 Rademacher factors: z takes values in
@@ -161,22 +157,8 @@ def test_a_fault_mid_step_restores_every_weight_bit_for_bit(fault, at):
     opt = ZOOptimizer(groups, lr=1.0, eps=2.0 ** -7, seed=6, distribution="rademacher",
                       n_directions=2, lowrank=4)
     before, state = [bits(p) for p in params], copy.deepcopy(opt.state_dict())
-    calls = {"n": 0}
-
-    def faulty():
-        calls["n"] += 1
-        value = loss(flat(params))
-        if calls["n"] == at:
-            if fault == "raise":
-                raise Boom("injected")
-            if fault == "interrupt":
-                raise KeyboardInterrupt
-            return float("nan")
-        return value
-
-    expected = {"raise": Boom, "interrupt": KeyboardInterrupt, "nan": NonFiniteLossError}
-    with pytest.raises(expected[fault]):
-        opt.step(faulty)
+    with pytest.raises(FAULT_ERRORS[fault]):
+        opt.step(faulty_closure(params, loss, fault, at))
     assert all(torch.equal(a, bits(p)) for a, p in zip(before, params))
     assert opt.state_dict() == state
     oracle = LowRankOracle(params, hyper, 6, 0, 4, 1, "rademacher", 2)

@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from zo_oracle import (DTYPES, SHAPES, Oracle, assert_bitwise, bits, closure_of, flat,
-                       make_loss, make_params, two_groups)
+from zo_oracle import (DTYPES, FAULT_ERRORS, SHAPES, Oracle, assert_bitwise, bits, closure_of,
+                       faulty_closure, flat, make_loss, make_params, two_groups)
 from zofo_kernels.core import contract
-from zofo_kernels.core.optim import (MetaZOFOOptimizer, NonFiniteLossError, ZOFOOptimizer,
-                                     ZOOptimizer)
+from zofo_kernels.core.optim import MetaZOFOOptimizer, ZOFOOptimizer, ZOOptimizer
 
 SAMPLE = 16384
 WEYL = 0x9E3779B97F4A7C15  # floor(2**64 / golden ratio)
@@ -263,10 +262,6 @@ def test_a_state_dict_from_before_the_setting_counts_as_dense():
         ZOOptimizer([p], lr=1e-2, seed=1, sparse_fraction=0.5).load_state_dict(sd)
 
 
-class Boom(Exception):
-    pass
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fault,at", [("raise", 1), ("raise", 2), ("raise", 3),
                                       ("interrupt", 2), ("nan", 2), ("nan", 3)])
@@ -282,22 +277,8 @@ def test_a_fault_mid_step_restores_every_weight_bit_for_bit(dtype, fault, at):
                       n_directions=2, sparse_fraction=0.3)
     oracle = Oracle(params, hyper, sparse_masks(params, 0.3), opt.next_seed(), "rademacher")
     before, state = [bits(p) for p in params], copy.deepcopy(opt.state_dict())
-    calls = {"n": 0}
-
-    def faulty():
-        calls["n"] += 1
-        value = loss(flat(params))
-        if calls["n"] == at:
-            if fault == "raise":
-                raise Boom("injected")
-            if fault == "interrupt":
-                raise KeyboardInterrupt
-            return float("nan")
-        return value
-
-    expected = {"raise": Boom, "interrupt": KeyboardInterrupt, "nan": NonFiniteLossError}
-    with pytest.raises(expected[fault]):
-        opt.step(faulty)
+    with pytest.raises(FAULT_ERRORS[fault]):
+        opt.step(faulty_closure(params, loss, fault, at))
     assert all(torch.equal(a, bits(p)) for a, p in zip(before, params))
     assert opt.state_dict() == state
     oracle.step(loss, 2.0 ** -5, 2, "central")
