@@ -208,8 +208,26 @@ class StudyV3(study_sst2.Study):
         best = max(ceilings, key=lambda n: ceilings[n][2])
         lines += ["", f"Largest ceiling: {ceilings[best][2]:+.3f} at {best:,} examples (one "
                   "seed; study v2's seed-to-seed sd of a final accuracy is about 0.01). "
-                  "Curves: `ceiling.png` (x: the fraction of the equal budget).", ""]
-        return lines
+                  "Curves: `ceiling.png` (x: the fraction of the equal budget)."]
+        v2_data = self._v2_data_gain()
+        if v2_data is not None and v2_data[0] in ceilings and ceilings[v2_data[0]][2] > 0:
+            n, gain = v2_data
+            lines += ["", f"Study v2's data phase ({n:,} examples, seed 0, 25 min each): "
+                      f"Bilevel-ZOFO minus its lr-0 ablation {gain:+.3f}, "
+                      f"{gain / ceilings[n][2]:+.2f} of this ceiling."]
+        return lines + [""]
+
+    @staticmethod
+    def _v2_data_gain():
+        """(size, Bilevel-ZOFO minus lr 0) of study v2's data phase, None if absent."""
+        archive = study_sst2.RunArchive(V2 / study_sst2.ARCHIVE)
+        n = study_sst2.DATA_NUM_TRAIN
+        pair = [archive.read(f"data{n}_{row}_seed0/summary.json")
+                for row in ("bilevel-zofo", "bilevel-zofo-zo0")]
+        if None in pair:
+            return None
+        on, off = (json.loads(raw)["eval_accuracy"] for raw in pair)
+        return n, on - off
 
     def _theta_section(self):
         n = self.args.theta_size or (self.theta_size() if self.ceilings() else None)
@@ -226,32 +244,42 @@ class StudyV3(study_sst2.Study):
         lines = [f"## Bilevel-ZOFO's theta update beside its lr-0 ablation ({n:,} examples, "
                  f"{v2_steps('bilevel-zofo')} outer steps)", "",
                  "| theta update | seeds | final | best | selected (D_f) | forwards | "
-                 "minus lr 0 (same seeds) | fraction of the ceiling |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                 "minus lr 0 (same seeds) | fraction of the ceiling | theta's RMS step per "
+                 "weight, first / last 50 outer steps |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for rule, v in runs.items():
             finals = [s["eval_accuracy"] for _, s in v]
             paired = [s["eval_accuracy"] - zero[sd] for sd, s in v if sd in zero]
             gain = statistics.fmean(paired) if paired and rule != "zo0" else None
             frac = (f"{gain / ceiling:+.2f}" if gain is not None and ceiling and ceiling > 0
                     else "")
+            steps = [[r["theta_step_rms"] for r in self.rows(f"theta{n}_{rule}_seed{sd}",
+                                                             "bilevel")] for sd, _ in v]
+            first, last = (statistics.fmean(x for rs in steps for x in rs[sl])
+                           for sl in (slice(0, 50), slice(-50, None)))
             lines.append(
                 f"| {rule} | {len(v)} | {study_sst2._ms(finals)} | "
                 f"{study_sst2._ms(s['best_eval_accuracy'] for _, s in v)} | "
                 f"{study_sst2._ms(s['selected_eval_accuracy'] for _, s in v)} | "
                 f"{statistics.fmean(s['forward_count'] for _, s in v):.0f} | "
-                f"{'' if gain is None else f'{gain:+.3f}'} | {frac} |")
+                f"{'' if gain is None else f'{gain:+.3f}'} | {frac} | "
+                f"{first:.1e} / {last:.1e} |")
         panels = {f"seed {sd}": {rule: self.rows(f"theta{n}_{rule}_seed{sd}", "eval")
                                  for rule, v in runs.items() if sd in dict(v)}
                   for sd in self.args.seeds if any(sd in dict(v) for v in runs.values())}
         _plot_curves(panels, self.out / "theta.png",
                      f"Bilevel-ZOFO on SST-2 dev, {n:,} examples: theta's update rule",
                      x="budget")
+        study_sst2._plot_diagnostics(
+            {f"{rule} seed {sd}": self.rows(f"theta{n}_{rule}_seed{sd}", "bilevel")
+             for rule, v in runs.items() for sd, _ in v}, self.out / "theta_diagnostics.png")
         where = (f"{ceiling:+.3f}" if ceiling is not None else "not measured at this size")
         lines += ["", f"The ceiling at this size: {where}. Theta's settings beyond the row's "
                   "own: " + "; ".join(f"{r}: {study_sst2._hp_text(hp) or 'none'}"
                                       for r, hp in THETA_ROWS.items()) +
                   f" (on top of {study_sst2._hp_text(v2_chosen()['bilevel-zofo'])}). "
-                  "Curves: `theta.png`.", ""]
+                  "Curves: `theta.png`; inside the steps (projected gradient, gap g_P - g_S, "
+                  "theta's RMS step): `theta_diagnostics.png`.", ""]
         return lines
 
 

@@ -7,6 +7,7 @@ fake process that writes what it writes; the runs' commands are checked flag by 
 import importlib.util
 import json
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,9 @@ class FakeTrain:
         steps = int(cmd[cmd.index("--steps") + 1])
         evals = [dict(kind="eval", step=s, wall_time_s=float(s), eval_accuracy=a)
                  for s, a in ((0, 0.7), (steps, acc))]
+        if "bilevel-zofo" in cmd:  # theta's RMS step: 1e-4 for 50 steps, then 1e-6
+            evals += [dict(kind="bilevel", step=s, theta_step_rms=1e-4 if s <= 50 else 1e-6,
+                           projected_grads=[0.5], gap=0.01) for s in range(1, steps + 1)]
         out.mkdir(parents=True)
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
         (out / "summary.json").write_text(json.dumps(dict(
@@ -101,6 +105,12 @@ def test_ceiling_then_theta_at_the_largest_ceiling(v3, tmp_path, monkeypatch):
     assert "| 67,349 | 0.867 (0.867) | 0.800 (0.800) | +0.067 (+0.067) | 1955 | 3467 |" in md
     assert "Largest ceiling: +0.067 at 67,349 examples" in md
     assert (out / "ceiling.png").read_bytes()[:4] == b"\x89PNG"
+    # study v2's Bilevel-ZOFO minus lr 0 at 8,000 examples, read against this ceiling
+    with zipfile.ZipFile(ROOT / "benchmarks/results/study_v2/runs.zip") as z:
+        on, off = (json.loads(z.read(f"data8000_{r}_seed0/summary.json"))["eval_accuracy"]
+                   for r in ("bilevel-zofo", "bilevel-zofo-zo0"))
+    assert (f"Bilevel-ZOFO minus its lr-0 ablation {on - off:+.3f}, "
+            f"{(on - off) / 0.008:+.2f} of this ceiling.") in md
 
     before = set(train.commands)
     assert v3.main(["--phase", "theta", "--output", str(out)]) == 0
@@ -117,8 +127,9 @@ def test_ceiling_then_theta_at_the_largest_ceiling(v3, tmp_path, monkeypatch):
     assert "--lr 0.0001 " in " ".join(theta["theta67349_rms_seed0"]) + " "
     md = (out / "study.md").read_text()
     # std's gain over lr 0 and as a fraction of the ceiling at that size: 0.004 / 0.067
-    assert "| std | 1 | 0.844 | 0.844 | 0.844 | 1050 | +0.004 | +0.06 |" in md
-    assert "| rms | 1 | 0.840 | 0.840 | 0.840 | 1050 | +0.000 | +0.00 |" in md
+    assert "| std | 1 | 0.844 | 0.844 | 0.844 | 1050 | +0.004 | +0.06 | 1.0e-04 / 1.0e-06 |" in md
+    assert "| rms | 1 | 0.840 | 0.840 | 0.840 | 1050 | +0.000 | +0.00 | 1.0e-04 / 1.0e-06 |" in md
+    assert (out / "theta_diagnostics.png").read_bytes()[:4] == b"\x89PNG"
 
     # a re-run launches nothing: every run is in the archive
     count = len(train.commands)
