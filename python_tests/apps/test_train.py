@@ -542,3 +542,15 @@ def test_select_max_keeps_the_first_examples_of_d_f(tmp_path, sst2_dir):
     with pytest.raises(SystemExit, match="--select-max 0"):
         train.parse(["--method", "mezo", "--train", "t.tsv", "--eval", "e.tsv", "--steps", "1",
                      "--output", str(tmp_path / "p"), "--select-max", "0"])
+
+
+def test_lr_zero_is_bilevel_zofos_ablation_and_refused_elsewhere(tmp_path):
+    """--lr 0 freezes Bilevel-ZOFO's backbone (the lr-0 ablation the studies run); for every
+    other method a zero lr trains nothing and is refused, naming where 0 is allowed."""
+    base = ["--train", "t.tsv", "--eval", "e.tsv", "--steps", "1", "--output", str(tmp_path),
+            "--lr", "0"]
+    config = train.parse(["--method", "bilevel-zofo", *base])
+    assert config.settings.lr == 0.0
+    for method in ("mezo", "fo-lora"):
+        with pytest.raises(SystemExit, match="--lr 0.0.*0 only for bilevel-zofo"):
+            train.parse(["--method", method, *base])

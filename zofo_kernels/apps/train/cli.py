@@ -127,7 +127,8 @@ def _add_hyperparameters(h) -> None:
     """The optimizer settings (named as the registry's settings dataclasses name them) and the
     PEFT block's size."""
     h.add_argument("--lr", type=float, default=None,
-                   help="learning rate (ZO: of the ZO-updated weights; FO: Adam's); default: "
+                   help="learning rate (ZO: of the ZO-updated weights; FO: Adam's; "
+                        "bilevel-zofo: theta's, where 0 is the lr-0 ablation); default: "
                         + ", ".join(f"{m.name} {m.defaults['lr']:g}"
                                     for m in methods_mod.REGISTRY.values()))
     h.add_argument("--eps", type=float, default=None, help="ZO perturbation scale")
@@ -348,8 +349,11 @@ def _validate_ranges(o: Dict[str, Any]) -> None:
             raise _bad(name, o[name], "must be >= 0")
     for name in ("time_budget", "eval_every", "lr", "eps", "peft_lr", "lam"):
         value = o.get(name)
+        if name == "lr" and value == 0 and o.get("method") == "bilevel-zofo":
+            continue  # theta's lr 0: the ablation that freezes the backbone, P and S still learn
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise _bad(name, value, "must be a finite number > 0")
+            raise _bad(name, value, "must be a finite number > 0" + (
+                " (0 only for bilevel-zofo: its lr-0 ablation)" if name == "lr" else ""))
     for name in ("weight_decay", "checkpoint_every"):
         value = o.get(name)
         if value is not None and not (math.isfinite(value) and value >= 0):
