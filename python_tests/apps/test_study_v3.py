@@ -102,8 +102,10 @@ def test_ceiling_then_theta_at_the_largest_ceiling(v3, tmp_path, monkeypatch):
         assert f"--steps {steps[row]} " in text and f"--lr {chosen[row]['lr']}" in text
         assert "--select-max 1000" in text and "--eval " in text and "--holdout" not in text
     md = (out / "study.md").read_text()
-    assert "| 67,349 | 0.867 (0.867) | 0.800 (0.800) | +0.067 (+0.067) | 1955 | 3467 |" in md
-    assert "Largest ceiling: +0.067 at 67,349 examples" in md
+    # one evaluation after step 0: final, best and late mean agree
+    assert ("| 67,349 | 0.867, 0.867, 0.867 | 0.800, 0.800, 0.800 | +0.067, +0.067, +0.067 | "
+            "1955 | 3467 |") in md
+    assert "the rule the theta phase's size follows): +0.067 at 67,349 examples" in md
     assert (out / "ceiling.png").read_bytes()[:4] == b"\x89PNG"
     # study v2's Bilevel-ZOFO minus lr 0 at 8,000 examples, read against this ceiling
     with zipfile.ZipFile(ROOT / "benchmarks/results/study_v2/runs.zip") as z:
@@ -127,8 +129,10 @@ def test_ceiling_then_theta_at_the_largest_ceiling(v3, tmp_path, monkeypatch):
     assert "--lr 0.0001 " in " ".join(theta["theta67349_rms_seed0"]) + " "
     md = (out / "study.md").read_text()
     # std's gain over lr 0 and as a fraction of the ceiling at that size: 0.004 / 0.067
-    assert "| std | 1 | 0.844 | 0.844 | 0.844 | 1050 | +0.004 | +0.06 | 1.0e-04 / 1.0e-06 |" in md
-    assert "| rms | 1 | 0.840 | 0.840 | 0.840 | 1050 | +0.000 | +0.00 | 1.0e-04 / 1.0e-06 |" in md
+    assert ("| std | 1 | 0.844 | 0.844 | 0.844 | 1050 | +0.004, +0.004 | +0.06, +0.06 | "
+            "1.0e-04 / 1.0e-06 |") in md
+    assert ("| rms | 1 | 0.840 | 0.840 | 0.840 | 1050 | +0.000, +0.000 | +0.00, +0.00 | "
+            "1.0e-04 / 1.0e-06 |") in md
     assert (out / "theta_diagnostics.png").read_bytes()[:4] == b"\x89PNG"
 
     # a re-run launches nothing: every run is in the archive
@@ -204,3 +208,15 @@ def test_gemma_mezo_rows_at_plain_mezos_forwards(v3, tmp_path, monkeypatch):
     assert "not reached" in next(line for line in md.splitlines()
                                   if line.startswith("| mezo-fzoo |"))  # ends at 0.80
     assert (out / "gemma_mezo.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_late_mean_averages_the_last_third_of_the_budget(v3, tmp_path):
+    """The late mean: every evaluation at or after two thirds of the run's last step (never
+    step 0), averaged."""
+    import argparse
+    study = v3.StudyV3(argparse.Namespace(output=tmp_path / "s"))
+    evals = [dict(kind="eval", step=s, eval_accuracy=a)
+             for s, a in ((0, 0.5), (30, 0.6), (59, 0.65), (60, 0.7), (90, 0.9))]
+    study.archive.add({"r/summary.json": b"{}", "r/metrics.jsonl": "".join(
+        json.dumps(e) + "\n" for e in evals).encode()})
+    assert study.late_mean("r") == pytest.approx((0.7 + 0.9) / 2)
