@@ -142,7 +142,8 @@ class StudyV3(study_sst2.Study):
         self.run_all([(self.theta_name(rule, seed), "bilevel-zofo",
                        dict(base, **THETA_ROWS[rule], select_max=SELECT_MAX),
                        seed, False, dict(steps=steps, num_train=n))
-                      for seed in self.args.seeds for rule in THETA_ORDER])
+                      for seed in self.args.seeds for rule in THETA_ORDER
+                      if rule in (self.args.rules or THETA_ORDER)])
 
     # -- Gemma's MeZO rows -----------------------------------------------------------------
     def gemma(self) -> "first.Reading":
@@ -388,6 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--theta-size", type=int, default=None,
                    help="training examples of the theta phase (default: the ceiling phase's "
                         "size with the largest ceiling)")
+    p.add_argument("--rules", nargs="+", default=None, choices=THETA_ORDER,
+                   help="theta phase: run only these theta rules (a sitting's share)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
     p.add_argument("--evals", type=int, default=12, help="evaluations per run")
