@@ -133,13 +133,14 @@ class StudyV3(study_sst2.Study):
                              "(--phase ceiling) or --theta-size")
         return max(ceilings, key=lambda n: ceilings[n][2])
 
-    def theta_name(self, rule: str, seed: int) -> str:
-        return f"theta{self.theta_size()}_{rule}_seed{seed}"
+    @staticmethod
+    def theta_name(size: int, rule: str, seed: int) -> str:
+        return f"theta{size}_{rule}_seed{seed}"
 
     def theta_phase(self):
         base = v2_chosen()["bilevel-zofo"]
         steps, n = v2_steps("bilevel-zofo"), self.theta_size()
-        self.run_all([(self.theta_name(rule, seed), "bilevel-zofo",
+        self.run_all([(self.theta_name(n, rule, seed), "bilevel-zofo",
                        dict(base, **THETA_ROWS[rule], select_max=SELECT_MAX),
                        seed, False, dict(steps=steps, num_train=n))
                       for seed in self.args.seeds for rule in THETA_ORDER
@@ -249,7 +250,7 @@ class StudyV3(study_sst2.Study):
         n = self.args.theta_size or (self.theta_size() if self.ceilings() else None)
         if n is None:
             return []
-        runs = {rule: [(sd, self.summary(f"theta{n}_{rule}_seed{sd}")) for sd in self.args.seeds]
+        runs = {rule: [(sd, self.summary(self.theta_name(n, rule, sd))) for sd in self.args.seeds]
                 for rule in THETA_ORDER}
         runs = {rule: [(sd, s) for sd, s in v if s is not None] for rule, v in runs.items()}
         runs = {rule: v for rule, v in runs.items() if v}
@@ -263,7 +264,7 @@ class StudyV3(study_sst2.Study):
                  "(same seeds): final, late mean | fraction of the ceiling: final, late mean | "
                  "theta's RMS step per weight, first / last 50 outer steps |",
                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        late = {rule: {sd: self.late_mean(f"theta{n}_{rule}_seed{sd}") for sd, _ in v}
+        late = {rule: {sd: self.late_mean(self.theta_name(n, rule, sd)) for sd, _ in v}
                 for rule, v in runs.items()}
         late_ceiling = (self.late_mean(f"ceiling{n}_fo-full_seed0")
                         - self.late_mean(f"ceiling{n}_fo-lora_seed0")
@@ -276,7 +277,7 @@ class StudyV3(study_sst2.Study):
                      if paired and rule != "zo0" else None)
             frac = ", ".join(f"{g / c:+.2f}" if c else "n/a"
                              for g, c in zip(gains, (ceiling, late_ceiling))) if gains else ""
-            steps = [[r["theta_step_rms"] for r in self.rows(f"theta{n}_{rule}_seed{sd}",
+            steps = [[r["theta_step_rms"] for r in self.rows(self.theta_name(n, rule, sd),
                                                              "bilevel")] for sd, _ in v]
             first, last = (statistics.fmean(x for rs in steps for x in rs[sl])
                            for sl in (slice(0, 50), slice(-50, None)))
@@ -287,14 +288,14 @@ class StudyV3(study_sst2.Study):
                 f"{statistics.fmean(s['forward_count'] for _, s in v):.0f} | "
                 f"{'' if gains is None else f'{gains[0]:+.3f}, {gains[1]:+.3f}'} | {frac} | "
                 f"{first:.1e} / {last:.1e} |")
-        panels = {f"seed {sd}": {rule: self.rows(f"theta{n}_{rule}_seed{sd}", "eval")
+        panels = {f"seed {sd}": {rule: self.rows(self.theta_name(n, rule, sd), "eval")
                                  for rule, v in runs.items() if sd in dict(v)}
                   for sd in self.args.seeds if any(sd in dict(v) for v in runs.values())}
         _plot_curves(panels, self.out / "theta.png",
                      f"Bilevel-ZOFO on SST-2 dev, {n:,} examples: theta's update rule",
                      x="budget")
         study_sst2._plot_diagnostics(
-            {f"{rule} seed {sd}": self.rows(f"theta{n}_{rule}_seed{sd}", "bilevel")
+            {f"{rule} seed {sd}": self.rows(self.theta_name(n, rule, sd), "bilevel")
              for rule, v in runs.items() for sd, _ in v}, self.out / "theta_diagnostics.png")
         where = (f"{ceiling:+.3f} (late mean {late_ceiling:+.3f})" if ceiling is not None
                  else "not measured at this size")
